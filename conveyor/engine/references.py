@@ -1,0 +1,205 @@
+"""Reference checks: every template may only name data that exists when its step runs.
+
+A step may reference ``trigger`` (``method, headers, query, body``), ``run`` (``id, flow_id,
+version``), ``secrets.NAME``, earlier steps in execution order (including steps inside an
+earlier branch's arms — they may be absent at run time, which fails the step with its path),
+its enclosing branch, and — inside a loop's steps — ``loop.item``/``loop.index`` and earlier
+steps of the same iteration. Steps inside a loop are not visible after it: the loop's own
+output (a list of ``{inner_step: output}``) is. The walk tolerates malformed documents so
+reference problems are reported alongside structural ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from conveyor.engine.errors import ErrorDetail
+from conveyor.engine.templating import (
+    LOOP,
+    LOOP_KEYS,
+    RUN,
+    RUN_KEYS,
+    SECRETS,
+    TRIGGER,
+    TRIGGER_KEYS,
+    Ref,
+    TemplateSyntaxError,
+    iter_refs,
+    walk_strings,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Place:
+    """Where a step sits: pre-order position and its chain of (container, arm) ancestors."""
+
+    order: int
+    chain: tuple[tuple[str, str], ...]
+
+
+def _children(step: Mapping[str, Any]) -> Iterator[tuple[str, list[Any]]]:
+    for arm in ("then", "else", "steps"):
+        kids = step.get(arm)
+        if isinstance(kids, list):
+            yield arm, kids
+
+
+def _index(steps: list[Any], chain: tuple[tuple[str, str], ...], out: dict[str, _Place]) -> None:
+    for step in steps:
+        if not isinstance(step, Mapping):
+            continue
+        name = step.get("name")
+        if isinstance(name, str) and name not in out:
+            out[name] = _Place(len(out), chain)
+        for arm, kids in _children(step):
+            _index(kids, (*chain, (str(name), arm)), out)
+
+
+def check_references(doc: Mapping[str, Any]) -> tuple[list[ErrorDetail], set[str]]:
+    """Return the reference errors and the set of secret names the flow uses."""
+    checker = _Checker()
+    steps = doc.get("steps")
+    if isinstance(steps, list):
+        _index(steps, (), checker.places)
+        checker.walk(steps, "steps", set(), (), 0)
+    trig = doc.get("trigger")
+    if isinstance(trig, Mapping) and isinstance(trig.get("secret"), str):
+        for ref in checker.refs(trig["secret"], "trigger.secret"):
+            if ref.root == SECRETS and ref.segments:
+                checker.secrets.add(str(ref.segments[0]))
+    return checker.errors, checker.secrets
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.places: dict[str, _Place] = {}
+        self.errors: list[ErrorDetail] = []
+        self.secrets: set[str] = set()
+
+    def refs(self, text: str, path: str) -> list[Ref]:
+        try:
+            return list(iter_refs(text))
+        except TemplateSyntaxError:
+            return []  # reported by the structural pass
+
+    def walk(
+        self,
+        steps: list[Any],
+        path: str,
+        visible: set[str],
+        chain: tuple[tuple[str, str], ...],
+        loop_depth: int,
+    ) -> set[str]:
+        """Check ``steps``; return the names they add for steps that follow them."""
+        added: set[str] = set()
+        for i, step in enumerate(steps):
+            if not isinstance(step, Mapping):
+                continue
+            p = f"{path}[{i}]"
+            name = step.get("name")
+            name = name if isinstance(name, str) else ""
+            for key in ("input", "when", "items"):
+                if key in step:
+                    self.check_value(
+                        step[key],
+                        f"{p}.{key}",
+                        visible,
+                        chain=chain,
+                        current=name,
+                        loop_depth=loop_depth,
+                    )
+            typ = step.get("type")
+            if typ == "branch":
+                # The branch record (its chosen arm) exists before its arms run.
+                inner = visible | {name}
+                for arm in ("then", "else"):
+                    kids = step.get(arm)
+                    if isinstance(kids, list):
+                        added |= self.walk(
+                            kids, f"{p}.{arm}", set(inner), (*chain, (name, arm)), loop_depth
+                        )
+            elif typ == "loop":
+                kids = step.get("steps")
+                if isinstance(kids, list):
+                    self.walk(
+                        kids, f"{p}.steps", set(visible), (*chain, (name, "steps")), loop_depth + 1
+                    )
+            added.add(name)
+            visible |= added
+        return added
+
+    def check_value(
+        self,
+        value: Any,
+        path: str,
+        visible: set[str],
+        *,
+        chain: tuple[tuple[str, str], ...],
+        current: str,
+        loop_depth: int,
+    ) -> None:
+        for p, text in walk_strings(value, path):
+            if "{{" not in text:
+                continue
+            for ref in self.refs(text, p):
+                msg = self.problem(ref, visible, chain, current, loop_depth)
+                if msg:
+                    self.errors.append({"path": p, "message": msg})
+
+    def problem(
+        self,
+        ref: Ref,
+        visible: set[str],
+        chain: tuple[tuple[str, str], ...],
+        current: str,
+        loop_depth: int,
+    ) -> str | None:
+        root, segs = ref.root, ref.segments
+        first = segs[0] if segs else None
+        if root == TRIGGER:
+            if first is not None and first not in TRIGGER_KEYS:
+                return f"trigger has no {first!r}; use one of {', '.join(TRIGGER_KEYS)}"
+            return None
+        if root == RUN:
+            if first is not None and first not in RUN_KEYS:
+                return f"run has no {first!r}; use one of {', '.join(RUN_KEYS)}"
+            return None
+        if root == SECRETS:
+            if not isinstance(first, str) or len(segs) != 1:
+                return "secrets must be referenced one at a time: {{secrets.NAME}}"
+            self.secrets.add(first)
+            return None
+        if root == LOOP:
+            if loop_depth == 0:
+                return "loop is only available inside a loop's steps"
+            if first is not None and first not in LOOP_KEYS:
+                return f"loop has no {first!r}; use loop.item or loop.index"
+            return None
+        if root in visible:
+            return None
+        place = self.places.get(root)
+        if place is None:
+            return f'template refers to unknown step "{root}"'
+        if root == current:
+            return f'step "{root}" cannot refer to its own output'
+        names_in_chain = [n for n, _ in chain]
+        if root in names_in_chain:
+            return (
+                f'template refers to enclosing loop "{root}", whose output exists only after '
+                "it finishes; use {{loop.item}} / {{loop.index}}"
+            )
+        target_chain = place.chain
+        for (a_name, a_arm), (b_name, b_arm) in zip(chain, target_chain, strict=False):
+            if a_name != b_name:
+                break
+            if a_arm != b_arm:
+                return f'template refers to step "{root}" in the other arm of branch "{a_name}"'
+        for anc, arm in target_chain:
+            if arm == "steps" and anc not in names_in_chain:
+                return (
+                    f'template refers to step "{root}" inside loop "{anc}"; its outputs are '
+                    f"in the loop's output, e.g. {{{{{anc}[0].{root}}}}}"
+                )
+        return f'template refers to step "{root}", which runs later'
