@@ -51,7 +51,9 @@ def _pdeathsig(sig: int) -> None:
     os.setpgid(0, 0)
 
 
-def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout_s: float, what: str) -> None:
+def _wait_for_socket(
+    path: Path, proc: subprocess.Popen[bytes], timeout_s: float, what: str
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -135,7 +137,7 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=lambda: _pdeathsig(signal.SIGTERM),
+            preexec_fn=lambda: _pdeathsig(signal.SIGTERM),  # noqa: PLW1509 - main thread
         )
         _wait_for_socket(self.socket_path, self.proc, timeout_s, "Redis")
         return self.url
@@ -227,10 +229,13 @@ class EmbeddedPostgres:
             tmp.rename(dst)
         return dst / inner / "bin"
 
-    def _run_as(self) -> dict[str, int]:
-        if self._user is None:
-            return {}
-        return {"user": self._user.pw_uid, "group": self._user.pw_gid}
+    @property
+    def _uid(self) -> int | None:
+        return None if self._user is None else self._user.pw_uid
+
+    @property
+    def _gid(self) -> int | None:
+        return None if self._user is None else self._user.pw_gid
 
     def start(self, timeout_s: float = 30.0) -> str:
         self.base_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -257,7 +262,8 @@ class EmbeddedPostgres:
                 capture_output=True,
                 check=False,
                 cwd=self.base_dir,
-                **self._run_as(),  # type: ignore[call-overload]
+                user=self._uid,
+                group=self._gid,
             )
             if result.returncode != 0:
                 raise EmbeddedError(
@@ -285,22 +291,36 @@ class EmbeddedPostgres:
             stderr=open(self.base_dir / "postgres.log", "ab"),  # noqa: SIM115 - child owns it
             cwd=self.base_dir,
             # SIGINT = PostgreSQL's "fast" shutdown: clean, without waiting for clients.
-            preexec_fn=lambda: _pdeathsig(signal.SIGINT),
-            **self._run_as(),  # type: ignore[call-overload]
+            preexec_fn=lambda: _pdeathsig(signal.SIGINT),  # noqa: PLW1509 - main thread
+            user=self._uid,
+            group=self._gid,
         )
         _wait_for_socket(sock, self.proc, timeout_s, "PostgreSQL")
         self._wait_ready(bindir, timeout_s)
         self._ensure_database(bindir)
         return self.url()
 
-    def _psql(self, bindir: Path, sql: str, database: str = "postgres") -> subprocess.CompletedProcess[bytes]:
+    def _psql(
+        self, bindir: Path, sql: str, database: str = "postgres"
+    ) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
-            [str(bindir / "psql"), "-XAtq", "-h", str(self.socket_dir), "-U", "postgres",
-             "-d", database, "-c", sql],
+            [
+                str(bindir / "psql"),
+                "-XAtq",
+                "-h",
+                str(self.socket_dir),
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-c",
+                sql,
+            ],
             capture_output=True,
             check=False,
             cwd=self.base_dir,
-            **self._run_as(),  # type: ignore[call-overload]
+            user=self._uid,
+            group=self._gid,
         )
 
     def _wait_ready(self, bindir: Path, timeout_s: float) -> None:
@@ -361,7 +381,8 @@ class EmbeddedServers:
     redis: EmbeddedRedis | None = None
     postgres: EmbeddedPostgres | None = None
 
-    def start(self) -> Settings:
+    def start(self, *, with_redis: bool = True) -> Settings:
+        """Start the embedded servers (Redis only if ``with_redis``); settings pointing at them."""
         s = self.settings
         changes: dict[str, object] = {}
         if s.embedded_redis or s.embedded_postgres or not s.encryption_key:
@@ -370,7 +391,7 @@ class EmbeddedServers:
             if s.embedded_postgres:
                 self.postgres = EmbeddedPostgres(s.config_path / "postgres")
                 changes["postgres_url"] = self.postgres.start()
-            if s.embedded_redis:
+            if s.embedded_redis and with_redis:
                 self.redis = EmbeddedRedis(s.config_path / "redis")
                 changes["redis_url"] = self.redis.start()
         except BaseException:

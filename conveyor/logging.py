@@ -19,8 +19,12 @@ import structlog
 
 from conveyor.settings import Settings
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def _orjson_dumps(obj: Any, default: Any = None) -> str:

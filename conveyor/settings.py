@@ -81,7 +81,7 @@ class Settings:
     """The effective configuration of one Conveyor process (DESIGN §2 lists every variable).
 
     Build it with :meth:`from_env`; the constructor performs no validation of its own.
-    Durations carry their unit in the name (``*_seconds``, ``*_ms``), sizes too (``*_mb``, ``*_kb``).
+    Durations carry their unit in the name (``*_seconds``, ``*_ms``), so do sizes (``*_mb``).
     """
 
     container_type: ContainerType = _var("AP_CONTAINER_TYPE", default=ContainerType.WORKER_AND_APP)
@@ -94,9 +94,7 @@ class Settings:
     postgres_url: str | None = _var("AP_POSTGRES_URL", default=None)
     postgres_pool_size: int = _var("AP_POSTGRES_POOL_SIZE", default=10)
     postgres_idle_timeout_ms: int = _var("AP_POSTGRES_IDLE_TIMEOUT_MS", default=300_000)
-    postgres_read_replica_urls: tuple[str, ...] = _var(
-        "AP_POSTGRES_READ_REPLICA_URL", default=()
-    )
+    postgres_read_replica_urls: tuple[str, ...] = _var("AP_POSTGRES_READ_REPLICA_URL", default=())
     postgres_use_pgbouncer: bool = _var("AP_POSTGRES_USE_PGBOUNCER", default=False)
     redis_type: RedisType = _var("AP_REDIS_TYPE", default=RedisType.EMBEDDED)
     redis_url: str | None = _var("AP_REDIS_URL", default=None)
@@ -186,7 +184,7 @@ class Settings:
     # ------------------------------------------------------------------ parsing
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Parse ``env`` (default ``os.environ``); raise :class:`SettingsError` on the first bad value."""
+        """Parse ``env`` (default ``os.environ``); the first bad value raises SettingsError."""
         src = dict(os.environ if env is None else env)
         p = _Parser(src)
         values: dict[str, Any] = {}
@@ -293,6 +291,13 @@ class Settings:
                 f"AP_CONTAINER_TYPE={self.container_type} needs shared servers: set "
                 f"{' and '.join(missing)} (the embedded Redis/PostgreSQL serve only "
                 "WORKER_AND_APP)"
+            )
+        if self.container_type is not ContainerType.WORKER_AND_APP and not self.encryption_key:
+            # Split roles share secrets across containers: a key generated per container
+            # would make one container's ciphertexts unreadable to the others.
+            raise SettingsError(
+                f"AP_ENCRYPTION_KEY is required with AP_CONTAINER_TYPE={self.container_type}: "
+                "set the same 32 or 64 hex characters in every container"
             )
         if not self.loopback_bind:
             if not self.api_key:
@@ -406,7 +411,9 @@ class _Parser:
 
     def boolean(self, name: str) -> bool:
         table = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-        return self._cast(name, "expected true or false", lambda v: table[v.lower()], _default_for(name))
+        return self._cast(
+            name, "expected true or false", lambda v: table[v.lower()], _default_for(name)
+        )
 
     def enum(
         self, name: str, enum: type[StrEnum], *, default: Any = None, lower: bool = False
@@ -437,7 +444,7 @@ class _Parser:
         return self._cast(name, f"expected one of {' | '.join(options)}", cast, _default_for(name))
 
     def text(self, name: str) -> str:
-        return self.raw(name) or _default_for(name)  # type: ignore[no-any-return]
+        return self.raw(name) or str(_default_for(name))
 
     def optional_text(self, name: str) -> str | None:
         return self.raw(name)
@@ -460,7 +467,8 @@ class _Parser:
             parts = urlsplit(v)
             if parts.scheme not in schemes:
                 raise ValueError(v)
-            if parts.scheme != "unix" and not parts.hostname:
+            # A PostgreSQL URL may name a unix-socket directory in ?host= instead.
+            if parts.scheme != "unix" and not parts.hostname and "host=" not in parts.query:
                 raise ValueError(v)
             _ = parts.port  # raises ValueError on a malformed port
             return v

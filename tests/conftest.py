@@ -135,9 +135,7 @@ async def db(postgres_url: str) -> AsyncIterator[Database]:
     database = await Database.connect(postgres_url, PoolOptions(max_size=4))
     async with database.writer() as conn:
         existing = [
-            t
-            for t in _APP_TABLES
-            if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", t)
+            t for t in _APP_TABLES if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", t)
         ]
         if existing:
             await conn.execute(f"TRUNCATE {', '.join(existing)} CASCADE")

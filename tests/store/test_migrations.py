@@ -59,8 +59,12 @@ async def test_concurrent_migrate_from_four_processes(fresh_db_url: str) -> None
     """Four processes migrating at once: exactly one applies each file, none fails."""
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _SCRIPT, fresh_db_url,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            sys.executable,
+            "-c",
+            _SCRIPT,
+            fresh_db_url,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         for _ in range(4)
     ]
