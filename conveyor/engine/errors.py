@@ -16,7 +16,7 @@ executor. When the project-wide ``ConveyorError`` root lands, these re-parent on
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from conveyor.engine.status import StepStatus
 
@@ -52,12 +52,19 @@ class StepFailed(Exception):
     """A step failed; ``status`` is the step status to record (FAILED, TIMEOUT, …)."""
 
     def __init__(
-        self, message: str, *, status: StepStatus = StepStatus.FAILED, logs: str = ""
+        self,
+        message: str,
+        *,
+        status: StepStatus = StepStatus.FAILED,
+        logs: str = "",
+        output: Any = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.logs = logs
+        #: What the step produced before failing (an http error response), for the record.
+        self.output = output
 
 
 class SsrfRefused(StepFailed):

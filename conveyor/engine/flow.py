@@ -126,6 +126,9 @@ class Step:
     retry: Retry = Retry()
     continue_on_failure: bool = False
     timeout_s: float | None = None
+    #: For loops: names whose outputs make up one iteration's ``{inner_step: output}``
+    #: (direct children and steps in their branch arms; nested loops' insides excluded).
+    iteration_names: tuple[str, ...] = ()
 
     def to_document(self) -> dict[str, Any]:
         """The step as a JSON-ready mapping (nested steps included)."""
@@ -233,7 +236,18 @@ def _build_step(raw: Mapping[str, Any]) -> Step:
         retry=retry,
         continue_on_failure=bool(raw.get("continue_on_failure", False)),
         timeout_s=float(timeout) if timeout is not None else None,
+        iteration_names=tuple(_iteration_names(raw.get("steps") or ())) if typ == "loop" else (),
     )
+
+
+def _iteration_names(steps: Any) -> list[str]:
+    names: list[str] = []
+    for s in steps:
+        names.append(s["name"])
+        if s["type"] == "branch":
+            names += _iteration_names(s.get("then") or ())
+            names += _iteration_names(s.get("else") or ())
+    return names
 
 
 def _is_number(v: Any) -> bool:

@@ -1,0 +1,167 @@
+"""The executor's boundary: what a run needs in, what it hands out, and the injected parts.
+
+The worker builds one :class:`Services` per process (checkpoint sink, sandbox, HTTP session,
+limits) and one :class:`RunContext` per run; the executor returns a :class:`RunOutcome` and
+streams :class:`StepRecord` checkpoints to the sink as steps finish. The sink and sandbox are
+Protocols so Postgres batching and the isolated sandbox live outside the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+
+from conveyor.engine.status import RunStatus
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from conveyor.engine.ssrf import SsrfPolicy
+
+
+class StepRecord(TypedDict):
+    """One finished step, as stored and as shown in ``GET /api/v1/flow-runs/{id}``.
+
+    ``status`` is a :class:`~conveyor.engine.status.StepStatus` value; ``input``/``output``/
+    ``logs`` are already redacted; ``attempt`` counts tries of this step (1 = first);
+    ``parent`` is the enclosing loop/branch name (``None`` at top level) and ``iteration``
+    the 0-based iteration of the innermost enclosing loop (0 in a branch outside loops).
+    """
+
+    name: str
+    type: str
+    status: str
+    input: Any
+    output: Any
+    error: str | None
+    logs: str
+    started_at: datetime
+    duration_ms: int
+    attempt: int
+    parent: str | None
+    iteration: int | None
+
+
+class RunError(TypedDict):
+    """Why a run did not succeed: the failing step (``None`` for run-level) and a message."""
+
+    step: str | None
+    message: str
+
+
+class CheckpointSink(Protocol):
+    """Receives every step record as the step finishes (the worker batches them to Postgres).
+
+    ``step_finished`` may return before the write commits: a step whose checkpoint is lost
+    is simply run again on redelivery, which is why http steps send an Idempotency-Key.
+    """
+
+    async def step_finished(self, run_id: str, record: StepRecord) -> None:
+        """Persist ``record`` for run ``run_id``."""
+        ...
+
+
+class SandboxResultLike(Protocol):
+    """The shape of ``SandboxResult`` (DESIGN §6) as the engine reads it.
+
+    ``status``: ``SUCCEEDED`` (``ok`` accepted), ``FAILED``, ``TIMEOUT`` or
+    ``MEMORY_LIMIT_EXCEEDED``; ``output``: what ``run()`` returned; ``error``: text (or
+    ``{type, message}``); ``logs``: captured stdout/stderr.
+    """
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def output(self) -> Any: ...
+    @property
+    def error(self) -> Any: ...
+    @property
+    def logs(self) -> str: ...
+    @property
+    def duration_ms(self) -> float: ...
+
+
+class Sandbox(Protocol):
+    """Runs a code step's ``run(input)`` somewhere isolated (DESIGN §6)."""
+
+    async def run_code(
+        self,
+        *,
+        flow_id: str,
+        flow_version: int,
+        step: str,
+        code: str,
+        input: Any,
+        timeout_s: float,
+    ) -> SandboxResultLike:
+        """Execute ``code``'s ``run(input)``; never raises for user errors."""
+        ...
+
+
+#: ``on_respond(status, headers, body)``: hands a respond step's reply to a waiting caller.
+RespondCallback = Callable[[int, Mapping[str, str], Any], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """Everything about one run the executor needs.
+
+    ``trigger`` is ``{method, headers, query, body}``; ``secrets`` maps NAME → plain value
+    (only the names in ``Flow.secret_names`` are read); ``checkpoints`` are the step records
+    already stored for this run (empty on first delivery) — completed steps are skipped and
+    their outputs restored, a ``PAUSED`` delay record resumes the run after the delay.
+    """
+
+    run_id: str
+    flow_id: str
+    flow_version: int
+    trigger: Mapping[str, Any]
+    secrets: Mapping[str, str] = field(default_factory=dict)
+    checkpoints: Sequence[StepRecord] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """How a run ended (or paused): ``output`` is the last finished step's output (redacted);
+    ``resume_at`` is set only for ``PAUSED``."""
+
+    status: RunStatus
+    output: Any = None
+    error: RunError | None = None
+    resume_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Long-lived dependencies shared by all runs of one worker process.
+
+    Parameters: ``sink`` (checkpoint sink); ``sandbox`` for code steps (``None`` → code steps
+    fail); ``http`` an aiohttp session from :func:`conveyor.engine.ssrf.create_http_session`
+    (``None`` → http steps fail); ``ssrf`` the policy also applied to redirect hops;
+    ``flow_timeout_s`` wall time per executor call (AP_FLOW_TIMEOUT_SECONDS, default 600);
+    ``max_log_bytes`` cap on all step logs of a run (AP_MAX_FLOW_RUN_LOG_SIZE_MB, 50 MB);
+    ``code_timeout_s`` default for code steps without ``timeout_s`` (30 s);
+    ``pause_threshold_s`` delays this long or longer pause the run (5 s).
+    """
+
+    sink: CheckpointSink
+    sandbox: Sandbox | None = None
+    http: aiohttp.ClientSession | None = None
+    ssrf: SsrfPolicy | None = None
+    flow_timeout_s: float = 600.0
+    max_log_bytes: int = 50 * 1024 * 1024
+    code_timeout_s: float = 30.0
+    pause_threshold_s: float = 5.0
+    max_loop_iterations: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnv:
+    """What a piece sees of its run: the worker's services, the run context, the respond
+    callback (``None`` for async runs, whose caller is not waiting)."""
+
+    services: Services
+    ctx: RunContext
+    on_respond: RespondCallback | None = None

@@ -1,0 +1,153 @@
+"""A minimal subprocess sandbox: one fresh ``python -I`` per code step, no isolation beyond it.
+
+This is the stand-in for ``conveyor.sandbox`` (DESIGN §6) until the isolated fork-server
+lands, and the engine's tests run code steps through it. Each call starts a child in its own
+session with an environment holding no ``AP_*`` variables and no secrets, an address-space
+rlimit, and a wall-time limit that kills the child's whole process group. It costs a Python
+start-up (~20–40 ms) per step, which is why production uses the fork-server instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from conveyor.engine.status import StepStatus
+
+MAX_OUTPUT_BYTES: Final = 16 * 1024 * 1024
+
+# Runs in the child. User stdout/stderr are captured in buffers so the real stdout carries
+# only our one JSON result line; the result is produced with the stdlib json module so the
+# child needs nothing outside the standard library.
+_RUNNER: Final = r"""
+import asyncio, io, json, resource, sys, traceback
+req = json.loads(sys.stdin.buffer.read())
+limit = req["memory_kb"] * 1024
+if limit > 0:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+out = sys.stdout
+buf = io.StringIO()
+sys.stdout = sys.stderr = buf
+res = {}
+try:
+    ns = {"__name__": "__step__"}
+    exec(compile(req["code"], "<step>", "exec"), ns)
+    value = ns["run"](req["input"])
+    if asyncio.iscoroutine(value):
+        value = asyncio.run(value)
+    res = {"status": "SUCCEEDED", "output": json.loads(json.dumps(value))}
+except MemoryError:
+    res = {"status": "MEMORY_LIMIT_EXCEEDED", "error": "MemoryError: memory limit exceeded"}
+except BaseException as exc:
+    tb = traceback.extract_tb(exc.__traceback__)
+    line = next((f.lineno for f in reversed(tb) if f.filename == "<step>"), None)
+    where = f" (line {line})" if line else ""
+    res = {"status": "FAILED", "error": f"{type(exc).__name__}: {exc}{where}"}
+res["logs"] = buf.getvalue()
+try:
+    data = json.dumps(res)
+except BaseException as exc:
+    res = {"status": "FAILED", "error": f"result is not JSON: {exc}", "logs": res["logs"]}
+    data = json.dumps(res)
+out.write(data)
+out.flush()
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxResult:
+    """Result of one code execution (DESIGN §6); ``status`` is a StepStatus value."""
+
+    status: str
+    output: Any = None
+    error: str | None = None
+    logs: str = ""
+    duration_ms: float = 0.0
+
+
+class LocalSandbox:
+    """Runs code steps in a plain child process per call.
+
+    Parameters: ``python`` interpreter path (default: this one); ``memory_kb`` address-space
+    limit per child (AP_SANDBOX_MEMORY_LIMIT, default 1 GiB; 0 disables).
+    """
+
+    def __init__(self, *, python: str | None = None, memory_kb: int = 1_048_576) -> None:
+        self.python = python or sys.executable
+        self.memory_kb = memory_kb
+        self.env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+
+    async def run_code(
+        self,
+        *,
+        flow_id: str,
+        flow_version: int,
+        step: str,
+        code: str,
+        input: Any,
+        timeout_s: float,
+    ) -> SandboxResult:
+        """Execute ``run(input)`` from ``code`` in a child; never raises for user errors."""
+        t0 = time.perf_counter()
+        request = orjson.dumps({"code": code, "input": input, "memory_kb": self.memory_kb})
+        proc = await asyncio.create_subprocess_exec(
+            self.python,
+            "-I",
+            "-c",
+            _RUNNER,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self.env,
+            start_new_session=True,
+            cwd="/",
+        )
+        try:
+            async with asyncio.timeout(timeout_s):
+                stdout, stderr = await proc.communicate(request)
+        except TimeoutError:
+            return SandboxResult(
+                status=StepStatus.TIMEOUT.value,
+                error=f"code step timed out after {timeout_s:g} s",
+                duration_ms=(time.perf_counter() - t0) * 1000,
+            )
+        finally:
+            # Kill the whole session: the step may have started processes of its own.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            if proc.returncode is None:
+                await proc.wait()
+        duration_ms = (time.perf_counter() - t0) * 1000
+        if len(stdout) > MAX_OUTPUT_BYTES:
+            return SandboxResult(
+                status=StepStatus.FAILED.value,
+                error=f"code step output larger than {MAX_OUTPUT_BYTES} bytes",
+                duration_ms=duration_ms,
+            )
+        try:
+            res = orjson.loads(stdout)
+        except orjson.JSONDecodeError:
+            tail = stderr.decode(errors="replace")[-500:]
+            status = StepStatus.FAILED.value
+            if "MemoryError" in tail:
+                status = StepStatus.MEMORY_LIMIT_EXCEEDED.value
+            return SandboxResult(
+                status=status,
+                error=f"code step process exited with {proc.returncode}: {tail}".strip(),
+                duration_ms=duration_ms,
+            )
+        return SandboxResult(
+            status=res["status"],
+            output=res.get("output"),
+            error=res.get("error"),
+            logs=res.get("logs", ""),
+            duration_ms=duration_ms,
+        )
