@@ -1,0 +1,267 @@
+"""The step process: locks itself down after the fork, then runs ``run(input)`` per request.
+
+A child is forked by the fork-server (so the interpreter and the pre-imported modules are
+already in memory: nothing has to be read from disk after the uid drop), takes its own
+session, mount namespace, ``/tmp``, rlimits and uid, and then serves ``run`` requests from
+the worker over its own socket until it is told to recycle. It answers exactly once per
+request and only from its own pid: a copy made by ``os.fork()`` inside the user's code
+exits instead of answering. Before answering it kills every process the step started (it
+is their subreaper, so even ``setsid`` + double fork ends up as its child) and empties its
+``/tmp``, so the next execution — always of the same flow version — starts clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import inspect
+import io
+import linecache
+import os
+import resource
+import shutil
+import signal
+import socket
+import sys
+import traceback
+from collections import OrderedDict
+from types import CodeType
+from typing import Any, NoReturn
+
+import orjson
+
+from conveyor.sandbox import limits as lim
+from conveyor.sandbox.protocol import BlockingReader, ProtocolError
+
+#: The environment a step sees: nothing inherited, so no ``AP_*`` and no secrets.
+CLEAN_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/tmp",
+    "TMPDIR": "/tmp",
+}
+_OUTPUT_OPTS = orjson.OPT_NON_STR_KEYS
+
+
+class CappedLog(io.TextIOBase):
+    """stdout/stderr of one execution: keeps the first ``limit`` characters, counts the rest."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self._parts: list[str] = []
+        self._room = limit
+        self.dropped = 0
+
+    def write(self, s: str) -> int:
+        n = len(s)
+        if self._room >= n:
+            self._parts.append(s)
+            self._room -= n
+        else:
+            if self._room > 0:
+                self._parts.append(s[: self._room])
+            self.dropped += n - max(self._room, 0)
+            self._room = 0
+        return n
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def text(self) -> str:
+        out = "".join(self._parts)
+        if self.dropped:
+            out += f"\n[conveyor: {self.dropped} more characters of output dropped]\n"
+        return out
+
+
+def lock_down(sock_fd: int, uid: int | None, limits: lim.Limits, *, locked: bool) -> int:
+    """Turn a fresh fork of the fork-server into a step process; returns the socket's fd.
+
+    Order matters: namespaces and mounts need the capabilities we still have as root, the
+    rlimits must be in place before the uid drop (``RLIMIT_NPROC`` is checked against the
+    new uid from then on), and the uid drop comes last because it takes the capabilities.
+    """
+    os.setsid()
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    # If the fork-server dies, so does every step process (its descendants follow through
+    # the subreaper chain or the PID namespace).
+    lim.prctl(lim.PR_SET_PDEATHSIG, signal.SIGKILL)
+    # Every descriptor but the socket goes: the fork-server's control socket in particular
+    # would let a step spawn or kill other children.
+    devnull = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    if sock_fd != 3:
+        os.dup2(sock_fd, 3)
+    os.closerange(4, 1 << 16)
+    os.environ.clear()
+    os.environ.update(CLEAN_ENV)
+    if locked:
+        try:
+            owner = uid if uid is not None else os.getuid()
+            lim.private_tmp(owner, limits, network=limits.network_namespace)
+        except OSError:
+            # No CAP_SYS_ADMIN (no bubblewrap, not root): fall back to a private directory.
+            private = f"/tmp/conveyor-step-{os.getpid()}"
+            os.mkdir(private, 0o700)
+            if uid is not None:
+                os.chown(private, uid, uid)
+            os.environ["TMPDIR"] = os.environ["HOME"] = private
+        lim.set_child_subreaper()
+        lim.apply_rlimits(limits)
+        if uid is not None:
+            lim.drop_privileges(uid)
+        else:
+            lim.prctl(lim.PR_SET_NO_NEW_PRIVS, 1)
+    else:
+        lim.set_child_subreaper()
+    os.chdir(os.environ["TMPDIR"])
+    return 3
+
+
+class Runner:
+    """Executes requests in this process; one instance per child."""
+
+    def __init__(self, limits: lim.Limits, *, locked: bool) -> None:
+        self.limits = limits
+        self.locked = locked
+        self.pid = os.getpid()
+        self.tmp = os.environ["TMPDIR"]
+        self._codes: OrderedDict[str, CodeType] = OrderedDict()
+        self._loop: Any = None
+        # Freed on MemoryError so there is room left to build and send the answer.
+        self._reserve: bytearray | None = bytearray(1 << 20)
+
+    def _compile(self, code: str, filename: str) -> CodeType:
+        compiled = self._codes.get(code)
+        if compiled is None:
+            compiled = compile(code, filename, "exec", dont_inherit=True)
+            self._codes[code] = compiled
+            if len(self._codes) > max(self.limits.code_cache, 1):
+                self._codes.popitem(last=False)
+        else:
+            self._codes.move_to_end(code)
+        # The traceback shows the user's source lines, which exist only in memory.
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        return compiled
+
+    def _await(self, awaitable: Any) -> Any:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(awaitable)
+
+    def execute(self, req: dict[str, Any]) -> tuple[bytes, bool]:
+        """Run one request; return the encoded answer frame and whether to recycle."""
+        step = str(req.get("step") or "step")
+        filename = f"<step {step}>"
+        log = CappedLog(self.limits.log_bytes)
+        status = "SUCCEEDED"
+        error: str | None = None
+        recycle = False
+        out = b"null"
+        sys.stdout = sys.stderr = log
+        try:
+            ns: dict[str, Any] = {"__name__": "__step__", "__builtins__": builtins}
+            exec(self._compile(req["code"], filename), ns)
+            fn = ns.get("run")
+            if not callable(fn):
+                raise NameError("the code does not define run(input)")
+            result = fn(req.get("input"))
+            if inspect.isawaitable(result):
+                result = self._await(result)
+            out = orjson.dumps(result, option=_OUTPUT_OPTS)
+            if len(out) > self.limits.output_bytes:
+                size, out = len(out), b"null"
+                raise ValueError(
+                    f"run() returned {size} bytes of JSON, over the "
+                    f"{self.limits.output_bytes}-byte limit"
+                )
+        except MemoryError:
+            self._reserve = None
+            status, error, recycle = (
+                "MEMORY_LIMIT_EXCEEDED",
+                "MemoryError: memory limit exceeded",
+                True,
+            )
+        except BaseException as exc:
+            if os.getpid() != self.pid:
+                os._exit(1)
+            status, error, recycle = "FAILED", _user_traceback(exc, filename), True
+        finally:
+            # A copy of this process made by the step's own os.fork() must never answer.
+            if os.getpid() != self.pid:
+                os._exit(0)
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        recycle = self._cleanup() or recycle
+        rest = orjson.dumps(
+            {"status": status, "error": error, "logs": log.text(), "recycle": recycle}
+        )
+        body = b'{"output":' + out + b"," + rest[1:]
+        return len(body).to_bytes(4, "big") + body, recycle
+
+    def _cleanup(self) -> bool:
+        """Leave nothing of this execution behind; True when this child must not be reused."""
+        dirty = False
+        if len(os.listdir("/proc/self/task")) > 1:
+            # Threads of the step would outlive it and could answer for the next one.
+            dirty = True
+        lim.kill_children(self.pid)
+        if self._loop is not None and asyncio.all_tasks(self._loop):
+            dirty = True
+        try:
+            leftovers = os.listdir(self.tmp)
+        except OSError:
+            leftovers = []
+            dirty = True
+        for name in leftovers:
+            path = os.path.join(self.tmp, name)
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
+            except OSError:
+                dirty = True
+        if os.getcwd() != self.tmp:
+            os.chdir(self.tmp)
+        if self._reserve is None:
+            dirty = True
+        if self.locked:
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            if ru.ru_utime + ru.ru_stime > self.limits.cpu_s / 2:
+                dirty = True
+        return dirty
+
+
+def _user_traceback(exc: BaseException, filename: str) -> str:
+    """The exception with only the frames of the user's own code (none of ours)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
+    lines = traceback.format_exception_only(type(exc), exc)
+    if frames:
+        lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames), *lines]
+    return "".join(lines).rstrip("\n")
+
+
+def serve(fd: int, limits: lim.Limits, *, locked: bool) -> NoReturn:
+    """The child's main loop: one answer per request until EOF or a recycle."""
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    reader = BlockingReader(sock)
+    runner = Runner(limits, locked=locked)
+    try:
+        while True:
+            req = reader.read()
+            if req is None:
+                break
+            frame, recycle = runner.execute(req)
+            sock.sendall(frame)
+            if recycle:
+                break
+    except (OSError, ProtocolError):
+        pass
+    os._exit(0)

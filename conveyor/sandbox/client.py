@@ -1,0 +1,663 @@
+"""The worker's side of the sandbox: :class:`Sandbox` — ``run_code`` for the engine.
+
+One :class:`Sandbox` per worker process owns one fork-server (started once, inside the
+strongest isolation :mod:`conveyor.sandbox.isolation` finds) and ``slots`` step processes,
+one per concurrent execution. A slot's process is warm for one flow version at a time: the
+next execution of the same ``(flow_id, flow_version)`` reuses it, any other flow version
+replaces it, and it is recycled after ``warm_max_uses`` executions or after any error,
+limit or timeout. The worker talks to a child over the child's own socket (one round trip
+per execution) and enforces wall time itself: past ``timeout_s`` it has the fork-server
+SIGKILL the child, and the fork-server answers only once every process of that child's
+tree is gone. Outcomes map to step statuses as DESIGN §6 and the issue specify.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from types import TracebackType
+from typing import Any
+
+import orjson
+
+from conveyor.sandbox.channel import FrameChannel
+from conveyor.sandbox.forkserver import LOCKDOWN_FAILED
+from conveyor.sandbox.isolation import (
+    Isolation,
+    IsolationReport,
+    Launcher,
+    SandboxUnavailable,
+    assess,
+    launchers,
+    missing_isolation_error,
+)
+from conveyor.sandbox.limits import Limits
+from conveyor.settings import ExecutionMode, Settings
+
+log = logging.getLogger("conveyor.sandbox")
+
+#: Standard-library modules imported by the fork-server before its first fork, so a step
+#: that uses them pays nothing for the import (and needs no file access after the uid drop).
+PREWARM_MODULES: tuple[str, ...] = (
+    "asyncio",
+    "base64",
+    "calendar",
+    "collections",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "enum",
+    "fractions",
+    "functools",
+    "hashlib",
+    "hmac",
+    "html",
+    "itertools",
+    "json",
+    "math",
+    "operator",
+    "random",
+    "re",
+    "statistics",
+    "string",
+    "textwrap",
+    "typing",
+    "unicodedata",
+    "urllib.parse",
+    "uuid",
+    "zoneinfo",
+)
+_BOOT = (
+    "import sys; sys.path.insert(0, {root!r}); from conveyor.sandbox.forkserver import main; main()"
+)
+#: The fork-server's whole environment: nothing of the worker's reaches it.
+_SERVER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
+class SandboxStatus(enum.StrEnum):
+    """Outcome of one execution; the values are the engine's step/run status names."""
+
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    TIMEOUT = "TIMEOUT"
+    MEMORY_LIMIT_EXCEEDED = "MEMORY_LIMIT_EXCEEDED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SandboxResult:
+    """What ``run_code`` returns: ``output`` is exactly what ``run()`` returned (JSON
+    types), ``error`` the user-facing message (type, message, the user's own traceback
+    lines), ``logs`` the captured stdout/stderr, ``duration_ms`` wall time in the worker."""
+
+    status: SandboxStatus
+    output: Any = None
+    error: str | None = None
+    logs: str = ""
+    duration_ms: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SandboxConfig:
+    """How the sandbox runs; :meth:`from_settings` maps ``AP_*``, tests tune fields directly.
+
+    Parameters:
+        locked: children get limits, uid drop and private ``/tmp`` (False only for
+            ``AP_EXECUTION_MODE=UNSANDBOXED``).
+        launcher: ``auto`` (bwrap, then unshare, then direct) or one of those names.
+        require_network_isolation: refuse to start without it (external servers).
+        slots: concurrent executions (``AP_WORKER_CONCURRENCY``).
+        limits: per-child limits, see :class:`~conveyor.sandbox.limits.Limits`.
+        max_timeout_s: upper bound for any ``timeout_s`` (``AP_FLOW_TIMEOUT_SECONDS``).
+        warm: keep a child per slot for the same flow version; False forks per execution.
+        warm_max_uses: executions before a warm child is replaced.
+        uid_base: slot *n* runs as uid ``uid_base + n`` when the fork-server is root.
+        prewarm: modules the fork-server imports before forking.
+        start_timeout_s / kill_timeout_s: deadlines for the fork-server's hello and for a
+            killed child's tree to be confirmed gone.
+    """
+
+    locked: bool = True
+    launcher: str = "auto"
+    require_network_isolation: bool = False
+    slots: int = 1
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    max_timeout_s: float = 600.0
+    warm: bool = True
+    warm_max_uses: int = 1000
+    uid_base: int = 60_000
+    prewarm: tuple[str, ...] = PREWARM_MODULES
+    start_timeout_s: float = 15.0
+    kill_timeout_s: float = 10.0
+    python: str = sys.executable
+    bwrap_path: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> SandboxConfig:
+        locked = settings.execution_mode is not ExecutionMode.UNSANDBOXED
+        embedded = settings.embedded_redis and settings.embedded_postgres
+        limits = Limits(
+            memory_kb=settings.sandbox_memory_limit_kb,
+            cpu_s=max(settings.flow_timeout_seconds, 1),
+            code_cache=max(settings.pieces_cache_max_entries, 1),
+        )
+        values: dict[str, Any] = {
+            "locked": locked,
+            "launcher": "auto" if locked else "direct",
+            "require_network_isolation": locked and not embedded,
+            "slots": settings.worker_concurrency,
+            "limits": limits,
+            "max_timeout_s": float(settings.flow_timeout_seconds),
+            "prewarm": PREWARM_MODULES if settings.prewarm_cache_on_startup else (),
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+class _Child:
+    """One step process as the worker sees it."""
+
+    __slots__ = ("channel", "dead", "exit", "id", "key", "pid", "uses", "waiter")
+
+    def __init__(self, cid: int, pid: int, key: tuple[str, str]) -> None:
+        self.id = cid
+        self.pid = pid  # in the fork-server's PID namespace
+        self.key = key
+        self.uses = 0
+        self.dead = False
+        self.channel: FrameChannel | None = None
+        self.waiter: asyncio.Future[Any] | None = None
+        self.exit: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+    def on_frame(self, frame: Any) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(frame)
+        else:
+            # An answer nobody asked for (forged by the step): never trust this child again.
+            self.dead = True
+
+    def on_close(self, exc: BaseException | None) -> None:
+        self.dead = True
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError(str(exc) if exc else "child closed"))
+
+
+@dataclasses.dataclass(slots=True)
+class _Slot:
+    index: int
+    uid: int | None
+    busy: bool = False
+    child: _Child | None = None
+
+
+class _Timeout(Exception):
+    pass
+
+
+class Sandbox:
+    """Runs ``code`` steps in isolated, limited, warm child processes of one fork-server.
+
+    Use ``async with Sandbox(config)`` or :meth:`start` / :meth:`close`. ``run_code`` never
+    raises for anything the step does; it raises only if the sandbox cannot be started
+    (:class:`~conveyor.sandbox.isolation.SandboxUnavailable`) or is closed.
+    """
+
+    def __init__(self, config: SandboxConfig | None = None) -> None:
+        self.config = config or SandboxConfig()
+        self.report = IsolationReport(Isolation.NONE, "not started")
+        self.launcher: Launcher | None = None
+        self.probe: dict[str, Any] = {}
+        self._proc: asyncio.subprocess.Process | None = None
+        self._ctl: FrameChannel | None = None
+        self._stderr_task: asyncio.Task[None] | None = None
+        self._stderr_tail: deque[str] = deque(maxlen=20)
+        self._hello: asyncio.Future[dict[str, Any]] | None = None
+        self._spawning: dict[int, tuple[asyncio.Future[_Child], tuple[str, str]]] = {}
+        self._children: dict[int, _Child] = {}
+        self._slots: list[_Slot] = []
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._next_id = 0
+        self._start_lock = asyncio.Lock()
+        self._closed = False
+        self._drop_uid = False
+        self._limits_wire = self.config.limits.to_wire()
+        self._max_frame = (
+            self.config.limits.output_bytes + 6 * self.config.limits.log_bytes + 65_536
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def isolation(self) -> dict[str, str]:
+        """``{"isolation": "full"|"partial"|"none", "mechanism": …}`` for ``/readyz``."""
+        return self.report.as_dict()
+
+    @property
+    def running(self) -> bool:
+        return self._ctl is not None and not self._ctl.closed
+
+    @property
+    def server_pid(self) -> int | None:
+        """Host pid of the launched fork-server process (bubblewrap's, when used)."""
+        return self._proc.pid if self._proc else None
+
+    async def __aenter__(self) -> Sandbox:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Start the fork-server in the strongest isolation available; idempotent."""
+        async with self._start_lock:
+            if self._closed:
+                raise RuntimeError("sandbox is closed")
+            if self.running:
+                return
+            await self._start()
+
+    async def _start(self) -> None:
+        tried: list[str] = []
+        for launcher in launchers(self.config.launcher, self.config.bwrap_path):
+            try:
+                probe = await self._launch(launcher)
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                tail = " / ".join(self._stderr_tail) or str(exc) or type(exc).__name__
+                tried.append(f"{launcher.name}: {tail}")
+                await self._stop_server()
+                continue
+            report = assess(launcher.name, probe, locked=self.config.locked)
+            if (
+                self.config.locked
+                and self.config.require_network_isolation
+                and not report.network_isolated
+            ):
+                tried.append(f"{launcher.name}: network not isolated")
+                await self._stop_server()
+                continue
+            self.launcher, self.probe, self.report = launcher, probe, report
+            self._drop_uid = bool(probe.get("uid_drop"))
+            self._slots = [
+                _Slot(i, self.config.uid_base + i if self._drop_uid else None)
+                for i in range(max(self.config.slots, 1))
+            ]
+            if self.config.locked and report.isolation is not Isolation.FULL:
+                log.warning(
+                    "SANDBOX ISOLATION IS PARTIAL: code steps run with %s only (%s). Install "
+                    "bubblewrap and run as root or with user namespaces for full isolation.",
+                    report.mechanism,
+                    "; ".join(tried) or f"launcher {launcher.name}",
+                )
+            else:
+                log.info("sandbox started: %s (%s)", report.isolation, report.mechanism)
+            return
+        if self.config.require_network_isolation:
+            raise missing_isolation_error(tried)
+        raise SandboxUnavailable("cannot start the sandbox fork-server: " + "; ".join(tried))
+
+    async def _launch(self, launcher: Launcher) -> dict[str, Any]:
+        self._stderr_tail.clear()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            config = {
+                "fd": theirs.fileno(),
+                "prewarm": list(self.config.prewarm),
+                "probe_uid": self.config.uid_base + 999,
+            }
+            argv = [
+                *launcher.argv,
+                self.config.python,
+                "-I",
+                "-c",
+                _BOOT.format(root=launcher.package_root),
+                orjson.dumps(config).decode(),
+            ]
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(theirs.fileno(),),
+                env=_SERVER_ENV,
+                start_new_session=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        assert self._proc.stderr is not None
+        self._stderr_task = asyncio.create_task(self._pump_stderr(self._proc.stderr))
+        loop = asyncio.get_running_loop()
+        self._hello = loop.create_future()
+        self._ctl = FrameChannel(
+            ours, self._on_ctl, self._on_ctl_close, max_frame=1 << 20, accept_fds=True
+        )
+        hello = await asyncio.wait_for(self._hello, self.config.start_timeout_s)
+        for failure in hello.get("prewarm_failed") or ():
+            log.warning("sandbox prewarm import failed: %s", failure)
+        probe: dict[str, Any] = hello.get("probe") or {}
+        return probe
+
+    async def _pump_stderr(self, stream: asyncio.StreamReader) -> None:
+        while True:
+            line = await stream.readline()
+            if not line:
+                return
+            text = line.decode(errors="replace").rstrip()
+            self._stderr_tail.append(text)
+            log.warning("sandbox fork-server: %s", text)
+
+    async def close(self) -> None:
+        """Stop every child and the fork-server; bounded by ``kill_timeout_s``."""
+        self._closed = True
+        await asyncio.shield(self._stop_server())
+
+    async def _stop_server(self) -> None:
+        ctl, self._ctl = self._ctl, None
+        if ctl is not None and not ctl.closed:
+            with contextlib.suppress(ConnectionError):
+                ctl.send({"op": "shutdown"})
+            ctl.close()
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                await asyncio.wait_for(proc.wait(), self.config.kill_timeout_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        task, self._stderr_task = self._stderr_task, None
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 1.0)
+        self._fail_all("sandbox fork-server stopped")
+
+    # ------------------------------------------------------------------ control channel
+    def _on_ctl(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "exit":
+            # The child's socket is left alone: an answer it sent before exiting may still be
+            # unread there, and EOF follows because every process holding it is gone.
+            child = self._children.pop(msg["id"], None)
+            if child is not None:
+                child.dead = True
+                if not child.exit.done():
+                    child.exit.set_result(msg)
+        elif op == "spawned":
+            fd = self._ctl.fds.popleft() if self._ctl and self._ctl.fds else -1
+            pending = self._spawning.pop(msg["id"], None)
+            if fd < 0:
+                if pending is not None and not pending[0].done():
+                    pending[0].set_exception(ConnectionError("fork-server sent no socket"))
+                return
+            sock = socket.socket(fileno=fd)
+            # Registered here, not when the spawner resumes: the child's exit event may be
+            # in the same read as this message.
+            child = _Child(msg["id"], int(msg["pid"]), pending[1] if pending else ("", ""))
+            self._children[child.id] = child
+            child.channel = FrameChannel(
+                sock, child.on_frame, child.on_close, max_frame=self._max_frame
+            )
+            if pending is None or pending[0].done():
+                child.dead = True
+                child.channel.close()
+                return
+            pending[0].set_result(child)
+        elif op == "hello" and self._hello is not None and not self._hello.done():
+            self._hello.set_result(msg)
+
+    def _on_ctl_close(self, exc: BaseException | None) -> None:
+        if self._hello is not None and not self._hello.done():
+            self._hello.set_exception(ConnectionError("fork-server exited before hello"))
+        self._fail_all("sandbox fork-server exited")
+
+    def _fail_all(self, why: str) -> None:
+        for fut, _key in self._spawning.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(why))
+        self._spawning.clear()
+        for child in self._children.values():
+            child.dead = True
+            if not child.exit.done():
+                child.exit.set_result({"op": "exit", "id": child.id, "lost": True})
+            if child.channel is not None:
+                child.channel.close()
+        self._children.clear()
+        for slot in self._slots:
+            slot.child = None
+
+    # ------------------------------------------------------------------ slots
+    async def _acquire(self, key: tuple[str, str]) -> _Slot:
+        while True:
+            free = [s for s in self._slots if not s.busy]
+            if free:
+                pick = (
+                    next((s for s in free if s.child and s.child.key == key), None)
+                    or next((s for s in free if s.child is None), None)
+                    or free[0]
+                )
+                pick.busy = True
+                return pick
+            waiter = asyncio.get_running_loop().create_future()
+            self._slot_waiters.append(waiter)
+            try:
+                await waiter
+            except (Exception, asyncio.CancelledError):
+                # Woken and cancelled at once: pass the wake-up on, or a slot stays idle.
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()
+                raise
+
+    def _release(self, slot: _Slot) -> None:
+        slot.busy = False
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _retire(self, slot: _Slot) -> None:
+        """Let go of the slot's warm child; closing its socket makes it exit."""
+        child, slot.child = slot.child, None
+        if child is not None and child.channel is not None:
+            child.channel.close()
+
+    async def _spawn(self, slot: _Slot, key: tuple[str, str]) -> _Child:
+        if self._ctl is None or self._ctl.closed:
+            raise ConnectionError("sandbox fork-server is not running")
+        self._next_id += 1
+        cid = self._next_id
+        fut: asyncio.Future[_Child] = asyncio.get_running_loop().create_future()
+        self._spawning[cid] = (fut, key)
+        self._ctl.send(
+            {
+                "op": "spawn",
+                "id": cid,
+                "slot": slot.index,
+                "uid": slot.uid,
+                "limits": self._limits_wire,
+                "locked": self.config.locked,
+            }
+        )
+        try:
+            child = await asyncio.wait_for(fut, self.config.start_timeout_s)
+        finally:
+            self._spawning.pop(cid, None)
+        slot.child = child
+        return child
+
+    # ------------------------------------------------------------------ execution
+    async def run_code(
+        self,
+        *,
+        flow_id: str,
+        flow_version: int | str,
+        step: str,
+        code: str,
+        input: Any,
+        timeout_s: float | None = None,
+    ) -> SandboxResult:
+        """Run ``code``'s ``run(input)`` for one step and say how it ended (never raises for
+        anything the step does). ``timeout_s`` is capped by ``max_timeout_s``."""
+        started = time.perf_counter()
+        if not self.running:
+            await self._ensure_running()
+        limit = self.config.max_timeout_s
+        timeout = min(float(timeout_s), limit) if timeout_s and timeout_s > 0 else limit
+        key = (str(flow_id), str(flow_version))
+        slot = await self._acquire(key)
+        try:
+            request = {
+                "op": "run",
+                "step": step,
+                "code": code,
+                "input": input,
+                "timeout_s": timeout,
+            }
+            status, output, error, logs = await self._run_in_slot(slot, key, request)
+        finally:
+            self._release(slot)
+        return SandboxResult(
+            SandboxStatus(status), output, error, logs, (time.perf_counter() - started) * 1e3
+        )
+
+    async def _ensure_running(self) -> None:
+        if self._closed:
+            raise RuntimeError("sandbox is closed")
+        async with self._start_lock:
+            if not self.running:
+                await self._stop_server()
+                await self._start()
+
+    async def _run_in_slot(
+        self, slot: _Slot, key: tuple[str, str], request: dict[str, Any]
+    ) -> tuple[str, Any, str | None, str]:
+        limit_s: float = request["timeout_s"]
+        child = slot.child
+        if child is not None and (child.dead or child.key != key or not self.config.warm):
+            self._retire(slot)
+            child = None
+        try:
+            if child is None:
+                child = await self._spawn(slot, key)
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            self._retire(slot)
+            return "INTERNAL_ERROR", None, f"sandbox could not start a step process: {exc}", ""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        child.waiter = waiter
+        timer = loop.call_later(limit_s, _expire, waiter)
+        try:
+            assert child.channel is not None
+            child.channel.send(request)
+            frame = await waiter
+        except _Timeout:
+            return await self._kill(slot, child, limit_s)
+        except ConnectionError:
+            return await self._died(slot, child, limit_s)
+        except (Exception, asyncio.CancelledError):
+            # Cancelled by the engine (run cancelled, worker stopping): the step must not
+            # go on running unobserved.
+            await asyncio.shield(self._kill(slot, child, limit_s))
+            raise
+        finally:
+            timer.cancel()
+        child.uses += 1
+        if (
+            frame.get("recycle")
+            or not self.config.warm
+            or child.uses >= self.config.warm_max_uses
+            or child.dead
+        ):
+            self._retire(slot)
+        return (
+            frame.get("status", "INTERNAL_ERROR"),
+            frame.get("output"),
+            frame.get("error"),
+            frame.get("logs") or "",
+        )
+
+    async def _kill(
+        self, slot: _Slot, child: _Child, limit_s: float
+    ) -> tuple[str, Any, str | None, str]:
+        """Wall time is up: SIGKILL the child, wait until its whole tree is gone."""
+        child.dead = True
+        slot.child = None
+        if self._ctl is not None and not self._ctl.closed:
+            with contextlib.suppress(ConnectionError):
+                self._ctl.send({"op": "kill", "id": child.id})
+        await self._await_exit(child)
+        if child.channel is not None:
+            child.channel.close()
+        return "TIMEOUT", None, f"step exceeded its time limit of {limit_s:g} s", ""
+
+    async def _died(
+        self, slot: _Slot, child: _Child, limit_s: float
+    ) -> tuple[str, Any, str | None, str]:
+        """The child closed its socket without answering: find out why from its exit."""
+        slot.child = None
+        event = await self._await_exit(child)
+        status, error = _explain_exit(event, self.config.limits, limit_s)
+        return status, None, error, ""
+
+    async def _await_exit(self, child: _Child) -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(asyncio.shield(child.exit), self.config.kill_timeout_s)
+        except TimeoutError:
+            # The fork-server did not confirm: it is wedged. Restart it (which kills every
+            # process of the sandbox) rather than trust it again.
+            log.error("sandbox fork-server did not reap child %s; restarting it", child.id)
+            await self._stop_server()
+            return {"op": "exit", "id": child.id, "lost": True}
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(_Timeout())
+
+
+def _explain_exit(event: dict[str, Any], limits: Limits, limit_s: float) -> tuple[str, str]:
+    """Map how a child died to a status and message (see the module docstring)."""
+    if event.get("lost"):
+        return "INTERNAL_ERROR", "the sandbox fork-server stopped during the step"
+    sig = event.get("signal")
+    code = event.get("code")
+    cpu = float(event.get("cpu_s") or 0.0)
+    if event.get("killed"):
+        return "TIMEOUT", f"step exceeded its time limit of {limit_s:g} s"
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= limits.cpu_s):
+        return "TIMEOUT", f"step exceeded its CPU time limit of {limits.cpu_s} s"
+    if sig in (signal.SIGKILL, signal.SIGABRT):
+        return (
+            "MEMORY_LIMIT_EXCEEDED",
+            f"step process was killed by {signal.Signals(sig).name} after running out of "
+            f"memory (limit {limits.memory_kb} KiB)",
+        )
+    if sig is not None:
+        name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else sig
+        return "FAILED", f"step process crashed with signal {name}"
+    if code == LOCKDOWN_FAILED:
+        return "INTERNAL_ERROR", "the step process could not apply its sandbox limits"
+    return "FAILED", f"step process exited with code {code} before returning a result"

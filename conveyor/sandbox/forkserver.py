@@ -1,0 +1,213 @@
+"""The fork-server: started once per worker inside the isolation, forks one child per slot.
+
+It is a small single-threaded loop over two descriptors — the control socket to the worker
+and the wake-up pipe of ``SIGCHLD`` — and never runs user code itself. On ``spawn`` it makes
+a socketpair, forks (the child locks itself down, see :mod:`conveyor.sandbox.child`) and
+hands the worker its end of the pair, so the worker then talks to the child directly and
+every execution costs one round trip, not two. It is the subreaper of everything below it:
+when a child dies (recycled, crashed, or killed on the worker's ``kill`` for a timeout)
+every process that child left behind is re-parented here and killed before the worker is
+told the child is gone — so "exit" means "and nothing of it is left".
+
+Modules named in the start-up config are imported before the first fork (piece caching,
+``AP_PREWARM_CACHE_ON_STARTUP``), then the heap is frozen so forks share it copy-on-write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import os
+import selectors
+import signal
+import socket
+import sys
+from typing import Any, NoReturn
+
+import orjson
+
+from conveyor.sandbox import limits as lim
+from conveyor.sandbox.child import lock_down, serve
+from conveyor.sandbox.protocol import BlockingReader, ProtocolError, send_frame
+
+#: Exit code of a child that failed to lock itself down (it never ran user code).
+LOCKDOWN_FAILED = 70
+
+
+class ForkServer:
+    """State of the fork-server loop; ``config`` is the JSON the worker passed in argv."""
+
+    def __init__(self, ctl: socket.socket, config: dict[str, Any]) -> None:
+        self.ctl = ctl
+        self.config = config
+        self.pid = os.getpid()
+        # pid -> [execution id, killed-by-worker]
+        self.children: dict[int, list[Any]] = {}
+        self.reader = BlockingReader(ctl, max_frame=1 << 20)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # ------------------------------------------------------------------ start-up
+    def prewarm(self) -> list[str]:
+        failed: list[str] = []
+        for name in self.config.get("prewarm", ()):
+            try:
+                importlib.import_module(name)
+            except Exception as exc:
+                failed.append(f"{name}: {type(exc).__name__}: {exc}")
+        return failed
+
+    def probe(self) -> dict[str, Any]:
+        """What isolation is really in force, measured from inside rather than assumed."""
+        try:
+            interfaces = sorted(name for _, name in socket.if_nameindex())
+        except OSError:
+            interfaces = []
+        uid = int(self.config.get("probe_uid", 65_000))
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                lim.private_tmp(uid, lim.Limits(tmp_kb=1024), network=False)
+                code |= 1
+            except BaseException:
+                pass
+            try:
+                if os.geteuid() == 0:
+                    lim.drop_privileges(uid)
+                    code |= 2
+            except BaseException:
+                pass
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        bits = os.waitstatus_to_exitcode(status)
+        return {
+            "interfaces": interfaces,
+            "network_isolated": interfaces == ["lo"],
+            "pid": self.pid,
+            "pid_namespace": self.pid < 10,
+            "private_tmp": bool(bits & 1),
+            "uid_drop": bool(bits & 2),
+            "root": os.geteuid() == 0,
+        }
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> NoReturn:
+        lim.set_child_subreaper()
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self._wake_w)
+        # The worker stops us by closing the socket or by SIGTERM; either way: clean up.
+        signal.signal(signal.SIGTERM, lambda *_: self.shutdown())
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        failed = self.prewarm()
+        probe = self.probe()
+        gc.collect()
+        gc.freeze()
+        send_frame(self.ctl, {"op": "hello", "probe": probe, "prewarm_failed": failed})
+        sel = selectors.DefaultSelector()
+        sel.register(self.ctl, selectors.EVENT_READ, "ctl")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        while True:
+            for key, _ in sel.select():
+                if key.data == "wake":
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                    self.reap()
+                    continue
+                try:
+                    data = self.ctl.recv(1 << 16)
+                except InterruptedError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    self.shutdown()
+                try:
+                    frames = self.reader.feed(data)
+                except ProtocolError:
+                    self.shutdown()
+                for msg in frames:
+                    self.handle(msg)
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "spawn":
+            self.spawn(msg)
+        elif op == "kill":
+            for pid, info in self.children.items():
+                if info[0] == msg["id"]:
+                    info[1] = True
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        elif op == "shutdown":
+            self.shutdown()
+
+    def spawn(self, msg: dict[str, Any]) -> None:
+        limits = lim.Limits.from_wire(msg.get("limits") or {})
+        uid = msg.get("uid")
+        locked = bool(msg.get("locked", True))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                # Detach (not close) so no finaliser can later close a reused descriptor.
+                os.close(ours.detach())
+                fd = lock_down(theirs.detach(), uid, limits, locked=locked)
+            except BaseException as exc:
+                with contextlib.suppress(BaseException):
+                    os.write(2, f"conveyor sandbox: lock-down failed: {exc!r}\n".encode())
+                os._exit(LOCKDOWN_FAILED)
+            serve(fd, limits, locked=locked)
+        theirs.close()
+        self.children[pid] = [msg["id"], False]
+        try:
+            send_frame(
+                self.ctl, {"op": "spawned", "id": msg["id"], "pid": pid, "fds": 1}, [ours.fileno()]
+            )
+        finally:
+            ours.close()
+
+    def reap(self) -> None:
+        """Collect exited children; report slot children only once their strays are gone."""
+        exited: list[dict[str, Any]] = []
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            info = self.children.pop(pid, None)
+            if info is None:
+                continue  # a stray already re-parented to us
+            exited.append(
+                {
+                    "op": "exit",
+                    "id": info[0],
+                    "pid": pid,
+                    "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+                    "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                    "cpu_s": usage.ru_utime + usage.ru_stime,
+                    "killed": info[1],
+                }
+            )
+        if exited:
+            lim.kill_children(self.pid, keep=frozenset(self.children))
+            for event in exited:
+                send_frame(self.ctl, event)
+
+    def shutdown(self) -> NoReturn:
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        lim.kill_children(self.pid)
+        os._exit(0)
+
+
+def main() -> NoReturn:
+    """Entry point: ``argv[1]`` is the JSON config, ``config["fd"]`` the control socket."""
+    config = orjson.loads(sys.argv[1])
+    ctl = socket.socket(fileno=int(config["fd"]))
+    ctl.setblocking(True)
+    os.set_inheritable(ctl.fileno(), False)
+    ForkServer(ctl, config).run()

@@ -1,0 +1,203 @@
+"""Which isolation wraps the fork-server, how to launch it, and what to report in /readyz.
+
+Launchers are tried strongest first: **bubblewrap** (network, PID, IPC and UTS namespaces,
+a read-only private filesystem view holding only ``/usr``, the Python install and the
+``conveyor`` package), then **unshare** (network and PID namespaces, host filesystem), then
+**direct** (rlimits, uid and private ``/tmp`` only). What is in force is not assumed from the
+launcher: the fork-server probes it from inside (interfaces, pid, whether it can mount and
+drop uid) and :func:`assess` turns that probe into the ``{"isolation", "mechanism"}`` report.
+With external Redis/PostgreSQL a ``SANDBOX_*`` mode without network isolation refuses to
+start (:class:`SandboxUnavailable` names the missing piece and the fix); in the embedded
+default the worker starts anyway with a loud warning and ``isolation: partial``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import shutil
+import site
+import sys
+from pathlib import Path
+from typing import Any
+
+#: Where the ``conveyor`` package appears inside bubblewrap (read-only).
+PACKAGE_ROOT = "/opt/conveyor"
+#: Capabilities the fork-server keeps inside bubblewrap (when started as root): mounting
+#: each child's private /tmp, dropping to the slot's uid, killing children of other uids.
+#: Children lose them all at the uid drop.
+_CAPS = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN")
+
+
+class Isolation(enum.StrEnum):
+    FULL = "full"
+    PARTIAL = "partial"
+    NONE = "none"
+
+
+class SandboxUnavailable(RuntimeError):
+    """The configured execution mode needs isolation this host cannot provide."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Launcher:
+    """A way to start the fork-server: ``argv`` goes before ``python -I -c …``."""
+
+    name: str
+    argv: tuple[str, ...]
+    package_root: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IsolationReport:
+    """What ``/readyz`` shows under ``checks.sandbox``."""
+
+    isolation: Isolation
+    mechanism: str
+    network_isolated: bool = False
+
+    def as_dict(self) -> dict[str, str]:
+        return {"isolation": str(self.isolation), "mechanism": self.mechanism}
+
+
+def package_dir() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def python_paths() -> list[str]:
+    """Directories the interpreter needs (prefixes, site-packages), minus ``/usr``."""
+    exe_prefix = str(Path(os.path.realpath(sys.executable)).parent.parent)
+    candidates = [sys.base_prefix, sys.prefix, exe_prefix, *site.getsitepackages()]
+    user_site = site.getusersitepackages()
+    if isinstance(user_site, str) and os.path.isdir(user_site):
+        candidates.append(user_site)
+    out: list[str] = []
+    for path in sorted({os.path.realpath(p) for p in candidates if os.path.isdir(p)}, key=len):
+        if path == "/usr" or path.startswith("/usr/"):
+            continue
+        if any(path == o or path.startswith(o + "/") for o in out):
+            continue
+        out.append(path)
+    return out
+
+
+def bwrap_launcher(bwrap: str) -> Launcher:
+    """bubblewrap argv: no network, own PID namespace, a read-only view of what Python needs.
+
+    ``/root`` (0700 on the host) is never bound; when the Python install lives under it,
+    its parents are recreated inside the sandbox with mode 0755 so the slot uids can read
+    the standard library — the host's ``/root`` keeps its permissions.
+    """
+    argv: list[str] = [
+        bwrap,
+        "--die-with-parent",
+        "--new-session",
+        "--unshare-net",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--hostname",
+        "conveyor-sandbox",
+    ]
+    if os.geteuid() == 0:
+        argv += ["--cap-drop", "ALL"]
+        for cap in _CAPS:
+            argv += ["--cap-add", cap]
+    argv += ["--ro-bind", "/usr", "/usr"]
+    for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        host = f"/{top}"
+        if os.path.islink(host):
+            argv += ["--symlink", os.readlink(host), host]
+        elif os.path.isdir(host):
+            argv += ["--ro-bind", host, host]
+    for etc in ("/etc/ld.so.cache", "/etc/localtime"):
+        argv += ["--ro-bind-try", etc, etc]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    made: set[str] = {"/", "/usr", "/tmp", "/proc", "/dev"}
+    binds = [(p, p) for p in python_paths()]
+    binds.append((str(package_dir()), f"{PACKAGE_ROOT}/conveyor"))
+    for _src, dest in binds:
+        parents = list(Path(dest).parents)[::-1]
+        for parent in parents:
+            p = str(parent)
+            if p not in made:
+                argv += ["--perms", "0755", "--dir", p]
+                made.add(p)
+    for src, dest in binds:
+        argv += ["--ro-bind", src, dest]
+        made.add(dest)
+    argv += ["--chdir", "/tmp", "--"]
+    return Launcher("bwrap", tuple(argv), PACKAGE_ROOT)
+
+
+def unshare_launcher(unshare: str) -> Launcher:
+    argv = [unshare]
+    if os.geteuid() != 0:
+        argv.append("--map-root-user")
+    argv += ["--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--"]
+    return Launcher("unshare", tuple(argv), str(package_dir().parent))
+
+
+def direct_launcher() -> Launcher:
+    return Launcher("direct", (), str(package_dir().parent))
+
+
+def launchers(preference: str, bwrap_path: str | None = None) -> list[Launcher]:
+    """Candidates in order for ``preference`` = ``auto`` | ``bwrap`` | ``unshare`` | ``direct``."""
+    bwrap = bwrap_path or shutil.which("bwrap")
+    unshare = shutil.which("unshare")
+    out: list[Launcher] = []
+    if preference in ("auto", "bwrap") and bwrap:
+        out.append(bwrap_launcher(bwrap))
+    if preference in ("auto", "unshare") and unshare:
+        out.append(unshare_launcher(unshare))
+    if preference in ("auto", "direct"):
+        out.append(direct_launcher())
+    return out
+
+
+def assess(launcher: str, probe: dict[str, Any], *, locked: bool) -> IsolationReport:
+    """Turn the fork-server's self-probe into the report (see module docstring)."""
+    if not locked:
+        return IsolationReport(
+            Isolation.NONE, "unsandboxed: reused child process without limits", False
+        )
+    net = bool(probe.get("network_isolated"))
+    parts: list[str] = []
+    if launcher == "bwrap":
+        parts.append("bubblewrap")
+    elif launcher == "unshare":
+        parts.append("unshare")
+    if net:
+        parts.append("no network")
+    if probe.get("pid_namespace"):
+        parts.append("pid namespace")
+    if launcher == "bwrap":
+        parts.append("read-only private filesystem")
+    if probe.get("uid_drop"):
+        parts.append("per-slot uid")
+    if probe.get("private_tmp"):
+        parts.append("private /tmp")
+    parts += ["rlimits", "subreaper cleanup"]
+    full = (
+        launcher == "bwrap"
+        and net
+        and bool(probe.get("pid_namespace"))
+        and bool(probe.get("uid_drop"))
+        and bool(probe.get("private_tmp"))
+    )
+    level = Isolation.FULL if full else Isolation.PARTIAL
+    return IsolationReport(level, ", ".join(parts), net)
+
+
+def missing_isolation_error(tried: list[str]) -> SandboxUnavailable:
+    """The message for a production deploy that cannot isolate the network of code steps."""
+    why = "; ".join(tried) if tried else "no launcher available"
+    return SandboxUnavailable(
+        "AP_EXECUTION_MODE runs code steps sandboxed, but this host cannot cut their network "
+        f"off ({why}). With external Redis/PostgreSQL a step could reach them. Fix: install "
+        "bubblewrap (apt-get install bubblewrap; in containers allow user namespaces or grant "
+        "CAP_SYS_ADMIN, see configs/), or set AP_EXECUTION_MODE=UNSANDBOXED to accept the risk."
+    )

@@ -1,0 +1,195 @@
+"""Kernel knobs a step's child process is put under: rlimits, uid, namespaces, prctl.
+
+Everything here runs in a freshly forked child of the fork-server, before the user's code
+is loaded, and only calls into the kernel (``resource``, ``os`` and a few libc functions via
+ctypes) — no allocation-heavy work, no imports beyond the standard library. The order in
+:func:`lock_down` matters and is explained where it happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import fcntl
+import os
+import resource
+import signal
+import socket
+import struct
+from typing import Any
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """What one child may use; sent by the worker with every spawn.
+
+    Parameters:
+        memory_kb: ``RLIMIT_AS`` — address space in KiB (``AP_SANDBOX_MEMORY_LIMIT``).
+        cpu_s: ``RLIMIT_CPU`` soft limit in seconds of CPU for the child's lifetime (a warm
+            child is recycled once it has used half of it); the hard limit is one more.
+        nofile: ``RLIMIT_NOFILE`` — open descriptors.
+        nproc: ``RLIMIT_NPROC`` — processes and threads of the slot's uid.
+        fsize_kb: ``RLIMIT_FSIZE`` — largest file the child may write, KiB.
+        tmp_kb: size of the child's private ``/tmp`` (tmpfs), KiB.
+        log_bytes: stdout + stderr kept per execution; the rest is counted, not stored.
+        output_bytes: largest serialised ``run()`` result.
+        code_cache: compiled step sources a warm child keeps (``AP_PIECES_CACHE_MAX_ENTRIES``).
+        network_namespace: give every child a network namespace of its own, so concurrent
+            slots cannot reach each other over loopback (costs ~0.6 ms per fresh child).
+    """
+
+    memory_kb: int = 1_048_576
+    cpu_s: int = 600
+    nofile: int = 256
+    nproc: int = 128
+    fsize_kb: int = 65_536
+    tmp_kb: int = 65_536
+    log_bytes: int = 1 << 20
+    output_bytes: int = 16 << 20
+    code_cache: int = 1000
+    network_namespace: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Limits:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def prctl(option: int, arg: int) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+
+
+def set_child_subreaper() -> None:
+    """Orphaned descendants re-parent to us instead of escaping to init, so we can kill them."""
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    _check(
+        _libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )
+
+
+def private_tmp(uid: int, limits: Limits, *, network: bool) -> None:
+    """A mount namespace of the child's own with fresh tmpfs on ``/tmp`` and ``/dev/shm``.
+
+    Files one step leaves there vanish with the child, and no two children (of any flow)
+    share a writable directory. Requires ``CAP_SYS_ADMIN``, which the fork-server holds
+    inside bubblewrap and drops for the child right after.
+    """
+    unshare(CLONE_NEWNS | (CLONE_NEWNET if network else 0))
+    # Without MS_PRIVATE our mounts could propagate back into the fork-server's view.
+    mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+    opts = f"size={limits.tmp_kb}k,nr_inodes=4096,mode=0700,uid={uid},gid={uid}"
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
+    if os.path.isdir("/dev/shm"):
+        mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+    if network:
+        # A new network namespace starts with ``lo`` down; up it so loopback inside the
+        # step behaves normally (and still reaches nothing but the step itself).
+        _loopback_up()
+
+
+def _loopback_up() -> None:
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sh", b"lo", 0)
+        flags = struct.unpack("16sh", fcntl.ioctl(s, siocgifflags, req))[1]
+        fcntl.ioctl(s, siocsifflags, struct.pack("16sh", b"lo", flags | iff_up))
+
+
+def apply_rlimits(limits: Limits) -> None:
+    """Set every rlimit; soft and hard alike so the child cannot raise them back."""
+    mem = limits.memory_kb * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.nofile, limits.nofile))
+    resource.setrlimit(resource.RLIMIT_NPROC, (limits.nproc, limits.nproc))
+    fsize = limits.fsize_kb * 1024
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # Over RLIMIT_FSIZE the kernel sends SIGXFSZ, whose default action kills silently;
+    # ignored, the write fails with EFBIG and the step sees an ordinary OSError.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def drop_privileges(uid: int) -> None:
+    """Become ``uid`` for good: no groups, no capabilities, no way back (no_new_privs)."""
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid`` (all its threads), from ``/proc``."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as fh:
+                out.extend(int(p) for p in fh.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out
+
+
+def kill_children(pid: int, keep: frozenset[int] = frozenset()) -> int:
+    """SIGKILL and reap every child of ``pid`` (which must be us) not in ``keep``.
+
+    Loops because killing a process re-parents its own children to us (we are a subreaper);
+    it ends when no stray child is left. Returns how many processes were killed.
+    """
+    killed = 0
+    while True:
+        strays = [p for p in children_of(pid) if p not in keep]
+        if not strays:
+            return killed
+        for p in strays:
+            try:
+                os.kill(p, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        for p in strays:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(p, 0)
