@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
+from conveyor.errors import ConfigError
+
 _T = TypeVar("_T")
 
 
-class SettingsError(ValueError):
+class SettingsError(ConfigError):
     """A variable has a value Conveyor cannot use; the message is one line for the operator."""
 
 

@@ -1,0 +1,83 @@
+"""Group commit: many concurrent callers, one database round trip.
+
+A :class:`Batcher` collects the items submitted while a flush is being prepared or is in
+flight and writes them with one call of ``flush(items)`` — one multi-row statement instead of
+one per webhook. A caller awaits its own item's result, so "my row is committed" still holds
+for each caller before it answers 2xx. Under no load the first item is flushed on the next
+loop iteration, so the added latency is one tick; under load batches grow by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Batcher(Generic[T, R]):
+    """Coalesce :meth:`submit` calls into ``flush(items) -> results`` calls.
+
+    Parameters: ``flush`` returns one result per item, in order (or raises, failing every
+    item of that batch); ``max_batch`` items per flush (default 500); ``max_in_flight``
+    flushes at once (default 2: one filling while one commits).
+    """
+
+    def __init__(
+        self,
+        flush: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+        *,
+        max_batch: int = 500,
+        max_in_flight: int = 2,
+    ) -> None:
+        self._flush = flush
+        self._max_batch = max_batch
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: T) -> R:
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, fut))
+        if not self._scheduled:
+            self._scheduled = True
+            task = asyncio.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await fut
+
+    async def _drain(self) -> None:
+        async with self._slots:
+            # Everything submitted until we got a slot joins this batch.
+            self._scheduled = False
+            batch, self._pending = (
+                self._pending[: self._max_batch],
+                self._pending[self._max_batch :],
+            )
+            if self._pending and not self._scheduled:
+                self._scheduled = True
+                task = asyncio.create_task(self._drain())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            if not batch:
+                return
+            try:
+                results = await self._flush([item for item, _ in batch])
+            except BaseException as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+
+    async def close(self) -> None:
+        """Wait for the flushes in flight."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

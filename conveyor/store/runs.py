@@ -1,0 +1,366 @@
+"""Runs and their step logs in PostgreSQL, written in batches across runs.
+
+Ingest inserts run rows through a :class:`~conveyor.store.batch.Batcher` (one multi-row
+``INSERT … SELECT FROM unnest(…)`` per tick, idempotency keys under a unique index); workers
+move runs through their states and append step records the same way. Every state change is
+guarded so a terminal run never changes again: a cancel that lands first wins over a worker
+that finishes later, and a redelivered job cannot resurrect a finished run.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from conveyor.engine.status import IN_FLIGHT, TERMINAL, RunStatus
+from conveyor.errors import NotFound
+from conveyor.store.batch import Batcher
+from conveyor.store.db import Database
+
+#: How long an ``Idempotency-Key`` keeps answering with its first run.
+IDEMPOTENCY_WINDOW = "24 hours"
+_LIVE = [s.value for s in IN_FLIGHT]
+_TERMINAL = [s.value for s in TERMINAL]
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """A run to insert: ``response_status`` is the answer a repeat of its idempotency key gets."""
+
+    id: uuid.UUID
+    flow_id: uuid.UUID
+    flow_version: int
+    trigger: dict[str, Any]
+    queue: str = "runs"
+    idempotency_key: str | None = None
+    response_status: int | None = None
+    attempt: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Inserted:
+    """What an insert did: ``created`` False means an earlier run holds the idempotency key,
+    and ``run_id``/``response_status``/``status`` are that run's."""
+
+    run_id: uuid.UUID
+    created: bool
+    response_status: int | None = None
+    status: str = RunStatus.QUEUED.value
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A state change for :meth:`RunWriter.transition`; ``None`` fields keep their value."""
+
+    run_id: uuid.UUID
+    status: RunStatus
+    output: Any = None
+    error: Any = None
+    attempt: int | None = None
+    resume_at: datetime | None = None
+
+
+_INSERT = """
+INSERT INTO runs (id, flow_id, flow_version, status, queue, trigger, idempotency_key,
+                  response_status, attempt)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::jsonb[],
+                     $7::text[], $8::int[], $9::int[])
+ON CONFLICT (flow_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id
+"""
+
+# One statement for every transition: terminal states stamp finished_at, RUNNING stamps
+# started_at once, and a run already terminal is never touched again.
+_TRANSITION = """
+UPDATE runs r SET
+    status = u.status,
+    output = CASE WHEN u.has_output THEN u.output ELSE r.output END,
+    error = CASE WHEN u.has_error THEN u.error ELSE r.error END,
+    attempt = COALESCE(u.attempt, r.attempt),
+    resume_at = u.resume_at,
+    started_at = CASE WHEN u.status = 'RUNNING' THEN COALESCE(r.started_at, now())
+                      ELSE r.started_at END,
+    finished_at = CASE WHEN u.status = ANY($9::text[]) THEN now() ELSE NULL END,
+    updated_at = now()
+FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::bool[], $5::jsonb[], $6::bool[],
+            $7::int[], $8::timestamptz[])
+     AS u(id, status, output, has_output, error, has_error, attempt, resume_at)
+WHERE r.id = u.id AND NOT (r.status = ANY($9::text[]))
+RETURNING r.id
+"""
+
+_STEPS = """
+INSERT INTO step_runs (run_id, seq, name, type, status, input, output, error, logs, parent,
+                       iteration, attempt, started_at, duration_ms)
+SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
+                     $7::jsonb[], $8::jsonb[], $9::text[], $10::text[], $11::int[], $12::int[],
+                     $13::timestamptz[], $14::float8[])
+ON CONFLICT (run_id, seq) DO UPDATE SET
+    status = EXCLUDED.status, input = EXCLUDED.input, output = EXCLUDED.output,
+    error = EXCLUDED.error, logs = EXCLUDED.logs, attempt = EXCLUDED.attempt,
+    started_at = EXCLUDED.started_at, duration_ms = EXCLUDED.duration_ms
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    """One step record to store; ``seq`` orders the steps of a run."""
+
+    run_id: uuid.UUID
+    seq: int
+    record: dict[str, Any]
+
+
+class RunWriter:
+    """Batched writes of run rows, transitions and step records for one process.
+
+    Parameters: ``db`` (writes go to the primary); ``max_batch`` rows per statement.
+    """
+
+    def __init__(self, db: Database, *, max_batch: int = 500) -> None:
+        self.db = db
+        self._inserts: Batcher[NewRun, Inserted] = Batcher(self._flush_inserts, max_batch=max_batch)
+        self._transitions: Batcher[Transition, bool] = Batcher(
+            self._flush_transitions, max_batch=max_batch
+        )
+        self._steps: Batcher[StepRow, None] = Batcher(self._flush_steps, max_batch=max_batch)
+
+    async def insert(self, run: NewRun) -> Inserted:
+        """Commit ``run`` (group commit); returns once the row is durable."""
+        return await self._inserts.submit(run)
+
+    async def transition(self, change: Transition) -> bool:
+        """Apply ``change``; False when the run was already terminal (or does not exist)."""
+        return await self._transitions.submit(change)
+
+    async def add_step(self, row: StepRow) -> None:
+        await self._steps.submit(row)
+
+    async def close(self) -> None:
+        for batcher in (self._inserts, self._transitions, self._steps):
+            await batcher.close()
+
+    async def _flush_inserts(self, runs: Sequence[NewRun]) -> list[Inserted]:
+        async with self.db.writer() as conn:
+            rows = await conn.fetch(
+                _INSERT,
+                [r.id for r in runs],
+                [r.flow_id for r in runs],
+                [r.flow_version for r in runs],
+                [RunStatus.QUEUED.value] * len(runs),
+                [r.queue for r in runs],
+                [r.trigger for r in runs],
+                [r.idempotency_key for r in runs],
+                [r.response_status for r in runs],
+                [r.attempt for r in runs],
+            )
+            created = {row["id"] for row in rows}
+            out = []
+            for run in runs:
+                if run.id in created:
+                    out.append(Inserted(run.id, True, run.response_status))
+                else:
+                    out.append(await self._existing(conn, run))
+        return out
+
+    async def _existing(self, conn: asyncpg.Connection, run: NewRun) -> Inserted:
+        """The run that holds ``run``'s idempotency key; a key older than the window is
+        released and ``run`` inserted after all."""
+        row = await conn.fetchrow(
+            f"""SELECT id, response_status, status, created_at < now() - interval
+                '{IDEMPOTENCY_WINDOW}' AS expired
+                FROM runs WHERE flow_id = $1 AND idempotency_key = $2""",
+            run.flow_id,
+            run.idempotency_key,
+        )
+        if row is not None and not row["expired"]:
+            return Inserted(row["id"], False, row["response_status"], row["status"])
+        async with conn.transaction():
+            await conn.execute(
+                "UPDATE runs SET idempotency_key = NULL WHERE flow_id = $1 "
+                "AND idempotency_key = $2",
+                run.flow_id,
+                run.idempotency_key,
+            )
+            await conn.execute(
+                _INSERT,
+                [run.id],
+                [run.flow_id],
+                [run.flow_version],
+                [RunStatus.QUEUED.value],
+                [run.queue],
+                [run.trigger],
+                [run.idempotency_key],
+                [run.response_status],
+                [run.attempt],
+            )
+        return Inserted(run.id, True, run.response_status)
+
+    async def _flush_transitions(self, changes: Sequence[Transition]) -> list[bool]:
+        # A run appearing twice in one batch: keep only its last change (UPDATE … FROM
+        # would apply an arbitrary one).
+        last: dict[uuid.UUID, Transition] = {c.run_id: c for c in changes}
+        uniq = list(last.values())
+        async with self.db.writer() as conn:
+            rows = await conn.fetch(
+                _TRANSITION,
+                [c.run_id for c in uniq],
+                [c.status.value for c in uniq],
+                [c.output for c in uniq],
+                [c.output is not None for c in uniq],
+                [c.error for c in uniq],
+                [c.error is not None for c in uniq],
+                [c.attempt for c in uniq],
+                [c.resume_at for c in uniq],
+                _TERMINAL,
+            )
+        done = {row["id"] for row in rows}
+        return [c.run_id in done and last[c.run_id] is c for c in changes]
+
+    async def _flush_steps(self, rows: Sequence[StepRow]) -> list[None]:
+        recs = [r.record for r in rows]
+        async with self.db.writer() as conn:
+            await conn.execute(
+                _STEPS,
+                [r.run_id for r in rows],
+                [r.seq for r in rows],
+                [x["name"] for x in recs],
+                [x["type"] for x in recs],
+                [x["status"] for x in recs],
+                [x.get("input") for x in recs],
+                [x.get("output") for x in recs],
+                [x.get("error") for x in recs],
+                [x.get("logs") or "" for x in recs],
+                [x.get("parent") for x in recs],
+                [x.get("iteration") for x in recs],
+                [x.get("attempt", 1) for x in recs],
+                [x.get("started_at") for x in recs],
+                [x.get("duration_ms") for x in recs],
+            )
+        return [None] * len(rows)
+
+
+# ------------------------------------------------------------------------------ reads
+_RUN_COLUMNS = """id, flow_id, flow_version, status, queue, trigger, output, error, attempt,
+    resume_at, created_at, started_at, finished_at, updated_at, idempotency_key,
+    response_status"""
+
+
+async def get_run(db: Database, run_id: uuid.UUID) -> dict[str, Any]:
+    """The run row (no steps); :class:`NotFound` if absent. Reads the primary: a worker
+    needs its own latest write."""
+    async with db.writer() as conn:
+        row = await conn.fetchrow(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = $1", run_id)
+    if row is None:
+        raise NotFound(f"run {run_id} not found")
+    return dict(row)
+
+
+async def get_steps(db: Database, run_id: uuid.UUID) -> list[dict[str, Any]]:
+    async with db.writer() as conn:
+        rows = await conn.fetch(
+            """SELECT seq, name, type, status, input, output, error, logs, started_at,
+                      duration_ms, attempt, parent, iteration
+               FROM step_runs WHERE run_id = $1 ORDER BY seq""",
+            run_id,
+        )
+    return [dict(r) for r in rows]
+
+
+async def list_runs(
+    db: Database,
+    *,
+    flow_id: uuid.UUID | None = None,
+    status: str | None = None,
+    limit: int = 50,
+    cursor: uuid.UUID | None = None,
+) -> list[dict[str, Any]]:
+    """Newest first (UUIDv7 ids are time-ordered); reads a replica when configured."""
+    rows = await db.fetch_read(
+        f"""SELECT {_RUN_COLUMNS} FROM runs
+            WHERE ($1::uuid IS NULL OR flow_id = $1)
+              AND ($2::text IS NULL OR status = $2)
+              AND ($3::uuid IS NULL OR id < $3)
+            ORDER BY id DESC LIMIT $4""",
+        flow_id,
+        status,
+        cursor,
+        limit,
+    )
+    return [dict(r) for r in rows]
+
+
+async def live_runs(db: Database, *, older_than_s: float, limit: int = 1000) -> list[dict[str, Any]]:
+    """Runs still ``QUEUED``/``RUNNING``/``PAUSED`` untouched for ``older_than_s`` seconds
+    (the reconciler checks these against the queue)."""
+    async with db.writer() as conn:
+        rows = await conn.fetch(
+            f"""SELECT {_RUN_COLUMNS} FROM runs
+                WHERE status = ANY($1::text[])
+                  AND updated_at < now() - make_interval(secs => $2)
+                ORDER BY updated_at LIMIT $3""",
+            _LIVE,
+            older_than_s,
+            limit,
+        )
+    return [dict(r) for r in rows]
+
+
+async def set_response_status(db: Database, run_id: uuid.UUID, status: int) -> None:
+    """Remember the first answer a sync webhook gave (what an idempotent repeat returns)."""
+    async with db.writer() as conn:
+        await conn.execute(
+            "UPDATE runs SET response_status = $2 WHERE id = $1 AND response_status IS NULL",
+            run_id,
+            status,
+        )
+
+
+async def reset_for_retry(
+    db: Database, run_id: uuid.UUID, *, flow_version: int, keep_steps: bool
+) -> dict[str, Any]:
+    """Put a finished run back to ``QUEUED`` for a manual retry (attempt + 1).
+
+    ``keep_steps``: FROM_FAILED_STEP keeps the succeeded step records (they are skipped on
+    the next execution) and drops the rest; otherwise every step record is dropped.
+    """
+    async with db.writer() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            f"""UPDATE runs SET status = 'QUEUED', flow_version = $2, attempt = attempt + 1,
+                    output = NULL, error = NULL, finished_at = NULL, started_at = NULL,
+                    resume_at = NULL, updated_at = now()
+                WHERE id = $1 AND status = ANY($3::text[])
+                RETURNING {_RUN_COLUMNS}""",
+            run_id,
+            flow_version,
+            _TERMINAL,
+        )
+        if row is None:
+            exists = await conn.fetchval("SELECT status FROM runs WHERE id = $1", run_id)
+            if exists is None:
+                raise NotFound(f"run {run_id} not found")
+            return {"id": run_id, "status": exists, "retried": False}
+        if keep_steps:
+            await conn.execute(
+                "DELETE FROM step_runs WHERE run_id = $1 AND status <> 'SUCCEEDED'", run_id
+            )
+        else:
+            await conn.execute("DELETE FROM step_runs WHERE run_id = $1", run_id)
+    return {**dict(row), "retried": True}
+
+
+async def delete_older_than(db: Database, days: int) -> int:
+    """Retention: delete finished runs created more than ``days`` days ago."""
+    async with db.writer() as conn:
+        result: str = await conn.execute(
+            "DELETE FROM runs WHERE created_at < now() - make_interval(days => $1) "
+            "AND status = ANY($2::text[])",
+            days,
+            _TERMINAL,
+        )
+    return int(result.split()[-1])
