@@ -1,0 +1,624 @@
+"""The worker side of the queue: read entries, run the handler, acknowledge in batches.
+
+One :class:`Consumer` per worker process, under a consumer name unique to the process. It asks
+for exactly as many entries as it has free slots, ``sync`` before ``runs`` in one scripted
+round trip, and blocks in ``XREADGROUP`` only when every queue is empty. Handlers run as tasks;
+their acknowledgements are coalesced into one script call per shard, sent only after the
+handler returned (so after the run's final state is committed). A handler that raises is an
+internal error: the entry is retried with exponential backoff through the delayed set and
+dead-lettered after ``max_deliveries``. Heartbeats keep in-flight entries from looking idle;
+entries idle past the visibility timeout (their worker died) are reclaimed by any live worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import orjson
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from conveyor.queue import keys as k
+from conveyor.queue import maintenance
+from conveyor.queue.config import QueueConfig
+from conveyor.queue.errors import is_unavailable
+from conveyor.queue.job import Job, UndecodablePayload, decode_entry, entry_ms, now_ms
+from conveyor.queue.scripts import ACK, CLAIM, DEAD, FETCH, RETRY, TOUCH, execute_command
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[Job], Awaitable[None]]
+DeadHandler = Callable[[Job, str], Awaitable[None]]
+
+#: Throughput buckets are this many seconds wide and live long enough for a one-minute window.
+BUCKET_S = 10
+BUCKET_TTL_S = 180
+#: Longest error text stored with a retried or dead-lettered job.
+MAX_ERROR_CHARS = 2000
+#: Consumers silent this long with nothing pending are removed from the group.
+FORGET_CONSUMER_MS = 3_600_000
+
+
+def default_consumer_name() -> str:
+    """``host:pid:random``: unique per process, readable on the board."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class _Stream:
+    """One stream (queue shard) this consumer reads, with its unacknowledged bookkeeping."""
+
+    __slots__ = ("acks", "inflight", "keys", "queue", "shard")
+
+    def __init__(self, keys: k.ShardKeys) -> None:
+        self.keys = keys
+        self.queue = keys.queue
+        self.shard = keys.shard
+        #: entry id → job, for everything this consumer holds (running or buffered).
+        self.inflight: dict[str, Job] = {}
+        #: flat ``entry_id, job_id, wait_ms, summary`` quadruples waiting for the next ACK call.
+        self.acks: list[bytes | str | int] = []
+
+
+class Consumer:
+    """Runs ``handler`` for jobs of ``queues`` with up to ``concurrency`` at a time.
+
+    :param redis: ``redis.asyncio.Redis`` client (``decode_responses=False``); not closed here.
+    :param handler: ``async def handler(job) -> None``; raising means an internal error
+        (redelivery with backoff). A flow run that ends ``FAILED`` must return normally.
+    :param config: queue configuration; ``config.concurrency`` unless ``concurrency`` is given.
+    :param on_dead: ``async def on_dead(job, error)`` called before a job is dead-lettered (the
+        engine marks the run ``INTERNAL_ERROR``); if it raises, the entry stays pending and is
+        offered again after the visibility timeout.
+    :param queues: queues to serve, in priority order; default ``sync`` then ``runs``.
+    :param name: consumer name; default ``host:pid:random``. A stable name lets a restarted
+        process take back its own pending entries at once instead of after the timeout.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        handler: Handler,
+        config: QueueConfig | None = None,
+        *,
+        on_dead: DeadHandler | None = None,
+        queues: Sequence[str] = k.PRIORITY,
+        name: str | None = None,
+        concurrency: int | None = None,
+    ) -> None:
+        self.redis = redis
+        self.handler = handler
+        self.config = config or QueueConfig()
+        self.on_dead = on_dead
+        self.name = name or default_consumer_name()
+        self.concurrency = concurrency or self.config.concurrency
+        self._name_b = self.name.encode()
+        self._streams = [_Stream(sk) for q in queues for sk in k.shard_keys(q, self.config.shards)]
+        self._by_key = {s.keys.stream: s for s in self._streams}
+        self._queues = tuple(dict.fromkeys(queues))
+        # Redis Cluster cannot run a script over several slots; fall back to per-stream reads.
+        self._cluster = not isinstance(redis, Redis)
+        self._buffer: deque[tuple[_Stream, Job]] = deque()
+        self._running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._paused: frozenset[str] = frozenset()
+        self._slot = asyncio.Event()
+        self._ack_wake = asyncio.Event()
+        self._acks_pending = 0
+        self._ack_flushing = False
+        self._stop = asyncio.Event()
+        self._block_task: asyncio.Task[Any] | None = None
+        self._main: asyncio.Task[int] | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._next_due: dict[int, float] = {}
+        self._close_timeout_s = 30.0
+        self.processed = 0
+        self.failed = 0
+        self.dead_lettered = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def busy(self) -> int:
+        """Jobs held: running handlers plus entries fetched and not yet started."""
+        return self._running + len(self._buffer)
+
+    async def start(self) -> None:
+        """Start consuming in the background until :meth:`close`."""
+        if self._main is None:
+            self._main = asyncio.get_running_loop().create_task(self.run())
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Stop fetching, let running handlers finish (cancel them after ``timeout_s``), flush
+        acknowledgements. Unstarted or cancelled entries stay pending for another worker."""
+        self._close_timeout_s = timeout_s
+        self._stop.set()
+        self._slot.set()
+        if self._block_task is not None:
+            self._block_task.cancel()
+        if self._main is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._main), timeout_s + 5)
+            self._main = None
+
+    async def __aenter__(self) -> Consumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def drain(self, *, wait_delayed_s: float = 0.0, wait_pending: bool = False) -> int:
+        """Burst mode: process until nothing is left, then return how many jobs were handled.
+
+        "Nothing left" means no waiting entry, nothing running here, no delayed job due within
+        ``wait_delayed_s`` and, with ``wait_pending``, no entry pending anywhere in the group
+        (entries of a dead worker are reclaimed once idle past the visibility timeout).
+        """
+        return await self.run(burst=True, wait_delayed_s=wait_delayed_s, wait_pending=wait_pending)
+
+    async def run(
+        self, *, burst: bool = False, wait_delayed_s: float = 0.0, wait_pending: bool = False
+    ) -> int:
+        """Consume until :meth:`close` (or, with ``burst``, until drained; see :meth:`drain`)."""
+        self._stop.clear()
+        before = self.processed + self.failed + self.dead_lettered
+        loop = asyncio.get_running_loop()
+        self._background = [loop.create_task(self._ack_loop()), loop.create_task(self._heartbeat())]
+        if not burst:
+            self._background.append(loop.create_task(self._maintenance_loop()))
+        try:
+            await self._setup()
+            await self._loop(burst, wait_delayed_s, wait_pending)
+        finally:
+            await self._shutdown()
+        return self.processed + self.failed + self.dead_lettered - before
+
+    async def _setup(self) -> None:
+        delay = 0.05
+        while not self._stop.is_set():
+            try:
+                for s in self._streams:
+                    with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+                        await self.redis.xgroup_create(
+                            s.keys.stream, k.GROUP, id="0", mkstream=True
+                        )
+                await self._refresh_paused()
+                # Entries this name held when its process died come back first.
+                for s in self._streams:
+                    await self._claim(s, min_idle_ms=0, count=10_000, owner=self.name)
+                return
+            except (RedisError, OSError) as exc:
+                if not is_unavailable(exc):
+                    raise
+                log.warning("queue.setup_retry", error=str(exc))
+                await self._sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _shutdown(self) -> None:
+        if self._tasks:
+            _, still = await asyncio.wait(self._tasks, timeout=self._close_timeout_s)
+            for t in still:
+                t.cancel()
+            if still:
+                await asyncio.wait(still)
+        await self._flush_acks_until_done(deadline_s=10.0)
+        for t in self._background:
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background = []
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    # ------------------------------------------------------------------ main loop
+    async def _loop(self, burst: bool, wait_delayed_s: float, wait_pending: bool) -> None:
+        delay = 0.05
+        last_housekeeping = 0.0
+        while not self._stop.is_set():
+            self._start_buffered()
+            free = self.concurrency - self.busy
+            if free <= 0:
+                self._slot.clear()
+                await self._slot.wait()
+                continue
+            streams = [s for s in self._streams if s.queue not in self._paused]
+            try:
+                if burst and time.monotonic() - last_housekeeping > 0.02:
+                    last_housekeeping = time.monotonic()
+                    await self._housekeep_once(reclaim=True)
+                    streams = [s for s in self._streams if s.queue not in self._paused]
+                if not streams:
+                    if burst:
+                        return
+                    await self._sleep(self.config.pause_poll_s)
+                    continue
+                got = await self._fetch(streams, free)
+                if not got:
+                    if burst:
+                        if await self._drained(wait_delayed_s, wait_pending):
+                            return
+                        await self._wait_slot(0.01)
+                        continue
+                    got = await self._fetch_blocking(streams, free)
+                delay = 0.05
+            except (RedisError, OSError) as exc:
+                if not is_unavailable(exc):
+                    log.exception("queue.fetch_failed")
+                else:
+                    log.warning("queue.redis_unavailable", error=str(exc))
+                await self._sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if got:
+                self._accept(got)
+
+    async def _wait_slot(self, timeout_s: float) -> None:
+        self._slot.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._slot.wait(), timeout_s)
+
+    async def _fetch(
+        self, streams: list[_Stream], free: int
+    ) -> list[tuple[_Stream, bytes, Any, int]]:
+        out: list[tuple[_Stream, bytes, Any, int]] = []
+        groups = [streams] if not self._cluster else [[s] for s in streams]
+        for group in groups:
+            if free <= 0:
+                break
+            reply = await FETCH(
+                self.redis, [s.keys.stream for s in group], [k.GROUP, self._name_b, free]
+            )
+            for i in range(0, len(reply), 2):
+                s = group[int(reply[i]) - 1]
+                for eid, fields in reply[i + 1]:
+                    out.append((s, eid, fields, 1))
+                free -= len(reply[i + 1])
+        return out
+
+    async def _fetch_blocking(
+        self, streams: list[_Stream], free: int
+    ) -> list[tuple[_Stream, bytes, Any, int]]:
+        if self._cluster:
+            # One blocking read cannot span slots; poll instead (Cluster is the rare deployment).
+            await self._sleep(min(0.05, self.config.block_ms / 1000))
+            return []
+        args: list[Any] = ["XREADGROUP", "GROUP", k.GROUP, self._name_b, "COUNT", free]
+        args += ["BLOCK", self.config.block_ms, "STREAMS"]
+        args += [s.keys.stream for s in streams] + [">"] * len(streams)
+        self._block_task = asyncio.ensure_future(execute_command(self.redis)(*args))
+        try:
+            reply = await self._block_task
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._stop.is_set() and task is not None and not task.cancelling():
+                return []
+            raise
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            for s in streams:
+                with contextlib.suppress(ResponseError):
+                    await self.redis.xgroup_create(s.keys.stream, k.GROUP, id="0", mkstream=True)
+            return []
+        finally:
+            self._block_task = None
+        out: list[tuple[_Stream, bytes, Any, int]] = []
+        if not reply:
+            return out
+        items = reply.items() if isinstance(reply, dict) else reply
+        for key, entries in items:
+            s = self._by_key[key]
+            for entry in entries:
+                eid, fields = entry[0], entry[1]
+                if fields is None:  # deleted while pending (only on history reads)
+                    continue
+                out.append((s, eid, fields, 1))
+        return out
+
+    def _accept(self, got: Iterable[tuple[_Stream, bytes, Any, int]]) -> None:
+        for s, eid, fields, deliveries in got:
+            try:
+                job = decode_entry(s.queue, s.shard, eid, fields, deliveries)
+            except UndecodablePayload as exc:
+                s.inflight[exc.job.entry_id] = exc.job
+                self._spawn(self._dead_letter(s, exc.job, exc.reason))
+                continue
+            s.inflight[job.entry_id] = job
+            if deliveries > 1 and job.attempt > self.config.max_deliveries:
+                error = (
+                    f"gave up after {self.config.max_deliveries} deliveries "
+                    f"(worker died or stalled); last error: {job.last_error or 'none'}"
+                )
+                self._spawn(self._dead_letter(s, job, error))
+                continue
+            self._buffer.append((s, job))
+        self._start_buffered()
+
+    def _start_buffered(self) -> None:
+        while self._buffer and self._running < self.concurrency:
+            s, job = self._buffer.popleft()
+            self._running += 1
+            self._spawn(self._execute(s, job))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ running a job
+    async def _execute(self, s: _Stream, job: Job) -> None:
+        started = time.time()
+        try:
+            await self.handler(job)
+        except asyncio.CancelledError:
+            # Shutdown deadline: left pending, another worker picks it up after the timeout.
+            raise
+        except Exception as exc:
+            self.failed += 1
+            await self._handle_failure(s, job, exc)
+        else:
+            self.processed += 1
+            self._queue_ack(s, job, started)
+        finally:
+            s.inflight.pop(job.entry_id, None)
+            self._running -= 1
+            self._slot.set()
+            self._start_buffered()
+
+    def _queue_ack(self, s: _Stream, job: Job, started: float) -> None:
+        start_ms = int(started * 1000)
+        fin = now_ms()
+        wait = max(0, start_ms - entry_ms(job.entry_id))
+        summary = orjson.dumps(
+            {
+                "id": job.id,
+                "e": job.entry_id,
+                "a": job.attempt,
+                "w": wait,
+                "r": fin - start_ms,
+                "f": fin,
+                "t": job.enqueued_ms,
+            }
+        )
+        s.acks += (job.entry_id, job.id, wait, summary)
+        self._acks_pending += 1
+        self._ack_wake.set()
+
+    async def _handle_failure(self, s: _Stream, job: Job, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+        log.warning(
+            "queue.job_failed", queue=job.queue, job_id=job.id, attempt=job.attempt, error=error
+        )
+        if job.attempt >= self.config.max_deliveries:
+            await self._dead_letter(s, job, error)
+            return
+        due = now_ms() + int(self.config.backoff_s(job.attempt) * 1000)
+        sk = s.keys
+        self._next_due.clear()  # promote on the next housekeeping round, not after a poll
+        try:
+            await RETRY(
+                self.redis,
+                [sk.stream, sk.index, sk.count, sk.delayed, sk.delayed_payload, sk.delayed_meta],
+                [k.GROUP, job.entry_id, job.id, due, job.raw, job.attempt, job.enqueued_ms, error],
+            )
+        except (RedisError, OSError) as rexc:
+            # Still pending: the visibility timeout brings it back, so nothing is lost.
+            log.warning("queue.retry_schedule_failed", job_id=job.id, error=str(rexc))
+
+    async def _dead_letter(self, s: _Stream, job: Job, error: str) -> None:
+        try:
+            if self.on_dead is not None:
+                try:
+                    await self.on_dead(job, error)
+                except Exception:
+                    # Keep the entry pending: dead-lettering without telling the engine would
+                    # leave its run stuck in RUNNING.
+                    log.exception("queue.on_dead_failed", job_id=job.id)
+                    return
+            sk = s.keys
+            try:
+                did = await DEAD(
+                    self.redis,
+                    [sk.stream, sk.index, sk.count, sk.dead],
+                    [k.GROUP, job.entry_id, job.id, job.raw, job.attempt, job.enqueued_ms, error],
+                )
+            except (RedisError, OSError) as exc:
+                log.warning("queue.dead_letter_failed", job_id=job.id, error=str(exc))
+                return
+            if did is not None:
+                self.dead_lettered += 1
+                log.error(
+                    "queue.dead_lettered",
+                    queue=job.queue,
+                    job_id=job.id,
+                    attempts=job.attempt,
+                    error=error,
+                )
+        finally:
+            s.inflight.pop(job.entry_id, None)
+
+    # ------------------------------------------------------------------ acknowledgements
+    async def _ack_loop(self) -> None:
+        while True:
+            await self._ack_wake.wait()
+            self._ack_wake.clear()
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> bool:
+        """Send every queued acknowledgement; False (and kept for later) if Redis failed."""
+        if self._ack_flushing or not self._acks_pending:
+            return not self._acks_pending
+        self._ack_flushing = True
+        try:
+            batches = [(s, s.acks) for s in self._streams if s.acks]
+            for s, _ in batches:
+                s.acks = []
+            self._acks_pending = 0
+            results = await asyncio.gather(
+                *(self._send_acks(s, items) for s, items in batches), return_exceptions=True
+            )
+            ok = True
+            for (s, items), result in zip(batches, results, strict=True):
+                if isinstance(result, BaseException):
+                    ok = False
+                    # Acks are idempotent: keep them and resend after Redis is back.
+                    s.acks = items + s.acks
+                    self._acks_pending += len(items) // 4
+                    log.warning("queue.ack_failed", error=str(result))
+            return ok
+        finally:
+            self._ack_flushing = False
+            if self._acks_pending:
+                self._ack_wake.set()
+
+    async def _send_acks(self, s: _Stream, items: list[bytes | str | int]) -> None:
+        sk = s.keys
+        bucket = int(time.time()) // BUCKET_S
+        keep = self.config.completed_retention_max_count
+        # Bounded script calls so one flush never holds Redis for long.
+        step = 4 * 2000
+        for i in range(0, len(items), step):
+            await ACK(
+                self.redis,
+                [sk.stream, sk.index, sk.count, sk.completed, sk.throughput(bucket)],
+                [k.GROUP, keep, BUCKET_TTL_S, *items[i : i + step]],
+            )
+
+    async def _flush_acks_until_done(self, deadline_s: float) -> None:
+        end = time.monotonic() + deadline_s
+        delay = 0.05
+        while (self._acks_pending or self._ack_flushing) and time.monotonic() < end:
+            if self._ack_flushing:
+                await asyncio.sleep(0.001)
+                continue
+            if not await self._flush_acks():
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    # ------------------------------------------------------------------ heartbeat, reclaim
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            for s in self._streams:
+                ids = list(s.inflight)
+                for i in range(0, len(ids), 500):
+                    try:
+                        lost = await TOUCH(
+                            self.redis, [s.keys.stream], [k.GROUP, self._name_b, *ids[i : i + 500]]
+                        )
+                    except (RedisError, OSError) as exc:
+                        log.warning("queue.heartbeat_failed", error=str(exc))
+                        break
+                    if lost:
+                        log.warning(
+                            "queue.entries_lost",
+                            stream=s.keys.stream.decode(),
+                            entries=[x.decode() for x in lost],
+                        )
+
+    async def _claim(self, s: _Stream, *, min_idle_ms: int, count: int, owner: str = "") -> int:
+        claimed, lost = await CLAIM(
+            self.redis,
+            [s.keys.stream, s.keys.count],
+            [k.GROUP, self._name_b, min_idle_ms, count, owner],
+        )
+        if lost:
+            log.warning(
+                "queue.pending_entries_vanished",
+                stream=s.keys.stream.decode(),
+                entries=[x.decode() for x in lost],
+            )
+        if claimed:
+            log.info(
+                "queue.reclaimed",
+                stream=s.keys.stream.decode(),
+                count=len(claimed),
+                own=bool(owner),
+            )
+            self._accept((s, eid, fields, int(n)) for eid, fields, n in claimed)
+        return len(claimed)
+
+    async def _reclaim(self) -> None:
+        for s in self._streams:
+            free = self.concurrency - self.busy
+            if free <= 0:
+                return
+            if s.queue in self._paused:
+                continue
+            await self._claim(s, min_idle_ms=self.config.visibility_timeout_ms, count=free)
+
+    # ------------------------------------------------------------------ housekeeping
+    async def _refresh_paused(self) -> None:
+        flags = [await self.redis.exists(k.paused(q)) for q in self._queues]
+        self._paused = frozenset(q for q, f in zip(self._queues, flags, strict=True) if f)
+
+    async def _housekeep_once(self, *, reclaim: bool) -> None:
+        await self._refresh_paused()
+        for i, s in enumerate(self._streams):
+            if self._next_due.get(i, 0) <= time.time() * 1000:
+                _, nxt = await maintenance.promote(self.redis, s.keys, self.config)
+                self._next_due[i] = nxt if nxt is not None else float("inf")
+        if reclaim:
+            await self._reclaim()
+
+    async def _maintenance_loop(self) -> None:
+        cfg = self.config
+        tick = min(cfg.delayed_poll_s, cfg.pause_poll_s)
+        last = {"reclaim": 0.0, "trim": 0.0, "expire": 0.0, "promote": 0.0}
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            try:
+                if now - last["promote"] >= cfg.delayed_poll_s:
+                    last["promote"] = now
+                    # Poll on a timer too: another process may add earlier delayed jobs.
+                    self._next_due.clear()
+                do_reclaim = now - last["reclaim"] >= cfg.reclaim_every_s
+                if do_reclaim:
+                    last["reclaim"] = now
+                await self._housekeep_once(reclaim=do_reclaim)
+                if now - last["trim"] >= cfg.trim_interval_s:
+                    last["trim"] = now
+                    for s in self._streams:
+                        await maintenance.trim(self.redis, s.keys)
+                if now - last["expire"] >= cfg.retention_interval_s:
+                    last["expire"] = now
+                    for s in self._streams:
+                        await maintenance.expire_dead(self.redis, s.keys, cfg)
+                        await maintenance.forget_idle_consumers(
+                            self.redis, s.keys, FORGET_CONSUMER_MS
+                        )
+            except (RedisError, OSError) as exc:
+                if not is_unavailable(exc):
+                    log.exception("queue.maintenance_failed")
+
+    async def _drained(self, wait_delayed_s: float, wait_pending: bool) -> bool:
+        if self.busy or self._tasks:
+            return False
+        if self._acks_pending or self._ack_flushing:
+            await self._flush_acks_until_done(deadline_s=5.0)
+            return False
+        horizon = now_ms() + int(wait_delayed_s * 1000)
+        for s in self._streams:
+            first = await self.redis.zrange(s.keys.delayed, 0, 0, withscores=True)
+            due = float(first[0][1]) if first else None
+            if due is not None and wait_delayed_s > 0 and due <= horizon:
+                self._next_due.clear()
+                await self._sleep(min(0.02, max(0.0, (due - now_ms()) / 1000)))
+                return False
+            if due is not None and due <= now_ms():
+                self._next_due.clear()
+                return False
+            if wait_pending and int((await self.redis.xpending(s.keys.stream, k.GROUP))["pending"]):
+                await self._sleep(0.02)
+                return False
+        return True

@@ -1,0 +1,75 @@
+"""Exceptions the queue raises, split by who is at fault.
+
+::
+
+    QueueError
+    ├── QueueFull          backlog over AP_QUEUE_MAX_LENGTH: the API answers 429 + Retry-After: 1
+    ├── QueueUnavailable   Redis unreachable, loading or read-only: 503, retry later
+    └── JobNotFound        an admin call named a job the queue does not hold (404)
+
+When the project-wide ``ConveyorError`` root lands, ``QueueUnavailable`` re-parents onto the
+style guide's ``BackendUnavailable``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.exceptions as rexc
+
+
+class QueueError(Exception):
+    """Root of the queue's exceptions."""
+
+
+class QueueFull(QueueError):
+    """The queue's backlog is at its cap; ``retry_after_s`` is what the API puts in the header."""
+
+    retry_after_s = 1
+
+    def __init__(self, queue: str, cap: int) -> None:
+        super().__init__(f"queue {queue!r} is full ({cap} jobs waiting or delayed)")
+        self.queue = queue
+        self.cap = cap
+
+
+class QueueUnavailable(QueueError):
+    """Redis cannot be reached or cannot accept writes right now."""
+
+
+class JobNotFound(QueueError, KeyError):
+    """No job with this id in the state the caller named."""
+
+    def __init__(self, queue: str, job_id: str) -> None:
+        QueueError.__init__(self, f"job {job_id!r} not found in queue {queue!r}")
+        self.queue = queue
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+_UNAVAILABLE_PREFIXES = ("LOADING", "MISCONF", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` means "Redis is down or not writable", not "we sent a bad command"."""
+    if isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError)):
+        return True
+    if isinstance(exc, rexc.ResponseError):
+        return str(exc).startswith(_UNAVAILABLE_PREFIXES)
+    return False
+
+
+@asynccontextmanager
+async def unavailable_as_typed() -> AsyncIterator[None]:
+    """Re-raise connection-level Redis failures as :class:`QueueUnavailable`."""
+    try:
+        yield
+    except rexc.RedisError as exc:
+        if is_unavailable(exc):
+            raise QueueUnavailable(f"Redis unavailable: {exc}") from exc
+        raise
+    except OSError as exc:
+        raise QueueUnavailable(f"Redis unavailable: {exc}") from exc

@@ -1,0 +1,176 @@
+"""What a handler receives, what admin calls return, and how both map to stream entries.
+
+A job lives as one stream entry whose fields carry everything (job id, JSON payload, earlier
+deliveries, last error), so delivering it costs no extra read. Stream ids start with the
+millisecond the entry was added, which is where wait times come from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+#: Stream entry field names (one byte each: they are repeated in every entry).
+F_ID = b"i"
+F_PAYLOAD = b"p"
+F_ATTEMPTS = b"a"
+F_ERROR = b"e"
+F_FIRST = b"t"
+
+
+class JobState(StrEnum):
+    """States the admin API lists (BullMQ's names; ``failed`` means dead-lettered)."""
+
+    WAITING = "waiting"
+    ACTIVE = "active"
+    DELAYED = "delayed"
+    FAILED = "failed"
+    COMPLETED = "completed"
+
+
+class Location(StrEnum):
+    """Where :meth:`QueueAdmin.locate` found a job id."""
+
+    STREAM = "stream"  # waiting or being worked on (in the group's PEL)
+    DELAYED = "delayed"
+    DEAD = "dead"
+
+
+#: Locations meaning "the queue still owns this job": the reconciler leaves such runs alone.
+LIVE = frozenset({Location.STREAM, Location.DELAYED})
+
+
+class UndecodablePayload(ValueError):
+    """A stream entry whose payload is not JSON (or whose fields are mangled).
+
+    ``job`` carries whatever could be read, so the entry can still be dead-lettered by id.
+    """
+
+    def __init__(self, reason: str, job: Job) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.job = job
+
+
+@dataclasses.dataclass(slots=True)
+class Job:
+    """One delivery of a job to a handler.
+
+    :param id: the job id given at enqueue (the run id).
+    :param queue: queue name (``runs`` or ``sync``).
+    :param payload: the decoded JSON payload.
+    :param attempt: 1-based delivery number, counting redeliveries after errors and crashes.
+    :param entry_id: the stream entry id (``<ms>-<seq>``) of this delivery.
+    :param shard: the queue shard the entry lives on.
+    :param enqueued_ms: when the job was first enqueued (epoch ms).
+    :param last_error: the error that caused the previous delivery to fail, if any.
+    :param raw: the payload bytes as stored.
+    """
+
+    id: str
+    queue: str
+    payload: Any
+    attempt: int
+    entry_id: str
+    shard: int
+    enqueued_ms: int
+    last_error: str | None = None
+    raw: bytes = b""
+
+    @property
+    def entry_ms(self) -> int:
+        """Millisecond timestamp of this delivery's stream entry."""
+        return entry_ms(self.entry_id)
+
+
+@dataclasses.dataclass(slots=True)
+class JobInfo:
+    """A job as the admin API and the board show it (``to_dict`` is the JSON shape)."""
+
+    id: str
+    queue: str
+    state: JobState
+    enqueued_at_ms: int
+    attempts: int = 0
+    error: str | None = None
+    payload: Any = None
+    entry_id: str | None = None
+    shard: int = 0
+    consumer: str | None = None
+    idle_ms: int | None = None
+    due_at_ms: int | None = None
+    finished_at_ms: int | None = None
+    wait_ms: int | None = None
+    run_ms: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def entry_ms(entry_id: str | bytes) -> int:
+    """Millisecond part of a stream id."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[0])
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def encode_payload(payload: Any) -> bytes:
+    """Bytes are taken as already-encoded JSON (the API hands over what it received)."""
+    if isinstance(payload, bytes):
+        return payload
+    return orjson.dumps(payload)
+
+
+def fields_dict(fields: Any) -> dict[bytes, bytes]:
+    """Entry fields as a dict, from either a flat ``[k, v, …]`` list (Lua) or a dict (redis-py)."""
+    if isinstance(fields, dict):
+        return fields
+    it = iter(fields)
+    return dict(zip(it, it, strict=False))
+
+
+def decode_entry(queue: str, shard: int, entry_id: bytes, fields: Any, deliveries: int) -> Job:
+    """A :class:`Job` from a raw entry; raises :class:`UndecodablePayload` with the reason.
+
+    Even an undecodable job comes back through ``exc.job`` so it can be dead-lettered by id.
+    """
+    f = fields_dict(fields)
+    eid = entry_id.decode()
+    raw_id = f.get(F_ID)
+    raw = f.get(F_PAYLOAD, b"")
+    attempts = f.get(F_ATTEMPTS)
+    error = f.get(F_ERROR)
+    first = f.get(F_FIRST)
+    job = Job(
+        id=raw_id.decode(errors="replace") if raw_id else eid,
+        queue=queue,
+        payload=None,
+        attempt=(int(attempts) if attempts else 0) + deliveries,
+        entry_id=eid,
+        shard=shard,
+        enqueued_ms=int(first) if first else entry_ms(eid),
+        last_error=error.decode(errors="replace") if error else None,
+        raw=raw,
+    )
+    if raw_id is None or F_PAYLOAD not in f:
+        raise UndecodablePayload("entry has no job id or no payload field", job)
+    try:
+        job.payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise UndecodablePayload(f"payload is not valid JSON: {exc}", job) from None
+    return job
+
+
+def safe_json(raw: bytes) -> Any:
+    """Decoded payload for display; undecodable bytes come back as text."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode(errors="replace")
