@@ -122,6 +122,9 @@ class SandboxConfig:
         max_timeout_s: upper bound for any ``timeout_s`` (``AP_FLOW_TIMEOUT_SECONDS``).
         warm: keep a child per slot for the same flow version; False forks per execution.
         warm_max_uses: executions before a warm child is replaced.
+        spares: forked, locked-down, unused children kept ready per slot, so a step that
+            needs a fresh child does not wait for the fork (two keep up with back-to-back
+            fresh executions on two cores).
         uid_base: slot *n* runs as uid ``uid_base + n`` when the fork-server is root.
         prewarm: modules the fork-server imports before forking.
         start_timeout_s / kill_timeout_s: deadlines for the fork-server's hello and for a
@@ -136,6 +139,7 @@ class SandboxConfig:
     max_timeout_s: float = 600.0
     warm: bool = True
     warm_max_uses: int = 1000
+    spares: int = 2
     uid_base: int = 60_000
     prewarm: tuple[str, ...] = PREWARM_MODULES
     start_timeout_s: float = 15.0
@@ -201,6 +205,7 @@ class _Slot:
     uid: int | None
     busy: bool = False
     child: _Child | None = None
+    spares: deque[asyncio.Future[_Child]] = dataclasses.field(default_factory=deque)
 
 
 class _Timeout(Exception):
@@ -299,6 +304,8 @@ class Sandbox:
                 _Slot(i, self.config.uid_base + i if self._drop_uid else None)
                 for i in range(max(self.config.slots, 1))
             ]
+            for slot in self._slots:
+                self._prepare_spare(slot)
             if self.config.locked and report.isolation is not Isolation.FULL:
                 log.warning(
                     "SANDBOX ISOLATION IS PARTIAL: code steps run with %s only (%s). Install "
@@ -444,6 +451,8 @@ class Sandbox:
         self._children.clear()
         for slot in self._slots:
             slot.child = None
+            while slot.spares:
+                slot.spares.popleft().cancel()
 
     # ------------------------------------------------------------------ slots
     async def _acquire(self, key: tuple[str, str]) -> _Slot:
@@ -484,13 +493,14 @@ class Sandbox:
         if child is not None and child.channel is not None:
             child.channel.close()
 
-    async def _spawn(self, slot: _Slot, key: tuple[str, str]) -> _Child:
+    async def _fork(self, slot: _Slot) -> _Child:
+        """Have the fork-server fork a locked-down child for ``slot``."""
         if self._ctl is None or self._ctl.closed:
             raise ConnectionError("sandbox fork-server is not running")
         self._next_id += 1
         cid = self._next_id
         fut: asyncio.Future[_Child] = asyncio.get_running_loop().create_future()
-        self._spawning[cid] = (fut, key)
+        self._spawning[cid] = (fut, ("", ""))
         self._ctl.send(
             {
                 "op": "spawn",
@@ -502,11 +512,41 @@ class Sandbox:
             }
         )
         try:
-            child = await asyncio.wait_for(fut, self.config.start_timeout_s)
+            return await asyncio.wait_for(fut, self.config.start_timeout_s)
         finally:
             self._spawning.pop(cid, None)
+
+    def _prepare_spare(self, slot: _Slot) -> None:
+        while len(slot.spares) < self.config.spares and self.running:
+            spare = asyncio.ensure_future(self._fork(slot))
+            # Consumed later or never (fork-server gone): either way, no "never retrieved".
+            spare.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+            slot.spares.append(spare)
+
+    async def _fresh(self, slot: _Slot, key: tuple[str, str]) -> _Child:
+        """A never-used child for ``slot``: its spare when there is one, else a new fork."""
+        child: _Child | None = None
+        while child is None and slot.spares:
+            spare = slot.spares.popleft()
+            try:
+                child = await asyncio.shield(spare)
+            except asyncio.CancelledError:
+                if not spare.cancelled():
+                    slot.spares.appendleft(spare)
+                raise
+            except (OSError, TimeoutError, ConnectionError):
+                child = None
+            if child is not None and child.dead:
+                child = None
+        if child is None:
+            child = await self._fork(slot)
+        child.key = key
         slot.child = child
         return child
+
+    def child_pids(self) -> set[int]:
+        """Pids (in the fork-server's PID namespace) of every live step process, spares too."""
+        return {c.pid for c in self._children.values() if not c.dead}
 
     # ------------------------------------------------------------------ execution
     async def run_code(
@@ -538,6 +578,9 @@ class Sandbox:
             }
             status, output, error, logs = await self._run_in_slot(slot, key, request)
         finally:
+            # The next spare is forked after the step, not while it runs: on two cores the
+            # fork and the new child's warm-up would otherwise slow the step down.
+            self._prepare_spare(slot)
             self._release(slot)
         return SandboxResult(
             SandboxStatus(status), output, error, logs, (time.perf_counter() - started) * 1e3
@@ -561,7 +604,7 @@ class Sandbox:
             child = None
         try:
             if child is None:
-                child = await self._spawn(slot, key)
+                child = await self._fresh(slot, key)
         except (OSError, TimeoutError, ConnectionError) as exc:
             self._retire(slot)
             return "INTERNAL_ERROR", None, f"sandbox could not start a step process: {exc}", ""
