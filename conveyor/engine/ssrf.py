@@ -112,26 +112,27 @@ def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 
 
 def forbidden_reason(ip: IPAddress) -> str | None:
-    """Why ``ip`` may not be reached, or ``None`` when it is a public unicast address."""
+    """Why ``ip`` may not be reached (``"loopback"``, ``"private"``, …), or ``None`` when it
+    is a public unicast address."""
     if isinstance(ip, ipaddress.IPv6Address):
         inner = _embedded_v4(ip)
         if inner is not None:
             reason = forbidden_reason(inner)
             return f"IPv6-embedded {reason}" if reason else None
     if ip.is_loopback:
-        return "a loopback"
+        return "loopback"
     if ip.is_unspecified:
-        return "an unspecified"
+        return "unspecified"
     if ip.is_link_local:
-        return "a link-local/metadata"
+        return "link-local/metadata"
     if ip.is_multicast:
-        return "a multicast"
+        return "multicast"
     if ip.is_private:
-        return "a private"
+        return "private"
     if ip.is_reserved:
-        return "a reserved"
+        return "reserved"
     if not ip.is_global:
-        return "a non-public"
+        return "non-public"
     return None
 
 
