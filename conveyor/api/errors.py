@@ -14,6 +14,10 @@ import orjson
 import structlog
 from aiohttp import web
 
+from conveyor.errors import BackendUnavailable, ConfigError, Conflict, ConveyorError, NotFound
+from conveyor.queue.errors import QueueUnavailable
+from conveyor.store.db import CONNECTION_ERRORS
+
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -61,6 +65,23 @@ def json_response(
     )
 
 
+_DOMAIN_STATUS: dict[type[ConveyorError], int] = {
+    NotFound: 404,
+    Conflict: 409,
+    BackendUnavailable: 503,
+    ConfigError: 400,
+}
+
+
+def _from_domain(exc: ConveyorError) -> ApiError:
+    status = next((s for t, s in _DOMAIN_STATUS.items() if isinstance(exc, t)), 500)
+    headers = {"Retry-After": "5"} if status == 503 else None
+    message = exc.message if status != 500 else "internal server error"
+    if status == 500:
+        log.error("internal error", error=repr(exc))
+    return ApiError(status, exc.code, message, headers=headers)
+
+
 _HTTP_CODES = {
     400: "BAD_REQUEST",
     401: "UNAUTHORIZED",
@@ -83,6 +104,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return exc.response()
+    except ConveyorError as exc:
+        return _from_domain(exc).response()
+    except CONNECTION_ERRORS as exc:
+        log.warning("backend unreachable", path=request.path, error=repr(exc))
+        return ApiError(
+            503, "UNAVAILABLE", "database unavailable, retry later", headers={"Retry-After": "5"}
+        ).response()
+    except QueueUnavailable:
+        return ApiError(
+            503, "UNAVAILABLE", "Redis unavailable, retry later", headers={"Retry-After": "1"}
+        ).response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from conveyor.api.errors import json_response
-from conveyor.api.keys import DB, REDIS, STARTED
+from conveyor.api.keys import DB, REDIS, STATE
 from conveyor.store.migrations import available, pending
 
 CHECK_TIMEOUT_S = 2.0
@@ -48,7 +48,7 @@ async def _check_migrations(app: web.Application) -> dict[str, Any]:
 
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
-    if not app.get(STARTED):
+    if not app[STATE].started:
         return json_response({"status": "starting", "checks": {}}, status=503)
     checks: dict[str, Any] = {}
     for name, check in (

@@ -97,6 +97,11 @@ def history(queue: str) -> bytes:
     return f"{PREFIX}:{{{queue}}}:history".encode()
 
 
-def history_lock(queue: str) -> bytes:
-    """Held by whichever process takes the current sample, so each slot is sampled once."""
-    return f"{PREFIX}:{{{queue}}}:history:lock".encode()
+def history_lock(queue: str, slot: int) -> bytes:
+    """Taken (``SET NX``) by whichever process records sample ``slot``, so it is recorded once."""
+    return f"{PREFIX}:{{{queue}}}:history:lock:{slot}".encode()
+
+
+def reply_channel(process_id: str) -> str:
+    """Pub/sub channel on which one API process receives its sync webhooks' replies."""
+    return f"{PREFIX}:replies:{process_id}"

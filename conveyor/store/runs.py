@@ -295,7 +295,9 @@ async def list_runs(
     return [dict(r) for r in rows]
 
 
-async def live_runs(db: Database, *, older_than_s: float, limit: int = 1000) -> list[dict[str, Any]]:
+async def live_runs(
+    db: Database, *, older_than_s: float, limit: int = 1000
+) -> list[dict[str, Any]]:
     """Runs still ``QUEUED``/``RUNNING``/``PAUSED`` untouched for ``older_than_s`` seconds
     (the reconciler checks these against the queue)."""
     async with db.writer() as conn:
@@ -363,4 +365,4 @@ async def delete_older_than(db: Database, days: int) -> int:
             days,
             _TERMINAL,
         )
-    return int(result.split()[-1])
+    return int(result.rsplit(maxsplit=1)[-1])

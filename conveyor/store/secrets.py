@@ -65,9 +65,7 @@ async def put_secret(db: Database, box: SecretBox, name: str, value: str) -> boo
 
 
 async def list_secret_names(db: Database) -> list[dict[str, object]]:
-    rows = await db.fetch_read(
-        "SELECT name, created_at, updated_at FROM secrets ORDER BY name"
-    )
+    rows = await db.fetch_read("SELECT name, created_at, updated_at FROM secrets ORDER BY name")
     return [dict(r) for r in rows]
 
 

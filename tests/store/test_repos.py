@@ -65,8 +65,18 @@ async def test_terminal_runs_never_change(db: Database) -> None:
     row = await runs.get_run(db, rid)
     assert row["status"] == "CANCELED" and row["output"] is None and row["finished_at"]
     await writer.add_step(
-        runs.StepRow(rid, 0, {"name": "a", "type": "transform", "status": "SUCCEEDED",
-                              "input": {"a": 1}, "output": {"a": 1}, "logs": ""})
+        runs.StepRow(
+            rid,
+            0,
+            {
+                "name": "a",
+                "type": "transform",
+                "status": "SUCCEEDED",
+                "input": {"a": 1},
+                "output": {"a": 1},
+                "logs": "",
+            },
+        )
     )
     steps = await runs.get_steps(db, rid)
     assert [s["name"] for s in steps] == ["a"]

@@ -1,0 +1,166 @@
+"""``/api/v1/flows``: create, list, read, update (new version), delete, enable, disable, run.
+
+Documents come as JSON or, with ``Content-Type: application/yaml``, YAML; they are validated
+completely before anything is saved (422 ``FLOW_INVALID`` with every problem's path).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from conveyor.api.errors import ApiError, json_response
+from conveyor.api.keys import DB, PRODUCER, REGISTRY, RUN_WRITER
+from conveyor.engine.errors import FlowInvalid
+from conveyor.engine.flow import load_document, parse_flow
+from conveyor.engine.status import RunStatus
+from conveyor.ids import uuid7
+from conveyor.queue import QueueFull, QueueName, QueueUnavailable
+from conveyor.store import flows as flow_store
+from conveyor.store import runs as run_store
+from conveyor.store.flows import FlowRecord
+
+MAX_PAGE = 200
+
+
+def flow_id_of(request: web.Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["id"])
+    except ValueError:
+        raise ApiError(404, "NOT_FOUND", "no such flow") from None
+
+
+def page_args(request: web.Request, default: int = 50) -> tuple[int, uuid.UUID | None]:
+    """``limit`` (1–200) and ``cursor`` (an id) query parameters, validated."""
+    try:
+        limit = int(request.query.get("limit", default))
+    except ValueError:
+        raise ApiError(400, "BAD_REQUEST", "limit must be an integer") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise ApiError(400, "BAD_REQUEST", f"limit must be between 1 and {MAX_PAGE}")
+    raw = request.query.get("cursor")
+    try:
+        cursor = uuid.UUID(raw) if raw else None
+    except ValueError:
+        raise ApiError(400, "BAD_REQUEST", "cursor is not a valid id") from None
+    return limit, cursor
+
+
+def flow_json(request: web.Request, flow: FlowRecord) -> dict[str, Any]:
+    base = f"{request.scheme}://{request.host}/api/v1/webhooks/{flow.id}"
+    return {
+        "id": str(flow.id),
+        "name": flow.name,
+        "version": flow.version,
+        "enabled": flow.enabled,
+        "trigger": flow.document.get("trigger"),
+        "steps": flow.document.get("steps"),
+        "webhook_url": base,
+        "sync_webhook_url": base + "/sync",
+        "created_at": flow.created_at.isoformat(),
+        "updated_at": flow.updated_at.isoformat(),
+    }
+
+
+async def _document(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw:
+        raise ApiError(400, "BAD_REQUEST", "request body must be a flow document")
+    try:
+        doc = load_document(raw, request.headers.get("Content-Type"))
+        flow = parse_flow(doc)
+    except FlowInvalid as exc:
+        raise ApiError(
+            422,
+            exc.code,
+            exc.message,
+            details=[{"path": d["path"], "message": d["message"]} for d in exc.details],
+        ) from None
+    return flow.to_document()
+
+
+async def create_flow(request: web.Request) -> web.Response:
+    doc = await _document(request)
+    flow = await flow_store.create_flow(request.app[DB], doc["name"], doc)
+    return json_response(flow_json(request, flow), status=201)
+
+
+async def list_flows(request: web.Request) -> web.Response:
+    limit, cursor = page_args(request)
+    found = await flow_store.list_flows(request.app[DB], limit=limit + 1, cursor=cursor)
+    page = found[:limit]
+    next_cursor = str(page[-1].id) if len(found) > limit else None
+    return json_response(
+        {"data": [flow_json(request, f) for f in page], "next_cursor": next_cursor}
+    )
+
+
+async def get_flow(request: web.Request) -> web.Response:
+    flow = await flow_store.get_flow(request.app[DB], flow_id_of(request))
+    return json_response(flow_json(request, flow))
+
+
+async def update_flow(request: web.Request) -> web.Response:
+    flow_id = flow_id_of(request)
+    doc = await _document(request)
+    flow = await flow_store.update_flow(request.app[DB], flow_id, doc["name"], doc)
+    request.app[REGISTRY].invalidate(flow_id)
+    return json_response(flow_json(request, flow))
+
+
+async def delete_flow(request: web.Request) -> web.Response:
+    flow_id = flow_id_of(request)
+    await flow_store.delete_flow(request.app[DB], flow_id)
+    request.app[REGISTRY].invalidate(flow_id)
+    return web.Response(status=204)
+
+
+async def _set_enabled(request: web.Request, enabled: bool) -> web.Response:
+    flow_id = flow_id_of(request)
+    flow = await flow_store.set_enabled(request.app[DB], flow_id, enabled)
+    request.app[REGISTRY].invalidate(flow_id)
+    return json_response(flow_json(request, flow))
+
+
+async def enable_flow(request: web.Request) -> web.Response:
+    return await _set_enabled(request, True)
+
+
+async def disable_flow(request: web.Request) -> web.Response:
+    return await _set_enabled(request, False)
+
+
+async def run_flow(request: web.Request) -> web.Response:
+    """Manual trigger: the JSON body (if any) becomes ``trigger.body``; 202 + run id."""
+    flow = await flow_store.get_flow(request.app[DB], flow_id_of(request))
+    raw = await request.read()
+    try:
+        body = await request.json() if raw else None
+    except ValueError:
+        raise ApiError(400, "BAD_REQUEST", "body must be JSON") from None
+    trigger: dict[str, Any] = {"method": "MANUAL", "headers": {}, "query": {}, "body": body}
+    run_id = uuid7()
+    await request.app[RUN_WRITER].insert(
+        run_store.NewRun(run_id, flow.id, flow.version, trigger, response_status=202)
+    )
+    job = {
+        "run_id": str(run_id),
+        "flow_id": str(flow.id),
+        "version": flow.version,
+        "trigger": trigger,
+    }
+    try:
+        await request.app[PRODUCER].enqueue(QueueName.RUNS.value, job, job_id=str(run_id))
+    except QueueFull:
+        raise ApiError(
+            429, "QUEUE_FULL", "backlog full, retry later", headers={"Retry-After": "1"}
+        ) from None
+    except QueueUnavailable:
+        pass  # committed: the reconciler enqueues it
+    return json_response(
+        {"run_id": str(run_id), "status": RunStatus.QUEUED.value},
+        status=202,
+        headers={"x-run-id": str(run_id)},
+    )
