@@ -8,12 +8,14 @@ records the board's history. Key names live in :mod:`conveyor.queue.keys`.
 
 from __future__ import annotations
 
+from conveyor.queue.admin import QueueAdmin
 from conveyor.queue.config import QueueConfig
 from conveyor.queue.consumer import Consumer, DeadHandler, Handler
 from conveyor.queue.errors import JobNotFound, QueueError, QueueFull, QueueUnavailable
 from conveyor.queue.job import LIVE, Job, JobInfo, JobState, Location
 from conveyor.queue.keys import PRIORITY, QueueName
 from conveyor.queue.producer import Producer
+from conveyor.queue.stats import QueueStats, Sampler
 
 __all__ = [
     "LIVE",
@@ -27,9 +29,12 @@ __all__ = [
     "JobState",
     "Location",
     "Producer",
+    "QueueAdmin",
     "QueueConfig",
     "QueueError",
     "QueueFull",
     "QueueName",
+    "QueueStats",
     "QueueUnavailable",
+    "Sampler",
 ]

@@ -60,6 +60,8 @@ class Producer:
         self._pending: dict[tuple[str, int], list[_Pending]] = {}
         self._flushing: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Script calls sent so far (how well enqueues coalesce: jobs / round_trips).
+        self.round_trips = 0
 
     def _keys(self, queue: str) -> list[k.ShardKeys]:
         shards = self._shards.get(queue)
@@ -156,6 +158,7 @@ class Producer:
                 keys.append(sk.dedup(item.dedup_key))
                 dedup_index = len(keys)
             args += (item.job_id, dedup_index, item.delay_ms, item.payload)
+        self.round_trips += 1
         try:
             reply = await ENQUEUE(self.redis, keys, args)
         except (RedisError, OSError) as exc:
