@@ -544,9 +544,17 @@ class Sandbox:
         slot.child = child
         return child
 
+    async def settle(self) -> None:
+        """Wait until every spare being forked is registered (tests and benchmarks)."""
+        for slot in self._slots:
+            for spare in list(slot.spares):
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(spare)
+
     def child_pids(self) -> set[int]:
-        """Pids (in the fork-server's PID namespace) of every live step process, spares too."""
-        return {c.pid for c in self._children.values() if not c.dead}
+        """Pids (in the fork-server's PID namespace) of every step process not yet reaped."""
+        # A child leaves this map only when the fork-server reports it reaped.
+        return {c.pid for c in self._children.values()}
 
     # ------------------------------------------------------------------ execution
     async def run_code(
