@@ -120,6 +120,9 @@ class RunContext:
     trigger: Mapping[str, Any]
     secrets: Mapping[str, str] = field(default_factory=dict)
     checkpoints: Sequence[StepRecord] = ()
+    #: Wall-time budget for this call; ``None`` uses ``Services.flow_timeout_s``. A resumed
+    #: or redelivered run may pass what is left of AP_FLOW_TIMEOUT_SECONDS.
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

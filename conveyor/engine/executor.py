@@ -91,7 +91,7 @@ class Executor:
         """Execute (or resume) one run of ``flow``; never raises except on cancellation.
 
         ``on_respond(status, headers, body)`` is awaited as soon as a respond step runs.
-        ``Services.flow_timeout_s`` bounds this call (a resumed run gets a fresh budget).
+        ``ctx.timeout_s`` (else ``Services.flow_timeout_s``) bounds this call.
         """
         return await _Run(self.services, flow, ctx, on_respond).execute()
 
@@ -120,6 +120,7 @@ class _Run:
             (r["name"], r["iteration"]): r for r in ctx.checkpoints
         }
         self.log_budget = services.max_log_bytes
+        self.timeout_s = services.flow_timeout_s
         self.last_output: Any = None
         # The step in flight, so a flow timeout can be recorded against it.
         self.current: tuple[Step, _At] | None = None
@@ -127,7 +128,8 @@ class _Run:
     # --- entry ----------------------------------------------------------------------------
 
     async def execute(self) -> RunOutcome:
-        limit = asyncio.timeout(self.services.flow_timeout_s)
+        self.timeout_s = self.ctx.timeout_s or self.services.flow_timeout_s
+        limit = asyncio.timeout(self.timeout_s)
         try:
             async with limit:
                 await self.run_steps(self.flow.steps, self.scope, None, None, 0)
@@ -149,7 +151,7 @@ class _Run:
         )
 
     async def flow_timed_out(self) -> RunOutcome:
-        message = f"flow run exceeded {self.services.flow_timeout_s:g} s"
+        message = f"flow run exceeded its time limit of {self.services.flow_timeout_s:g} s"
         step_name = None
         if self.current is not None:
             step, at = self.current

@@ -188,6 +188,12 @@ def parse_flow(document: Any) -> Flow:
     """
     if isinstance(document, str | bytes):
         document = load_document(document)
+    # One JSON round trip: a deep copy the caller cannot mutate afterwards, YAML-only types
+    # (dates, int keys) normalised to what the document looks like once stored as JSON.
+    try:
+        document = orjson.loads(orjson.dumps(document, option=orjson.OPT_NON_STR_KEYS))
+    except TypeError as exc:
+        raise FlowInvalid([{"path": "", "message": f"not representable as JSON: {exc}"}]) from None
     v = _Validator()
     v.check_document(document)
     errors = v.errors

@@ -72,6 +72,19 @@ def test_json_and_yaml_text_are_both_accepted() -> None:
         load_document("{", "application/json")
 
 
+def test_document_is_copied_and_normalised() -> None:
+    """The parsed flow does not alias the caller's dict; YAML dates become ISO strings."""
+    doc = flow_with(t("a", x=[1]))
+    flow = parse_flow(doc)
+    doc["steps"][0]["input"]["x"].append(2)
+    assert flow.to_document()["steps"][0]["input"] == {"x": [1]}
+    yaml_flow = parse_flow(
+        "name: f\ntrigger: {type: manual}\n"
+        "steps:\n- {name: a, type: transform, input: {d: 2026-01-02}}\n"
+    )
+    assert yaml_flow.to_document()["steps"][0]["input"] == {"d": "2026-01-02"}
+
+
 def test_server_fields_are_ignored_for_round_trips() -> None:
     """Keys the API adds (id, version, enabled, …) are accepted so GET → PUT works."""
     doc = flow_with(t("a", x=1)) | {"id": "abc", "version": 3, "enabled": True}

@@ -1,0 +1,54 @@
+"""Cron arithmetic for schedule triggers: when a flow fires next, and which ticks are due.
+
+Only the time computation lives here; the leader election and tick deduplication across
+worker processes (a Redis lease plus one key per tick) belong to the worker. Times are
+computed in the trigger's time zone so ``0 9 * * *`` means 09:00 local across DST changes,
+and returned as aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+import zoneinfo
+from datetime import UTC, datetime
+
+from croniter import croniter
+
+from conveyor.engine.flow import Trigger
+
+
+def _zone(trigger: Trigger) -> zoneinfo.ZoneInfo:
+    return zoneinfo.ZoneInfo(trigger.timezone or "UTC")
+
+
+def next_fire(trigger: Trigger, after: datetime) -> datetime:
+    """The first tick strictly after ``after`` (aware), as UTC."""
+    if trigger.type != "schedule" or trigger.cron is None:
+        raise ValueError("not a schedule trigger")
+    it = croniter(trigger.cron, after.astimezone(_zone(trigger)))
+    nxt: datetime = it.get_next(datetime)
+    return nxt.astimezone(UTC)
+
+
+def due_ticks(
+    trigger: Trigger, since: datetime, until: datetime, limit: int = 100
+) -> list[datetime]:
+    """Ticks in ``(since, until]`` (UTC, oldest first), at most ``limit`` of them.
+
+    A leader that was down for a while fires each missed tick once; ``limit`` keeps a long
+    outage from producing a flood (the oldest are kept so no tick is skipped silently).
+    """
+    if trigger.type != "schedule" or trigger.cron is None:
+        raise ValueError("not a schedule trigger")
+    it = croniter(trigger.cron, since.astimezone(_zone(trigger)))
+    ticks: list[datetime] = []
+    while len(ticks) < limit:
+        nxt: datetime = it.get_next(datetime)
+        if nxt > until:
+            break
+        ticks.append(nxt.astimezone(UTC))
+    return ticks
+
+
+def tick_id(flow_id: str, tick: datetime) -> str:
+    """A stable id for one tick of one flow (the worker's dedup / idempotency key)."""
+    return f"schedule:{flow_id}:{tick.astimezone(UTC).strftime('%Y%m%dT%H%M%SZ')}"

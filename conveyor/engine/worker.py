@@ -1,0 +1,286 @@
+"""The worker role: queue consumer → executor → PostgreSQL, then acknowledge.
+
+One :class:`RunWorker` per process serves the ``sync`` then the ``runs`` queue with
+``AP_WORKER_CONCURRENCY`` runs at once. For each job it moves the run to ``RUNNING`` (a batched,
+guarded update: a run canceled meanwhile is skipped), executes the compiled flow version,
+streams step checkpoints to PostgreSQL in batches across runs, commits the final state, tells
+a waiting sync caller, and only then returns — the consumer acknowledges after that, so a
+worker that dies mid-run leaves the entry pending and another worker reclaims it, skipping the
+steps already checkpointed. A run that ends ``FAILED`` or ``TIMEOUT`` is a completed job; only
+an exception here (our bug, a database outage) makes the queue redeliver.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from conveyor.api.health import SANDBOX_REPORT
+from conveyor.api.keys import REDIS, REGISTRY, RUN_WRITER, SECRET_BOX, SETTINGS
+from conveyor.api.replies import publish_reply
+from conveyor.engine.context import RunContext, RunOutcome, Services, StepRecord
+from conveyor.engine.executor import Executor
+from conveyor.engine.registry import FlowRegistry
+from conveyor.engine.ssrf import SsrfPolicy, create_http_session
+from conveyor.engine.status import RunStatus
+from conveyor.logging import bind_run
+from conveyor.queue import Consumer, Job, Producer, QueueConfig, QueueName
+from conveyor.sandbox.client import Sandbox, SandboxConfig
+from conveyor.settings import Settings
+from conveyor.store import runs as run_store
+from conveyor.store.runs import RunWriter, StepRow, Transition
+from conveyor.store.secrets import SecretBox, load_secrets
+
+log = structlog.get_logger(__name__)
+
+WORKER = web.AppKey("worker", object)
+
+
+def resume_job_id(run_id: str, resume_at: datetime) -> str:
+    """Job id of a paused run's resumption: unique per pause, derivable from PostgreSQL."""
+    return f"{run_id}:resume:{int(resume_at.timestamp() * 1000)}"
+
+
+class _Sink:
+    """Checkpoint sink of one run: numbers its steps after those already stored."""
+
+    def __init__(self, writer: RunWriter, first_seq: int) -> None:
+        self.writer = writer
+        self.seq = first_seq
+
+    async def step_finished(self, run_id: str, record: StepRecord) -> None:
+        seq = self.seq
+        self.seq += 1
+        await self.writer.add_step(StepRow(uuid.UUID(run_id), seq, dict(record)))
+
+
+class _RoutingSink:
+    """The executor's process-wide sink, routing each run's records to that run's sink."""
+
+    def __init__(self) -> None:
+        self.sinks: dict[str, _Sink] = {}
+
+    async def step_finished(self, run_id: str, record: StepRecord) -> None:
+        await self.sinks[run_id].step_finished(run_id, record)
+
+
+class RunWorker:
+    """Executes queued runs in this process.
+
+    Parameters: ``settings``; ``db``-backed ``writer``, ``registry`` and secret ``box``;
+    ``redis`` for the queue and the sync replies; ``sandbox`` for code steps.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        writer: RunWriter,
+        registry: FlowRegistry,
+        box: SecretBox,
+        redis: Any,
+        sandbox: Sandbox | None,
+        http: Any,
+        queue_config: QueueConfig | None = None,
+    ) -> None:
+        self.settings = settings
+        self.writer = writer
+        self.registry = registry
+        self.box = box
+        self.redis = redis
+        self.queue_config = queue_config or QueueConfig.from_settings(settings)
+        self.producer = Producer(redis, self.queue_config)
+        self.sinks = _RoutingSink()
+        self.executor = Executor(
+            Services(
+                sink=self.sinks,
+                sandbox=sandbox,
+                http=http,
+                ssrf=SsrfPolicy(
+                    enabled=settings.ssrf_protection_enabled,
+                    allow_list=settings.ssrf_allow_list,
+                ),
+                flow_timeout_s=float(settings.flow_timeout_seconds),
+                max_log_bytes=settings.max_flow_run_log_bytes,
+            )
+        )
+        self.consumer = Consumer(
+            redis,
+            self.handle,
+            self.queue_config,
+            on_dead=self.on_dead,
+            concurrency=settings.worker_concurrency,
+        )
+
+    async def handle(self, job: Job) -> None:
+        """Run one job's flow run to a committed end (or pause)."""
+        payload: Mapping[str, Any] = job.payload
+        run_id = str(payload["run_id"])
+        with bind_run(str(payload.get("flow_id")), run_id):
+            await self._handle(job, payload, run_id)
+
+    async def _handle(self, job: Job, payload: Mapping[str, Any], run_id: str) -> None:
+        rid = uuid.UUID(run_id)
+        started = await self.writer.transition(
+            Transition(rid, RunStatus.RUNNING, attempt=job.attempt)
+        )
+        reply = payload.get("reply")
+        if not started:
+            # Canceled (or finished by an earlier delivery): nothing to run; tell a waiter.
+            if reply:
+                row = await run_store.get_run(self.writer.db, rid)
+                await self._final(reply, run_id, row["status"], row["output"], row["error"])
+            return
+        fresh = job.attempt == 1 and not payload.get("resume") and not payload.get("retry")
+        trigger = payload.get("trigger")
+        checkpoints: list[StepRecord] = []
+        if not fresh:
+            stored = await run_store.get_steps(self.writer.db, rid)
+            checkpoints = [_as_record(s) for s in stored]
+            first_seq = max((s["seq"] for s in stored), default=-1) + 1
+        else:
+            first_seq = 0
+        if trigger is None:
+            trigger = (await run_store.get_run(self.writer.db, rid))["trigger"]
+        flow_id = uuid.UUID(str(payload["flow_id"]))
+        version = int(payload["version"])
+        flow = await self.registry.version(flow_id, version)
+        secrets = (
+            await load_secrets(self.writer.db, self.box, flow.secret_names)
+            if flow.secret_names
+            else {}
+        )
+        ctx = RunContext(
+            run_id=run_id,
+            flow_id=str(flow_id),
+            flow_version=version,
+            trigger=trigger,
+            secrets=secrets,
+            checkpoints=checkpoints,
+        )
+
+        async def on_respond(status: int, headers: Mapping[str, str], body: Any) -> None:
+            if reply:
+                await publish_reply(
+                    self.redis,
+                    reply,
+                    {"run_id": run_id, "kind": "respond", "status": status,
+                     "headers": dict(headers), "body": body},
+                )
+
+        self.sinks.sinks[run_id] = _Sink(self.writer, first_seq)
+        try:
+            outcome = await self.executor.run(flow, ctx, on_respond=on_respond)
+        finally:
+            self.sinks.sinks.pop(run_id, None)
+        await self._commit(rid, run_id, payload, outcome, reply)
+
+    async def _commit(
+        self,
+        rid: uuid.UUID,
+        run_id: str,
+        payload: Mapping[str, Any],
+        outcome: RunOutcome,
+        reply: str | None,
+    ) -> None:
+        if outcome.status is RunStatus.PAUSED and outcome.resume_at is not None:
+            await self.writer.transition(
+                Transition(rid, RunStatus.PAUSED, resume_at=outcome.resume_at)
+            )
+            delay = max(0.0, (outcome.resume_at - datetime.now(UTC)).total_seconds())
+            job = {k: v for k, v in payload.items() if k != "trigger"} | {"resume": True}
+            await self.producer.enqueue(
+                QueueName.RUNS.value,
+                job,
+                job_id=resume_job_id(run_id, outcome.resume_at),
+                delay_s=delay,
+            )
+            return
+        error = dict(outcome.error) if outcome.error else None
+        await self.writer.transition(
+            Transition(rid, outcome.status, output=outcome.output, error=error)
+        )
+        if reply:
+            await self._final(reply, run_id, outcome.status.value, outcome.output, error)
+
+    async def _final(
+        self, reply: str, run_id: str, status: str, output: Any, error: Any
+    ) -> None:
+        await publish_reply(
+            self.redis,
+            reply,
+            {"run_id": run_id, "kind": "final", "run_status": status, "output": output,
+             "error": error},
+        )
+
+    async def on_dead(self, job: Job, error: str) -> None:
+        """The queue gave up on a job: the run ends INTERNAL_ERROR, never stuck RUNNING."""
+        payload = job.payload if isinstance(job.payload, Mapping) else {}
+        run_id = payload.get("run_id")
+        if not run_id:
+            return
+        err = {"step": None, "message": f"internal error after {job.attempt} deliveries: {error}"}
+        await self.writer.transition(
+            Transition(uuid.UUID(str(run_id)), RunStatus.INTERNAL_ERROR, error=err)
+        )
+        if reply := payload.get("reply"):
+            await self._final(str(reply), str(run_id), RunStatus.INTERNAL_ERROR.value, None, err)
+
+    async def start(self) -> None:
+        await self.consumer.start()
+
+    async def close(self) -> None:
+        await self.consumer.close()
+        await self.producer.close()
+
+
+def _as_record(row: Mapping[str, Any]) -> StepRecord:
+    return StepRecord(
+        name=row["name"],
+        type=row["type"],
+        status=row["status"],
+        input=row["input"],
+        output=row["output"],
+        error=row["error"],
+        logs=row["logs"] or "",
+        started_at=row["started_at"],
+        duration_ms=int(row["duration_ms"] or 0),
+        attempt=row["attempt"],
+        parent=row["parent"],
+        iteration=row["iteration"],
+    )
+
+
+async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx of the worker role: sandbox, HTTP session, consumer (in that order)."""
+    settings = app[SETTINGS]
+    sandbox = Sandbox(SandboxConfig.from_settings(settings))
+    await sandbox.start()
+    app[SANDBOX_REPORT] = sandbox.isolation
+    policy = SsrfPolicy(
+        enabled=settings.ssrf_protection_enabled, allow_list=settings.ssrf_allow_list
+    )
+    http = create_http_session(policy)
+    worker = RunWorker(
+        settings,
+        writer=app[RUN_WRITER],
+        registry=app[REGISTRY],
+        box=app[SECRET_BOX],
+        redis=app[REDIS],
+        sandbox=sandbox,
+        http=http,
+    )
+    await worker.start()
+    app[WORKER] = worker
+    try:
+        yield
+    finally:
+        await worker.close()
+        await http.close()
+        await sandbox.close()
+
