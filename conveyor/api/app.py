@@ -33,6 +33,7 @@ from conveyor.api.keys import (
 from conveyor.api.replies import ReplyHub
 from conveyor.connections import create_redis
 from conveyor.engine.registry import FlowRegistry
+from conveyor.engine.worker import worker_ctx
 from conveyor.queue import Producer, QueueConfig
 from conveyor.settings import Settings
 from conveyor.store.db import Database
@@ -128,6 +129,8 @@ def create_app(
     if settings.container_type.runs_app:
         app.cleanup_ctx.append(replies_ctx)
         add_api_routes(app)
+    if settings.container_type.runs_worker:
+        app.cleanup_ctx.append(worker_ctx)
     for factory in (services or {}).values():
         app.cleanup_ctx.append(factory)
     app.cleanup_ctx.append(started_ctx)

@@ -169,8 +169,13 @@ class RunWorker:
                 await publish_reply(
                     self.redis,
                     reply,
-                    {"run_id": run_id, "kind": "respond", "status": status,
-                     "headers": dict(headers), "body": body},
+                    {
+                        "run_id": run_id,
+                        "kind": "respond",
+                        "status": status,
+                        "headers": dict(headers),
+                        "body": body,
+                    },
                 )
 
         self.sinks.sinks[run_id] = _Sink(self.writer, first_seq)
@@ -208,14 +213,17 @@ class RunWorker:
         if reply:
             await self._final(reply, run_id, outcome.status.value, outcome.output, error)
 
-    async def _final(
-        self, reply: str, run_id: str, status: str, output: Any, error: Any
-    ) -> None:
+    async def _final(self, reply: str, run_id: str, status: str, output: Any, error: Any) -> None:
         await publish_reply(
             self.redis,
             reply,
-            {"run_id": run_id, "kind": "final", "run_status": status, "output": output,
-             "error": error},
+            {
+                "run_id": run_id,
+                "kind": "final",
+                "run_status": status,
+                "output": output,
+                "error": error,
+            },
         )
 
     async def on_dead(self, job: Job, error: str) -> None:
@@ -283,4 +291,3 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
         await worker.close()
         await http.close()
         await sandbox.close()
-

@@ -1,6 +1,6 @@
 """Numbered SQL migrations, applied once, in order, under a PostgreSQL advisory lock.
 
-Files are ``migrations/NNNN_name.sql`` inside this package. Many processes may start at once
+Files are ``sql/NNNN_name.sql`` inside this package. Many processes may start at once
 (a PM2 cluster, a scaled Deployment): each takes the same session-level advisory lock, so one
 applies what is missing while the others wait and then find nothing left to do. Each file runs
 in its own transaction together with the row that records it in ``conveyor_migrations``.
@@ -30,7 +30,7 @@ class Migration:
 def available() -> list[Migration]:
     """Every migration shipped with this package, in version order."""
     found = []
-    for entry in resources.files("conveyor.store").joinpath("migrations").iterdir():
+    for entry in resources.files("conveyor.store").joinpath("sql").iterdir():
         m = _FILE.match(entry.name)
         if m:
             found.append(Migration(int(m.group(1)), m.group(2), entry.read_text()))

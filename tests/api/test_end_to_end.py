@@ -1,0 +1,169 @@
+"""A webhook runs a flow end to end on a real worker: sync replies, async runs, run detail."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+ORDER = {
+    "name": "order-alert",
+    "trigger": {"type": "webhook"},
+    "steps": [
+        {
+            "name": "parse",
+            "type": "transform",
+            "input": {"total": "{{trigger.body.amount}}", "email": "{{trigger.body.email}}"},
+        },
+        {
+            "name": "score",
+            "type": "code",
+            "input": {"total": "{{parse.total}}"},
+            "code": (
+                "def run(input):\n    print('scoring')\n"
+                "    return {'big': input['total'] > 100}\n"
+            ),
+        },
+        {
+            "name": "route",
+            "type": "branch",
+            "when": {"all": [{"left": "{{score.big}}", "op": "is_true"}]},
+            "then": [{"name": "vip", "type": "transform", "input": {"tier": "gold"}}],
+            "else": [{"name": "std", "type": "transform", "input": {"tier": "std"}}],
+        },
+        {
+            "name": "reply",
+            "type": "respond",
+            "input": {
+                "status": 201,
+                "headers": {"x-tier": "yes"},
+                "body": {"big": "{{score.big}}"},
+            },
+        },
+    ],
+}
+
+
+async def _worker_client(make_client: Any) -> TestClient[Any, Any]:
+    client: TestClient[Any, Any] = await make_client(
+        AP_CONTAINER_TYPE="WORKER_AND_APP", AP_WORKER_CONCURRENCY="4"
+    )
+    return client
+
+
+async def test_sync_webhook_answers_with_respond_step(make_client: Any) -> None:
+    """The respond step's status, headers and body reach the caller; the run is recorded."""
+    client = await _worker_client(make_client)
+    fid = (await (await client.post("/api/v1/flows", json=ORDER)).json())["id"]
+    resp = await client.post(
+        f"/api/v1/webhooks/{fid}/sync", json={"amount": 250, "email": "a@example.com"}
+    )
+    assert resp.status == 201, await resp.text()
+    assert await resp.json() == {"big": True}
+    assert resp.headers["x-tier"] == "yes"
+    run_id = resp.headers["x-run-id"]
+    detail: dict[str, Any] = {}
+    for _ in range(100):
+        detail = await (await client.get(f"/api/v1/flow-runs/{run_id}")).json()
+        if detail["status"] == "SUCCEEDED":
+            break
+        await asyncio.sleep(0.05)
+    assert detail["status"] == "SUCCEEDED"
+    names = [s["name"] for s in detail["steps"]]
+    assert names == ["parse", "score", "route", "vip", "reply"]
+    vip = next(s for s in detail["steps"] if s["name"] == "vip")
+    assert vip["parent"] == "route"
+    score = next(s for s in detail["steps"] if s["name"] == "score")
+    assert "scoring" in score["logs"] and score["output"] == {"big": True}
+
+
+async def test_sync_webhook_without_respond_returns_last_output(make_client: Any) -> None:
+    """No respond step: 200 with the last step's output."""
+    client = await _worker_client(make_client)
+    flow = {
+        "name": "plain",
+        "trigger": {"type": "webhook"},
+        "steps": [{"name": "t", "type": "transform", "input": {"echo": "{{trigger.body.x}}"}}],
+    }
+    fid = (await (await client.post("/api/v1/flows", json=flow)).json())["id"]
+    resp = await client.post(f"/api/v1/webhooks/{fid}/sync", json={"x": [1, 2]})
+    assert resp.status == 200
+    assert await resp.json() == {"echo": [1, 2]}
+
+
+async def test_failed_run_answers_500_with_step_error(make_client: Any) -> None:
+    """A code step that raises: 500 with the run status and the exception, not a traceback."""
+    client = await _worker_client(make_client)
+    flow = {
+        "name": "boom",
+        "trigger": {"type": "webhook"},
+        "steps": [
+            {
+                "name": "c",
+                "type": "code",
+                "input": {},
+                "code": "def run(input):\n    raise ValueError('bad total')\n",
+            }
+        ],
+    }
+    fid = (await (await client.post("/api/v1/flows", json=flow)).json())["id"]
+    resp = await client.post(f"/api/v1/webhooks/{fid}/sync", json={})
+    assert resp.status == 500
+    body = await resp.json()
+    assert body["error"]["code"] == "FAILED" and "ValueError" in body["error"]["message"]
+    assert "bad total" in body["error"]["message"] and body["run_id"]
+    assert "conveyor/" not in body["error"]["message"]
+
+
+async def test_sync_timeout_408_run_goes_on(make_client: Any) -> None:
+    """Past AP_WEBHOOK_TIMEOUT_SECONDS the caller gets 408 with the run id."""
+    client: TestClient[Any, Any] = await make_client(
+        AP_CONTAINER_TYPE="WORKER_AND_APP", AP_WEBHOOK_TIMEOUT_SECONDS="1"
+    )
+    flow = {
+        "name": "slow",
+        "trigger": {"type": "webhook"},
+        "steps": [
+            {"name": "wait", "type": "delay", "input": {"seconds": 2}},
+            {"name": "t", "type": "transform", "input": {"done": True}},
+        ],
+    }
+    fid = (await (await client.post("/api/v1/flows", json=flow)).json())["id"]
+    resp = await client.post(f"/api/v1/webhooks/{fid}/sync", json={})
+    assert resp.status == 408
+    body = await resp.json()
+    assert body["error"]["code"] == "WEBHOOK_TIMEOUT" and body["run_id"]
+    for _ in range(100):
+        run = await (await client.get(f"/api/v1/flow-runs/{body['run_id']}")).json()
+        if run["status"] == "SUCCEEDED":
+            break
+        await asyncio.sleep(0.05)
+    assert run["status"] == "SUCCEEDED"
+
+
+async def test_async_runs_listed_with_filters(make_client: Any) -> None:
+    """Async webhooks run to SUCCEEDED; the list filters by flow and status and pages."""
+    client = await _worker_client(make_client)
+    flow = {
+        "name": "bg",
+        "trigger": {"type": "webhook"},
+        "steps": [{"name": "t", "type": "transform", "input": {"n": "{{trigger.body.n}}"}}],
+    }
+    fid = (await (await client.post("/api/v1/flows", json=flow)).json())["id"]
+    ids = []
+    for n in range(5):
+        r = await client.post(f"/api/v1/webhooks/{fid}", json={"n": n})
+        ids.append((await r.json())["run_id"])
+    for _ in range(200):
+        page = await (
+            await client.get(f"/api/v1/flow-runs?flow_id={fid}&status=SUCCEEDED&limit=2")
+        ).json()
+        done = await (await client.get(f"/api/v1/flow-runs?flow_id={fid}&status=SUCCEEDED")).json()
+        if len(done["data"]) == 5:
+            break
+        await asyncio.sleep(0.05)
+    assert len(done["data"]) == 5
+    assert [r["id"] for r in done["data"]] == list(reversed(ids))
+    assert len(page["data"]) == 2 and page["next_cursor"]
+    assert (await client.get("/api/v1/flow-runs?status=NOPE")).status == 400
