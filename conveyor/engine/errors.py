@@ -4,8 +4,10 @@
 
     Exception
     ├── FlowInvalid        the flow document is wrong (422 FLOW_INVALID, carries paths)
-    └── StepFailed         a step failed at run time: user code, a remote, a template
-        └── SsrfRefused    the http step's target is a forbidden address
+    ├── StepFailed         a step failed at run time: user code, a remote, a template
+    │   └── SsrfRefused    the http step's target is a forbidden address
+    └── StepInternalError  our side broke while running a step (sandbox down): the run
+                           ends INTERNAL_ERROR, not FAILED, and is not retried in place
 
 Template and condition failures (:class:`~conveyor.engine.templating.TemplateError`,
 :class:`~conveyor.engine.conditions.ConditionError`) become ``StepFailed`` inside the
@@ -69,3 +71,7 @@ class StepFailed(Exception):
 
 class SsrfRefused(StepFailed):
     """The http step tried to reach an address SSRF protection forbids."""
+
+
+class StepInternalError(Exception):
+    """Infrastructure under a step failed (e.g. the sandbox reported INTERNAL_ERROR)."""

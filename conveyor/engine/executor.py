@@ -33,7 +33,7 @@ from conveyor.engine.context import (
     Services,
     StepRecord,
 )
-from conveyor.engine.errors import StepFailed
+from conveyor.engine.errors import StepFailed, StepInternalError
 from conveyor.engine.flow import Flow, Step
 from conveyor.engine.pieces import PIECES
 from conveyor.engine.status import RunStatus, StepStatus
@@ -329,6 +329,14 @@ class _Run:
                     output, logs = await piece(self.env, step, inp)
             except StepFailed as exc:
                 fail = exc
+            except StepInternalError as exc:
+                await self.record(step, StepStatus.FAILED, at, input=inp, error=str(exc))
+                raise _Stop(
+                    RunOutcome(
+                        RunStatus.INTERNAL_ERROR,
+                        error={"step": step.name, "message": self.redact(str(exc))},
+                    )
+                ) from None
             except TimeoutError:
                 fail = StepFailed(
                     f"step timed out after {step.timeout_s:g} s", status=StepStatus.TIMEOUT

@@ -98,18 +98,22 @@ class LocalSandbox:
         """Execute ``run(input)`` from ``code`` in a child; never raises for user errors."""
         t0 = time.perf_counter()
         request = orjson.dumps({"code": code, "input": input, "memory_kb": self.memory_kb})
-        proc = await asyncio.create_subprocess_exec(
-            self.python,
-            "-I",
-            "-c",
-            _RUNNER,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self.env,
-            start_new_session=True,
-            cwd="/",
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.python,
+                "-I",
+                "-c",
+                _RUNNER,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self.env,
+                start_new_session=True,
+                cwd="/",
+            )
+        except OSError as exc:
+            # Our failure, not the step's: the engine ends the run INTERNAL_ERROR.
+            return SandboxResult(status="INTERNAL_ERROR", error=f"cannot start sandbox: {exc}")
         try:
             async with asyncio.timeout(timeout_s):
                 stdout, stderr = await proc.communicate(request)

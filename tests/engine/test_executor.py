@@ -143,6 +143,15 @@ async def test_code_step_memory_limit(sink: MemorySink) -> None:
     assert sink.one("big")["status"] == StepStatus.MEMORY_LIMIT_EXCEEDED
 
 
+async def test_broken_sandbox_is_an_internal_error(sink: MemorySink) -> None:
+    """A sandbox that cannot start ends the run INTERNAL_ERROR, not FAILED."""
+    broken = LocalSandbox(python="/nonexistent/python3")
+    out = await run(sink, code("c", "def run(i):\n    return 1"), sandbox=broken)
+    assert out.status is RunStatus.INTERNAL_ERROR
+    assert out.error is not None and out.error["step"] == "c"
+    assert "cannot start sandbox" in out.error["message"]
+
+
 async def test_code_step_without_sandbox_fails(sink: MemorySink) -> None:
     """With no sandbox configured a code step fails clearly instead of running in-process."""
     out = await run(sink, code("c", "def run(i):\n    return 1"))

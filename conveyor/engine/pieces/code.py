@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from conveyor.engine.context import RunEnv
-from conveyor.engine.errors import StepFailed
+from conveyor.engine.errors import StepFailed, StepInternalError
 from conveyor.engine.flow import Step
 from conveyor.engine.status import StepStatus
 
@@ -51,6 +51,8 @@ async def code(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
     logs = result.logs or ""
     if status in _OK:
         return result.output, logs
+    if status == "INTERNAL_ERROR":
+        raise StepInternalError(f"sandbox: {_error_text(result.error)}")
     step_status = _STATUS.get(status, StepStatus.FAILED)
     message = _error_text(result.error)
     if step_status is StepStatus.TIMEOUT and not result.error:
