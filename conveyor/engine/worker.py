@@ -25,11 +25,13 @@ from conveyor.api.keys import REDIS, REGISTRY, RUN_WRITER, SECRET_BOX, SETTINGS
 from conveyor.api.replies import publish_reply
 from conveyor.engine.context import RunContext, RunOutcome, Services, StepRecord
 from conveyor.engine.executor import Executor
+from conveyor.engine.reconciler import Reconciler, resume_job_id
 from conveyor.engine.registry import FlowRegistry
 from conveyor.engine.ssrf import SsrfPolicy, create_http_session
 from conveyor.engine.status import RunStatus
 from conveyor.logging import bind_run
 from conveyor.queue import Consumer, Job, Producer, QueueConfig, QueueName
+from conveyor.queue.admin import QueueAdmin
 from conveyor.sandbox.client import Sandbox, SandboxConfig
 from conveyor.settings import Settings
 from conveyor.store import runs as run_store
@@ -39,11 +41,6 @@ from conveyor.store.secrets import SecretBox, load_secrets
 log = structlog.get_logger(__name__)
 
 WORKER = web.AppKey("worker", object)
-
-
-def resume_job_id(run_id: str, resume_at: datetime) -> str:
-    """Job id of a paused run's resumption: unique per pause, derivable from PostgreSQL."""
-    return f"{run_id}:resume:{int(resume_at.timestamp() * 1000)}"
 
 
 class _Sink:
@@ -285,9 +282,17 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await worker.start()
     app[WORKER] = worker
+    reconciler = Reconciler(
+        worker.writer,
+        worker.producer,
+        QueueAdmin(app[REDIS], worker.queue_config),
+        flow_timeout_s=float(settings.flow_timeout_seconds),
+    )
+    await reconciler.start()
     try:
         yield
     finally:
+        await reconciler.close()
         await worker.close()
         await http.close()
         await sandbox.close()

@@ -21,8 +21,7 @@ ORDER = {
             "type": "code",
             "input": {"total": "{{parse.total}}"},
             "code": (
-                "def run(input):\n    print('scoring')\n"
-                "    return {'big': input['total'] > 100}\n"
+                "def run(input):\n    print('scoring')\n    return {'big': input['total'] > 100}\n"
             ),
         },
         {

@@ -1,0 +1,133 @@
+"""PostgreSQL is the source of truth: put back what Redis lost, close what a crash left open.
+
+Every worker process runs :class:`Reconciler` every ``interval_s``. It reads the live runs
+(``QUEUED``/``RUNNING``/``PAUSED``) not touched for ``grace_s`` and asks the queue where each
+job is. A run whose entry is gone — Redis restarted empty, a Redis that was down at ingest,
+an entry trimmed — is enqueued again (a paused run into the delayed set, due at its stored
+``resume_at``). Enqueue is idempotent per job id, so two reconcilers racing add nothing twice.
+A ``RUNNING`` run older than ``AP_FLOW_TIMEOUT_SECONDS`` plus the grace ends ``TIMEOUT`` even if
+the worker that started it died: nothing stays ``RUNNING`` forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from conveyor.engine.status import RunStatus
+from conveyor.queue import Location, Producer, QueueUnavailable
+from conveyor.queue.admin import QueueAdmin
+from conveyor.store import runs as run_store
+from conveyor.store.runs import RunWriter, Transition
+
+log = structlog.get_logger(__name__)
+
+
+def resume_job_id(run_id: str, resume_at: datetime) -> str:
+    """Job id of a paused run's resumption: unique per pause, derivable from PostgreSQL."""
+    return f"{run_id}:resume:{int(resume_at.timestamp() * 1000)}"
+
+
+def _job_id(row: dict[str, Any]) -> str:
+    if row["status"] == RunStatus.PAUSED.value and row["resume_at"] is not None:
+        return resume_job_id(str(row["id"]), row["resume_at"])
+    return str(row["id"])
+
+
+class Reconciler:
+    """Re-enqueues live runs missing from Redis and times out abandoned ones.
+
+    Parameters: ``writer`` (its ``db`` is read); ``producer``/``admin`` on the same Redis;
+    ``flow_timeout_s`` (AP_FLOW_TIMEOUT_SECONDS); ``grace_s`` how old a run must be before it
+    is checked (default 30 s: an ingest commits before it enqueues); ``interval_s`` between
+    passes (default 15 s).
+    """
+
+    def __init__(
+        self,
+        writer: RunWriter,
+        producer: Producer,
+        admin: QueueAdmin,
+        *,
+        flow_timeout_s: float,
+        grace_s: float = 30.0,
+        interval_s: float = 15.0,
+    ) -> None:
+        self.writer = writer
+        self.producer = producer
+        self.admin = admin
+        self.flow_timeout_s = flow_timeout_s
+        self.grace_s = grace_s
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def run_once(self) -> dict[str, int]:
+        """One pass; returns counts of ``requeued`` and ``timed_out`` runs."""
+        rows = await run_store.live_runs(self.writer.db, older_than_s=self.grace_s)
+        counts = {"requeued": 0, "timed_out": 0}
+        now = datetime.now(UTC)
+        by_queue: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            started = row["started_at"]
+            if (
+                row["status"] == RunStatus.RUNNING.value
+                and started is not None
+                and (now - started).total_seconds() > self.flow_timeout_s + self.grace_s
+            ):
+                msg = f"run exceeded AP_FLOW_TIMEOUT_SECONDS ({self.flow_timeout_s:.0f} s)"
+                if await self.writer.transition(
+                    Transition(row["id"], RunStatus.TIMEOUT, error={"step": None, "message": msg})
+                ):
+                    counts["timed_out"] += 1
+                continue
+            # Paused runs wait in the runs queue's delayed set whatever queue they came from.
+            queue = "runs" if row["status"] == RunStatus.PAUSED.value else row["queue"]
+            by_queue.setdefault(queue, []).append(row)
+        for queue, group in by_queue.items():
+            where = await self.admin.locate(queue, [_job_id(r) for r in group])
+            for row in group:
+                if where[_job_id(row)] in (Location.STREAM, Location.DELAYED):
+                    continue
+                await self._requeue(queue, row, now)
+                counts["requeued"] += 1
+        if counts["requeued"] or counts["timed_out"]:
+            log.warning("reconciled runs", **counts)
+        return counts
+
+    async def _requeue(self, queue: str, row: dict[str, Any], now: datetime) -> None:
+        run_id = str(row["id"])
+        job: dict[str, Any] = {
+            "run_id": run_id,
+            "flow_id": str(row["flow_id"]),
+            "version": row["flow_version"],
+            # Not fresh: the worker loads the trigger and any checkpoints from PostgreSQL.
+            "retry": True,
+        }
+        delay = 0.0
+        if row["status"] == RunStatus.PAUSED.value and row["resume_at"] is not None:
+            job["resume"] = True
+            delay = max(0.0, (row["resume_at"] - now).total_seconds())
+        await self.producer.enqueue(queue, job, job_id=_job_id(row), delay_s=delay)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except QueueUnavailable:
+                pass  # Redis still down: the next pass will try again
+            except Exception:
+                log.exception("reconciler pass failed")
+            await asyncio.sleep(self.interval_s)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

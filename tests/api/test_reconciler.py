@@ -1,0 +1,68 @@
+"""Reconciler: runs whose queue entry vanished are enqueued again; abandoned runs time out."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from conveyor.engine.reconciler import Reconciler
+from conveyor.queue import Producer, QueueConfig
+from conveyor.queue.admin import QueueAdmin
+from conveyor.store import runs as run_store
+from conveyor.store.db import Database
+from conveyor.store.runs import RunWriter
+
+FLOW = {
+    "name": "r",
+    "trigger": {"type": "webhook"},
+    "steps": [{"name": "t", "type": "transform", "input": {"a": 1}}],
+}
+
+
+async def test_redis_lost_everything_runs_come_back(
+    make_client: Any, db: Database, redis: aioredis.Redis
+) -> None:
+    """Accepted runs survive a Redis that restarted empty: the reconciler re-enqueues them."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = (await (await client.post("/api/v1/flows", json=FLOW)).json())["id"]
+    ids = [
+        (await (await client.post(f"/api/v1/webhooks/{fid}", json={})).json())["run_id"]
+        for _ in range(3)
+    ]
+    await redis.flushdb()  # Redis lost everything
+    writer = RunWriter(db)
+    config = QueueConfig()
+    rec = Reconciler(
+        writer, Producer(redis, config), QueueAdmin(redis, config), flow_timeout_s=600, grace_s=0
+    )
+    assert (await rec.run_once())["requeued"] == 3
+    where = await QueueAdmin(redis, config).locate("runs", ids)
+    assert all(loc is not None for loc in where.values())
+    assert (await rec.run_once())["requeued"] == 0  # nothing added twice
+    await writer.close()
+
+
+async def test_abandoned_running_run_times_out(
+    make_client: Any, db: Database, redis: aioredis.Redis
+) -> None:
+    """A RUNNING run older than the flow timeout ends TIMEOUT even with no worker alive."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = (await (await client.post("/api/v1/flows", json=FLOW)).json())["id"]
+    rid = (await (await client.post(f"/api/v1/webhooks/{fid}", json={})).json())["run_id"]
+    async with db.writer() as conn:
+        await conn.execute(
+            "UPDATE runs SET status = 'RUNNING', started_at = now() - interval '1 hour', "
+            "updated_at = now() - interval '1 hour' WHERE id = $1",
+            uuid.UUID(rid),
+        )
+    writer = RunWriter(db)
+    config = QueueConfig()
+    rec = Reconciler(
+        writer, Producer(redis, config), QueueAdmin(redis, config), flow_timeout_s=60, grace_s=0
+    )
+    assert (await rec.run_once())["timed_out"] == 1
+    row = await run_store.get_run(db, uuid.UUID(rid))
+    assert row["status"] == "TIMEOUT" and "AP_FLOW_TIMEOUT_SECONDS" in row["error"]["message"]
+    await writer.close()
