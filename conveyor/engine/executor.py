@@ -201,7 +201,8 @@ class _Run:
         scope[step.name] = output
         self.last_output = output
         if step.type == "branch":
-            arm = step.then if output.get("branch") == "then" else step.else_
+            taken = isinstance(output, dict) and output.get("branch") == "then"
+            arm = step.then if taken else step.else_
             await self.run_steps(arm, scope, step.name, iteration or 0, depth)
         elif step.type == "respond" and self.env.on_respond is not None:
             # The caller may still be waiting after a redelivery; a duplicate is ignored.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -344,6 +345,77 @@ async def test_long_delay_pauses_and_resumes(sink: MemorySink) -> None:
     assert [r["name"] for r in sink3.records] == ["wait", "after"]
     assert sink3.one("wait")["status"] == StepStatus.SUCCEEDED
     assert done.output["n"] == 5
+
+
+def _past_due(rec: StepRecord) -> StepRecord:
+    past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    return {**rec, "output": {"resume_at": past}}
+
+
+async def test_pause_inside_a_loop_resumes_per_iteration(sink: MemorySink) -> None:
+    """A long delay inside a loop pauses once per iteration and resumes where it stopped."""
+    loop = {
+        "name": "each",
+        "type": "loop",
+        "items": [1, 2],
+        "steps": [
+            tr("a", v="{{loop.item}}"),
+            {"name": "w", "type": "delay", "input": {"seconds": 30}},
+        ],
+    }
+    first = await run(sink, loop)
+    assert first.status is RunStatus.PAUSED
+    stored = [r if r["status"] != "PAUSED" else _past_due(r) for r in sink.records]
+    sink2 = MemorySink()
+    second = await run(sink2, loop, checkpoints=stored)
+    assert second.status is RunStatus.PAUSED
+    assert [(r["name"], r["iteration"], r["status"]) for r in sink2.records] == [
+        ("w", 0, "SUCCEEDED"),
+        ("a", 1, "SUCCEEDED"),
+        ("w", 1, "PAUSED"),
+    ]
+    stored += [r if r["status"] != "PAUSED" else _past_due(r) for r in sink2.records]
+    sink3 = MemorySink()
+    third = await run(sink3, loop, checkpoints=stored)
+    assert third.status is RunStatus.SUCCEEDED
+    assert [r["name"] for r in sink3.records] == ["w", "each"]
+    assert [it["a"] for it in third.output] == [{"v": 1}, {"v": 2}]
+
+
+async def test_long_delay_in_nested_loop_fails(sink: MemorySink) -> None:
+    """A pausing delay two loops deep is refused at run time (it could not be resumed)."""
+    inner = {
+        "name": "inner",
+        "type": "loop",
+        "items": [1],
+        "steps": [{"name": "w", "type": "delay", "input": {"seconds": 30}}],
+    }
+    out = await run(sink, {"name": "outer", "type": "loop", "items": [1], "steps": [inner]})
+    assert out.status is RunStatus.FAILED
+    assert out.error is not None and "nested loop" in out.error["message"]
+
+
+async def test_restored_respond_is_sent_again(sink: MemorySink) -> None:
+    """On redelivery a checkpointed respond is handed to the (maybe still waiting) caller."""
+    steps = (
+        {"name": "reply", "type": "respond", "input": {"status": 202, "body": "x"}},
+        tr("b", v=1),
+    )
+    first = MemorySink()
+    await run(first, *steps)
+    responses: list[tuple[int, Any, Any]] = []
+    out = await run(sink, *steps, checkpoints=[first.one("reply")], responses=responses)
+    assert out.status is RunStatus.SUCCEEDED
+    assert responses == [(202, {}, "x")]
+    assert [r["name"] for r in sink.records] == ["b"]
+
+
+async def test_context_timeout_overrides_flow_timeout(sink: MemorySink) -> None:
+    """RunContext.timeout_s (the budget left) takes precedence over Services.flow_timeout_s."""
+    flow = parse_flow(flow_doc({"name": "slow", "type": "delay", "input": {"seconds": 2}}))
+    ctx = dataclasses.replace(make_ctx(), timeout_s=0.1)
+    out = await Executor(Services(sink=sink, flow_timeout_s=600)).run(flow, ctx)
+    assert out.status is RunStatus.TIMEOUT
 
 
 async def test_redelivery_skips_completed_steps(sink: MemorySink, sandbox: LocalSandbox) -> None:
