@@ -138,7 +138,9 @@ class Step:
             doc["else"] = [s.to_document() for s in self.else_]
         elif self.type == "loop":
             doc["steps"] = [s.to_document() for s in self.steps]
-        return doc
+        # A deep copy: compiled constants share objects with the stored document.
+        copy: dict[str, Any] = orjson.loads(orjson.dumps(doc))
+        return copy
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -159,7 +161,9 @@ class Flow:
         if self.description is not None:
             doc["description"] = self.description
         doc["steps"] = [s.to_document() for s in self.steps]
-        return doc
+        # A deep copy: compiled constants share objects with the stored document.
+        copy: dict[str, Any] = orjson.loads(orjson.dumps(doc))
+        return copy
 
 
 def load_document(text: str | bytes, content_type: str | None = None) -> Any:
