@@ -491,6 +491,9 @@ class _Validator:
         # Parse only, never execute: the worker must not run user code outside the sandbox.
         try:
             tree = ast.parse(code, filename="<step>", mode="exec")
+            # Bytecode compilation (still no execution) catches what the parser lets through,
+            # e.g. `return` or `await` outside a function.
+            compile(tree, "<step>", "exec", dont_inherit=True)
         except SyntaxError as exc:
             self.err(p, f"does not compile: {exc.msg} (line {exc.lineno})")
             return

@@ -283,8 +283,10 @@ def test_code_step_checks() -> None:
             {"name": "b", "type": "code", "code": "def helper():\n    pass\n"},
             {"name": "c", "type": "code", "code": "class X:\n    def run(self): pass\n"},
             {"name": "d", "type": "code"},
+            {"name": "f", "type": "code", "code": "return 1\ndef run(i):\n    return i"},
         )
     )
+    assert has(errs, "steps[4].code", "'return' outside function")
     assert has(errs, "steps[0].code", "does not compile")
     assert has(errs, "steps[1].code", "top-level function run")
     assert has(errs, "steps[2].code", "top-level function run")
