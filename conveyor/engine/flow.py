@@ -40,6 +40,7 @@ MAX_FLOW_NAME: Final = 200
 MAX_RETRY_ATTEMPTS: Final = 10
 MAX_BACKOFF_S: Final = 300.0
 MAX_STEP_TIMEOUT_S: Final = 86_400.0
+MAX_CODE_CHARS: Final = 1_000_000
 #: Keys the API adds to a flow it returns; accepted and ignored so GET → edit → PUT works.
 SERVER_FIELDS: Final = frozenset(
     {"id", "version", "enabled", "webhook_url", "sync_webhook_url", "created_at", "updated_at"}
@@ -488,6 +489,9 @@ class _Validator:
         if not isinstance(code, str) or not code.strip():
             self.err(p, "is required: Python source defining run(input)")
             return
+        if len(code) > MAX_CODE_CHARS:
+            self.err(p, f"is longer than {MAX_CODE_CHARS} characters")
+            return
         # Parse only, never execute: the worker must not run user code outside the sandbox.
         try:
             tree = ast.parse(code, filename="<step>", mode="exec")
@@ -497,8 +501,8 @@ class _Validator:
         except SyntaxError as exc:
             self.err(p, f"does not compile: {exc.msg} (line {exc.lineno})")
             return
-        except ValueError as exc:
-            self.err(p, f"does not compile: {exc}")
+        except (ValueError, RecursionError, MemoryError) as exc:
+            self.err(p, f"does not compile: {type(exc).__name__}: {exc}")
             return
         if not any(
             isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == "run"
