@@ -125,7 +125,10 @@ class SandboxConfig:
         spares: forked, locked-down, unused children kept ready per slot, so a step that
             needs a fresh child does not wait for the fork (two keep up with back-to-back
             fresh executions on two cores).
-        uid_base: slot *n* runs as uid ``uid_base + n`` when the fork-server is root.
+        uid_base / uid_count: when the fork-server is root every child runs under a uid of
+            its own from ``uid_base`` … ``uid_base + uid_count - 1`` (need not exist in
+            /etc/passwd), so no two step processes can signal each other and
+            ``RLIMIT_NPROC`` counts one child's tree only.
         prewarm: modules the fork-server imports before forking.
         start_timeout_s / kill_timeout_s: deadlines for the fork-server's hello and for a
             killed child's tree to be confirmed gone.
@@ -141,6 +144,7 @@ class SandboxConfig:
     warm_max_uses: int = 1000
     spares: int = 2
     uid_base: int = 60_000
+    uid_count: int = 1000
     prewarm: tuple[str, ...] = PREWARM_MODULES
     start_timeout_s: float = 15.0
     kill_timeout_s: float = 10.0
@@ -202,7 +206,6 @@ class _Child:
 @dataclasses.dataclass(slots=True)
 class _Slot:
     index: int
-    uid: int | None
     busy: bool = False
     child: _Child | None = None
     spares: deque[asyncio.Future[_Child]] = dataclasses.field(default_factory=deque)
@@ -300,10 +303,7 @@ class Sandbox:
                 continue
             self.launcher, self.probe, self.report = launcher, probe, report
             self._drop_uid = bool(probe.get("uid_drop"))
-            self._slots = [
-                _Slot(i, self.config.uid_base + i if self._drop_uid else None)
-                for i in range(max(self.config.slots, 1))
-            ]
+            self._slots = [_Slot(i) for i in range(max(self.config.slots, 1))]
             for slot in self._slots:
                 self._prepare_spare(slot)
             if self.config.locked and report.isolation is not Isolation.FULL:
@@ -327,7 +327,9 @@ class Sandbox:
             config = {
                 "fd": theirs.fileno(),
                 "prewarm": list(self.config.prewarm),
-                "probe_uid": self.config.uid_base + 999,
+                "probe_uid": self.config.uid_base + self.config.uid_count - 1,
+                "uid_base": self.config.uid_base,
+                "uid_count": max(self.config.uid_count - 1, 1),
             }
             argv = [
                 *launcher.argv,
@@ -404,6 +406,9 @@ class Sandbox:
         if op == "exit":
             # The child's socket is left alone: an answer it sent before exiting may still be
             # unread there, and EOF follows because every process holding it is gone.
+            pending = self._spawning.pop(msg["id"], None)
+            if pending is not None and not pending[0].done():
+                pending[0].set_exception(ConnectionError("fork-server could not spawn a child"))
             child = self._children.pop(msg["id"], None)
             if child is not None:
                 child.dead = True
@@ -506,7 +511,7 @@ class Sandbox:
                 "op": "spawn",
                 "id": cid,
                 "slot": slot.index,
-                "uid": slot.uid,
+                "drop_uid": self._drop_uid,
                 "limits": self._limits_wire,
                 "locked": self.config.locked,
             }

@@ -9,6 +9,12 @@ when a child dies (recycled, crashed, or killed on the worker's ``kill`` for a t
 every process that child left behind is re-parented here and killed before the worker is
 told the child is gone — so "exit" means "and nothing of it is left".
 
+When it runs as root every child gets a uid of its own from a pool (``uid_base`` …), held
+until the child's whole tree is gone. That makes the cleanup atomic even against a fork
+bomb: a helper that takes the child's uid and calls ``kill(-1, SIGKILL)`` inside the PID
+namespace kills every process of that uid in one kernel pass (a fork racing with it fails,
+its parent having a fatal signal pending), and repeats until nothing of the uid is left.
+
 Modules named in the start-up config are imported before the first fork (piece caching,
 ``AP_PREWARM_CACHE_ON_STARTUP``), then the heap is frozen so forks share it copy-on-write.
 """
@@ -23,6 +29,7 @@ import selectors
 import signal
 import socket
 import sys
+import time
 from typing import Any, NoReturn
 
 import orjson
@@ -42,8 +49,13 @@ class ForkServer:
         self.ctl = ctl
         self.config = config
         self.pid = os.getpid()
-        # pid -> [execution id, killed-by-worker]
+        # pid -> [execution id, killed-by-worker, uid or None]
         self.children: dict[int, list[Any]] = {}
+        self._exited: list[dict[str, Any]] = []
+        self._dirty_uids: list[int] = []
+        base = int(config.get("uid_base", 60_000))
+        self._free_uids = list(range(base + int(config.get("uid_count", 1000)) - 1, base - 1, -1))
+        self._pid_namespace = False
         self.reader = BlockingReader(ctl, max_frame=1 << 20)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -101,6 +113,7 @@ class ForkServer:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         failed = self.prewarm()
         probe = self.probe()
+        self._pid_namespace = bool(probe["pid_namespace"])
         gc.collect()
         gc.freeze()
         send_frame(self.ctl, {"op": "hello", "probe": probe, "prewarm_failed": failed})
@@ -144,8 +157,11 @@ class ForkServer:
 
     def spawn(self, msg: dict[str, Any]) -> None:
         limits = lim.Limits.from_wire(msg.get("limits") or {})
-        uid = msg.get("uid")
         locked = bool(msg.get("locked", True))
+        uid = self._free_uids.pop() if msg.get("drop_uid") and self._free_uids else None
+        if msg.get("drop_uid") and uid is None:
+            send_frame(self.ctl, {"op": "exit", "id": msg["id"], "lost": True, "code": None})
+            return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
@@ -159,7 +175,7 @@ class ForkServer:
                 os._exit(LOCKDOWN_FAILED)
             serve(fd, limits, locked=locked)
         theirs.close()
-        self.children[pid] = [msg["id"], False]
+        self.children[pid] = [msg["id"], False, uid]
         try:
             send_frame(
                 self.ctl, {"op": "spawned", "id": msg["id"], "pid": pid, "fds": 1}, [ours.fileno()]
@@ -167,9 +183,26 @@ class ForkServer:
         finally:
             ours.close()
 
+    def _record(self, pid: int, status: int, usage: Any) -> None:
+        info = self.children.pop(pid, None)
+        if info is None:
+            return  # a stray already re-parented to us
+        if info[2] is not None:
+            self._dirty_uids.append(info[2])
+        self._exited.append(
+            {
+                "op": "exit",
+                "id": info[0],
+                "pid": pid,
+                "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+                "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                "cpu_s": usage.ru_utime + usage.ru_stime,
+                "killed": info[1],
+            }
+        )
+
     def reap(self) -> None:
-        """Collect exited children; report slot children only once their strays are gone."""
-        exited: list[dict[str, Any]] = []
+        """Collect exited children; report them only once nothing of their trees is left."""
         while True:
             try:
                 pid, status, usage = os.wait4(-1, os.WNOHANG)
@@ -177,24 +210,52 @@ class ForkServer:
                 break
             if pid == 0:
                 break
-            info = self.children.pop(pid, None)
-            if info is None:
-                continue  # a stray already re-parented to us
-            exited.append(
-                {
-                    "op": "exit",
-                    "id": info[0],
-                    "pid": pid,
-                    "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-                    "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-                    "cpu_s": usage.ru_utime + usage.ru_stime,
-                    "killed": info[1],
-                }
-            )
-        if exited:
+            self._record(pid, status, usage)
+        if not self._exited:
+            return
+        live = frozenset(self.children)
+        # Every process of a dead child's tree is now our child or below one; with none of
+        # those there is nothing to sweep (the common case: a recycled child exiting).
+        if any(p not in live for p in lim.children_of(self.pid)):
+            if self._pid_namespace:
+                for uid in self._dirty_uids:
+                    self._sweep_uid(uid)
             lim.kill_children(self.pid, keep=frozenset(self.children))
-            for event in exited:
-                send_frame(self.ctl, event)
+        self._free_uids.extend(self._dirty_uids)
+        self._dirty_uids.clear()
+        exited, self._exited = self._exited, []
+        for event in exited:
+            send_frame(self.ctl, event)
+
+    def _sweep_uid(self, uid: int) -> None:
+        """Kill every process of ``uid`` in our PID namespace, atomically per pass."""
+        helper = os.fork()
+        if helper == 0:
+            try:
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    # kill(-1) reports success whenever any other process exists, so
+                    # whether the uid is empty is read from /proc afterwards.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(-1, signal.SIGKILL)
+                    if not _uid_processes(uid):
+                        os._exit(0)
+                    time.sleep(0.001)
+            except BaseException:
+                pass
+            os._exit(1)
+        # Reap while the helper works: killed processes re-parent here, and their zombies
+        # would count as "still there" for the helper until we collect them.
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, 0)
+            except ChildProcessError:
+                return
+            if pid == helper:
+                return
+            self._record(pid, status, usage)
 
     def shutdown(self) -> NoReturn:
         for pid in list(self.children):
@@ -202,6 +263,25 @@ class ForkServer:
                 os.kill(pid, signal.SIGKILL)
         lim.kill_children(self.pid)
         os._exit(0)
+
+
+def _uid_processes(uid: int) -> list[int]:
+    """Pids whose real uid is ``uid`` (zombies included), other than ours."""
+    me = os.getpid()
+    found: list[int] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"Uid:"):
+                        if int(line.split()[1]) == uid:
+                            found.append(int(name))
+                        break
+        except OSError:
+            continue
+    return found
 
 
 def main() -> NoReturn:

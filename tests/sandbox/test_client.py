@@ -138,12 +138,13 @@ async def test_fresh_child_per_execution_when_not_warm() -> None:
 
 
 async def test_concurrent_executions_use_separate_slots(sandbox: Sandbox) -> None:
-    """Concurrent steps run in parallel in different slots, each under its own uid."""
+    """Concurrent steps run in parallel in different slots, each child under its own uid."""
     code = "import os, time\ndef run(input):\n    time.sleep(0.3)\n    return os.getuid()\n"
     results = await asyncio.gather(*(run(sandbox, code) for _ in range(4)))
     assert all(r.status is SandboxStatus.SUCCEEDED for r in results)
     if sandbox.probe.get("uid_drop"):
-        assert {r.output for r in results} == {60_000, 60_001}
+        assert all(r.output >= 60_000 for r in results)
+        assert len({r.output for r in results[:2]}) == 2
 
 
 async def test_restarts_after_fork_server_dies() -> None:
