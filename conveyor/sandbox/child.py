@@ -101,27 +101,37 @@ def lock_down(sock_fd: int, uid: int | None, limits: lim.Limits, *, locked: bool
     os.closerange(4, 1 << 16)
     os.environ.clear()
     os.environ.update(CLEAN_ENV)
+    private_mount = False
     if locked:
         try:
             owner = uid if uid is not None else os.getuid()
             lim.private_tmp(owner, limits, network=limits.network_namespace)
+            private_mount = True
         except OSError:
-            # No CAP_SYS_ADMIN (no bubblewrap, not root): fall back to a private directory.
-            private = f"/tmp/conveyor-step-{os.getpid()}"
-            os.mkdir(private, 0o700)
-            if uid is not None:
-                os.chown(private, uid, uid)
-            os.environ["TMPDIR"] = os.environ["HOME"] = private
-        lim.set_child_subreaper()
+            pass
+    if not private_mount:
+        # No mount namespace (not root, no bubblewrap, or UNSANDBOXED): a directory of our
+        # own instead — never the shared /tmp itself, which the cleanup empties.
+        private = fallback_tmp(os.getppid(), os.getpid())
+        os.mkdir(private, 0o700)
+        if uid is not None:
+            os.chown(private, uid, uid)
+        os.environ["TMPDIR"] = os.environ["HOME"] = private
+    lim.set_child_subreaper()
+    if locked:
         lim.apply_rlimits(limits)
         if uid is not None:
             lim.drop_privileges(uid)
         else:
             lim.prctl(lim.PR_SET_NO_NEW_PRIVS, 1)
-    else:
-        lim.set_child_subreaper()
     os.chdir(os.environ["TMPDIR"])
     return 3
+
+
+def fallback_tmp(server_pid: int, child_pid: int) -> str:
+    """The private directory of a child without a mount namespace; the fork-server removes
+    it once the child has exited."""
+    return f"/tmp/conveyor-step-{server_pid}-{child_pid}"
 
 
 class Runner:

@@ -128,7 +128,9 @@ class SandboxConfig:
         uid_base / uid_count: when the fork-server is root every child runs under a uid of
             its own from ``uid_base`` … ``uid_base + uid_count - 1`` (need not exist in
             /etc/passwd), so no two step processes can signal each other and
-            ``RLIMIT_NPROC`` counts one child's tree only.
+            ``RLIMIT_NPROC`` counts one child's tree only. ``uid_base=None`` (default)
+            picks a window above 60000 from the worker's pid, so the workers of one host
+            (one per core with ``AP_PM2_ENABLED``) do not share uids.
         prewarm: modules the fork-server imports before forking.
         start_timeout_s / kill_timeout_s: deadlines for the fork-server's hello and for a
             killed child's tree to be confirmed gone.
@@ -143,8 +145,8 @@ class SandboxConfig:
     warm: bool = True
     warm_max_uses: int = 1000
     spares: int = 2
-    uid_base: int = 60_000
-    uid_count: int = 1000
+    uid_base: int | None = None
+    uid_count: int = 256
     prewarm: tuple[str, ...] = PREWARM_MODULES
     start_timeout_s: float = 15.0
     kill_timeout_s: float = 10.0
@@ -242,6 +244,15 @@ class Sandbox:
         self._closed = False
         self._drop_uid = False
         self._limits_wire = self.config.limits.to_wire()
+        # Room for every slot's child and spares, plus children still being swept.
+        self.uid_count = max(
+            self.config.uid_count, 4 * max(self.config.slots, 1) * (self.config.spares + 2)
+        )
+        self.uid_base = (
+            self.config.uid_base
+            if self.config.uid_base is not None
+            else 60_000 + (os.getpid() % 2048) * self.uid_count
+        )
         self._max_frame = (
             self.config.limits.output_bytes + 6 * self.config.limits.log_bytes + 65_536
         )
@@ -327,9 +338,9 @@ class Sandbox:
             config = {
                 "fd": theirs.fileno(),
                 "prewarm": list(self.config.prewarm),
-                "probe_uid": self.config.uid_base + self.config.uid_count - 1,
-                "uid_base": self.config.uid_base,
-                "uid_count": max(self.config.uid_count - 1, 1),
+                "probe_uid": self.uid_base + self.uid_count - 1,
+                "uid_base": self.uid_base,
+                "uid_count": self.uid_count - 1,
             }
             argv = [
                 *launcher.argv,

@@ -26,6 +26,7 @@ import gc
 import importlib
 import os
 import selectors
+import shutil
 import signal
 import socket
 import sys
@@ -35,7 +36,7 @@ from typing import Any, NoReturn
 import orjson
 
 from conveyor.sandbox import limits as lim
-from conveyor.sandbox.child import lock_down, serve
+from conveyor.sandbox.child import fallback_tmp, lock_down, serve
 from conveyor.sandbox.protocol import BlockingReader, ProtocolError, send_frame
 
 #: Exit code of a child that failed to lock itself down (it never ran user code).
@@ -187,6 +188,9 @@ class ForkServer:
         info = self.children.pop(pid, None)
         if info is None:
             return  # a stray already re-parented to us
+        private = fallback_tmp(self.pid, pid)
+        if os.path.isdir(private):
+            shutil.rmtree(private, ignore_errors=True)
         if info[2] is not None:
             self._dirty_uids.append(info[2])
         self._exited.append(
@@ -224,8 +228,11 @@ class ForkServer:
         self._free_uids.extend(self._dirty_uids)
         self._dirty_uids.clear()
         exited, self._exited = self._exited, []
-        for event in exited:
-            send_frame(self.ctl, event)
+        try:
+            for event in exited:
+                send_frame(self.ctl, event)
+        except OSError:
+            self.shutdown()  # the worker is gone
 
     def _sweep_uid(self, uid: int) -> None:
         """Kill every process of ``uid`` in our PID namespace, atomically per pass."""
@@ -258,10 +265,17 @@ class ForkServer:
             self._record(pid, status, usage)
 
     def shutdown(self) -> NoReturn:
-        for pid in list(self.children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        lim.kill_children(self.pid)
+        """Kill every child and stray, reap them all (removing their scratch dirs), exit."""
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        while True:
+            for pid in lim.children_of(self.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            try:
+                pid, status, usage = os.wait4(-1, 0)
+            except ChildProcessError:
+                break
+            self._record(pid, status, usage)
         os._exit(0)
 
 
@@ -290,4 +304,10 @@ def main() -> NoReturn:
     ctl = socket.socket(fileno=int(config["fd"]))
     ctl.setblocking(True)
     os.set_inheritable(ctl.fileno(), False)
-    ForkServer(ctl, config).run()
+    server = ForkServer(ctl, config)
+    try:
+        server.run()
+    except BaseException:
+        # Whatever broke the loop (most often: the worker went away mid-send), children
+        # and their scratch directories must not outlive us.
+        server.shutdown()

@@ -1,0 +1,123 @@
+"""Isolation detection, the /readyz report, the start-up policy and the settings mapping."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+
+import pytest
+
+from conveyor.sandbox import Sandbox, SandboxConfig, SandboxStatus, SandboxUnavailable
+from conveyor.sandbox.isolation import Isolation, assess, bwrap_launcher
+from conveyor.settings import ExecutionMode, Settings
+from tests.sandbox.support import config, make_sandbox, needs_bwrap, run
+
+HOST_HAS_NETWORK = any(name != "lo" for _, name in socket.if_nameindex())
+FULL_PROBE = {
+    "network_isolated": True,
+    "pid_namespace": True,
+    "uid_drop": True,
+    "private_tmp": True,
+}
+
+
+def test_assess_levels() -> None:
+    """bwrap with every probe passing is full; missing pieces make it partial; off is none."""
+    assert assess("bwrap", FULL_PROBE, locked=True).isolation is Isolation.FULL
+    partial = assess("bwrap", {**FULL_PROBE, "uid_drop": False}, locked=True)
+    assert partial.isolation is Isolation.PARTIAL
+    direct = assess("direct", {"network_isolated": False}, locked=True)
+    assert direct.isolation is Isolation.PARTIAL and not direct.network_isolated
+    assert assess("bwrap", FULL_PROBE, locked=False).as_dict()["isolation"] == "none"
+
+
+def test_bwrap_argv_hides_root_and_cuts_network() -> None:
+    """The bubblewrap command line unshares the network and never binds /root itself."""
+    argv = bwrap_launcher("/usr/bin/bwrap").argv
+    assert "--unshare-net" in argv and "--unshare-pid" in argv and "--die-with-parent" in argv
+    binds = [argv[i + 1] for i, a in enumerate(argv) if a in ("--ro-bind", "--bind")]
+    assert "/root" not in binds and "/" not in binds
+    assert "--bind" not in argv  # nothing of the host is writable
+
+
+@pytest.mark.skipif(not HOST_HAS_NETWORK, reason="the host itself has no interface but lo")
+async def test_refuses_without_network_isolation_when_required() -> None:
+    """With external servers (isolation required) and no way to cut the network, start()
+    fails naming the missing piece and the fix."""
+    sb = Sandbox(config(launcher="direct", require_network_isolation=True))
+    with pytest.raises(SandboxUnavailable) as info:
+        await sb.start()
+    assert "bubblewrap" in str(info.value) and "AP_EXECUTION_MODE" in str(info.value)
+    await sb.close()
+
+
+@pytest.mark.skipif(not HOST_HAS_NETWORK, reason="the host itself has no interface but lo")
+async def test_embedded_mode_starts_partial_with_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Without network isolation but not required (embedded), it starts, warns loudly and
+    reports partial; code steps still run."""
+    caplog.set_level(logging.WARNING, logger="conveyor.sandbox")
+    async with make_sandbox(launcher="direct", slots=1) as sb:
+        assert sb.isolation["isolation"] == "partial"
+        assert any("PARTIAL" in r.getMessage() for r in caplog.records)
+        result = await run(sb, "def run(input):\n    return input + 1\n", 41)
+        assert result.status is SandboxStatus.SUCCEEDED and result.output == 42
+
+
+async def test_unsandboxed_mode_reports_none() -> None:
+    """AP_EXECUTION_MODE=UNSANDBOXED: reused child without limits, isolation none, and its
+    scratch directory is its own (the host's /tmp is left alone)."""
+    settings = Settings.from_env({"AP_EXECUTION_MODE": "UNSANDBOXED"})
+    cfg = SandboxConfig.from_settings(settings, slots=1)
+    assert not cfg.locked and cfg.launcher == "direct"
+    fd, canary = tempfile.mkstemp(prefix="conveyor-canary-", dir="/tmp")
+    os.close(fd)
+    try:
+        async with make_sandbox(**{f: getattr(cfg, f) for f in ("locked", "launcher")}) as sb:
+            assert sb.isolation["isolation"] == "none"
+            code = "import os\ndef run(input):\n    open('f', 'w').write('x')\n"
+            code += "    return os.getcwd()\n"
+            result = await run(sb, code)
+            assert result.status is SandboxStatus.SUCCEEDED
+            assert result.output != "/tmp" and result.output.startswith("/tmp/conveyor-step-")
+        # The per-execution cleanup empties the step's own directory, never the host's /tmp.
+        assert os.path.exists(canary)  # noqa: ASYNC240 - a stat, in a test
+        assert not os.path.exists(result.output)  # noqa: ASYNC240
+    finally:
+        os.unlink(canary)
+
+
+def test_from_settings_maps_variables() -> None:
+    """AP_* variables map onto the sandbox config (limits, timeout, slots, policy)."""
+    settings = Settings.from_env(
+        {
+            "AP_SANDBOX_MEMORY_LIMIT": "524288",
+            "AP_FLOW_TIMEOUT_SECONDS": "42",
+            "AP_WORKER_CONCURRENCY": "3",
+            "AP_PIECES_CACHE_MAX_ENTRIES": "7",
+            "AP_PREWARM_CACHE_ON_STARTUP": "false",
+        }
+    )
+    cfg = SandboxConfig.from_settings(settings)
+    assert cfg.locked and cfg.launcher == "auto"
+    assert cfg.limits.memory_kb == 524288 and cfg.limits.cpu_s == 42
+    assert cfg.limits.code_cache == 7 and cfg.prewarm == ()
+    assert cfg.max_timeout_s == 42 and cfg.slots == 3
+    assert not cfg.require_network_isolation  # embedded servers: laptop mode
+    external = Settings.from_env(
+        {
+            "AP_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "AP_POSTGRES_URL": "postgresql://u:p@127.0.0.1:5432/db",
+            "AP_EXECUTION_MODE": ExecutionMode.SANDBOX_CODE_ONLY.value,
+        }
+    )
+    assert SandboxConfig.from_settings(external).require_network_isolation
+
+
+@needs_bwrap
+async def test_bubblewrap_satisfies_the_production_policy() -> None:
+    """With bubblewrap, a sandbox that requires network isolation starts with it."""
+    async with make_sandbox(require_network_isolation=True, slots=1) as sb:
+        assert sb.launcher is not None and sb.launcher.name == "bwrap"
+        assert sb.probe["network_isolated"] is True
