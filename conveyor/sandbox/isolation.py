@@ -177,7 +177,7 @@ def assess(launcher: str, probe: dict[str, Any], *, locked: bool) -> IsolationRe
     if launcher == "bwrap":
         parts.append("read-only private filesystem")
     if probe.get("uid_drop"):
-        parts.append("per-slot uid")
+        parts.append("per-child uid")
     if probe.get("private_tmp"):
         parts.append("private /tmp")
     parts += ["rlimits", "subreaper cleanup"]
