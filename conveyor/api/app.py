@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator, Callable
 import structlog
 from aiohttp import web
 
+from conveyor import metrics
 from conveyor.api import flows, openapi, runs, secrets, webhooks
+from conveyor.api.admin import add_admin_routes
 from conveyor.api.auth import api_key_middleware
 from conveyor.api.errors import error_middleware
 from conveyor.api.health import healthz, readyz
@@ -31,9 +33,11 @@ from conveyor.api.keys import (
     ProcessState,
 )
 from conveyor.api.replies import ReplyHub
+from conveyor.board import setup_board
 from conveyor.connections import create_redis
 from conveyor.engine.registry import FlowRegistry
 from conveyor.engine.worker import worker_ctx
+from conveyor.heartbeat import heartbeat_ctx
 from conveyor.queue import Producer, QueueConfig
 from conveyor.settings import Settings
 from conveyor.store.db import Database
@@ -119,21 +123,27 @@ def create_app(
     """The application for ``settings.container_type``; ``services`` are extra cleanup
     contexts (by name) the worker role plugs in after the shared resources."""
     app = web.Application(
-        middlewares=[error_middleware, api_key_middleware],
+        middlewares=[metrics.http_metrics_middleware, error_middleware, api_key_middleware],
         client_max_size=settings.max_webhook_payload_bytes,
     )
     app[SETTINGS] = settings
     app[STATE] = ProcessState()
     app.cleanup_ctx.append(postgres_ctx)
     app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(metrics.metrics_ctx)
     if settings.container_type.runs_app:
         app.cleanup_ctx.append(replies_ctx)
         add_api_routes(app)
+        add_admin_routes(app)
+        if settings.queue_ui_enabled:
+            setup_board(app)
     if settings.container_type.runs_worker:
         app.cleanup_ctx.append(worker_ctx)
+        app.cleanup_ctx.append(heartbeat_ctx)
     for factory in (services or {}).values():
         app.cleanup_ctx.append(factory)
     app.cleanup_ctx.append(started_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics.metrics_handler)
     return app

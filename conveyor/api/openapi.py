@@ -1,7 +1,8 @@
 """``/api/v1/openapi.json``, generated from the application's route table.
 
-Every route registered on the router appears, so the document cannot drift from the code; a
-test checks that. Handlers' docstrings become the operations' summaries.
+Every route registered on the router appears (except the board's HTML pages and assets under
+``/admin/``, which are not an API), so the document cannot drift from the code; a test checks
+that. Handlers' docstrings become the operations' summaries.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from aiohttp import web
 from conveyor import __version__
 from conveyor.api.errors import json_response
 
+#: The board (HTML, static assets, its own live-refresh JSON) is left out of the API document.
+BOARD_PREFIX = "/admin/"
 _PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
 
 
@@ -26,7 +29,7 @@ def build_spec(app: web.Application) -> dict[str, Any]:
             or info.get("formatter")
             or (info.get("prefix", "") + "/{filename}" if "prefix" in info else None)
         )
-        if not path or route.method == "HEAD":
+        if not path or route.method == "HEAD" or path.startswith(BOARD_PREFIX):
             continue
         path = _PARAM.sub(r"{\1}", path)
         methods = (

@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from conveyor import metrics
 from conveyor.api.health import SANDBOX_REPORT
 from conveyor.api.keys import REDIS, REGISTRY, RUN_WRITER, SECRET_BOX, SETTINGS
 from conveyor.api.replies import publish_reply
@@ -53,6 +54,7 @@ class _Sink:
     async def step_finished(self, run_id: str, record: StepRecord) -> None:
         seq = self.seq
         self.seq += 1
+        metrics.observe_step(record["type"], record["duration_ms"])
         await self.writer.add_step(StepRow(uuid.UUID(run_id), seq, dict(record)))
 
 
@@ -123,6 +125,7 @@ class RunWorker:
 
     async def _handle(self, job: Job, payload: Mapping[str, Any], run_id: str) -> None:
         rid = uuid.UUID(run_id)
+        started_s = metrics.job_started(job.entry_ms)
         started = await self.writer.transition(
             Transition(rid, RunStatus.RUNNING, attempt=job.attempt)
         )
@@ -180,6 +183,7 @@ class RunWorker:
             outcome = await self.executor.run(flow, ctx, on_respond=on_respond)
         finally:
             self.sinks.sinks.pop(run_id, None)
+        metrics.observe_run(outcome.status.value, started_s)
         await self._commit(rid, run_id, payload, outcome, reply)
 
     async def _commit(

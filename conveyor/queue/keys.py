@@ -105,3 +105,13 @@ def history_lock(queue: str, slot: int) -> bytes:
 def reply_channel(process_id: str) -> str:
     """Pub/sub channel on which one API process receives its sync webhooks' replies."""
     return f"{PREFIX}:replies:{process_id}"
+
+
+def workers_index() -> bytes:
+    """Sorted set of worker ids scored by their last heartbeat (epoch seconds): the registry."""
+    return f"{PREFIX}:{{workers}}:index".encode()
+
+
+def worker(worker_id: str) -> bytes:
+    """Hash of one worker process's last heartbeat (expires when the process stops beating)."""
+    return f"{PREFIX}:{{workers}}:worker:{worker_id}".encode()

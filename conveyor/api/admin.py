@@ -1,0 +1,293 @@
+"""Queue admin, worker registry and scaling advice: ``/api/v1/queues…``, ``/workers``, ``/scaling``.
+
+The functions at the top (:func:`queue_admin`, :func:`retry_all_dead`, :func:`scaling_report`,
+:func:`retry_run`, :func:`cancel_run`, :func:`set_flow_enabled`) are the read and write
+operations the board calls too, so the API and the board cannot disagree. The handlers below
+them only parse and validate requests and shape JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from conveyor import heartbeat, metrics
+from conveyor.api.errors import ApiError, json_response
+from conveyor.api.keys import DB, PRODUCER, REDIS, REGISTRY, RUN_WRITER, SETTINGS
+from conveyor.engine.status import RunStatus
+from conveyor.queue import (
+    JobNotFound,
+    JobState,
+    QueueAdmin,
+    QueueConfig,
+    QueueName,
+    QueueUnavailable,
+)
+from conveyor.store import flows as flow_store
+from conveyor.store import runs as run_store
+from conveyor.store.flows import FlowRecord
+
+MAX_PAGE = 200
+RETRY_STRATEGIES = ("FROM_FAILED_STEP", "ON_LATEST_VERSION")
+QUEUES = tuple(q.value for q in QueueName)
+STATES = tuple(s.value for s in JobState)
+#: Cleanable states (active jobs are some worker's work in progress).
+CLEANABLE = tuple(s for s in STATES if s != JobState.ACTIVE.value)
+
+
+# --------------------------------------------------------------------------- shared operations
+def queue_admin(app: web.Application) -> QueueAdmin:
+    """A :class:`QueueAdmin` over the process's Redis client (cheap: no state of its own)."""
+    return QueueAdmin(app[REDIS], QueueConfig.from_settings(app[SETTINGS]))
+
+
+async def retry_all_dead(admin: QueueAdmin, queue: str, *, limit: int = 10_000) -> int:
+    """Put every dead-lettered job of ``queue`` (up to ``limit``) back on the queue."""
+    retried = 0
+    while retried < limit:
+        jobs, _ = await admin.list_jobs(queue, JobState.FAILED, limit=min(200, limit - retried))
+        if not jobs:
+            break
+        for job in jobs:
+            with contextlib.suppress(JobNotFound):  # retried or deleted meanwhile
+                await admin.retry_dead(queue, job.id)
+                retried += 1
+    return retried
+
+
+async def scaling_report(app: web.Application) -> list[dict[str, Any]]:
+    """The seed's scaling rules evaluated now (see :func:`conveyor.metrics.evaluate_scaling`)."""
+    queues = await queue_admin(app).all_stats()
+    workers = await heartbeat.list_workers(app[REDIS], include_lost=False)
+    try:
+        db: tuple[int, int] | None = await metrics.db_connections(app[DB])
+    except Exception:
+        db = None
+    inputs = metrics.scaling_inputs(queues, workers, metrics.API_WINDOW.summary(), db)
+    return metrics.evaluate_scaling(inputs)
+
+
+async def retry_run(app: web.Application, run_id: uuid.UUID, strategy: str) -> dict[str, Any]:
+    """Retry a finished run: ``FROM_FAILED_STEP`` keeps its succeeded steps (same version),
+    ``ON_LATEST_VERSION`` starts over on the flow's current version. Returns the run row."""
+    # TODO(api/runs): the same steps as runs.retry_run; that handler should call this.
+    if strategy not in RETRY_STRATEGIES:
+        raise ApiError(400, "BAD_REQUEST", f"strategy must be one of {', '.join(RETRY_STRATEGIES)}")
+    db = app[DB]
+    row = await run_store.get_run(db, run_id)
+    version = row["flow_version"]
+    if strategy == "ON_LATEST_VERSION":
+        version = (await flow_store.get_flow(db, row["flow_id"])).version
+    result = await run_store.reset_for_retry(
+        db, run_id, flow_version=version, keep_steps=strategy == "FROM_FAILED_STEP"
+    )
+    if not result["retried"]:
+        raise ApiError(
+            409, "RUN_NOT_FINISHED", f"run is {result['status']}; only finished runs retry"
+        )
+    job = {"run_id": str(run_id), "flow_id": str(row["flow_id"]), "version": version, "retry": True}
+    # If Redis is down the run stays QUEUED in PostgreSQL and the reconciler enqueues it.
+    with contextlib.suppress(QueueUnavailable):
+        await app[PRODUCER].enqueue(QueueName.RUNS.value, job, job_id=str(run_id))
+    return await run_store.get_run(db, run_id)
+
+
+async def cancel_run(app: web.Application, run_id: uuid.UUID) -> dict[str, Any]:
+    """Cancel a queued, running or paused run; 409 if it already ended otherwise."""
+    db = app[DB]
+    await run_store.get_run(db, run_id)
+    changed = await app[RUN_WRITER].transition(
+        run_store.Transition(
+            run_id, RunStatus.CANCELED, error={"step": None, "message": "canceled by user"}
+        )
+    )
+    row = await run_store.get_run(db, run_id)
+    if not changed and row["status"] != RunStatus.CANCELED.value:
+        raise ApiError(409, "RUN_FINISHED", f"run already ended as {row['status']}")
+    return row
+
+
+async def set_flow_enabled(app: web.Application, flow_id: uuid.UUID, enabled: bool) -> FlowRecord:
+    """Enable or disable a flow (webhooks of a disabled flow answer 404)."""
+    flow = await flow_store.set_enabled(app[DB], flow_id, enabled)
+    app[REGISTRY].invalidate(flow_id)
+    return flow
+
+
+# --------------------------------------------------------------------------- request parsing
+def queue_name(request: web.Request) -> str:
+    """The ``{q}`` path parameter, 404 unless it names a queue."""
+    name = request.match_info["q"]
+    if name not in QUEUES:
+        raise ApiError(404, "QUEUE_NOT_FOUND", f"no queue {name!r}: queues are {', '.join(QUEUES)}")
+    return name
+
+
+def job_state(raw: str | None, *, allowed: tuple[str, ...] = STATES) -> str:
+    """A job state, 400 unless it is one of ``allowed``."""
+    state = raw or JobState.WAITING.value
+    if state not in allowed:
+        raise ApiError(400, "BAD_REQUEST", f"state must be one of {', '.join(allowed)}")
+    return state
+
+
+def limit_arg(request: web.Request, default: int = 50) -> int:
+    try:
+        limit = int(request.query.get("limit", default))
+    except ValueError:
+        raise ApiError(400, "BAD_REQUEST", "limit must be an integer") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise ApiError(400, "BAD_REQUEST", f"limit must be between 1 and {MAX_PAGE}")
+    return limit
+
+
+async def list_jobs_page(
+    admin: QueueAdmin, queue: str, state: str, limit: int, cursor: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of jobs as JSON dicts; 400 on a malformed cursor."""
+    if cursor and not cursor.partition(":")[0].isdigit():
+        raise ApiError(400, "BAD_REQUEST", "cursor is not a cursor this API returned")
+    try:
+        jobs, next_cursor = await admin.list_jobs(queue, state, limit=limit, cursor=cursor)
+    except ValueError:
+        raise ApiError(400, "BAD_REQUEST", "cursor is not a cursor this API returned") from None
+    return [j.to_dict() for j in jobs], next_cursor
+
+
+def older_than(raw: Any) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ApiError(400, "BAD_REQUEST", "older_than_s must be a number of seconds") from None
+    if not 0 <= value < 1e9:
+        raise ApiError(400, "BAD_REQUEST", "older_than_s must be 0 or more")
+    return value
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not await request.read():
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "BAD_REQUEST", "body must be JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "BAD_REQUEST", "body must be a JSON object")
+    return body
+
+
+# --------------------------------------------------------------------------- handlers
+async def list_queues(request: web.Request) -> web.Response:
+    """Stats of every queue: waiting, active, delayed, dead, consumers, waits, throughput."""
+    stats = await queue_admin(request.app).all_stats()
+    return json_response({"data": [s.to_dict() for s in stats]})
+
+
+async def get_queue(request: web.Request) -> web.Response:
+    """Stats of one queue plus its 10-second history (oldest first)."""
+    q = queue_name(request)
+    admin = queue_admin(request.app)
+    stats = await admin.stats(q)
+    return json_response({**stats.to_dict(), "history": await admin.history(q)})
+
+
+async def list_queue_jobs(request: web.Request) -> web.Response:
+    """One page of a queue's jobs in ``state`` (waiting|active|delayed|failed|completed)."""
+    q = queue_name(request)
+    state = job_state(request.query.get("state"))
+    limit = limit_arg(request)
+    data, cursor = await list_jobs_page(
+        queue_admin(request.app), q, state, limit, request.query.get("cursor") or None
+    )
+    return json_response({"data": data, "next_cursor": cursor})
+
+
+async def pause_queue(request: web.Request) -> web.Response:
+    """Stop deliveries of the queue on every worker."""
+    q = queue_name(request)
+    admin = queue_admin(request.app)
+    await admin.pause(q)
+    return json_response({"queue": q, "paused": True})
+
+
+async def resume_queue(request: web.Request) -> web.Response:
+    """Resume deliveries of a paused queue."""
+    q = queue_name(request)
+    admin = queue_admin(request.app)
+    await admin.resume(q)
+    return json_response({"queue": q, "paused": False})
+
+
+async def clean_queue(request: web.Request) -> web.Response:
+    """Delete jobs in ``state`` older than ``older_than_s`` seconds: ``{"removed"}``."""
+    q = queue_name(request)
+    body = await _json_body(request)
+    state = job_state(body.get("state"), allowed=CLEANABLE) if body.get("state") else None
+    if state is None:
+        raise ApiError(400, "BAD_REQUEST", f"state is required: one of {', '.join(CLEANABLE)}")
+    removed = await queue_admin(request.app).clean(
+        q, state, older_than(body.get("older_than_s", 0))
+    )
+    return json_response({"queue": q, "state": state, "removed": removed})
+
+
+async def retry_queue_job(request: web.Request) -> web.Response:
+    """Put a dead-lettered (failed) job back on its queue."""
+    q = queue_name(request)
+    job_id = request.match_info["id"]
+    try:
+        entry = await queue_admin(request.app).retry_dead(q, job_id)
+    except JobNotFound:
+        raise ApiError(404, "JOB_NOT_FOUND", f"no failed job {job_id!r} in {q!r}") from None
+    return json_response({"queue": q, "id": job_id, "entry_id": entry, "state": "waiting"})
+
+
+async def retry_all_queue_jobs(request: web.Request) -> web.Response:
+    """Put every dead-lettered job of the queue back: ``{"retried"}``."""
+    q = queue_name(request)
+    retried = await retry_all_dead(queue_admin(request.app), q)
+    return json_response({"queue": q, "retried": retried})
+
+
+async def delete_queue_job(request: web.Request) -> web.Response:
+    """Remove a waiting, delayed, failed (or active) job from the queue."""
+    q = queue_name(request)
+    job_id = request.match_info["id"]
+    try:
+        where = await queue_admin(request.app).delete_job(q, job_id)
+    except JobNotFound:
+        raise ApiError(404, "JOB_NOT_FOUND", f"no job {job_id!r} in {q!r}") from None
+    return json_response({"queue": q, "id": job_id, "deleted_from": where.value})
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    """Live worker processes (``?include_lost=true`` adds those whose heartbeat stopped)."""
+    include_lost = request.query.get("include_lost", "false").lower() in ("1", "true", "yes")
+    workers = await heartbeat.list_workers(request.app[REDIS], include_lost=include_lost)
+    return json_response({"data": workers})
+
+
+async def scaling(request: web.Request) -> web.Response:
+    """The seed's scaling rules evaluated now, each with a recommendation."""
+    rules = await scaling_report(request.app)
+    return json_response({"data": rules, "evaluated_at": round(time.time(), 3)})
+
+
+def add_admin_routes(app: web.Application) -> None:
+    """Register the queue, worker and scaling routes (called by ``create_app``)."""
+    r = app.router
+    r.add_get("/api/v1/queues", list_queues)
+    r.add_get("/api/v1/queues/{q}", get_queue)
+    r.add_get("/api/v1/queues/{q}/jobs", list_queue_jobs)
+    r.add_post("/api/v1/queues/{q}/pause", pause_queue)
+    r.add_post("/api/v1/queues/{q}/resume", resume_queue)
+    r.add_post("/api/v1/queues/{q}/clean", clean_queue)
+    r.add_post("/api/v1/queues/{q}/retry-all", retry_all_queue_jobs)
+    r.add_post("/api/v1/queues/{q}/jobs/{id}/retry", retry_queue_job)
+    r.add_delete("/api/v1/queues/{q}/jobs/{id}", delete_queue_job)
+    r.add_get("/api/v1/workers", list_workers)
+    r.add_get("/api/v1/scaling", scaling)

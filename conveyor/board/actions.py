@@ -1,0 +1,162 @@
+"""The board's actions: every one a POST (CSRF-checked by the guard) that calls the same admin
+function as the API, then redirects back (303) with a one-shot flash message.
+
+A refused action (a job already gone, a run still running) comes back as an error flash on
+the page the operator was on, not as an error page.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from multidict import MultiDictProxy
+
+from conveyor.api import admin as ops
+from conveyor.api.errors import ApiError
+from conveyor.board.views import FLASH_COOKIE
+from conveyor.errors import ConveyorError
+from conveyor.queue import JobNotFound
+
+Form = MultiDictProxy[Any]
+Action = Callable[[web.Request, Form], Awaitable[str]]
+
+
+def _back(request: web.Request, form: Form) -> str:
+    """Where to go afterwards: the form's ``next`` if it is a board path, else the referrer's
+    board page, else the overview (never another site: no open redirect)."""
+    for candidate in (form.get("next"), request.headers.get("Referer")):
+        if not isinstance(candidate, str) or not candidate:
+            continue
+        parts = urllib.parse.urlsplit(candidate)
+        if parts.netloc and parts.netloc != request.host:
+            continue
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        if path.startswith("/admin/") and not path.startswith("//"):
+            return path
+    return "/admin/queues"
+
+
+def _redirect(location: str, kind: str, message: str) -> web.Response:
+    response = web.Response(status=303, headers={"Location": location})
+    response.set_cookie(
+        FLASH_COOKIE,
+        urllib.parse.quote(f"{kind}|{message}"[:600]),
+        path="/admin",
+        httponly=True,
+        samesite="Strict",
+        max_age=60,
+    )
+    return response
+
+
+def action(fn: Action) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Wrap ``fn`` (returns the success message) into a POST handler with redirect + flash."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        back = _back(request, form)
+        try:
+            message = await fn(request, form)
+        except ApiError as exc:
+            return _redirect(back, "error", exc.message)
+        except (ConveyorError, JobNotFound) as exc:
+            return _redirect(back, "error", str(exc))
+        return _redirect(back, "ok", message)
+
+    handler.__doc__ = fn.__doc__
+    handler.__name__ = fn.__name__
+    return handler
+
+
+def _uuid(request: web.Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["id"])
+    except ValueError:
+        raise ApiError(404, "NOT_FOUND", "no such id") from None
+
+
+@action
+async def pause_queue(request: web.Request, form: Form) -> str:
+    """Pause a queue."""
+    q = ops.queue_name(request)
+    await ops.queue_admin(request.app).pause(q)
+    return f"Queue {q} paused: workers take no new jobs from it."
+
+
+@action
+async def resume_queue(request: web.Request, form: Form) -> str:
+    """Resume a queue."""
+    q = ops.queue_name(request)
+    await ops.queue_admin(request.app).resume(q)
+    return f"Queue {q} resumed."
+
+
+@action
+async def clean_queue(request: web.Request, form: Form) -> str:
+    """Delete a queue's jobs in a state older than N seconds."""
+    q = ops.queue_name(request)
+    raw_state = form.get("state")
+    state = ops.job_state(raw_state if isinstance(raw_state, str) else None, allowed=ops.CLEANABLE)
+    age = ops.older_than(form.get("older_than_s") or 0)
+    removed = await ops.queue_admin(request.app).clean(q, state, age)
+    return f"Removed {removed} {state} job(s) older than {age:g} s from {q}."
+
+
+@action
+async def retry_all(request: web.Request, form: Form) -> str:
+    """Retry every dead-lettered job of a queue."""
+    q = ops.queue_name(request)
+    retried = await ops.retry_all_dead(ops.queue_admin(request.app), q)
+    return f"Put {retried} failed job(s) back on {q}."
+
+
+@action
+async def retry_job(request: web.Request, form: Form) -> str:
+    """Retry one dead-lettered job."""
+    q = ops.queue_name(request)
+    job_id = request.match_info["id"]
+    await ops.queue_admin(request.app).retry_dead(q, job_id)
+    return f"Job {job_id} is back on {q}."
+
+
+@action
+async def delete_job(request: web.Request, form: Form) -> str:
+    """Delete one job from a queue."""
+    q = ops.queue_name(request)
+    job_id = request.match_info["id"]
+    where = await ops.queue_admin(request.app).delete_job(q, job_id)
+    return f"Job {job_id} deleted ({where.value})."
+
+
+@action
+async def retry_run(request: web.Request, form: Form) -> str:
+    """Retry a finished run (FROM_FAILED_STEP or ON_LATEST_VERSION)."""
+    raw = form.get("strategy")
+    strategy = raw if isinstance(raw, str) and raw else "FROM_FAILED_STEP"
+    row = await ops.retry_run(request.app, _uuid(request), str(strategy))
+    return f"Run retried ({strategy}, version {row['flow_version']}): now {row['status']}."
+
+
+@action
+async def cancel_run(request: web.Request, form: Form) -> str:
+    """Cancel a queued, running or paused run."""
+    await ops.cancel_run(request.app, _uuid(request))
+    return "Run canceled."
+
+
+@action
+async def enable_flow(request: web.Request, form: Form) -> str:
+    """Enable a flow."""
+    flow = await ops.set_flow_enabled(request.app, _uuid(request), True)
+    return f"Flow {flow.name} enabled."
+
+
+@action
+async def disable_flow(request: web.Request, form: Form) -> str:
+    """Disable a flow: its webhooks answer 404 until enabled again."""
+    flow = await ops.set_flow_enabled(request.app, _uuid(request), False)
+    return f"Flow {flow.name} disabled."

@@ -1,0 +1,136 @@
+"""Presentation helpers of the board: Jinja filters and sparkline geometry.
+
+Nothing here decides anything about queues or runs; it only turns numbers and timestamps the
+read functions returned into text and SVG coordinates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+#: Sparklines cover the last 15 minutes (the queue history's length at 10-s samples).
+SPARK_WINDOW_S = 900.0
+SPARK_W = 120.0
+SPARK_H = 28.0
+
+
+def sparkline(
+    samples: Sequence[dict[str, Any]], value: str, *, now: float | None = None
+) -> dict[str, Any]:
+    """SVG polyline ``points`` (viewBox ``0 0 120 28``) of ``value`` over the last 15 minutes,
+    plus the latest value and the peak (the chart's scale)."""
+    now = time.time() if now is None else now
+    start = now - SPARK_WINDOW_S
+    pts = [(float(s["t"]), float(s.get(value) or 0)) for s in samples if float(s["t"]) >= start]
+    peak = max((v for _, v in pts), default=0.0)
+    scale = peak if peak > 0 else 1.0
+    coords = [
+        f"{(t - start) / SPARK_WINDOW_S * SPARK_W:.1f},"
+        f"{SPARK_H - 1 - v / scale * (SPARK_H - 2):.1f}"
+        for t, v in pts
+    ]
+    if len(coords) == 1:  # one sample: a flat line, not an invisible dot
+        coords.insert(0, f"0,{coords[0].split(',')[1]}")
+    return {"points": " ".join(coords), "peak": peak, "last": pts[-1][1] if pts else None}
+
+
+def per_second(samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """History samples with ``per_s`` (jobs/s over the preceding minute) and ``depth``
+    (waiting + active + delayed) added."""
+    return [
+        {
+            **s,
+            "per_s": round(float(s.get("throughput_1m") or 0) / 60, 2),
+            "depth": int(s.get("waiting") or 0)
+            + int(s.get("active") or 0)
+            + int(s.get("delayed") or 0),
+        }
+        for s in samples
+    ]
+
+
+def fmt_seconds(value: Any) -> str:
+    """``0.4 s``, ``12 s``, ``3 min 5 s``, ``2 h 4 min``."""
+    if value is None:
+        return "–"
+    s = float(value)
+    if s < 10:
+        return f"{s:.1f} s"
+    if s < 60:
+        return f"{s:.0f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60)} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60)} min"
+
+
+def fmt_ms(value: Any) -> str:
+    if value is None:
+        return "–"
+    ms = float(value)
+    return f"{ms:.0f} ms" if ms < 1000 else fmt_seconds(ms / 1000)
+
+
+def fmt_bytes(value: Any) -> str:
+    if value is None:
+        return "–"
+    n = float(value)
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def fmt_time(value: Any) -> str:
+    """A timestamp (datetime, ISO text, epoch seconds or ms) as UTC ``YYYY-MM-DD HH:MM:SS``."""
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, datetime):
+        dt = value
+    elif isinstance(value, int | float):
+        seconds = value / 1000 if value > 1e11 else value
+        dt = datetime.fromtimestamp(seconds, UTC)
+    else:
+        try:
+            dt = datetime.fromisoformat(str(value))
+        except ValueError:
+            return str(value)
+    return dt.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def pretty_json(value: Any) -> str:
+    """Indented JSON for ``<pre>`` blocks (escaped by the template like any text)."""
+    if isinstance(value, str):
+        return value
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2, default=str).decode()
+
+
+def short_id(value: Any) -> str:
+    text = str(value)
+    return text[-12:] if len(text) > 12 else text
+
+
+def status_class(status: Any) -> str:
+    """CSS modifier of a status badge."""
+    s = str(status or "").upper()
+    if s in ("SUCCEEDED", "COMPLETED", "LIVE"):
+        return "ok"
+    if s in ("QUEUED", "RUNNING", "PAUSED", "WAITING", "ACTIVE", "DELAYED"):
+        return "busy"
+    return "bad"
+
+
+FILTERS = {
+    "seconds": fmt_seconds,
+    "ms": fmt_ms,
+    "bytes": fmt_bytes,
+    "when": fmt_time,
+    "pretty": pretty_json,
+    "short": short_id,
+    "status_class": status_class,
+}

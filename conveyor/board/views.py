@@ -1,0 +1,310 @@
+"""The board's pages and their live-refresh twins.
+
+Each :class:`Page` names a template, the regions of it that refresh live, and a coroutine that
+gathers the page's data by calling the same read functions as the API (queue admin, run and
+flow store, worker registry, scaling report). ``GET /admin/<page>`` renders the whole
+template; ``GET /admin/api/<page>`` renders only the regions (the same partial templates, so
+both stay identical) and returns them as JSON with the raw data, which ``board.js`` swaps in.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from conveyor import heartbeat
+from conveyor.api.admin import (
+    job_state,
+    list_jobs_page,
+    queue_admin,
+    queue_name,
+    scaling_report,
+)
+from conveyor.api.errors import ApiError, json_response
+from conveyor.api.flows import flow_json, page_args
+from conveyor.api.keys import DB, REDIS
+from conveyor.api.runs import run_json
+from conveyor.board.present import per_second, sparkline
+from conveyor.board.security import csrf_token
+from conveyor.engine.status import IN_FLIGHT, TERMINAL, RunStatus
+from conveyor.errors import NotFound
+from conveyor.queue import JobState
+from conveyor.store import flows as flow_store
+from conveyor.store import runs as run_store
+
+FLASH_COOKIE = "conveyor_flash"
+#: How often the pages poll their live JSON, in milliseconds.
+REFRESH_MS = 3000
+RUN_STATUSES = tuple(s.value for s in RunStatus)
+NAV = (
+    ("queues", "/admin/queues", "Queues"),
+    ("runs", "/admin/runs", "Runs"),
+    ("flows", "/admin/flows", "Flows"),
+    ("workers", "/admin/workers", "Workers"),
+)
+
+Context = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A board page: ``template``, the live ``regions`` (partials ``_<region>.html``), the
+    ``section`` highlighted in the navigation and the coroutine that ``build`` s its data."""
+
+    template: str
+    regions: tuple[str, ...]
+    section: str
+    build: Callable[[web.Request], Awaitable[Context]]
+
+
+# --------------------------------------------------------------------------- data per page
+async def overview_data(request: web.Request) -> Context:
+    app = request.app
+    admin = queue_admin(app)
+    cards = []
+    for st in await admin.all_stats():
+        history = per_second(await admin.history(st.queue))
+        cards.append(
+            {
+                "stats": st.to_dict(),
+                "per_s": round(st.throughput_1m / 60, 2),
+                "depth": sparkline(history, "depth"),
+                "rate": sparkline(history, "per_s"),
+            }
+        )
+    advice = await scaling_report(app)
+    workers = await heartbeat.list_workers(app[REDIS])
+    lost = sum(1 for w in workers if w["lost"])
+    return {
+        "title": "Queues",
+        "cards": cards,
+        "advice": advice,
+        "breached": [r for r in advice if r["breached"]],
+        "workers_live": len(workers) - lost,
+        "workers_lost": lost,
+        "live": {"queues": [c["stats"] for c in cards], "scaling": advice},
+    }
+
+
+async def queue_data(request: web.Request) -> Context:
+    q = queue_name(request)
+    state = job_state(request.query.get("state"))
+    cursor = request.query.get("cursor") or None
+    admin = queue_admin(request.app)
+    stats = (await admin.stats(q)).to_dict()
+    jobs, next_cursor = await list_jobs_page(admin, q, state, 50, cursor)
+    counts = {
+        JobState.WAITING.value: stats["waiting"],
+        JobState.ACTIVE.value: stats["active"],
+        JobState.DELAYED.value: stats["delayed"],
+        JobState.FAILED.value: stats["dead"],
+        JobState.COMPLETED.value: stats["completed"],
+    }
+    return {
+        "title": f"Queue {q}",
+        "queue": q,
+        "stats": stats,
+        "state": state,
+        "tabs": list(counts.items()),
+        "jobs": jobs,
+        "cursor": cursor,
+        "next_cursor": next_cursor,
+        "cleanable": [s for s in counts if s != JobState.ACTIVE.value],
+        "live": {"stats": stats, "jobs": jobs, "next_cursor": next_cursor},
+    }
+
+
+def _uuid_arg(raw: str | None, what: str) -> uuid.UUID | None:
+    if not raw:
+        return None
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise ApiError(400, "BAD_REQUEST", f"{what} is not a valid id") from None
+
+
+async def _flow_names(request: web.Request) -> dict[str, str]:
+    flows = await flow_store.list_flows(request.app[DB], limit=200)
+    return {str(f.id): f.name for f in flows}
+
+
+async def runs_data(request: web.Request) -> Context:
+    limit, cursor = page_args(request)
+    flow_id = _uuid_arg(request.query.get("flow_id"), "flow_id")
+    status = request.query.get("status") or None
+    if status is not None and status not in RUN_STATUSES:
+        raise ApiError(400, "BAD_REQUEST", f"status must be one of {', '.join(RUN_STATUSES)}")
+    rows = await run_store.list_runs(
+        request.app[DB], flow_id=flow_id, status=status, limit=limit + 1, cursor=cursor
+    )
+    runs = [run_json(r) for r in rows[:limit]]
+    names = await _flow_names(request)
+    for run in runs:
+        run["flow_name"] = names.get(run["flow_id"])
+    query = {"flow_id": str(flow_id) if flow_id else "", "status": status or ""}
+    next_cursor = runs[-1]["id"] if len(rows) > limit else None
+    next_url = None
+    if next_cursor:
+        next_url = "/admin/runs?" + urllib.parse.urlencode({**query, "cursor": next_cursor})
+    return {
+        "title": "Runs",
+        "runs": runs,
+        "flows": sorted(names.items(), key=lambda kv: kv[1].lower()),
+        "filter": query,
+        "statuses": RUN_STATUSES,
+        "next_url": next_url,
+        "live": {"runs": runs, "next_cursor": next_cursor},
+    }
+
+
+def _timeline(run: Context) -> list[Context]:
+    """Each step with ``offset``/``width`` (percent of the run's span) for its duration bar,
+    and ``depth`` (nesting inside loops and branches)."""
+    steps: list[Context] = run.get("steps") or []
+    starts = [_ts(s["started_at"]) for s in steps if s.get("started_at")]
+    origin = min(starts) if starts else 0.0
+    ends = [
+        _ts(s["started_at"]) + float(s.get("duration_ms") or 0) / 1000
+        for s in steps
+        if s.get("started_at")
+    ]
+    span = max(max(ends, default=origin) - origin, 0.001)
+    parents = {s["name"]: s.get("parent") for s in steps}
+    out = []
+    for s in steps:
+        depth, parent = 0, s.get("parent")
+        while parent and depth < 10:
+            depth += 1
+            parent = parents.get(parent)
+        start = _ts(s["started_at"]) if s.get("started_at") else origin
+        offset = (start - origin) / span * 100
+        width = float(s.get("duration_ms") or 0) / 1000 / span * 100
+        out.append(
+            {
+                **s,
+                "depth": depth,
+                "offset": round(min(offset, 99.5), 2),
+                "width": round(max(0.5, min(width, 100 - offset)), 2),
+            }
+        )
+    return out
+
+
+def _ts(value: Any) -> float:
+    return datetime.fromisoformat(value).timestamp() if isinstance(value, str) else 0.0
+
+
+async def run_data(request: web.Request) -> Context:
+    run_id = _uuid_arg(request.match_info["id"], "run id")
+    if run_id is None:
+        raise ApiError(404, "NOT_FOUND", "no such run")
+    db = request.app[DB]
+    row = await run_store.get_run(db, run_id)
+    run = run_json(row, await run_store.get_steps(db, run_id))
+    try:
+        flow_name: str | None = (await flow_store.get_flow(db, row["flow_id"])).name
+    except NotFound:
+        flow_name = None
+    return {
+        "title": f"Run {run['id']}",
+        "run": run,
+        "flow_name": flow_name,
+        "steps": _timeline(run),
+        "finished": run["status"] in {s.value for s in TERMINAL},
+        "in_flight": run["status"] in {s.value for s in IN_FLIGHT},
+        "live": {"run": {k: v for k, v in run.items() if k != "trigger"}},
+    }
+
+
+async def flows_data(request: web.Request) -> Context:
+    limit, cursor = page_args(request)
+    db = request.app[DB]
+    found = await flow_store.list_flows(db, limit=limit + 1, cursor=cursor)
+    flows = []
+    for f in found[:limit]:
+        doc = flow_json(request, f)
+        recent = await run_store.list_runs(db, flow_id=f.id, limit=5)
+        doc["recent_runs"] = [{"id": str(r["id"]), "status": r["status"]} for r in recent]
+        doc["trigger_type"] = (doc.get("trigger") or {}).get("type", "webhook")
+        doc.pop("steps", None)
+        flows.append(doc)
+    next_url = f"/admin/flows?cursor={flows[-1]['id']}" if len(found) > limit else None
+    return {"title": "Flows", "flows": flows, "next_url": next_url, "live": {"flows": flows}}
+
+
+async def workers_data(request: web.Request) -> Context:
+    workers = await heartbeat.list_workers(request.app[REDIS], include_lost=True)
+    return {
+        "title": "Workers",
+        "workers": workers,
+        "lost_after_s": heartbeat.LOST_AFTER_S,
+        "live": {"workers": workers},
+    }
+
+
+PAGES = {
+    "overview": Page("overview.html", ("cards", "advice"), "queues", overview_data),
+    "queue": Page("queue.html", ("queue_head", "jobs"), "queues", queue_data),
+    "runs": Page("runs.html", ("runs",), "runs", runs_data),
+    "run": Page("run.html", ("run",), "runs", run_data),
+    "flows": Page("flows.html", ("flows",), "flows", flows_data),
+    "workers": Page("workers.html", ("workers",), "workers", workers_data),
+}
+
+
+# --------------------------------------------------------------------------- handlers
+def _flash(request: web.Request) -> dict[str, str] | None:
+    raw = request.cookies.get(FLASH_COOKIE)
+    if not raw:
+        return None
+    kind, _, message = urllib.parse.unquote(raw).partition("|")
+    return {"kind": "error" if kind == "error" else "ok", "message": message[:500]}
+
+
+async def _context(request: web.Request, page: Page) -> Context:
+    ctx = await page.build(request)
+    ctx.update(
+        csrf=csrf_token(request),
+        nav=NAV,
+        section=page.section,
+        here=request.path_qs,
+        refresh_ms=REFRESH_MS,
+        live_url="/admin/api/" + request.path_qs.removeprefix("/admin/"),
+    )
+    return ctx
+
+
+def html_view(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        ctx = await _context(request, page)
+        ctx["flash"] = _flash(request)
+        response = aiohttp_jinja2.render_template(page.template, request, ctx)
+        if ctx["flash"]:
+            response.del_cookie(FLASH_COOKIE, path="/admin")
+        return response
+
+    handler.__doc__ = f"Board page ({page.template})."
+    return handler
+
+
+def live_view(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        ctx = await _context(request, page)
+        env = aiohttp_jinja2.get_env(request.app)
+        regions = {r: env.get_template(f"_{r}.html").render(ctx) for r in page.regions}
+        return json_response({"regions": regions, "data": ctx.get("live")})
+
+    handler.__doc__ = f"Live-refresh JSON of the board page {page.template}."
+    return handler
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    """``/admin`` → the overview."""
+    raise web.HTTPFound("/admin/queues")

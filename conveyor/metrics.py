@@ -1,0 +1,406 @@
+"""Prometheus metrics (DESIGN §7) and the scaling rules evaluated over them.
+
+Metric names are the contract: ``conveyor_queue_*`` gauges are refreshed from the queue's own
+stats when ``/metrics`` is scraped (at most every :data:`REFRESH_EVERY_S`), per-process gauges
+(busy slots, pool sizes) every few seconds by :func:`metrics_ctx`; histograms and counters are
+observed where things happen — :func:`observe_run` and :func:`observe_step` by the worker, the
+HTTP middleware for every request (and for webhook rejections, by status).
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (PM2 mode sets it before forking), prometheus-client keeps
+each process's values in files there and ``/metrics`` merges every process's through a
+``MultiProcessCollector``; gauges declare how (``livesum`` for per-process capacity,
+``mostrecent`` for values every process reads from the same source).
+
+:func:`evaluate_scaling` holds the seed's thresholds; ``GET /api/v1/scaling``, the board's
+banners and ``configs/prometheus/alerts.yml`` say the same thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prom_mp
+
+from conveyor.api.keys import DB, REDIS, SETTINGS
+from conveyor.queue import QueueAdmin, QueueConfig, Sampler
+
+log = structlog.get_logger(__name__)
+
+#: Queue gauges are re-read from Redis at most this often, however often Prometheus scrapes.
+REFRESH_EVERY_S = 2.0
+#: Per-process gauges are written this often (in multiprocess mode another process may serve
+#: the scrape, so each process keeps its own values fresh).
+PROCESS_REFRESH_S = 5.0
+#: The API latency and error-rate rules look at requests of this many recent seconds.
+API_WINDOW_S = 60.0
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_RUN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0)
+
+QUEUE_WAITING = Gauge(
+    "conveyor_queue_waiting_jobs",
+    "Jobs not yet delivered",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
+QUEUE_ACTIVE = Gauge(
+    "conveyor_queue_active_jobs", "Jobs being worked on", ["queue"], multiprocess_mode="mostrecent"
+)
+QUEUE_DELAYED = Gauge(
+    "conveyor_queue_delayed_jobs",
+    "Jobs in the delayed set",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
+QUEUE_DEAD = Gauge(
+    "conveyor_queue_dead_jobs", "Dead-lettered jobs kept", ["queue"], multiprocess_mode="mostrecent"
+)
+QUEUE_OLDEST_WAIT = Gauge(
+    "conveyor_queue_oldest_wait_seconds",
+    "Age of the oldest waiting job",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
+JOB_WAIT = Histogram(
+    "conveyor_job_wait_seconds", "Enqueue to start of execution", buckets=_RUN_BUCKETS
+)
+RUN_DURATION = Histogram(
+    "conveyor_flow_run_duration_seconds", "Execution time of a flow run", buckets=_RUN_BUCKETS
+)
+STEP_DURATION = Histogram(
+    "conveyor_step_duration_seconds", "Execution time of a step", ["type"], buckets=_RUN_BUCKETS
+)
+HTTP_DURATION = Histogram(
+    "conveyor_http_request_duration_seconds",
+    "HTTP request latency",
+    ["route", "method"],
+    buckets=_LATENCY_BUCKETS,
+)
+RUNS_TOTAL = Counter("conveyor_flow_runs", "Flow runs finished, by status", ["status"])
+HTTP_TOTAL = Counter(
+    "conveyor_http_requests", "HTTP requests answered", ["route", "method", "status"]
+)
+WEBHOOKS_REJECTED = Counter("conveyor_webhooks_rejected", "Webhooks refused, by reason", ["reason"])
+WORKER_BUSY = Gauge("conveyor_worker_busy_slots", "Run slots in use", multiprocess_mode="livesum")
+WORKER_CONCURRENCY = Gauge(
+    "conveyor_worker_concurrency", "Run slots available", multiprocess_mode="livesum"
+)
+DB_POOL_SIZE = Gauge(
+    "conveyor_db_pool_size", "Open connections in this process's pool", multiprocess_mode="livesum"
+)
+DB_POOL_IN_USE = Gauge(
+    "conveyor_db_pool_in_use", "Pool connections checked out", multiprocess_mode="livesum"
+)
+DB_ACTIVE = Gauge(
+    "conveyor_db_connections_active",
+    "Connections open on the PostgreSQL server",
+    multiprocess_mode="mostrecent",
+)
+DB_MAX = Gauge(
+    "conveyor_db_max_connections", "PostgreSQL max_connections", multiprocess_mode="mostrecent"
+)
+
+#: Webhook answers counted as rejections, by status.
+REJECT_REASONS = {
+    401: "signature",
+    404: "flow_not_found",
+    413: "payload_too_large",
+    429: "queue_full",
+    503: "unavailable",
+}
+_UNTIMED_PREFIXES = ("/metrics", "/healthz", "/readyz", "/admin/static/")
+_TERMINAL_STATUSES = frozenset(
+    {"SUCCEEDED", "FAILED", "TIMEOUT", "INTERNAL_ERROR", "CANCELED", "MEMORY_LIMIT_EXCEEDED"}
+)
+
+
+# --------------------------------------------------------------------------- observations
+def job_started(enqueued_ms: int) -> float:
+    """A worker starts a job whose stream entry was added at ``enqueued_ms``: observe its
+    wait; returns the start time (``time.time()``) for :func:`observe_run`."""
+    now = time.time()
+    JOB_WAIT.observe(max(0.0, now - enqueued_ms / 1000))
+    return now
+
+
+def observe_run(status: str, started_s: float | None = None) -> None:
+    """A run ended (or paused): count terminal statuses, time it from ``started_s``."""
+    if status in _TERMINAL_STATUSES:
+        RUNS_TOTAL.labels(status).inc()
+    if started_s is not None:
+        RUN_DURATION.observe(max(0.0, time.time() - started_s))
+
+
+def observe_step(step_type: str, duration_ms: float | None) -> None:
+    """A step finished after ``duration_ms``."""
+    if duration_ms is not None:
+        STEP_DURATION.labels(step_type).observe(max(0.0, float(duration_ms)) / 1000)
+
+
+def webhook_rejected(reason: str) -> None:
+    WEBHOOKS_REJECTED.labels(reason).inc()
+
+
+@dataclass
+class _Window:
+    """Recent request timings of this process, for the API rules of the scaling advice."""
+
+    samples: deque[tuple[float, float, bool]] = field(default_factory=lambda: deque(maxlen=20_000))
+
+    def add(self, duration_s: float, error: bool) -> None:
+        self.samples.append((time.monotonic(), duration_s, error))
+
+    def summary(self, window_s: float = API_WINDOW_S) -> dict[str, float]:
+        """``{requests, p95_ms, error_rate_percent}`` over the last ``window_s`` seconds."""
+        cutoff = time.monotonic() - window_s
+        recent = [(d, e) for t, d, e in self.samples if t >= cutoff]
+        if not recent:
+            return {"requests": 0, "p95_ms": 0.0, "error_rate_percent": 0.0}
+        durations = sorted(d for d, _ in recent)
+        p95 = durations[min(len(durations) - 1, math.ceil(0.95 * len(durations)) - 1)]
+        errors = sum(1 for _, e in recent if e)
+        return {
+            "requests": len(recent),
+            "p95_ms": round(p95 * 1000, 1),
+            "error_rate_percent": round(100.0 * errors / len(recent), 2),
+        }
+
+
+API_WINDOW = _Window()
+
+
+def _route(request: web.Request) -> str:
+    route = request.match_info.route
+    resource = route.resource if route is not None else None
+    return resource.canonical if resource is not None else "<unmatched>"
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def http_metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Times every request by route template (never the raw URL: bounded label values)."""
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        elapsed = time.perf_counter() - start
+        route = _route(request)
+        HTTP_DURATION.labels(route, request.method).observe(elapsed)
+        HTTP_TOTAL.labels(route, request.method, str(status)).inc()
+        if route.startswith("/api/v1/webhooks/") and status in REJECT_REASONS:
+            webhook_rejected(REJECT_REASONS[status])
+        if not request.path.startswith(_UNTIMED_PREFIXES):
+            API_WINDOW.add(elapsed, status >= 500)
+
+
+# --------------------------------------------------------------------------- refresh
+async def db_connections(db: Any) -> tuple[int, int]:
+    """``(active, max_connections)`` of the PostgreSQL server."""
+    # TODO(store): belongs in conveyor/store/ with the other SQL.
+    async with db.writer() as conn:
+        active = await conn.fetchval("SELECT count(*) FROM pg_stat_activity")
+        limit = await conn.fetchval("SELECT current_setting('max_connections')::int")
+    return int(active), int(limit)
+
+
+@dataclass
+class _State:
+    queues_at: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+METRICS_STATE: web.AppKey[_State] = web.AppKey("metrics_state")
+SAMPLER: web.AppKey[Sampler] = web.AppKey("sampler")
+
+
+async def refresh_queues(app: web.Application) -> None:
+    """Set the queue gauges (and the server-wide DB gauges) from fresh readings."""
+    state = app[METRICS_STATE]
+    async with state.lock:
+        if time.monotonic() - state.queues_at < REFRESH_EVERY_S:
+            return
+        admin = QueueAdmin(app[REDIS], QueueConfig.from_settings(app[SETTINGS]))
+        for st in await admin.all_stats():
+            QUEUE_WAITING.labels(st.queue).set(st.waiting)
+            QUEUE_ACTIVE.labels(st.queue).set(st.active)
+            QUEUE_DELAYED.labels(st.queue).set(st.delayed)
+            QUEUE_DEAD.labels(st.queue).set(st.dead)
+            QUEUE_OLDEST_WAIT.labels(st.queue).set(st.oldest_wait_s)
+        active, limit = await db_connections(app[DB])
+        DB_ACTIVE.set(active)
+        DB_MAX.set(limit)
+        state.queues_at = time.monotonic()
+
+
+def refresh_process(app: web.Application) -> None:
+    """Set this process's gauges: worker slots and connection pool."""
+    from conveyor.engine.worker import WORKER  # noqa: PLC0415 (it imports this module)
+
+    consumer = getattr(app.get(WORKER), "consumer", None)
+    if consumer is not None:
+        WORKER_BUSY.set(int(consumer.busy))
+        WORKER_CONCURRENCY.set(int(consumer.concurrency))
+    db = app.get(DB)
+    if db is not None:
+        pool = db.pool_stats()
+        DB_POOL_SIZE.set(pool["size"])
+        DB_POOL_IN_USE.set(pool["in_use"])
+
+
+def registry() -> CollectorRegistry:
+    """What ``/metrics`` exposes: every process's values in multiprocess mode, else ours."""
+    merged = CollectorRegistry()
+    try:
+        prom_mp.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+    except ValueError:  # PROMETHEUS_MULTIPROC_DIR not set: single-process mode
+        return REGISTRY
+    return merged
+
+
+def mark_process_dead(pid: int) -> None:
+    """For a supervisor: drop the ``live*`` gauge values of a child that exited."""
+    with contextlib.suppress(ValueError, KeyError):
+        prom_mp.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    """Prometheus metrics of this process (of every process in multiprocess mode)."""
+    app = request.app
+    refresh_process(app)
+    try:
+        await asyncio.wait_for(refresh_queues(app), 2.0)
+    except Exception as exc:
+        # A scrape still answers with the last values when Redis or PostgreSQL is away.
+        log.warning("metrics.refresh_failed", error=repr(exc))
+    body = generate_latest(registry())
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx of every role: the board's history sampler and per-process gauges."""
+    app[METRICS_STATE] = _State()
+    sampler = Sampler(app[REDIS], QueueConfig.from_settings(app[SETTINGS]))
+    await sampler.start()
+    app[SAMPLER] = sampler
+
+    async def loop() -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                refresh_process(app)
+            await asyncio.sleep(PROCESS_REFRESH_S)
+
+    task = asyncio.get_running_loop().create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await sampler.close()
+
+
+# --------------------------------------------------------------------------- scaling rules
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One scaling threshold of the seed (DESIGN §7)."""
+
+    rule: str
+    label: str
+    threshold: float
+    unit: str
+    recommendation: str
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("waiting_jobs", "Waiting jobs", 100, "", "add workers"),
+    Rule("average_wait_seconds", "Average wait", 30, " s", "add workers"),
+    Rule("worker_cpu_percent", "Worker CPU", 80, " %", "add workers"),
+    Rule("worker_memory_percent", "Worker memory", 80, " %", "add workers"),
+    Rule("api_p95_latency_ms", "API p95 latency", 500, " ms", "add APP replicas"),
+    Rule("api_error_rate_percent", "API error rate", 1, " %", "add APP replicas"),
+    Rule(
+        "db_connections_percent",
+        "DB active connections",
+        80,
+        " % of max",
+        "raise max_connections, AP_POSTGRES_POOL_SIZE or put PgBouncer in front",
+    ),
+)
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
+def evaluate_scaling(values: dict[str, float | None]) -> list[dict[str, Any]]:
+    """Each rule with its current ``value`` (``None`` = nothing to measure), ``threshold``,
+    ``breached`` and ``recommendation``, plus a one-line ``message`` for banners."""
+    out = []
+    for r in RULES:
+        value = values.get(r.rule)
+        breached = value is not None and value > r.threshold
+        shown = "n/a" if value is None else _fmt(value) + r.unit
+        op = ">" if breached else "≤"
+        message = f"{r.label} {shown} {op} {_fmt(r.threshold)}{r.unit}"
+        out.append(
+            {
+                "rule": r.rule,
+                "value": value,
+                "threshold": r.threshold,
+                "breached": breached,
+                "recommendation": r.recommendation if breached else "no action needed",
+                "message": f"{message}: {r.recommendation}" if breached else message,
+            }
+        )
+    return out
+
+
+def scaling_inputs(
+    queues: Sequence[Any],
+    workers: Sequence[dict[str, Any]],
+    api: dict[str, float],
+    db: tuple[int, int] | None,
+) -> dict[str, float | None]:
+    """Rule values from queue stats, live workers' heartbeats, this process's request window
+    and the database's connection counts."""
+    live = [w for w in workers if not w.get("lost")]
+
+    def avg(name: str) -> float | None:
+        vals = [float(w[name]) for w in live if isinstance(w.get(name), int | float)]
+        return round(sum(vals) / len(vals), 1) if vals else None
+
+    return {
+        "waiting_jobs": float(sum(q.waiting for q in queues)),
+        "average_wait_seconds": round(max((q.avg_wait_s for q in queues), default=0.0), 2),
+        "worker_cpu_percent": avg("cpu_percent"),
+        "worker_memory_percent": avg("memory_percent"),
+        "api_p95_latency_ms": api["p95_ms"] if api["requests"] else None,
+        "api_error_rate_percent": api["error_rate_percent"] if api["requests"] else None,
+        "db_connections_percent": round(100.0 * db[0] / db[1], 1) if db and db[1] else None,
+    }
