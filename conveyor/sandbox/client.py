@@ -41,6 +41,7 @@ from conveyor.sandbox.isolation import (
     missing_isolation_error,
 )
 from conveyor.sandbox.limits import Limits
+from conveyor.sandbox.protocol import encode
 from conveyor.settings import ExecutionMode, Settings
 
 log = logging.getLogger("conveyor.sandbox")
@@ -622,6 +623,10 @@ class Sandbox:
         self, slot: _Slot, key: tuple[str, str], request: dict[str, Any]
     ) -> tuple[str, Any, str | None, str]:
         limit_s: float = request["timeout_s"]
+        try:
+            frame_out = encode(request)
+        except TypeError as exc:
+            return "FAILED", None, f"step input is not JSON-serialisable: {exc}", ""
         child = slot.child
         if child is not None and (child.dead or child.key != key or not self.config.warm):
             self._retire(slot)
@@ -638,7 +643,7 @@ class Sandbox:
         timer = loop.call_later(limit_s, _expire, waiter)
         try:
             assert child.channel is not None
-            child.channel.send(request)
+            child.channel.send_bytes(frame_out)
             frame = await waiter
         except _Timeout:
             return await self._kill(slot, child, limit_s)

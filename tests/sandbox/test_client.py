@@ -67,6 +67,13 @@ async def test_non_json_output_fails(sandbox: Sandbox) -> None:
     assert "set" in (result.error or "")
 
 
+async def test_non_json_input_fails_the_step(sandbox: Sandbox) -> None:
+    """An input that cannot be sent as JSON fails the step without touching the child."""
+    result = await run(sandbox, "def run(input):\n    return 1\n", {"when": object()})
+    assert result.status is SandboxStatus.FAILED
+    assert "JSON" in (result.error or "")
+
+
 async def test_output_over_limit_fails() -> None:
     """A result larger than the output cap is refused with FAILED."""
     async with make_sandbox(limits=Limits(output_bytes=10_000)) as sb:
