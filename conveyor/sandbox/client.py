@@ -83,6 +83,8 @@ _BOOT = (
     "import sys; sys.path.insert(0, {root!r}); from conveyor.sandbox.forkserver import main; main()"
 )
 #: The fork-server's whole environment: nothing of the worker's reaches it.
+#: How long a child whose socket closed gets to be reported dead before it is killed.
+_DIED_GRACE_S = 0.25
 _SERVER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -688,9 +690,24 @@ class Sandbox:
     async def _died(
         self, slot: _Slot, child: _Child, limit_s: float
     ) -> tuple[str, Any, str | None, str]:
-        """The child closed its socket without answering: find out why from its exit."""
+        """The child's socket closed or carried garbage before an answer: find out why.
+
+        A child that died on its own is reported by the fork-server within moments; one
+        that is still alive broke the protocol (closed or scribbled on its socket) and is
+        killed — without waiting for the wall time — then reported as FAILED.
+        """
         slot.child = None
-        event = await self._await_exit(child)
+        try:
+            event = await asyncio.wait_for(asyncio.shield(child.exit), _DIED_GRACE_S)
+        except TimeoutError:
+            if self._ctl is not None and not self._ctl.closed:
+                with contextlib.suppress(ConnectionError):
+                    self._ctl.send({"op": "kill", "id": child.id})
+            event = await self._await_exit(child)
+            if event.get("killed") and event.get("signal") == signal.SIGKILL:
+                return "FAILED", None, "step process broke its channel to the worker", ""
+        if child.channel is not None:
+            child.channel.close()
         status, error = _explain_exit(event, self.config.limits, limit_s)
         return status, None, error, ""
 

@@ -385,3 +385,24 @@ async def test_filesystem_view_is_read_only(sandbox: Sandbox) -> None:
     assert result.status is SandboxStatus.SUCCEEDED, result.error
     assert "written" not in result.output.values(), result.output
     assert not (Path(sys.prefix) / "evil").exists()
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "os.write(3, b'\\xff' * 64)",
+        "os.write(3, (10**9).to_bytes(4, 'big'))",
+        "os.close(3)",
+    ],
+    ids=["garbage", "huge-length", "close"],
+)
+async def test_broken_channel_fails_fast(sandbox: Sandbox, attack: str) -> None:
+    """A step that corrupts or closes its socket to the worker fails at once (no waiting
+    for the wall time, no fork-server restart) and the sandbox stays healthy."""
+    server = sandbox.server_pid
+    code = f"import os, time\ndef run(input):\n    {attack}\n    time.sleep(60)\n"
+    result = await run(sandbox, code, timeout_s=30)
+    assert result.status is SandboxStatus.FAILED  # not TIMEOUT: nobody waited 30 s
+    assert "channel" in (result.error or "")
+    assert sandbox.server_pid == server
+    await healthy(sandbox)
