@@ -17,7 +17,7 @@ from multidict import MultiDictProxy
 
 from conveyor.api import admin as ops
 from conveyor.api.errors import ApiError
-from conveyor.board.views import FLASH_COOKIE
+from conveyor.board.views import FLASH_COOKIE, root
 from conveyor.errors import ConveyorError
 from conveyor.queue import JobNotFound
 
@@ -83,7 +83,7 @@ def _uuid(request: web.Request) -> uuid.UUID:
 async def pause_queue(request: web.Request, form: Form) -> str:
     """Pause a queue."""
     q = ops.queue_name(request)
-    await ops.queue_admin(request.app).pause(q)
+    await ops.queue_admin(root(request)).pause(q)
     return f"Queue {q} paused: workers take no new jobs from it."
 
 
@@ -91,7 +91,7 @@ async def pause_queue(request: web.Request, form: Form) -> str:
 async def resume_queue(request: web.Request, form: Form) -> str:
     """Resume a queue."""
     q = ops.queue_name(request)
-    await ops.queue_admin(request.app).resume(q)
+    await ops.queue_admin(root(request)).resume(q)
     return f"Queue {q} resumed."
 
 
@@ -102,7 +102,7 @@ async def clean_queue(request: web.Request, form: Form) -> str:
     raw_state = form.get("state")
     state = ops.job_state(raw_state if isinstance(raw_state, str) else None, allowed=ops.CLEANABLE)
     age = ops.older_than(form.get("older_than_s") or 0)
-    removed = await ops.queue_admin(request.app).clean(q, state, age)
+    removed = await ops.queue_admin(root(request)).clean(q, state, age)
     return f"Removed {removed} {state} job(s) older than {age:g} s from {q}."
 
 
@@ -110,7 +110,7 @@ async def clean_queue(request: web.Request, form: Form) -> str:
 async def retry_all(request: web.Request, form: Form) -> str:
     """Retry every dead-lettered job of a queue."""
     q = ops.queue_name(request)
-    retried = await ops.retry_all_dead(ops.queue_admin(request.app), q)
+    retried = await ops.retry_all_dead(ops.queue_admin(root(request)), q)
     return f"Put {retried} failed job(s) back on {q}."
 
 
@@ -119,7 +119,7 @@ async def retry_job(request: web.Request, form: Form) -> str:
     """Retry one dead-lettered job."""
     q = ops.queue_name(request)
     job_id = request.match_info["id"]
-    await ops.queue_admin(request.app).retry_dead(q, job_id)
+    await ops.queue_admin(root(request)).retry_dead(q, job_id)
     return f"Job {job_id} is back on {q}."
 
 
@@ -128,7 +128,7 @@ async def delete_job(request: web.Request, form: Form) -> str:
     """Delete one job from a queue."""
     q = ops.queue_name(request)
     job_id = request.match_info["id"]
-    where = await ops.queue_admin(request.app).delete_job(q, job_id)
+    where = await ops.queue_admin(root(request)).delete_job(q, job_id)
     return f"Job {job_id} deleted ({where.value})."
 
 
@@ -137,26 +137,26 @@ async def retry_run(request: web.Request, form: Form) -> str:
     """Retry a finished run (FROM_FAILED_STEP or ON_LATEST_VERSION)."""
     raw = form.get("strategy")
     strategy = raw if isinstance(raw, str) and raw else "FROM_FAILED_STEP"
-    row = await ops.retry_run(request.app, _uuid(request), str(strategy))
+    row = await ops.retry_run(root(request), _uuid(request), str(strategy))
     return f"Run retried ({strategy}, version {row['flow_version']}): now {row['status']}."
 
 
 @action
 async def cancel_run(request: web.Request, form: Form) -> str:
     """Cancel a queued, running or paused run."""
-    await ops.cancel_run(request.app, _uuid(request))
+    await ops.cancel_run(root(request), _uuid(request))
     return "Run canceled."
 
 
 @action
 async def enable_flow(request: web.Request, form: Form) -> str:
     """Enable a flow."""
-    flow = await ops.set_flow_enabled(request.app, _uuid(request), True)
+    flow = await ops.set_flow_enabled(root(request), _uuid(request), True)
     return f"Flow {flow.name} enabled."
 
 
 @action
 async def disable_flow(request: web.Request, form: Form) -> str:
     """Disable a flow: its webhooks answer 404 until enabled again."""
-    flow = await ops.set_flow_enabled(request.app, _uuid(request), False)
+    flow = await ops.set_flow_enabled(root(request), _uuid(request), False)
     return f"Flow {flow.name} disabled."

@@ -110,6 +110,12 @@ def pretty_json(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_INDENT_2, default=str).decode()
 
 
+def headline(value: Any) -> str:
+    """The last non-empty line of an error (a traceback's ``ValueError: …`` line)."""
+    lines = [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 def short_id(value: Any) -> str:
     text = str(value)
     return text[-12:] if len(text) > 12 else text
@@ -132,5 +138,6 @@ FILTERS = {
     "when": fmt_time,
     "pretty": pretty_json,
     "short": short_id,
+    "headline": headline,
     "status_class": status_class,
 }

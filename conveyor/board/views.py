@@ -53,6 +53,11 @@ NAV = (
 Context = dict[str, Any]
 
 
+def root(request: web.Request) -> web.Application:
+    """The API application the board is mounted on (it holds the pools and clients)."""
+    return request.match_info.apps[0]
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     """A board page: ``template``, the live ``regions`` (partials ``_<region>.html``), the
@@ -66,7 +71,7 @@ class Page:
 
 # --------------------------------------------------------------------------- data per page
 async def overview_data(request: web.Request) -> Context:
-    app = request.app
+    app = root(request)
     admin = queue_admin(app)
     cards = []
     for st in await admin.all_stats():
@@ -97,7 +102,7 @@ async def queue_data(request: web.Request) -> Context:
     q = queue_name(request)
     state = job_state(request.query.get("state"))
     cursor = request.query.get("cursor") or None
-    admin = queue_admin(request.app)
+    admin = queue_admin(root(request))
     stats = (await admin.stats(q)).to_dict()
     jobs, next_cursor = await list_jobs_page(admin, q, state, 50, cursor)
     counts = {
@@ -131,7 +136,7 @@ def _uuid_arg(raw: str | None, what: str) -> uuid.UUID | None:
 
 
 async def _flow_names(request: web.Request) -> dict[str, str]:
-    flows = await flow_store.list_flows(request.app[DB], limit=200)
+    flows = await flow_store.list_flows(root(request)[DB], limit=200)
     return {str(f.id): f.name for f in flows}
 
 
@@ -142,7 +147,7 @@ async def runs_data(request: web.Request) -> Context:
     if status is not None and status not in RUN_STATUSES:
         raise ApiError(400, "BAD_REQUEST", f"status must be one of {', '.join(RUN_STATUSES)}")
     rows = await run_store.list_runs(
-        request.app[DB], flow_id=flow_id, status=status, limit=limit + 1, cursor=cursor
+        root(request)[DB], flow_id=flow_id, status=status, limit=limit + 1, cursor=cursor
     )
     runs = [run_json(r) for r in rows[:limit]]
     names = await _flow_names(request)
@@ -202,10 +207,11 @@ def _ts(value: Any) -> float:
 
 
 async def run_data(request: web.Request) -> Context:
-    run_id = _uuid_arg(request.match_info["id"], "run id")
-    if run_id is None:
-        raise ApiError(404, "NOT_FOUND", "no such run")
-    db = request.app[DB]
+    try:
+        run_id = uuid.UUID(request.match_info["id"])
+    except ValueError:
+        raise ApiError(404, "NOT_FOUND", "no such run") from None
+    db = root(request)[DB]
     row = await run_store.get_run(db, run_id)
     run = run_json(row, await run_store.get_steps(db, run_id))
     try:
@@ -225,7 +231,7 @@ async def run_data(request: web.Request) -> Context:
 
 async def flows_data(request: web.Request) -> Context:
     limit, cursor = page_args(request)
-    db = request.app[DB]
+    db = root(request)[DB]
     found = await flow_store.list_flows(db, limit=limit + 1, cursor=cursor)
     flows = []
     for f in found[:limit]:
@@ -240,7 +246,7 @@ async def flows_data(request: web.Request) -> Context:
 
 
 async def workers_data(request: web.Request) -> Context:
-    workers = await heartbeat.list_workers(request.app[REDIS], include_lost=True)
+    workers = await heartbeat.list_workers(root(request)[REDIS], include_lost=True)
     return {
         "title": "Workers",
         "workers": workers,
@@ -297,7 +303,7 @@ def html_view(page: Page) -> Callable[[web.Request], Awaitable[web.StreamRespons
 def live_view(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
         ctx = await _context(request, page)
-        env = aiohttp_jinja2.get_env(request.app)
+        env = aiohttp_jinja2.get_env(request.app)  # the board sub-app holds it
         regions = {r: env.get_template(f"_{r}.html").render(ctx) for r in page.regions}
         return json_response({"regions": regions, "data": ctx.get("live")})
 

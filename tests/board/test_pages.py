@@ -1,0 +1,222 @@
+"""Board pages and their live JSON twins, rendered by a real server on real Redis/PostgreSQL."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from conveyor.heartbeat import Heartbeat
+from tests.board.conftest import ECHO, FLAKY, create_flow, fire, set_secret, wait_status
+
+STATIC = Path(__file__).parents[2] / "conveyor" / "board" / "static"
+
+
+async def test_overview_shows_a_card_per_queue_with_counts(make_client: Any) -> None:
+    """Overview: one card per queue with its waiting count, sparklines and scaling banners."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = await create_flow(client, ECHO)
+    await fire(client, fid, 2)
+    resp = await client.get("/admin/queues")
+    assert resp.status == 200 and resp.content_type == "text/html"
+    page = await resp.text()
+    assert 'data-queue="sync"' in page and 'data-queue="runs"' in page
+    runs_card = page.split('data-queue="runs"')[1]
+    assert '<dd data-stat="waiting">2</dd>' in runs_card
+    assert page.count('<svg class="spark') == 4 and "<polyline" in page
+    assert "every rule within its threshold" in page
+    assert "/admin/static/board.css?v=" in page and "/admin/static/board.js?v=" in page
+
+
+async def test_overview_live_json_has_regions_and_data(make_client: Any) -> None:
+    """/admin/api/queues returns the overview's regions as HTML plus the raw stats."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = await create_flow(client, ECHO)
+    await fire(client, fid, 1)
+    body = await (await client.get("/admin/api/queues")).json()
+    assert set(body["regions"]) == {"cards", "advice"}
+    assert 'data-stat="waiting">1<' in body["regions"]["cards"]
+    runs = next(q for q in body["data"]["queues"] if q["queue"] == "runs")
+    assert runs["waiting"] == 1 and len(body["data"]["scaling"]) == 7
+
+
+async def test_overview_banner_when_backlog_over_threshold(
+    make_client: Any, redis: aioredis.Redis
+) -> None:
+    """More than 100 waiting jobs puts "add workers" advice on the overview."""
+    from conveyor.queue import Producer, QueueConfig
+
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    producer = Producer(redis, QueueConfig())
+    for i in range(101):
+        await producer.enqueue("runs", {"i": i}, job_id=f"j{i}")
+    page = await (await client.get("/admin/queues")).text()
+    assert "Waiting jobs 101 &gt; 100: add workers" in page
+
+
+async def test_queue_page_lists_jobs_per_state_tab(make_client: Any) -> None:
+    """Queue page: tabs with counts, the waiting jobs with payloads, every state renders."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = await create_flow(client, ECHO)
+    ids = await fire(client, fid, 3)
+    page = await (await client.get("/admin/queues/runs")).text()
+    assert 'aria-current="page" data-state="waiting">waiting <span class="count">3</span>' in page
+    for run_id in ids:
+        assert f'id="job-{run_id}"' in page
+    assert "&#34;run_id&#34;" in page or "&quot;run_id&quot;" in page
+    for state in ("active", "delayed", "failed", "completed"):
+        resp = await client.get(f"/admin/queues/runs?state={state}")
+        assert resp.status == 200 and f"No {state} jobs" in await resp.text()
+    live = await (await client.get("/admin/api/queues/runs?state=waiting")).json()
+    assert set(live["regions"]) == {"queue_head", "jobs"} and len(live["data"]["jobs"]) == 3
+
+
+async def test_queue_page_errors_are_html(make_client: Any) -> None:
+    """An unknown queue is a 404 page, a bad state a 400 page; the live twin answers JSON."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    resp = await client.get("/admin/queues/nope")
+    assert resp.status == 404 and resp.content_type == "text/html"
+    assert "no queue" in await resp.text()
+    resp = await client.get("/admin/queues/runs?state=bogus")
+    assert resp.status == 400 and resp.content_type == "text/html"
+    resp = await client.get("/admin/api/queues/nope")
+    assert resp.status == 404 and (await resp.json())["error"]["message"].startswith("no queue")
+    resp = await client.get("/admin/runs/not-a-uuid")
+    assert resp.status == 404
+    resp = await client.get("/admin/runs/0190f0f0-0000-7000-8000-000000000000")
+    assert resp.status == 404 and "not found" in await resp.text()
+
+
+async def test_runs_list_filters_by_flow_and_status(make_client: Any) -> None:
+    """Runs page: newest first with flow names; filtering by flow and by status narrows it."""
+    client = await make_client(AP_CONTAINER_TYPE="WORKER_AND_APP", AP_WORKER_CONCURRENCY="4")
+    await set_secret(client, "MODE", "broken-mode")
+    echo = await create_flow(client, ECHO)
+    flaky = await create_flow(client, FLAKY)
+    ok_id = (await fire(client, echo))[0]
+    bad_id = (await fire(client, flaky))[0]
+    await wait_status(client, ok_id, "SUCCEEDED")
+    await wait_status(client, bad_id, "FAILED")
+    page = await (await client.get("/admin/runs")).text()
+    assert ok_id in page and bad_id in page and ">flaky <" in page
+    assert "upstream refused the order" in page
+    page = await (await client.get(f"/admin/runs?flow_id={echo}")).text()
+    assert ok_id in page and bad_id not in page
+    page = await (await client.get("/admin/runs?status=FAILED")).text()
+    assert bad_id in page and ok_id not in page
+    assert (await client.get("/admin/runs?flow_id=zzz")).status == 400
+    assert (await client.get("/admin/runs?status=NOPE")).status == 400
+    live = await (await client.get("/admin/api/runs?status=FAILED")).json()
+    assert [r["id"] for r in live["data"]["runs"]] == [bad_id]
+
+
+async def test_run_detail_shows_timeline_and_error(make_client: Any) -> None:
+    """Run page: the failed step's error, every step with status and bar, secrets redacted."""
+    client = await make_client(AP_CONTAINER_TYPE="WORKER_AND_APP")
+    await set_secret(client, "MODE", "broken-mode")
+    flaky = await create_flow(client, FLAKY)
+    run_id = (await fire(client, flaky))[0]
+    await wait_status(client, run_id, "FAILED")
+    page = await (await client.get(f"/admin/runs/{run_id}")).text()
+    assert 'id="run-status">FAILED<' in page
+    assert "Error in step <code>check</code>" in page
+    assert "upstream refused the order" in page
+    assert 'data-step="prepare"' in page and 'data-step="check"' in page
+    assert page.count('<svg class="bar"') == 2
+    assert "Retry from failed step" in page and "Retry on latest version" in page
+    assert "Cancel run" not in page
+    assert "broken-mode" not in page
+    live = await (await client.get(f"/admin/api/runs/{run_id}")).json()
+    assert live["data"]["run"]["status"] == "FAILED" and set(live["regions"]) == {"run"}
+
+
+async def test_flows_page_shows_urls_recent_runs_and_escapes_names(make_client: Any) -> None:
+    """Flows page: version, webhook URLs with copy buttons, last runs; a hostile name is text."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    evil = {**ECHO, "name": "<script>alert(1)</script>"}
+    fid = await create_flow(client, evil)
+    await fire(client, fid, 2)
+    page = await (await client.get("/admin/flows")).text()
+    assert "<script>alert(1)</script>" not in page
+    assert (
+        html.escape("<script>alert(1)</script>") in page
+        or "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    )
+    assert (
+        f"/api/v1/webhooks/{fid}</code>" in page and f"/api/v1/webhooks/{fid}/sync</code>" in page
+    )
+    assert page.count('data-copy="') == 2
+    assert page.count('class="dot dot-busy"') == 2 and "v1 · webhook" in page
+    assert "Disable <span" in page
+    runs_page = await (await client.get("/admin/runs")).text()
+    assert "<script>alert(1)</script>" not in runs_page
+
+
+async def test_workers_page_shows_live_and_lost_workers(
+    make_client: Any, redis: aioredis.Redis
+) -> None:
+    """Workers page: the process's own worker as live, a silent one as lost."""
+    client = await make_client(AP_CONTAINER_TYPE="WORKER_AND_APP", AP_WORKER_CONCURRENCY="2")
+    ghost = Heartbeat(redis, worker_id="ghost-worker", role="WORKER", concurrency=8, busy=lambda: 3)
+    snap = await ghost.beat()
+    await redis.hset(
+        b"conveyor:{workers}:worker:ghost-worker", "last_seen", str(snap["last_seen"] - 40)
+    )
+    page = await (await client.get("/admin/workers")).text()
+    rows = page.split("<tr data-worker=")[1:]
+    assert len(rows) == 2
+    lost = next(r for r in rows if "ghost-worker" in r)
+    live = next(r for r in rows if "ghost-worker" not in r)
+    assert 'class="lost"' in lost and 'badge-bad">lost<' in lost and "3 / 8" in lost
+    assert 'badge-ok">live<' in live and "0 / 2" in live and "WORKER_AND_APP" in live
+    body = await (await client.get("/admin/api/workers")).json()
+    assert {w["id"]: w["lost"] for w in body["data"]["workers"]}["ghost-worker"] is True
+    overview = await (await client.get("/admin/queues")).text()
+    assert "1 live" in overview and "1 lost" in overview
+
+
+async def test_security_headers_and_static_assets(make_client: Any) -> None:
+    """Pages carry a strict CSP and no-store; assets are served locally and total under 50 KB."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    resp = await client.get("/admin/queues")
+    csp = resp.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe" not in csp
+    assert resp.headers["X-Frame-Options"] == "DENY" and resp.headers["Cache-Control"] == "no-store"
+    page = await resp.text()
+    assert "http://" not in page.split("<body")[0] and "https://" not in page
+    total = 0
+    for name in ("board.css", "board.js"):
+        asset = await client.get(f"/admin/static/{name}")
+        assert asset.status == 200
+        total += len(await asset.read())
+    assert total == sum(p.stat().st_size for p in STATIC.iterdir()) and total < 50 * 1024
+    assert (await client.get("/admin", allow_redirects=False)).headers[
+        "Location"
+    ] == "/admin/queues"
+
+
+async def test_board_disabled_is_404(make_client: Any) -> None:
+    """AP_QUEUE_UI_ENABLED=false: /admin/queues is a 404 while the API still works."""
+    client = await make_client(AP_CONTAINER_TYPE="APP", AP_QUEUE_UI_ENABLED="false")
+    assert (await client.get("/admin/queues")).status == 404
+    assert (await client.get("/admin/static/board.css")).status == 404
+    assert (await client.get("/api/v1/queues")).status == 200
+
+
+async def test_basic_auth_when_credentials_are_set(make_client: Any) -> None:
+    """With AP_QUEUE_UI_USERNAME/PASSWORD the board needs them; wrong ones get 401."""
+    client = await make_client(
+        AP_CONTAINER_TYPE="APP", AP_QUEUE_UI_USERNAME="ops", AP_QUEUE_UI_PASSWORD="s3cret pass"
+    )
+    resp = await client.get("/admin/queues")
+    assert resp.status == 401 and resp.headers["WWW-Authenticate"].startswith("Basic ")
+    bad = {"Authorization": "Basic " + base64.b64encode(b"ops:wrong").decode()}
+    assert (await client.get("/admin/queues", headers=bad)).status == 401
+    assert (await client.get("/admin/api/queues")).status == 401
+    good = {"Authorization": "Basic " + base64.b64encode(b"ops:s3cret pass").decode()}
+    assert (await client.get("/admin/queues", headers=good)).status == 200
+    assert (await client.get("/admin/static/board.js", headers=good)).status == 200
+    assert (await client.post("/admin/queues/runs/pause")).status == 401
