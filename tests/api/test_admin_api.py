@@ -8,6 +8,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
+from conveyor.heartbeat import Heartbeat
 from conveyor.queue import Consumer, Job, Producer, QueueConfig
 
 FLOW = {
@@ -180,8 +181,6 @@ async def test_app_role_has_no_workers_and_lost_ones_are_filtered(
 ) -> None:
     """An APP process registers nothing; a stale heartbeat is hidden unless include_lost."""
     assert (await (await client.get("/api/v1/workers")).json())["data"] == []
-    from conveyor.heartbeat import Heartbeat
-
     beat = Heartbeat(redis, worker_id="old", role="WORKER", concurrency=1, busy=lambda: 0)
     snap = await beat.beat()
     await redis.hset(b"conveyor:{workers}:worker:old", "last_seen", str(snap["last_seen"] - 60))

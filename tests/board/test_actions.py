@@ -37,7 +37,7 @@ async def _queue(client: Any, q: str = "runs") -> dict[str, Any]:
 
 
 async def test_actions_refuse_a_missing_or_wrong_csrf_token(make_client: Any) -> None:
-    """A POST without the token, with a forged one, or without the cookie is 403 and does nothing."""
+    """A POST without the token, with a forged one or without the cookie is 403, no change."""
     client = await make_client(AP_CONTAINER_TYPE="APP")
     resp = await client.post("/admin/queues/runs/pause", allow_redirects=False)
     assert resp.status == 403 and "CSRF" in await resp.text()

@@ -10,6 +10,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from conveyor.heartbeat import Heartbeat
+from conveyor.queue import Producer, QueueConfig
 from tests.board.conftest import ECHO, FLAKY, create_flow, fire, set_secret, wait_status
 
 STATIC = Path(__file__).parents[2] / "conveyor" / "board" / "static"
@@ -47,8 +48,6 @@ async def test_overview_banner_when_backlog_over_threshold(
     make_client: Any, redis: aioredis.Redis
 ) -> None:
     """More than 100 waiting jobs puts "add workers" advice on the overview."""
-    from conveyor.queue import Producer, QueueConfig
-
     client = await make_client(AP_CONTAINER_TYPE="APP")
     producer = Producer(redis, QueueConfig())
     for i in range(101):
