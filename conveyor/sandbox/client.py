@@ -298,13 +298,19 @@ class Sandbox:
 
     async def _start(self) -> None:
         tried: list[str] = []
-        for launcher in launchers(self.config.launcher, self.config.bwrap_path):
+        candidates = launchers(self.config.launcher, self.config.bwrap_path)
+        if self.config.launcher in ("auto", "bwrap") and not any(
+            c.name == "bwrap" for c in candidates
+        ):
+            tried.append("bwrap: bubblewrap is not installed")
+        for launcher in candidates:
             try:
                 probe = await self._launch(launcher)
             except (OSError, TimeoutError, ConnectionError) as exc:
+                # Stopped first so the launcher's own complaint (bwrap's stderr) is read.
+                await self._stop_server()
                 tail = " / ".join(self._stderr_tail) or str(exc) or type(exc).__name__
                 tried.append(f"{launcher.name}: {tail}")
-                await self._stop_server()
                 continue
             report = assess(launcher.name, probe, locked=self.config.locked)
             if (
