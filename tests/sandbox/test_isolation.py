@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import tempfile
 
@@ -121,3 +122,17 @@ async def test_bubblewrap_satisfies_the_production_policy() -> None:
     async with make_sandbox(require_network_isolation=True, slots=1) as sb:
         assert sb.launcher is not None and sb.launcher.name == "bwrap"
         assert sb.probe["network_isolated"] is True
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="util-linux unshare missing")
+async def test_unshare_fallback_isolates_network() -> None:
+    """Without bubblewrap, ``unshare`` still gives the fork-server no network (partial)."""
+    code = "import socket\ndef run(input):\n    return [n for _, n in socket.if_nameindex()]\n"
+    try:
+        async with make_sandbox(launcher="unshare", slots=1) as sb:
+            assert sb.isolation["isolation"] == "partial"
+            assert sb.probe["network_isolated"] is True
+            result = await run(sb, code)
+    except SandboxUnavailable as exc:  # e.g. no user namespaces for a non-root user
+        pytest.skip(f"unshare not permitted here: {exc}")
+    assert result.status is SandboxStatus.SUCCEEDED and result.output == ["lo"]
