@@ -27,6 +27,7 @@ import psutil
 import structlog
 from aiohttp import web
 
+from conveyor import metrics
 from conveyor.api.keys import REDIS, SETTINGS
 from conveyor.engine.worker import WORKER
 from conveyor.queue import keys as k
@@ -113,6 +114,8 @@ class Heartbeat:
     async def beat(self) -> dict[str, Any]:
         """Write one heartbeat (one pipelined round trip) and return it."""
         snap = self.snapshot()
+        metrics.WORKER_CPU.set(snap["cpu_percent"])
+        metrics.WORKER_MEMORY.set(snap["memory_percent"])
         key = k.worker(self.worker_id)
         index = k.workers_index()
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -103,6 +103,16 @@ WORKER_BUSY = Gauge("conveyor_worker_busy_slots", "Run slots in use", multiproce
 WORKER_CONCURRENCY = Gauge(
     "conveyor_worker_concurrency", "Run slots available", multiprocess_mode="livesum"
 )
+WORKER_CPU = Gauge(
+    "conveyor_worker_cpu_percent",
+    "CPU use of this worker process at its last heartbeat (100 = one core)",
+    multiprocess_mode="liveall",
+)
+WORKER_MEMORY = Gauge(
+    "conveyor_worker_memory_percent",
+    "RSS of this worker process against its memory limit, at its last heartbeat",
+    multiprocess_mode="liveall",
+)
 DB_POOL_SIZE = Gauge(
     "conveyor_db_pool_size", "Open connections in this process's pool", multiprocess_mode="livesum"
 )
