@@ -124,6 +124,9 @@ class SandboxConfig:
         limits: per-child limits, see :class:`~conveyor.sandbox.limits.Limits`.
         max_timeout_s: upper bound for any ``timeout_s`` (``AP_FLOW_TIMEOUT_SECONDS``).
         warm: keep a child per slot for the same flow version; False forks per execution.
+        per_run: a warm child serves one run only (all of that run's code steps, in one
+            locked-down process) — ``SANDBOX_PROCESS`` / ``SANDBOX_CODE_AND_PROCESS``;
+            takes effect when ``run_code`` is given ``run_id``.
         warm_max_uses: executions before a warm child is replaced.
         spares: forked, locked-down, unused children kept ready per slot, so a step that
             needs a fresh child does not wait for the fork (two keep up with back-to-back
@@ -146,6 +149,7 @@ class SandboxConfig:
     limits: Limits = dataclasses.field(default_factory=Limits)
     max_timeout_s: float = 600.0
     warm: bool = True
+    per_run: bool = False
     warm_max_uses: int = 1000
     spares: int = 2
     uid_base: int | None = None
@@ -165,8 +169,13 @@ class SandboxConfig:
             cpu_s=max(settings.flow_timeout_seconds, 1),
             code_cache=max(settings.pieces_cache_max_entries, 1),
         )
+        per_run = settings.execution_mode in (
+            ExecutionMode.SANDBOX_PROCESS,
+            ExecutionMode.SANDBOX_CODE_AND_PROCESS,
+        )
         values: dict[str, Any] = {
             "locked": locked,
+            "per_run": per_run,
             "launcher": "auto" if locked else "direct",
             "require_network_isolation": locked and not embedded,
             "slots": settings.worker_concurrency,
@@ -591,15 +600,19 @@ class Sandbox:
         code: str,
         input: Any,
         timeout_s: float | None = None,
+        run_id: str | None = None,
     ) -> SandboxResult:
         """Run ``code``'s ``run(input)`` for one step and say how it ended (never raises for
-        anything the step does). ``timeout_s`` is capped by ``max_timeout_s``."""
+        anything the step does). ``timeout_s`` is capped by ``max_timeout_s``; ``run_id``
+        keeps a run's code steps in a child of their own when ``per_run`` is set."""
         started = time.perf_counter()
         if not self.running:
             await self._ensure_running()
         limit = self.config.max_timeout_s
         timeout = min(float(timeout_s), limit) if timeout_s and timeout_s > 0 else limit
         key = (str(flow_id), str(flow_version))
+        if self.config.per_run and run_id is not None:
+            key = (key[0], f"{key[1]}/{run_id}")
         slot = await self._acquire(key)
         try:
             request = {

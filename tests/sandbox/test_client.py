@@ -117,6 +117,22 @@ async def test_warm_child_reused_for_same_flow_version_only(sandbox: Sandbox) ->
     assert len({first.output, other_version.output, other_flow.output}) == 3
 
 
+async def test_per_run_child_for_process_mode() -> None:
+    """With ``per_run`` (SANDBOX_PROCESS) a run's code steps share one child, runs do not."""
+    async with make_sandbox(per_run=True, slots=1) as sb:
+
+        async def pid(run_id: str, step: str) -> int:
+            result = await sb.run_code(
+                flow_id="proc", flow_version=1, step=step, code=PID, input=None, run_id=run_id
+            )
+            assert isinstance(result.output, int)
+            return result.output
+
+        first, second = await pid("run-1", "a"), await pid("run-1", "b")
+        other = await pid("run-2", "a")
+    assert first == second != other
+
+
 async def test_child_recycled_after_error(sandbox: Sandbox) -> None:
     """After a failed execution the next one of the same flow version gets a fresh child."""
     before = await run(sandbox, PID, flow_id="recycle", flow_version=1)

@@ -114,6 +114,9 @@ def test_from_settings_maps_variables() -> None:
         }
     )
     assert SandboxConfig.from_settings(external).require_network_isolation
+    process = Settings.from_env({"AP_EXECUTION_MODE": "SANDBOX_PROCESS"})
+    assert SandboxConfig.from_settings(process).per_run
+    assert not cfg.per_run
 
 
 @needs_bwrap
