@@ -45,8 +45,7 @@ def test_bwrap_argv_hides_root_and_cuts_network() -> None:
 
 @pytest.mark.skipif(not HOST_HAS_NETWORK, reason="the host itself has no interface but lo")
 async def test_refuses_without_network_isolation_when_required() -> None:
-    """With external servers (isolation required) and no way to cut the network, start()
-    fails naming the missing piece and the fix."""
+    """Isolation required but impossible: start() fails naming the missing piece and fix."""
     sb = Sandbox(config(launcher="direct", require_network_isolation=True))
     with pytest.raises(SandboxUnavailable) as info:
         await sb.start()
@@ -56,8 +55,7 @@ async def test_refuses_without_network_isolation_when_required() -> None:
 
 @pytest.mark.skipif(not HOST_HAS_NETWORK, reason="the host itself has no interface but lo")
 async def test_embedded_mode_starts_partial_with_warning(caplog: pytest.LogCaptureFixture) -> None:
-    """Without network isolation but not required (embedded), it starts, warns loudly and
-    reports partial; code steps still run."""
+    """Embedded mode without network isolation starts, warns loudly, reports partial."""
     caplog.set_level(logging.WARNING, logger="conveyor.sandbox")
     async with make_sandbox(launcher="direct", slots=1) as sb:
         assert sb.isolation["isolation"] == "partial"
@@ -67,8 +65,7 @@ async def test_embedded_mode_starts_partial_with_warning(caplog: pytest.LogCaptu
 
 
 async def test_unsandboxed_mode_reports_none() -> None:
-    """AP_EXECUTION_MODE=UNSANDBOXED: reused child without limits, isolation none, and its
-    scratch directory is its own (the host's /tmp is left alone)."""
+    """UNSANDBOXED: isolation none, and the step's scratch dir is never the host's /tmp."""
     settings = Settings.from_env({"AP_EXECUTION_MODE": "UNSANDBOXED"})
     cfg = SandboxConfig.from_settings(settings, slots=1)
     assert not cfg.locked and cfg.launcher == "direct"
