@@ -69,6 +69,7 @@ class Job:
     :param enqueued_ms: when the job was first enqueued (epoch ms).
     :param last_error: the error that caused the previous delivery to fail, if any.
     :param raw: the payload bytes as stored.
+    :param entry_ms: millisecond timestamp of this delivery's stream entry.
     """
 
     id: str
@@ -80,11 +81,7 @@ class Job:
     enqueued_ms: int
     last_error: str | None = None
     raw: bytes = b""
-
-    @property
-    def entry_ms(self) -> int:
-        """Millisecond timestamp of this delivery's stream entry."""
-        return entry_ms(self.entry_id)
+    entry_ms: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -141,13 +138,16 @@ def decode_entry(queue: str, shard: int, entry_id: bytes, fields: Any, deliverie
 
     Even an undecodable job comes back through ``exc.job`` so it can be dead-lettered by id.
     """
-    f = fields_dict(fields)
     eid = entry_id.decode()
-    raw_id = f.get(F_ID)
-    raw = f.get(F_PAYLOAD, b"")
-    attempts = f.get(F_ATTEMPTS)
-    error = f.get(F_ERROR)
-    first = f.get(F_FIRST)
+    at_ms = int(eid.partition("-")[0])
+    attempts = error = first = None
+    if type(fields) is list and len(fields) == 4 and fields[0] == F_ID and fields[2] == F_PAYLOAD:
+        # The common shape (a first delivery as the producer wrote it), without a dict.
+        raw_id, raw = fields[1], fields[3]
+    else:
+        f = fields_dict(fields)
+        raw_id, raw = f.get(F_ID), f.get(F_PAYLOAD)
+        attempts, error, first = f.get(F_ATTEMPTS), f.get(F_ERROR), f.get(F_FIRST)
     job = Job(
         id=raw_id.decode(errors="replace") if raw_id else eid,
         queue=queue,
@@ -155,11 +155,12 @@ def decode_entry(queue: str, shard: int, entry_id: bytes, fields: Any, deliverie
         attempt=(int(attempts) if attempts else 0) + deliveries,
         entry_id=eid,
         shard=shard,
-        enqueued_ms=int(first) if first else entry_ms(eid),
+        enqueued_ms=int(first) if first else at_ms,
         last_error=error.decode(errors="replace") if error else None,
-        raw=raw,
+        raw=raw or b"",
+        entry_ms=at_ms,
     )
-    if raw_id is None or F_PAYLOAD not in f:
+    if raw_id is None or raw is None:
         raise UndecodablePayload("entry has no job id or no payload field", job)
     try:
         job.payload = orjson.loads(raw)

@@ -115,3 +115,8 @@ def workers_index() -> bytes:
 def worker(worker_id: str) -> bytes:
     """Hash of one worker process's last heartbeat (expires when the process stops beating)."""
     return f"{PREFIX}:{{workers}}:worker:{worker_id}".encode()
+
+
+def scheduler_lease() -> bytes:
+    """The schedule leader's lease: owner id, ``SET NX PX``, extended only by its owner."""
+    return f"{PREFIX}:{{scheduler}}:lease".encode()

@@ -86,6 +86,9 @@ class Producer:
         A job id that is still waiting, running or delayed is not added twice. Raises
         :class:`QueueFull` over the backlog cap and :class:`QueueUnavailable` when Redis is down.
         """
+        if not job_id or "\n" in job_id:
+            # Acknowledgements travel newline-joined: an id must be one non-empty line.
+            raise ValueError(f"job_id must be a non-empty single line, got {job_id!r}")
         shard = k.shard_for(dedup_key or job_id, self.config.shards)
         self._keys(queue)
         loop = asyncio.get_running_loop()

@@ -152,20 +152,29 @@ return out
 )
 
 # KEYS: stream index count completed throughput_bucket
-# ARGV: group keep ttl_s, then per job: entry_id job_id wait_ms summary
+# ARGV: group keep ttl_s entry_ids (comma-joined) job_ids (newline-joined) waits_ms
+#       (comma-joined) summaries (newline-joined JSON, which never contains a raw newline)
 # Only entries this call acknowledged are logged, so a job is never completed twice.
 ACK = Script(
     "ack",
     """
 local group, keep, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local acked, waits, logs = 0, 0, {}
-for b = 4, #ARGV, 4 do
-  local eid, jid = ARGV[b], ARGV[b + 1]
-  if redis.call('XACK', KEYS[1], group, eid) == 1 then
+local function split(s, pattern)
+  local out = {}
+  for x in string.gmatch(s, pattern) do out[#out + 1] = x end
+  return out
+end
+local eids, jids = split(ARGV[4], '[^,]+'), split(ARGV[5], '[^\\n]+')
+local waits, sums = split(ARGV[6], '[^,]+'), split(ARGV[7], '[^\\n]+')
+local acked, waited, logs = 0, 0, {}
+for i = 1, #eids do
+  if redis.call('XACK', KEYS[1], group, eids[i]) == 1 then
     acked = acked + 1
-    waits = waits + tonumber(ARGV[b + 2])
-    if keep > 0 then logs[#logs + 1] = ARGV[b + 3] end
-    if redis.call('HGET', KEYS[2], jid) == 's:' .. eid then redis.call('HDEL', KEYS[2], jid) end
+    waited = waited + tonumber(waits[i])
+    if keep > 0 then logs[#logs + 1] = sums[i] end
+    if redis.call('HGET', KEYS[2], jids[i]) == 's:' .. eids[i] then
+      redis.call('HDEL', KEYS[2], jids[i])
+    end
   end
 end
 if acked > 0 then
@@ -175,7 +184,7 @@ if acked > 0 then
   end
   if #logs > 0 then redis.call('LTRIM', KEYS[4], 0, keep - 1) end
   redis.call('HINCRBY', KEYS[5], 'n', acked)
-  redis.call('HINCRBY', KEYS[5], 'w', waits)
+  redis.call('HINCRBY', KEYS[5], 'w', waited)
   redis.call('EXPIRE', KEYS[5], ttl)
 end
 return acked
