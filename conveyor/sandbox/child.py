@@ -206,11 +206,8 @@ class Runner:
                 )
         except MemoryError:
             self._reserve = None
-            status, error, recycle = (
-                "MEMORY_LIMIT_EXCEEDED",
-                "MemoryError: memory limit exceeded",
-                True,
-            )
+            status, recycle = "MEMORY_LIMIT_EXCEEDED", True
+            error = f"MemoryError: the step needed more than its {self.limits.memory_kb} KiB"
         except BaseException as exc:
             if os.getpid() != self.pid:
                 os._exit(1)
@@ -250,8 +247,11 @@ class Runner:
                     os.unlink(path)
             except OSError:
                 dirty = True
-        if os.getcwd() != self.tmp:
-            os.chdir(self.tmp)
+        try:
+            if os.getcwd() != self.tmp:
+                os.chdir(self.tmp)
+        except OSError:
+            dirty = True  # its scratch directory is gone: this child cannot be reused
         if self._reserve is None:
             dirty = True
         if self.locked:

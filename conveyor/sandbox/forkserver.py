@@ -107,6 +107,9 @@ class ForkServer:
     # ------------------------------------------------------------------ loop
     def run(self) -> NoReturn:
         lim.set_child_subreaper()
+        # Not ptrace-able and no readable /proc/PID/environ, even for a child that runs
+        # under our own uid (no root, so no uid drop).
+        lim.prctl(lim.PR_SET_DUMPABLE, 0)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.set_wakeup_fd(self._wake_w)
         # The worker stops us by closing the socket or by SIGTERM; either way: clean up.
