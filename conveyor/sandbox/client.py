@@ -128,9 +128,9 @@ class SandboxConfig:
             locked-down process) — ``SANDBOX_PROCESS`` / ``SANDBOX_CODE_AND_PROCESS``;
             takes effect when ``run_code`` is given ``run_id``.
         warm_max_uses: executions before a warm child is replaced.
-        spares: forked, locked-down, unused children kept ready per slot, so a step that
-            needs a fresh child does not wait for the fork (two keep up with back-to-back
-            fresh executions on two cores).
+        spares: forked, locked-down, unused children kept ready (for all slots together,
+            ~3 MB each), so a step that needs a fresh child does not wait for the fork;
+            two keep up with back-to-back fresh executions on two cores.
         uid_base / uid_count: when the fork-server is root every child runs under a uid of
             its own from ``uid_base`` … ``uid_base + uid_count - 1`` (need not exist in
             /etc/passwd), so no two step processes can signal each other and
@@ -222,7 +222,6 @@ class _Slot:
     index: int
     busy: bool = False
     child: _Child | None = None
-    spares: deque[asyncio.Future[_Child]] = dataclasses.field(default_factory=deque)
 
 
 class _Timeout(Exception):
@@ -256,10 +255,11 @@ class Sandbox:
         self._closed = False
         self._drop_uid = False
         self._limits_wire = self.config.limits.to_wire()
-        # Room for every slot's child and spares, plus children still being swept.
+        # Room for every slot's child and the spares, plus children still being swept.
         self.uid_count = max(
-            self.config.uid_count, 4 * max(self.config.slots, 1) * (self.config.spares + 2)
+            self.config.uid_count, 4 * (max(self.config.slots, 1) + self.config.spares)
         )
+        self._spares: deque[asyncio.Future[_Child]] = deque()
         self.uid_base = (
             self.config.uid_base
             if self.config.uid_base is not None
@@ -333,8 +333,7 @@ class Sandbox:
             self.launcher, self.probe, self.report = launcher, probe, report
             self._drop_uid = bool(probe.get("uid_drop"))
             self._slots = [_Slot(i) for i in range(max(self.config.slots, 1))]
-            for slot in self._slots:
-                self._prepare_spare(slot)
+            self._prepare_spares()
             if self.config.locked and report.isolation is not Isolation.FULL:
                 log.warning(
                     "SANDBOX ISOLATION IS PARTIAL: code steps run with %s only (%s). Install "
@@ -485,8 +484,8 @@ class Sandbox:
         self._children.clear()
         for slot in self._slots:
             slot.child = None
-            while slot.spares:
-                slot.spares.popleft().cancel()
+        while self._spares:
+            self._spares.popleft().cancel()
 
     # ------------------------------------------------------------------ slots
     async def _acquire(self, key: tuple[str, str]) -> _Slot:
@@ -527,8 +526,8 @@ class Sandbox:
         if child is not None and child.channel is not None:
             child.channel.close()
 
-    async def _fork(self, slot: _Slot) -> _Child:
-        """Have the fork-server fork a locked-down child for ``slot``."""
+    async def _fork(self) -> _Child:
+        """Have the fork-server fork a locked-down child."""
         if self._ctl is None or self._ctl.closed:
             raise ConnectionError("sandbox fork-server is not running")
         self._next_id += 1
@@ -539,7 +538,6 @@ class Sandbox:
             {
                 "op": "spawn",
                 "id": cid,
-                "slot": slot.index,
                 "drop_uid": self._drop_uid,
                 "limits": self._limits_wire,
                 "locked": self.config.locked,
@@ -550,40 +548,39 @@ class Sandbox:
         finally:
             self._spawning.pop(cid, None)
 
-    def _prepare_spare(self, slot: _Slot) -> None:
-        while len(slot.spares) < self.config.spares and self.running:
-            spare = asyncio.ensure_future(self._fork(slot))
+    def _prepare_spares(self) -> None:
+        while len(self._spares) < self.config.spares and self.running:
+            spare = asyncio.ensure_future(self._fork())
             # Consumed later or never (fork-server gone): either way, no "never retrieved".
             spare.add_done_callback(lambda f: None if f.cancelled() else f.exception())
-            slot.spares.append(spare)
+            self._spares.append(spare)
 
     async def _fresh(self, slot: _Slot, key: tuple[str, str]) -> _Child:
-        """A never-used child for ``slot``: its spare when there is one, else a new fork."""
+        """A never-used child for ``slot``: a ready spare when there is one, else a fork."""
         child: _Child | None = None
-        while child is None and slot.spares:
-            spare = slot.spares.popleft()
+        while child is None and self._spares:
+            spare = self._spares.popleft()
             try:
                 child = await asyncio.shield(spare)
             except asyncio.CancelledError:
                 if not spare.cancelled():
-                    slot.spares.appendleft(spare)
+                    self._spares.appendleft(spare)
                 raise
             except (OSError, TimeoutError, ConnectionError):
                 child = None
             if child is not None and child.dead:
                 child = None
         if child is None:
-            child = await self._fork(slot)
+            child = await self._fork()
         child.key = key
         slot.child = child
         return child
 
     async def settle(self) -> None:
         """Wait until every spare being forked is registered (tests and benchmarks)."""
-        for slot in self._slots:
-            for spare in list(slot.spares):
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(spare)
+        for spare in list(self._spares):
+            with contextlib.suppress(Exception):
+                await asyncio.shield(spare)
 
     def child_pids(self) -> set[int]:
         """Pids (in the fork-server's PID namespace) of every step process not yet reaped."""
@@ -626,7 +623,7 @@ class Sandbox:
         finally:
             # The next spare is forked after the step, not while it runs: on two cores the
             # fork and the new child's warm-up would otherwise slow the step down.
-            self._prepare_spare(slot)
+            self._prepare_spares()
             self._release(slot)
         return SandboxResult(
             SandboxStatus(status), output, error, logs, (time.perf_counter() - started) * 1e3
