@@ -19,6 +19,7 @@ import io
 import linecache
 import os
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -276,7 +277,10 @@ def serve(fd: int, limits: lim.Limits, *, locked: bool) -> NoReturn:
     sock.setblocking(True)
     reader = BlockingReader(sock)
     runner = Runner(limits, locked=locked)
-    runner.warm_up()
+    # Warm up only while idle: when a request is already waiting (fresh children wanted
+    # back to back), the warm-up would just delay it.
+    if not select.select([sock], [], [], 0)[0]:
+        runner.warm_up()
     try:
         while True:
             req = reader.read()
