@@ -144,11 +144,10 @@ if __name__ == "__main__":
     ns = parser.parse_args()
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:  # pragma: no cover
-        runner = asyncio.run
-    result = runner(main(ns))
+        result = asyncio.run(main(ns))
+    else:
+        result = uvloop.run(main(ns))  # the production event loop
     print(render(result))
     if ns.json:
         ns.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
