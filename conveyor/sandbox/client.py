@@ -538,7 +538,7 @@ class Sandbox:
             {
                 "op": "spawn",
                 "id": cid,
-                "drop_uid": self._drop_uid,
+                "drop_uid": self._drop_uid and self.config.locked,
                 "limits": self._limits_wire,
                 "locked": self.config.locked,
             }

@@ -98,7 +98,7 @@ class ForkServer:
             "interfaces": interfaces,
             "network_isolated": interfaces == ["lo"],
             "pid": self.pid,
-            "pid_namespace": self.pid < 10,
+            "pid_namespace": self.pid <= 2,  # bwrap runs us as 2, unshare as 1
             "private_tmp": bool(bits & 1),
             "uid_drop": bool(bits & 2),
             "root": os.geteuid() == 0,
