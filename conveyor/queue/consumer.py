@@ -116,6 +116,10 @@ class Consumer:
         self._cluster = not isinstance(redis, Redis)
         self._buffer: deque[tuple[_Stream, Job]] = deque()
         self._running = 0
+        #: One long-lived worker coroutine per slot; idle ones wait on their own future.
+        self._workers: list[asyncio.Task[None]] = []
+        self._idle: deque[asyncio.Future[None]] = deque()
+        #: Side tasks (dead-lettering) that must finish before shutdown.
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused: frozenset[str] = frozenset()
         self._slot = asyncio.Event()
@@ -185,6 +189,7 @@ class Consumer:
         before = self.processed + self.failed + self.dead_lettered
         loop = asyncio.get_running_loop()
         self._background = [loop.create_task(self._ack_loop()), loop.create_task(self._heartbeat())]
+        self._workers = [loop.create_task(self._worker()) for _ in range(self.concurrency)]
         if not burst:
             self._background.append(loop.create_task(self._maintenance_loop()))
         try:
@@ -217,12 +222,18 @@ class Consumer:
                 delay = min(delay * 2, 2.0)
 
     async def _shutdown(self) -> None:
-        if self._tasks:
-            _, still = await asyncio.wait(self._tasks, timeout=self._close_timeout_s)
-            for t in still:
-                t.cancel()
-            if still:
-                await asyncio.wait(still)
+        deadline = time.monotonic() + self._close_timeout_s
+        while (self.busy or self._tasks) and time.monotonic() < deadline:
+            await self._wait_slot(min(0.05, max(0.0, deadline - time.monotonic())))
+        # Past the deadline whatever still runs is cancelled; its entries stay pending.
+        stragglers = [*self._workers, *self._tasks]
+        for t in stragglers:
+            t.cancel()
+        await asyncio.gather(*stragglers, return_exceptions=True)
+        self._workers = []
+        self._idle.clear()
+        self._buffer.clear()
+        self._running = 0
         await self._flush_acks_until_done(deadline_s=10.0)
         for t in self._background:
             t.cancel()
@@ -239,7 +250,7 @@ class Consumer:
         last_housekeeping = 0.0
         while not self._stop.is_set():
             _reraise_if_cancelling()
-            self._start_buffered()
+            self._wake_workers()
             free = self.concurrency - self.busy
             if free <= 0:
                 self._slot.clear()
@@ -357,13 +368,26 @@ class Consumer:
                 self._spawn(self._dead_letter(s, job, error))
                 continue
             self._buffer.append((s, job))
-        self._start_buffered()
+        self._wake_workers()
 
-    def _start_buffered(self) -> None:
-        while self._buffer and self._running < self.concurrency:
-            s, job = self._buffer.popleft()
-            self._running += 1
-            self._spawn(self._execute(s, job))
+    def _wake_workers(self) -> None:
+        for _ in range(min(len(self._buffer), len(self._idle))):
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _worker(self) -> None:
+        # A worker drains the buffer in a tight loop: a handler that finishes without really
+        # suspending costs no task creation and no event-loop round of its own.
+        loop = asyncio.get_running_loop()
+        while True:
+            while self._buffer:
+                s, job = self._buffer.popleft()
+                self._running += 1
+                await self._execute(s, job)
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._idle.append(waiter)
+            await waiter
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -388,7 +412,6 @@ class Consumer:
             s.inflight.pop(job.entry_id, None)
             self._running -= 1
             self._slot.set()
-            self._start_buffered()
 
     def _queue_ack(self, s: _Stream, job: Job, started: float) -> None:
         start_ms = int(started * 1000)
@@ -469,6 +492,9 @@ class Consumer:
         while True:
             _reraise_if_cancelling()
             await self._ack_wake.wait()
+            # Yield once so the fetch woken by the same completions reaches Redis first: the
+            # next batch is then read while Redis runs this ACK, instead of queueing behind it.
+            await asyncio.sleep(0)
             self._ack_wake.clear()
             await self._flush_acks()
 

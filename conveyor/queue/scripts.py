@@ -172,9 +172,9 @@ for i = 1, #eids do
     acked = acked + 1
     waited = waited + tonumber(waits[i])
     if keep > 0 then logs[#logs + 1] = sums[i] end
-    if redis.call('HGET', KEYS[2], jids[i]) == 's:' .. eids[i] then
-      redis.call('HDEL', KEYS[2], jids[i])
-    end
+    -- XACK said this entry was live, so the index still points at it (enqueue never
+    -- indexes a second live entry for one job id)
+    redis.call('HDEL', KEYS[2], jids[i])
   end
 end
 if acked > 0 then
