@@ -173,23 +173,50 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
-def kill_children(pid: int, keep: frozenset[int] = frozenset()) -> int:
-    """SIGKILL and reap every child of ``pid`` (which must be us) not in ``keep``.
+def _stop_tree(pid: int, keep: frozenset[int]) -> None:
+    """SIGSTOP every descendant of ``pid`` (not in ``keep``) until the tree stops growing.
 
-    Loops because killing a process re-parents its own children to us (we are a subreaper);
-    it ends when no stray child is left. Returns how many processes were killed.
+    A stopped process cannot fork, so repeating the walk until it finds nobody new freezes
+    even a fork bomb; killing one generation at a time instead can race it indefinitely.
+    """
+    stopped: set[int] = set()
+    for _ in range(1000):
+        found = False
+        stack = [p for p in children_of(pid) if p not in keep]
+        while stack:
+            p = stack.pop()
+            if p not in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGSTOP)
+                stopped.add(p)
+                found = True
+            stack.extend(children_of(p))
+        if not found:
+            return
+
+
+def kill_children(pid: int, keep: frozenset[int] = frozenset()) -> int:
+    """SIGKILL and reap every descendant of ``pid`` (which must be us) not in ``keep``.
+
+    The tree is frozen first (:func:`_stop_tree`), then killed; the loop continues because
+    a killed process re-parents its own children to us (we are a subreaper) and ends when
+    no stray child is left. Returns how many processes were signalled.
     """
     killed = 0
+    if not any(p not in keep for p in children_of(pid)):
+        return 0
+    _stop_tree(pid, keep)
     while True:
         strays = [p for p in children_of(pid) if p not in keep]
         if not strays:
             return killed
-        for p in strays:
-            try:
+        stack = list(strays)
+        while stack:
+            p = stack.pop()
+            stack.extend(children_of(p))
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
                 killed += 1
-            except ProcessLookupError:
-                pass
         for p in strays:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(p, 0)

@@ -109,6 +109,25 @@ async def test_fork_bomb_that_gives_up(tight: Sandbox) -> None:
     await healthy(tight)
 
 
+async def test_fork_bomb_left_running_after_return(tight: Sandbox) -> None:
+    """A fork bomb still exploding when run() returns is frozen and killed before the answer."""
+    code = (
+        "import os, time\n"
+        "def run(input):\n"
+        "    if os.fork() == 0:\n"
+        "        while True:\n"
+        "            try:\n"
+        "                os.fork()\n"
+        "            except OSError:\n"
+        "                pass\n"
+        "    time.sleep(0.5)\n"
+        "    return 'returned'\n"
+    )
+    result = await run(tight, code, timeout_s=20)
+    assert result.status is SandboxStatus.SUCCEEDED and result.output == "returned"
+    await healthy(tight)
+
+
 async def test_open_10000_files(tight: Sandbox) -> None:
     """Opening 10,000 files fails at RLIMIT_NOFILE."""
     code = "def run(input):\n    return len([open('/dev/null') for _ in range(10_000)])\n"
