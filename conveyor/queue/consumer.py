@@ -29,19 +29,17 @@ from redis.exceptions import RedisError, ResponseError
 
 from conveyor.queue import keys as k
 from conveyor.queue import maintenance
+from conveyor.queue.acks import AckBatcher
 from conveyor.queue.config import QueueConfig
 from conveyor.queue.errors import is_unavailable
 from conveyor.queue.job import Job, UndecodablePayload, decode_entry, now_ms
-from conveyor.queue.scripts import ACK, CLAIM, DEAD, FETCH, RETRY, TOUCH, execute_command
+from conveyor.queue.scripts import CLAIM, DEAD, FETCH, RETRY, TOUCH, execute_command
 
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[Job], Awaitable[None]]
 DeadHandler = Callable[[Job, str], Awaitable[None]]
 
-#: Throughput buckets are this many seconds wide and live long enough for a one-minute window.
-BUCKET_S = 10
-BUCKET_TTL_S = 180
 #: Longest error text stored with a retried or dead-lettered job.
 MAX_ERROR_CHARS = 2000
 #: Consumers silent this long with nothing pending are removed from the group.
@@ -64,7 +62,7 @@ def default_consumer_name() -> str:
 class _Stream:
     """One stream (queue shard) this consumer reads, with its unacknowledged bookkeeping."""
 
-    __slots__ = ("acks", "inflight", "keys", "queue", "shard")
+    __slots__ = ("inflight", "keys", "queue", "shard")
 
     def __init__(self, keys: k.ShardKeys) -> None:
         self.keys = keys
@@ -72,8 +70,6 @@ class _Stream:
         self.shard = keys.shard
         #: entry id → job, for everything this consumer holds (running or buffered).
         self.inflight: dict[str, Job] = {}
-        #: ``(entry_id, job_id, wait_ms, summary)`` waiting for the next ACK call.
-        self.acks: list[tuple[str, str, str, bytes]] = []
 
 
 class Consumer:
@@ -123,9 +119,7 @@ class Consumer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused: frozenset[str] = frozenset()
         self._slot = asyncio.Event()
-        self._ack_wake = asyncio.Event()
-        self._acks_pending = 0
-        self._ack_flushing = False
+        self._acks = AckBatcher(redis, self.config.completed_retention_max_count)
         self._stop = asyncio.Event()
         self._block_task: asyncio.Task[Any] | None = None
         self._main: asyncio.Task[int] | None = None
@@ -188,7 +182,7 @@ class Consumer:
         self._stop.clear()
         before = self.processed + self.failed + self.dead_lettered
         loop = asyncio.get_running_loop()
-        self._background = [loop.create_task(self._ack_loop()), loop.create_task(self._heartbeat())]
+        self._background = [loop.create_task(self._acks.run()), loop.create_task(self._heartbeat())]
         self._workers = [loop.create_task(self._worker()) for _ in range(self.concurrency)]
         if not burst:
             self._background.append(loop.create_task(self._maintenance_loop()))
@@ -234,7 +228,7 @@ class Consumer:
         self._idle.clear()
         self._buffer.clear()
         self._running = 0
-        await self._flush_acks_until_done(deadline_s=10.0)
+        await self._acks.flush_until_done(deadline_s=10.0)
         for t in self._background:
             t.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -428,9 +422,7 @@ class Consumer:
                 "t": job.enqueued_ms,
             }
         )
-        s.acks.append((job.entry_id, job.id, str(wait), summary))
-        self._acks_pending += 1
-        self._ack_wake.set()
+        self._acks.add(s.keys, (job.entry_id, job.id, str(wait), summary))
 
     async def _handle_failure(self, s: _Stream, job: Job, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
@@ -486,78 +478,6 @@ class Consumer:
                 )
         finally:
             s.inflight.pop(job.entry_id, None)
-
-    # ------------------------------------------------------------------ acknowledgements
-    async def _ack_loop(self) -> None:
-        while True:
-            _reraise_if_cancelling()
-            await self._ack_wake.wait()
-            # Yield once so the fetch woken by the same completions reaches Redis first: the
-            # next batch is then read while Redis runs this ACK, instead of queueing behind it.
-            await asyncio.sleep(0)
-            self._ack_wake.clear()
-            await self._flush_acks()
-
-    async def _flush_acks(self) -> bool:
-        """Send every queued acknowledgement; False (and kept for later) if Redis failed."""
-        if self._ack_flushing or not self._acks_pending:
-            return not self._acks_pending
-        self._ack_flushing = True
-        try:
-            batches = [(s, s.acks) for s in self._streams if s.acks]
-            for s, _ in batches:
-                s.acks = []
-            self._acks_pending = 0
-            results = await asyncio.gather(
-                *(self._send_acks(s, items) for s, items in batches), return_exceptions=True
-            )
-            ok = True
-            for (s, items), result in zip(batches, results, strict=True):
-                if isinstance(result, BaseException):
-                    ok = False
-                    # Acks are idempotent: keep them and resend after Redis is back.
-                    s.acks = items + s.acks
-                    self._acks_pending += len(items)
-                    log.warning("queue.ack_failed", error=str(result))
-            return ok
-        finally:
-            self._ack_flushing = False
-            if self._acks_pending:
-                self._ack_wake.set()
-
-    async def _send_acks(self, s: _Stream, items: list[tuple[str, str, str, bytes]]) -> None:
-        sk = s.keys
-        bucket = int(time.time()) // BUCKET_S
-        keep = self.config.completed_retention_max_count
-        # Four joined blobs instead of four arguments per job: packing thousands of small
-        # arguments costs the client more than the whole script costs Redis.
-        step = 2000
-        for i in range(0, len(items), step):
-            chunk = items[i : i + step]
-            await ACK(
-                self.redis,
-                [sk.stream, sk.index, sk.count, sk.completed, sk.throughput(bucket)],
-                [
-                    k.GROUP,
-                    keep,
-                    BUCKET_TTL_S,
-                    ",".join([c[0] for c in chunk]),
-                    "\n".join([c[1] for c in chunk]),
-                    ",".join([c[2] for c in chunk]),
-                    b"\n".join([c[3] for c in chunk]),
-                ],
-            )
-
-    async def _flush_acks_until_done(self, deadline_s: float) -> None:
-        end = time.monotonic() + deadline_s
-        delay = 0.05
-        while (self._acks_pending or self._ack_flushing) and time.monotonic() < end:
-            if self._ack_flushing:
-                await asyncio.sleep(0.001)
-                continue
-            if not await self._flush_acks():
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
 
     # ------------------------------------------------------------------ heartbeat, reclaim
     async def _heartbeat(self) -> None:
@@ -665,8 +585,8 @@ class Consumer:
     async def _drained(self, wait_delayed_s: float, wait_pending: bool) -> bool:
         if self.busy or self._tasks:
             return False
-        if self._acks_pending or self._ack_flushing:
-            await self._flush_acks_until_done(deadline_s=5.0)
+        if self._acks.busy:
+            await self._acks.flush_until_done(deadline_s=5.0)
             return False
         horizon = now_ms() + int(wait_delayed_s * 1000)
         for s in self._streams:

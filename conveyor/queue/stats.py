@@ -21,8 +21,8 @@ import structlog
 from redis.asyncio import Redis
 
 from conveyor.queue import keys as k
+from conveyor.queue.acks import BUCKET_S
 from conveyor.queue.config import QueueConfig
-from conveyor.queue.consumer import BUCKET_S
 from conveyor.queue.errors import unavailable_as_typed
 from conveyor.queue.job import entry_ms, now_ms
 from conveyor.queue.scripts import STATS

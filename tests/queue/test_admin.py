@@ -55,8 +55,7 @@ async def test_locate_reports_where_each_job_is(redis: aioredis.Redis) -> None:
 
 
 async def test_locate_notices_an_entry_cut_from_the_stream(redis: aioredis.Redis) -> None:
-    """If a stream entry vanished (trimmed, deleted by hand) locate says absent, so the
-    reconciler re-enqueues the run."""
+    """A stream entry cut by hand or by trimming reads as absent, so the reconciler re-enqueues."""
     producer = Producer(redis)
     await producer.enqueue("runs", {}, job_id="gone")
     sk = k.ShardKeys("runs", 0)

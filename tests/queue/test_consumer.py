@@ -86,8 +86,7 @@ async def test_never_more_than_concurrency_in_flight(
 async def test_raising_handler_is_retried_then_dead_lettered(
     redis: aioredis.Redis, cfg: QueueConfig
 ) -> None:
-    """A handler that always raises gets max_deliveries attempts, then a dead letter and on_dead;
-    other jobs keep flowing meanwhile."""
+    """An always-raising handler gets max_deliveries tries, then DLQ + on_dead; others flow."""
     producer = Producer(redis, cfg)
     await producer.enqueue("runs", {}, job_id="bad")
     await producer.enqueue("runs", {}, job_id="good")

@@ -48,8 +48,7 @@ async def test_trim_never_cuts_pending_or_undelivered_entries(redis: aioredis.Re
 
 
 async def test_dead_letters_expire_by_count_and_age(redis: aioredis.Redis) -> None:
-    """Dead letters beyond the max count, or older than the retention, are dropped with their
-    index entries."""
+    """Dead letters past the max count or the age limit go, index entries with them."""
     cfg = QueueConfig(max_deliveries=1, failed_retention_max_count=3)
     producer = Producer(redis, cfg)
     for i in range(5):
@@ -78,8 +77,7 @@ async def test_completed_summaries_are_capped(redis: aioredis.Redis) -> None:
 
 @pytest.mark.slow
 async def test_memory_levels_off_under_steady_load(tmp_path: Path) -> None:
-    """Under a steady enqueue/consume load, used_memory late in the run is within 10 % of early
-    (a shortened version of the minute-2 vs minute-10 check)."""
+    """Under steady load used_memory at 8 s is within 10 % of 2.5 s (shortened 2 vs 10 min)."""
     server = RedisServer(tmp_path / "redis", fsync="everysec")
     server.start()
     try:
