@@ -169,3 +169,25 @@ async def test_pause_and_resume_flags(redis: aioredis.Redis) -> None:
     assert not await admin.is_paused("runs")
     await admin.resume("sync")
     assert not await admin.is_paused("sync")
+
+
+async def test_failed_and_completed_page_newest_first(redis: aioredis.Redis) -> None:
+    """Failed and completed listings page newest first without repeats."""
+    cfg = QueueConfig(max_deliveries=1)
+    producer = Producer(redis, cfg)
+    for i in range(7):
+        await producer.enqueue("runs", {}, job_id=f"f{i}")
+    await Consumer(redis, _fail, cfg).drain()
+    for i in range(7):
+        await producer.enqueue("runs", {}, job_id=f"c{i}")
+    await Consumer(redis, _noop, cfg).drain()
+    admin = QueueAdmin(redis, cfg)
+    for state, prefix in (("failed", "f"), ("completed", "c")):
+        seen: list[str] = []
+        cursor = None
+        while True:
+            page, cursor = await admin.list_jobs("runs", state, limit=3, cursor=cursor)
+            seen += [j.id for j in page]
+            if cursor is None:
+                break
+        assert seen == [f"{prefix}{i}" for i in reversed(range(7))], state

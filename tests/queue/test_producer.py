@@ -114,3 +114,12 @@ async def test_shards_spread_jobs_and_consumers_read_them_all(redis: aioredis.Re
 
     await Consumer(redis, handler, cfg).drain()
     assert sorted(seen) == sorted(f"s{i}" for i in range(60))
+
+
+async def test_job_id_must_be_one_nonempty_line(redis: aioredis.Redis) -> None:
+    """Empty or multi-line job ids are refused before anything reaches Redis."""
+    producer = Producer(redis)
+    for bad in ("", "a\nb"):
+        with pytest.raises(ValueError, match="job_id"):
+            await producer.enqueue("runs", {}, job_id=bad)
+    assert producer.round_trips == 0

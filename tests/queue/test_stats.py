@@ -6,7 +6,7 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from conveyor.queue import Consumer, Job, Producer, QueueAdmin, QueueConfig
+from conveyor.queue import Consumer, Job, Producer, QueueAdmin, QueueConfig, Sampler
 from conveyor.queue import keys as k
 from conveyor.queue.stats import sample
 
@@ -61,3 +61,14 @@ async def test_sampler_records_one_point_per_slot(redis: aioredis.Redis) -> None
     await redis.delete(*[key async for key in redis.scan_iter(match=b"conveyor:*lock*")])
     await sample(redis, cfg)
     assert len(await admin.history("runs")) == 3
+
+
+async def test_sampler_runs_in_the_background(redis: aioredis.Redis) -> None:
+    """A started Sampler records a first point at once and stops cleanly on close."""
+    cfg = QueueConfig(sample_interval_s=60)
+    async with Sampler(redis, cfg):
+        for _ in range(200):
+            if await redis.llen(k.history("sync")):
+                break
+            await asyncio.sleep(0.01)
+    assert len(await QueueAdmin(redis, cfg).history("sync")) == 1
