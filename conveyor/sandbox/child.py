@@ -89,9 +89,7 @@ def lock_down(sock_fd: int, uid: int | None, limits: lim.Limits, *, locked: bool
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
-    # If the fork-server dies, so does every step process (its descendants follow through
-    # the subreaper chain or the PID namespace).
-    lim.prctl(lim.PR_SET_PDEATHSIG, signal.SIGKILL)
+    parent = os.getppid()
     # Every descriptor but the socket goes: the fork-server's control socket in particular
     # would let a step spawn or kill other children.
     devnull = os.open("/dev/null", os.O_RDWR)
@@ -125,6 +123,12 @@ def lock_down(sock_fd: int, uid: int | None, limits: lim.Limits, *, locked: bool
             lim.drop_privileges(uid)
         else:
             lim.prctl(lim.PR_SET_NO_NEW_PRIVS, 1)
+    # If the fork-server dies, so does the step process (what it started follows through
+    # the PID namespace, or the worker's sweep by uid). Set after the uid drop, which
+    # clears it; the parent check closes the race with a parent that died meanwhile.
+    lim.prctl(lim.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
     os.chdir(os.environ["TMPDIR"])
     return 3
 

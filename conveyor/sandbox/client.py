@@ -40,7 +40,7 @@ from conveyor.sandbox.isolation import (
     launchers,
     missing_isolation_error,
 )
-from conveyor.sandbox.limits import Limits
+from conveyor.sandbox.limits import Limits, kill_uid_range
 from conveyor.sandbox.protocol import encode
 from conveyor.settings import ExecutionMode, Settings
 
@@ -422,6 +422,7 @@ class Sandbox:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
+            self._sweep_orphans()
         task, self._stderr_task = self._stderr_task, None
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -469,6 +470,17 @@ class Sandbox:
         if self._hello is not None and not self._hello.done():
             self._hello.set_exception(ConnectionError("fork-server exited before hello"))
         self._fail_all("sandbox fork-server exited")
+        self._sweep_orphans()
+
+    def _sweep_orphans(self) -> None:
+        """After the fork-server is gone: kill what its children left, when no PID
+        namespace did so already (direct launcher). Such processes hang off init now, in
+        sessions of their own; only their uid (from our window) says whose they are."""
+        if not self._drop_uid or self.probe.get("pid_namespace"):
+            return
+        left = kill_uid_range(self.uid_base, self.uid_base + self.uid_count)
+        if left:
+            log.error("sandbox: %d step processes survived the fork-server", left)
 
     def _fail_all(self, why: str) -> None:
         for fut, _key in self._spawning.values():

@@ -250,7 +250,7 @@ class ForkServer:
                     # whether the uid is empty is read from /proc afterwards.
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(-1, signal.SIGKILL)
-                    if not _uid_processes(uid):
+                    if not lim.uid_processes(uid, uid + 1, exclude=os.getpid()):
                         os._exit(0)
                     time.sleep(0.001)
             except BaseException:
@@ -280,25 +280,6 @@ class ForkServer:
                 break
             self._record(pid, status, usage)
         os._exit(0)
-
-
-def _uid_processes(uid: int) -> list[int]:
-    """Pids whose real uid is ``uid`` (zombies included), other than ours."""
-    me = os.getpid()
-    found: list[int] = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open(f"/proc/{name}/status", "rb") as fh:
-                for line in fh:
-                    if line.startswith(b"Uid:"):
-                        if int(line.split()[1]) == uid:
-                            found.append(int(name))
-                        break
-        except OSError:
-            continue
-    return found
 
 
 def main() -> NoReturn:

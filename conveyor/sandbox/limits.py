@@ -220,3 +220,42 @@ def kill_children(pid: int, keep: frozenset[int] = frozenset()) -> int:
         for p in strays:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(p, 0)
+
+
+def uid_processes(lo: int, hi: int, *, exclude: int | None = None) -> list[int]:
+    """Pids (zombies excepted) whose real uid is in ``lo`` ≤ uid < ``hi``, from ``/proc``."""
+    found: list[int] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == exclude:
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as fh:
+                state = b""
+                for line in fh:
+                    if line.startswith(b"State:"):
+                        state = line.split()[1]
+                    elif line.startswith(b"Uid:"):
+                        if lo <= int(line.split()[1]) < hi and state != b"Z":
+                            found.append(int(name))
+                        break
+        except OSError:
+            continue
+    return found
+
+
+def kill_uid_range(lo: int, hi: int, *, rounds: int = 200) -> int:
+    """Freeze, then kill, every process of the uids ``lo`` … ``hi - 1``; how many are left.
+
+    The last resort when the fork-server itself is gone without a PID namespace around
+    it: what its children left behind was re-parented to init, out of anyone's tree, and
+    only the uid still says whose it is.
+    """
+    for _ in range(rounds):
+        pids = uid_processes(lo, hi)
+        if not pids:
+            return 0
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for p in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(p, sig)
+    return len(uid_processes(lo, hi))

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 
+import psutil
 import pytest
 
 from conveyor.sandbox import Sandbox, SandboxConfig, SandboxStatus, SandboxUnavailable
 from conveyor.sandbox.isolation import Isolation, assess, bwrap_launcher
+from conveyor.sandbox.limits import uid_processes
 from conveyor.settings import ExecutionMode, Settings
 from tests.sandbox.support import config, make_sandbox, needs_bwrap, run
 
@@ -136,3 +140,42 @@ async def test_unshare_fallback_isolates_network() -> None:
     except SandboxUnavailable as exc:  # e.g. no user namespaces for a non-root user
         pytest.skip(f"unshare not permitted here: {exc}")
     assert result.status is SandboxStatus.SUCCEEDED and result.output == ["lo"]
+
+
+async def test_direct_mode_fork_server_death_leaves_nothing() -> None:
+    """Without a PID namespace, a killed fork-server's detached grandchildren are swept by uid."""
+    code = (
+        "import subprocess, time\n"
+        "def run(input):\n"
+        "    subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+        "    time.sleep(60)\n"
+    )
+    async with make_sandbox(launcher="direct", slots=1) as sb:
+        if not sb.probe.get("uid_drop"):
+            pytest.skip("needs root (per-child uids)")
+        task = asyncio.create_task(run(sb, code, timeout_s=30))
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if uid_processes(sb.uid_base, sb.uid_base + sb.uid_count):
+                break
+        assert sb.server_pid is not None
+        os.kill(sb.server_pid, signal.SIGKILL)
+        result = await asyncio.wait_for(task, 15)
+        assert result.status is SandboxStatus.INTERNAL_ERROR
+        assert uid_processes(sb.uid_base, sb.uid_base + sb.uid_count) == []
+
+
+async def test_step_process_dies_with_fork_server() -> None:
+    """A step process (uid already dropped) is killed by the kernel when the fork-server dies."""
+    code = "import time\ndef run(input):\n    time.sleep(60)\n"
+    async with make_sandbox(launcher="direct", slots=1, spares=0) as sb:
+        task = asyncio.create_task(run(sb, code, timeout_s=30))
+        await asyncio.sleep(0.5)
+        assert sb.server_pid is not None
+        children = psutil.Process(sb.server_pid).children()
+        assert children
+        sb._drop_uid = False  # disable the uid sweep: prove PR_SET_PDEATHSIG on its own
+        os.kill(sb.server_pid, signal.SIGKILL)
+        await asyncio.wait_for(task, 15)
+        _gone, alive = psutil.wait_procs(children, timeout=5)
+        assert alive == []
