@@ -147,6 +147,13 @@ class Producer:
             sk.delayed_payload,
             sk.delayed_meta,
         ]
+        dedup_indexes: list[str] = []
+        for item in batch:
+            if item.dedup_key is None:
+                dedup_indexes.append("0")
+            else:
+                keys.append(sk.dedup(item.dedup_key))
+                dedup_indexes.append(str(len(keys)))
         args: list[bytes | str | int] = [
             k.GROUP,
             now_ms(),
@@ -154,13 +161,12 @@ class Producer:
             cfg.stream_maxlen,
             cfg.dedup_window_s,
             len(batch),
+            "\n".join([item.job_id for item in batch]),
+            ",".join(dedup_indexes),
+            ",".join([str(item.delay_ms) for item in batch]),
+            ",".join([str(len(item.payload)) for item in batch]),
+            b"".join([item.payload for item in batch]),
         ]
-        for item in batch:
-            dedup_index = 0
-            if item.dedup_key is not None:
-                keys.append(sk.dedup(item.dedup_key))
-                dedup_index = len(keys)
-            args += (item.job_id, dedup_index, item.delay_ms, item.payload)
         self.round_trips += 1
         try:
             reply = await ENQUEUE(self.redis, keys, args)
