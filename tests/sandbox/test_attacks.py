@@ -421,3 +421,19 @@ async def test_broken_channel_fails_fast(sandbox: Sandbox, attack: str) -> None:
     assert "channel" in (result.error or "")
     assert sandbox.server_pid == server
     await healthy(sandbox)
+
+
+async def test_segfault_fails_the_step(sandbox: Sandbox) -> None:
+    """A step that crashes its interpreter (SIGSEGV via ctypes) fails; the worker lives on."""
+    result = await run(sandbox, "import ctypes\ndef run(input):\n    ctypes.string_at(0)\n")
+    assert result.status is SandboxStatus.FAILED
+    assert "SIGSEGV" in (result.error or "")
+    await healthy(sandbox)
+
+
+async def test_os_exit_fails_the_step(sandbox: Sandbox) -> None:
+    """os._exit() inside run() ends FAILED with the exit code, not a hang."""
+    result = await run(sandbox, "import os\ndef run(input):\n    os._exit(3)\n")
+    assert result.status is SandboxStatus.FAILED
+    assert "code 3" in (result.error or "")
+    await healthy(sandbox)
