@@ -6,7 +6,9 @@ The engine calls :meth:`Sandbox.run_code`; the flow validator calls :func:`valid
 worker's event loop), :mod:`~conveyor.sandbox.isolation` (launchers, report, policy),
 :mod:`~conveyor.sandbox.forkserver` (the process inside the isolation that forks),
 :mod:`~conveyor.sandbox.child` (lock-down and the execution loop),
-:mod:`~conveyor.sandbox.limits` (rlimits, uid, namespaces) and
+:mod:`~conveyor.sandbox.limits` (rlimits, uid, namespaces),
+:mod:`~conveyor.sandbox.config` (``SandboxConfig``, from ``Settings``),
+:mod:`~conveyor.sandbox.outcome` (statuses, results) and
 :mod:`~conveyor.sandbox.client` (the worker-side pool). Names are imported lazily so the
 fork-server, which imports this package too, loads nothing it does not use.
 """
@@ -17,14 +19,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from conveyor.sandbox.client import (
-        Sandbox,
-        SandboxConfig,
-        SandboxResult,
-        SandboxStatus,
-    )
+    from conveyor.sandbox.client import Sandbox
+    from conveyor.sandbox.config import SandboxConfig
     from conveyor.sandbox.isolation import Isolation, SandboxUnavailable
     from conveyor.sandbox.limits import Limits
+    from conveyor.sandbox.outcome import SandboxResult, SandboxStatus
     from conveyor.sandbox.validate import validate_code
 
 __all__ = [
@@ -40,9 +39,9 @@ __all__ = [
 
 _WHERE = {
     "Sandbox": "client",
-    "SandboxConfig": "client",
-    "SandboxResult": "client",
-    "SandboxStatus": "client",
+    "SandboxConfig": "config",
+    "SandboxResult": "outcome",
+    "SandboxStatus": "outcome",
     "Isolation": "isolation",
     "SandboxUnavailable": "isolation",
     "Limits": "limits",

@@ -8,7 +8,7 @@ replaces it, and it is recycled after ``warm_max_uses`` executions or after any 
 limit or timeout. The worker talks to a child over the child's own socket (one round trip
 per execution) and enforces wall time itself: past ``timeout_s`` it has the fork-server
 SIGKILL the child, and the fork-server answers only once every process of that child's
-tree is gone. Outcomes map to step statuses as DESIGN §6 and the issue specify.
+tree is gone. How outcomes map to statuses is :mod:`conveyor.sandbox.outcome`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import logging
 import os
 import signal
 import socket
-import sys
 import time
 from collections import deque
 from types import TracebackType
@@ -30,7 +28,7 @@ from typing import Any
 import orjson
 
 from conveyor.sandbox.channel import FrameChannel
-from conveyor.sandbox.forkserver import LOCKDOWN_FAILED
+from conveyor.sandbox.config import SandboxConfig
 from conveyor.sandbox.isolation import (
     Isolation,
     IsolationReport,
@@ -40,151 +38,19 @@ from conveyor.sandbox.isolation import (
     launchers,
     missing_isolation_error,
 )
-from conveyor.sandbox.limits import Limits, kill_uid_range
+from conveyor.sandbox.limits import kill_uid_range
+from conveyor.sandbox.outcome import SandboxResult, SandboxStatus, explain_exit
 from conveyor.sandbox.protocol import encode
-from conveyor.settings import ExecutionMode, Settings
 
 log = logging.getLogger("conveyor.sandbox")
 
-#: Standard-library modules imported by the fork-server before its first fork, so a step
-#: that uses them pays nothing for the import (and needs no file access after the uid drop).
-PREWARM_MODULES: tuple[str, ...] = (
-    "asyncio",
-    "base64",
-    "calendar",
-    "collections",
-    "copy",
-    "csv",
-    "dataclasses",
-    "datetime",
-    "decimal",
-    "enum",
-    "fractions",
-    "functools",
-    "hashlib",
-    "hmac",
-    "html",
-    "itertools",
-    "json",
-    "math",
-    "operator",
-    "random",
-    "re",
-    "statistics",
-    "string",
-    "textwrap",
-    "typing",
-    "unicodedata",
-    "urllib.parse",
-    "uuid",
-    "zoneinfo",
-)
 _BOOT = (
     "import sys; sys.path.insert(0, {root!r}); from conveyor.sandbox.forkserver import main; main()"
 )
-#: The fork-server's whole environment: nothing of the worker's reaches it.
 #: How long a child whose socket closed gets to be reported dead before it is killed.
 _DIED_GRACE_S = 0.25
+#: The fork-server's whole environment: nothing of the worker's reaches it.
 _SERVER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
-
-
-class SandboxStatus(enum.StrEnum):
-    """Outcome of one execution; the values are the engine's step/run status names."""
-
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    TIMEOUT = "TIMEOUT"
-    MEMORY_LIMIT_EXCEEDED = "MEMORY_LIMIT_EXCEEDED"
-    INTERNAL_ERROR = "INTERNAL_ERROR"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SandboxResult:
-    """What ``run_code`` returns: ``output`` is exactly what ``run()`` returned (JSON
-    types), ``error`` the user-facing message (type, message, the user's own traceback
-    lines), ``logs`` the captured stdout/stderr, ``duration_ms`` wall time in the worker."""
-
-    status: SandboxStatus
-    output: Any = None
-    error: str | None = None
-    logs: str = ""
-    duration_ms: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SandboxConfig:
-    """How the sandbox runs; :meth:`from_settings` maps ``AP_*``, tests tune fields directly.
-
-    Parameters:
-        locked: children get limits, uid drop and private ``/tmp`` (False only for
-            ``AP_EXECUTION_MODE=UNSANDBOXED``).
-        launcher: ``auto`` (bwrap, then unshare, then direct) or one of those names.
-        require_network_isolation: refuse to start without it (external servers).
-        slots: concurrent executions (``AP_WORKER_CONCURRENCY``).
-        limits: per-child limits, see :class:`~conveyor.sandbox.limits.Limits`.
-        max_timeout_s: upper bound for any ``timeout_s`` (``AP_FLOW_TIMEOUT_SECONDS``).
-        warm: keep a child per slot for the same flow version; False forks per execution.
-        per_run: a warm child serves one run only (all of that run's code steps, in one
-            locked-down process) — ``SANDBOX_PROCESS`` / ``SANDBOX_CODE_AND_PROCESS``;
-            takes effect when ``run_code`` is given ``run_id``.
-        warm_max_uses: executions before a warm child is replaced.
-        spares: forked, locked-down, unused children kept ready (for all slots together,
-            ~3 MB each), so a step that needs a fresh child does not wait for the fork;
-            two keep up with back-to-back fresh executions on two cores.
-        uid_base / uid_count: when the fork-server is root every child runs under a uid of
-            its own from ``uid_base`` … ``uid_base + uid_count - 1`` (need not exist in
-            /etc/passwd), so no two step processes can signal each other and
-            ``RLIMIT_NPROC`` counts one child's tree only. ``uid_base=None`` (default)
-            picks a window above 60000 from the worker's pid, so the workers of one host
-            (one per core with ``AP_PM2_ENABLED``) do not share uids.
-        prewarm: modules the fork-server imports before forking.
-        start_timeout_s / kill_timeout_s: deadlines for the fork-server's hello and for a
-            killed child's tree to be confirmed gone.
-    """
-
-    locked: bool = True
-    launcher: str = "auto"
-    require_network_isolation: bool = False
-    slots: int = 1
-    limits: Limits = dataclasses.field(default_factory=Limits)
-    max_timeout_s: float = 600.0
-    warm: bool = True
-    per_run: bool = False
-    warm_max_uses: int = 1000
-    spares: int = 2
-    uid_base: int | None = None
-    uid_count: int = 256
-    prewarm: tuple[str, ...] = PREWARM_MODULES
-    start_timeout_s: float = 15.0
-    kill_timeout_s: float = 10.0
-    python: str = sys.executable
-    bwrap_path: str | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> SandboxConfig:
-        locked = settings.execution_mode is not ExecutionMode.UNSANDBOXED
-        embedded = settings.embedded_redis and settings.embedded_postgres
-        limits = Limits(
-            memory_kb=settings.sandbox_memory_limit_kb,
-            cpu_s=max(settings.flow_timeout_seconds, 1),
-            code_cache=max(settings.pieces_cache_max_entries, 1),
-        )
-        per_run = settings.execution_mode in (
-            ExecutionMode.SANDBOX_PROCESS,
-            ExecutionMode.SANDBOX_CODE_AND_PROCESS,
-        )
-        values: dict[str, Any] = {
-            "locked": locked,
-            "per_run": per_run,
-            "launcher": "auto" if locked else "direct",
-            "require_network_isolation": locked and not embedded,
-            "slots": settings.worker_concurrency,
-            "limits": limits,
-            "max_timeout_s": float(settings.flow_timeout_seconds),
-            "prewarm": PREWARM_MODULES if settings.prewarm_cache_on_startup else (),
-        }
-        values.update(overrides)
-        return cls(**values)
 
 
 class _Child:
@@ -736,7 +602,7 @@ class Sandbox:
                 return "FAILED", None, "step process broke its channel to the worker", ""
         if child.channel is not None:
             child.channel.close()
-        status, error = _explain_exit(event, self.config.limits, limit_s)
+        status, error = explain_exit(event, self.config.limits, limit_s)
         return status, None, error, ""
 
     async def _await_exit(self, child: _Child) -> dict[str, Any]:
@@ -753,28 +619,3 @@ class Sandbox:
 def _expire(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_exception(_Timeout())
-
-
-def _explain_exit(event: dict[str, Any], limits: Limits, limit_s: float) -> tuple[str, str]:
-    """Map how a child died to a status and message (see the module docstring)."""
-    if event.get("lost"):
-        return "INTERNAL_ERROR", "the sandbox fork-server stopped during the step"
-    sig = event.get("signal")
-    code = event.get("code")
-    cpu = float(event.get("cpu_s") or 0.0)
-    if event.get("killed"):
-        return "TIMEOUT", f"step exceeded its time limit of {limit_s:g} s"
-    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= limits.cpu_s):
-        return "TIMEOUT", f"step exceeded its CPU time limit of {limits.cpu_s} s"
-    if sig in (signal.SIGKILL, signal.SIGABRT):
-        return (
-            "MEMORY_LIMIT_EXCEEDED",
-            f"step process was killed by {signal.Signals(sig).name} after running out of "
-            f"memory (limit {limits.memory_kb} KiB)",
-        )
-    if sig is not None:
-        name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else sig
-        return "FAILED", f"step process crashed with signal {name}"
-    if code == LOCKDOWN_FAILED:
-        return "INTERNAL_ERROR", "the step process could not apply its sandbox limits"
-    return "FAILED", f"step process exited with code {code} before returning a result"
