@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from conveyor.errors import ConfigError
+
 #: Where the ``conveyor`` package appears inside bubblewrap (read-only).
 PACKAGE_ROOT = "/opt/conveyor"
 #: Capabilities the fork-server keeps inside bubblewrap (when started as root): mounting
@@ -36,8 +38,11 @@ class Isolation(enum.StrEnum):
     NONE = "none"
 
 
-class SandboxUnavailable(RuntimeError):
-    """The configured execution mode needs isolation this host cannot provide."""
+class SandboxUnavailable(ConfigError):
+    """The configured execution mode needs isolation this host cannot provide (a
+    :class:`~conveyor.errors.ConfigError`: the operator must change the host or the mode)."""
+
+    code = "SANDBOX_UNAVAILABLE"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
