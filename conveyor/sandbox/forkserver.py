@@ -1,4 +1,4 @@
-"""The fork-server: started once per worker inside the isolation, forks one child per slot.
+"""The fork-server: started once per worker inside the isolation, forks the step processes.
 
 It is a small single-threaded loop over two descriptors — the control socket to the worker
 and the wake-up pipe of ``SIGCHLD`` — and never runs user code itself. On ``spawn`` it makes

@@ -27,7 +27,7 @@ from conveyor.errors import ConfigError
 #: Where the ``conveyor`` package appears inside bubblewrap (read-only).
 PACKAGE_ROOT = "/opt/conveyor"
 #: Capabilities the fork-server keeps inside bubblewrap (when started as root): mounting
-#: each child's private /tmp, dropping to the slot's uid, killing children of other uids.
+#: each child's private /tmp, dropping to each child's uid, killing children of other uids.
 #: Children lose them all at the uid drop.
 _CAPS = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN")
 

@@ -44,7 +44,7 @@ class Limits:
         cpu_s: ``RLIMIT_CPU`` soft limit in seconds of CPU for the child's lifetime (a warm
             child is recycled once it has used half of it); the hard limit is one more.
         nofile: ``RLIMIT_NOFILE`` — open descriptors.
-        nproc: ``RLIMIT_NPROC`` — processes and threads of the slot's uid.
+        nproc: ``RLIMIT_NPROC`` — processes and threads of the child's uid (its whole tree).
         fsize_kb: ``RLIMIT_FSIZE`` — largest file the child may write, KiB.
         tmp_kb: size of the child's private ``/tmp`` (tmpfs), KiB.
         log_bytes: stdout + stderr kept per execution; the rest is counted, not stored.
