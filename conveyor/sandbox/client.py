@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from types import TracebackType
 from typing import Any
 
@@ -117,6 +117,8 @@ class Sandbox:
         self._slots: list[_Slot] = []
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._next_id = 0
+        #: Counters for metrics: executions per status, ``forks``, ``starts``.
+        self.stats: Counter[str] = Counter()
         self._start_lock = asyncio.Lock()
         self._closed = False
         self._drop_uid = False
@@ -197,6 +199,7 @@ class Sandbox:
                 await self._stop_server()
                 continue
             self.launcher, self.probe, self.report = launcher, probe, report
+            self.stats["starts"] += 1
             self._drop_uid = bool(probe.get("uid_drop"))
             self._slots = [_Slot(i) for i in range(max(self.config.slots, 1))]
             self._prepare_spares()
@@ -422,6 +425,7 @@ class Sandbox:
             }
         )
         try:
+            self.stats["forks"] += 1
             return await asyncio.wait_for(fut, self.config.start_timeout_s)
         finally:
             self._spawning.pop(cid, None)
@@ -503,6 +507,7 @@ class Sandbox:
             # fork and the new child's warm-up would otherwise slow the step down.
             self._prepare_spares()
             self._release(slot)
+        self.stats[status] += 1
         return SandboxResult(
             SandboxStatus(status), output, error, logs, (time.perf_counter() - started) * 1e3
         )

@@ -112,6 +112,7 @@ async def test_warm_child_reused_for_same_flow_version_only(sandbox: Sandbox) ->
     first = await run(sandbox, PID, flow_id="warm", flow_version=1)
     again = await run(sandbox, PID, flow_id="warm", flow_version=1)
     assert first.output == again.output
+    assert sandbox.stats["SUCCEEDED"] >= 2 and sandbox.stats["starts"] >= 1
     other_version = await run(sandbox, PID, flow_id="warm", flow_version=2)
     other_flow = await run(sandbox, PID, flow_id="warm-2", flow_version=1)
     assert len({first.output, other_version.output, other_flow.output}) == 3
