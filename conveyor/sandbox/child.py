@@ -78,7 +78,9 @@ class CappedLog(io.TextIOBase):
         return out
 
 
-def lock_down(sock_fd: int, uid: int | None, limits: lim.Limits, *, locked: bool) -> int:
+def lock_down(
+    sock_fd: int, uid: int | None, limits: lim.Limits, *, locked: bool, own_pidns: bool = False
+) -> int:
     """Turn a fresh fork of the fork-server into a step process; returns the socket's fd.
 
     Order matters: namespaces and mounts need the capabilities we still have as root, the
@@ -122,13 +124,16 @@ def lock_down(sock_fd: int, uid: int | None, limits: lim.Limits, *, locked: bool
         if uid is not None:
             lim.drop_privileges(uid)
         else:
-            lim.prctl(lim.PR_SET_NO_NEW_PRIVS, 1)
+            lim.drop_capabilities()
     # If the fork-server dies, so does the step process (what it started follows through
     # the PID namespace, or the worker's sweep by uid). Set after the uid drop, which
     # clears it; the parent check closes the race with a parent that died meanwhile.
-    lim.prctl(lim.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(1)
+    # (In a PID namespace of its own the parent is the intermediate process, which exits
+    # at once; there bubblewrap's namespace, which ends with the fork-server, does this.)
+    if not own_pidns:
+        lim.prctl(lim.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
     os.chdir(os.environ["TMPDIR"])
     return 3
 
@@ -142,9 +147,10 @@ def fallback_tmp(server_pid: int, child_pid: int) -> str:
 class Runner:
     """Executes requests in this process; one instance per child."""
 
-    def __init__(self, limits: lim.Limits, *, locked: bool) -> None:
+    def __init__(self, limits: lim.Limits, *, locked: bool, own_pidns: bool = False) -> None:
         self.limits = limits
         self.locked = locked
+        self.own_pidns = own_pidns
         self.pid = os.getpid()
         self.tmp = os.environ["TMPDIR"]
         self._codes: OrderedDict[str, CodeType] = OrderedDict()
@@ -235,7 +241,10 @@ class Runner:
         if len(os.listdir("/proc/self/task")) > 1:
             # Threads of the step would outlive it and could answer for the next one.
             dirty = True
-        lim.kill_children(self.pid)
+        if self.own_pidns:
+            lim.reap_own_namespace()
+        else:
+            lim.kill_children(self.pid)
         if self._loop is not None and asyncio.all_tasks(self._loop):
             dirty = True
         try:
@@ -275,12 +284,12 @@ def _user_traceback(exc: BaseException, filename: str) -> str:
     return "".join(lines).rstrip("\n")
 
 
-def serve(fd: int, limits: lim.Limits, *, locked: bool) -> NoReturn:
+def serve(fd: int, limits: lim.Limits, *, locked: bool, own_pidns: bool = False) -> NoReturn:
     """The child's main loop: one answer per request until EOF or a recycle."""
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     reader = BlockingReader(sock)
-    runner = Runner(limits, locked=locked)
+    runner = Runner(limits, locked=locked, own_pidns=own_pidns)
     # Warm up only while idle: when a request is already waiting (fresh children wanted
     # back to back), the warm-up would just delay it.
     if not select.select([sock], [], [], 0)[0]:

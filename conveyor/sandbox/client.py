@@ -122,6 +122,7 @@ class Sandbox:
         self._start_lock = asyncio.Lock()
         self._closed = False
         self._drop_uid = False
+        self._pidns = False
         self._limits_wire = self.config.limits.to_wire()
         # Room for every slot's child and the spares, plus children still being swept.
         self.uid_count = max(
@@ -189,7 +190,12 @@ class Sandbox:
                 tail = " / ".join(self._stderr_tail) or str(exc) or type(exc).__name__
                 tried.append(f"{launcher.name}: {tail}")
                 continue
-            report = assess(launcher.name, probe, locked=self.config.locked)
+            report = assess(
+                launcher.name,
+                probe,
+                locked=self.config.locked,
+                child_pidns=self._will_use_pidns(probe),
+            )
             if (
                 self.config.locked
                 and self.config.require_network_isolation
@@ -201,6 +207,7 @@ class Sandbox:
             self.launcher, self.probe, self.report = launcher, probe, report
             self.stats["starts"] += 1
             self._drop_uid = bool(probe.get("uid_drop"))
+            self._pidns = self._will_use_pidns(probe)
             self._slots = [_Slot(i) for i in range(max(self.config.slots, 1))]
             self._prepare_spares()
             if self.config.locked and report.isolation is not Isolation.FULL:
@@ -216,6 +223,13 @@ class Sandbox:
         if self.config.require_network_isolation:
             raise missing_isolation_error(tried)
         raise SandboxUnavailable("cannot start the sandbox fork-server: " + "; ".join(tried))
+
+    def _will_use_pidns(self, probe: dict[str, Any]) -> bool:
+        if not self.config.locked or not probe.get("child_pid_namespace"):
+            return False
+        if self.config.child_pid_namespace is not None:
+            return self.config.child_pid_namespace
+        return not probe.get("uid_drop")
 
     async def _launch(self, launcher: Launcher) -> dict[str, Any]:
         self._stderr_tail.clear()
@@ -420,6 +434,7 @@ class Sandbox:
                 "op": "spawn",
                 "id": cid,
                 "drop_uid": self._drop_uid and self.config.locked,
+                "pidns": self._pidns,
                 "limits": self._limits_wire,
                 "locked": self.config.locked,
             }

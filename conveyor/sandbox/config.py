@@ -71,6 +71,9 @@ class SandboxConfig:
         spares: forked, locked-down, unused children kept ready (for all slots together,
             ~3 MB each), so a step that needs a fresh child does not wait for the fork;
             two keep up with back-to-back fresh executions on two cores.
+        child_pid_namespace: run every child as init of a PID namespace of its own
+            (nothing outside visible to it, its whole tree dies with it). ``None`` (default):
+            only where no per-child uid is possible (not root), if the kernel allows.
         uid_base / uid_count: when the fork-server is root every child runs under a uid of
             its own from ``uid_base`` … ``uid_base + uid_count - 1`` (need not exist in
             /etc/passwd), so no two step processes can signal each other and
@@ -92,6 +95,7 @@ class SandboxConfig:
     per_run: bool = False
     warm_max_uses: int = 1000
     spares: int = 2
+    child_pid_namespace: bool | None = None
     uid_base: int | None = None
     uid_count: int = 256
     prewarm: tuple[str, ...] = PREWARM_MODULES

@@ -81,8 +81,13 @@ class ForkServer:
         if pid == 0:
             code = 0
             try:
-                lim.private_tmp(uid, lim.Limits(tmp_kb=1024), network=False)
+                lim.private_tmp(os.getuid(), lim.Limits(tmp_kb=1024), network=False)
                 code |= 1
+            except BaseException:
+                pass
+            try:
+                lim.unshare(lim.CLONE_NEWPID)
+                code |= 4
             except BaseException:
                 pass
             try:
@@ -101,6 +106,7 @@ class ForkServer:
             "pid_namespace": self.pid <= 2,  # bwrap runs us as 2, unshare as 1
             "private_tmp": bool(bits & 1),
             "uid_drop": bool(bits & 2),
+            "child_pid_namespace": bool(bits & 4),
             "root": os.geteuid() == 0,
         }
 
@@ -166,19 +172,35 @@ class ForkServer:
         if msg.get("drop_uid") and uid is None:
             send_frame(self.ctl, {"op": "exit", "id": msg["id"], "lost": True, "code": None})
             return
+        pidns = bool(msg.get("pidns"))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        report_r, report_w = os.pipe() if pidns else (-1, -1)
         pid = os.fork()
         if pid == 0:
             try:
                 # Detach (not close) so no finaliser can later close a reused descriptor.
                 os.close(ours.detach())
-                fd = lock_down(theirs.detach(), uid, limits, locked=locked)
+                if pidns:
+                    self._enter_own_pid_namespace(report_r, report_w)
+                fd = lock_down(theirs.detach(), uid, limits, locked=locked, own_pidns=pidns)
             except BaseException as exc:
                 with contextlib.suppress(BaseException):
                     os.write(2, f"conveyor sandbox: lock-down failed: {exc!r}\n".encode())
                 os._exit(LOCKDOWN_FAILED)
-            serve(fd, limits, locked=locked)
+            serve(fd, limits, locked=locked, own_pidns=pidns)
         theirs.close()
+        if pidns:
+            # The intermediate process reports the real child's pid and exits; the child is
+            # re-parented to us (subreaper) and is the one we track, kill and reap.
+            os.close(report_w)
+            with os.fdopen(report_r, "rb") as fh:
+                raw = fh.read(4)
+            os.waitpid(pid, 0)
+            if len(raw) != 4:
+                ours.close()
+                send_frame(self.ctl, {"op": "exit", "id": msg["id"], "lost": True, "code": None})
+                return
+            pid = int.from_bytes(raw, "big")
         self.children[pid] = [msg["id"], False, uid]
         try:
             send_frame(
@@ -186,6 +208,23 @@ class ForkServer:
             )
         finally:
             ours.close()
+
+    @staticmethod
+    def _enter_own_pid_namespace(report_r: int, report_w: int) -> None:
+        """In the intermediate process: fork the step process as init of a new PID
+        namespace, tell the fork-server its pid, exit. Returns only in the step process.
+
+        Killing a namespace's init kills everything in it, and nothing inside can see (so
+        signal) the fork-server or other children — what a per-child uid gives as root.
+        """
+        os.close(report_r)
+        lim.unshare(lim.CLONE_NEWPID)
+        child = os.fork()
+        if child == 0:
+            os.close(report_w)
+            return
+        os.write(report_w, child.to_bytes(4, "big"))
+        os._exit(0)
 
     def _record(self, pid: int, status: int, usage: Any) -> None:
         info = self.children.pop(pid, None)

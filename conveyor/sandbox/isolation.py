@@ -110,6 +110,12 @@ def bwrap_launcher(bwrap: str) -> Launcher:
         argv += ["--cap-drop", "ALL"]
         for cap in _CAPS:
             argv += ["--cap-add", cap]
+    else:
+        # Not root: in a user namespace of its own the fork-server is uid 0 with just
+        # CAP_SYS_ADMIN, enough for each child's private /tmp and PID namespace (a uid per
+        # child is impossible: the namespace maps one uid). Children drop it (capset).
+        argv += ["--unshare-user", "--uid", "0", "--gid", "0", "--cap-drop", "ALL"]
+        argv += ["--cap-add", "CAP_SYS_ADMIN"]
     argv += ["--ro-bind", "/usr", "/usr"]
     for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         host = f"/{top}"
@@ -163,7 +169,9 @@ def launchers(preference: str, bwrap_path: str | None = None) -> list[Launcher]:
     return out
 
 
-def assess(launcher: str, probe: dict[str, Any], *, locked: bool) -> IsolationReport:
+def assess(
+    launcher: str, probe: dict[str, Any], *, locked: bool, child_pidns: bool = False
+) -> IsolationReport:
     """Turn the fork-server's self-probe into the report (see module docstring)."""
     if not locked:
         return IsolationReport(
@@ -183,6 +191,10 @@ def assess(launcher: str, probe: dict[str, Any], *, locked: bool) -> IsolationRe
         parts.append("read-only private filesystem")
     if probe.get("uid_drop"):
         parts.append("per-child uid")
+    if child_pidns:
+        parts.append("per-child pid namespace")
+        if not probe.get("uid_drop"):
+            parts.append("one uid for all children (not root)")
     if probe.get("private_tmp"):
         parts.append("private /tmp")
     parts += ["rlimits", "subreaper cleanup"]
@@ -190,7 +202,7 @@ def assess(launcher: str, probe: dict[str, Any], *, locked: bool) -> IsolationRe
         launcher == "bwrap"
         and net
         and bool(probe.get("pid_namespace"))
-        and bool(probe.get("uid_drop"))
+        and (bool(probe.get("uid_drop")) or child_pidns)
         and bool(probe.get("private_tmp"))
     )
     level = Isolation.FULL if full else Isolation.PARTIAL

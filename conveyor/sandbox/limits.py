@@ -27,7 +27,9 @@ PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+_CAP_VERSION_3 = 0x20080522
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
@@ -155,6 +157,54 @@ def drop_privileges(uid: int) -> None:
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
     prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    )
+
+
+def drop_capabilities() -> None:
+    """Empty the effective, permitted and inheritable sets and set no_new_privs.
+
+    For a child that keeps its uid (no root, so no uid to drop to): the fork-server's
+    capabilities inside bubblewrap's user namespace must not reach the step. With
+    no_new_privs an ``execve`` cannot give them back, not even as uid 0 of the namespace.
+    """
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def reap_own_namespace() -> int:
+    """As init of a PID namespace of our own: kill and reap every other process in it.
+
+    ``kill(-1)`` from a namespace's init reaches every process of the namespace but the
+    caller, in one kernel pass, so even a fork bomb cannot outrun it; orphans re-parent to
+    us and are reaped until none is left. Returns how many were reaped.
+    """
+    try:
+        if os.waitpid(-1, os.WNOHANG) == (0, 0):
+            pass  # children exist, none has exited yet
+    except ChildProcessError:
+        return 0
+    reaped = 0
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(-1, signal.SIGKILL)
+    while True:
+        try:
+            os.waitpid(-1, 0)
+            reaped += 1
+        except ChildProcessError:
+            return reaped
 
 
 def children_of(pid: int) -> list[int]:

@@ -69,16 +69,16 @@ async def run(
     )
 
 
-def _ns_pid(proc: psutil.Process) -> int:
-    """The pid as seen inside the innermost PID namespace (``NSpid`` in /proc/PID/status)."""
+def _ns_pids(proc: psutil.Process) -> list[int]:
+    """The pid in every PID namespace the process is in, outermost first (``NSpid``)."""
     try:
         with open(f"/proc/{proc.pid}/status") as fh:
             for line in fh:
                 if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
+                    return [int(p) for p in line.split()[1:]]
     except OSError:
         pass
-    return proc.pid
+    return [proc.pid]
 
 
 def sandbox_processes(sb: Sandbox) -> list[psutil.Process]:
@@ -102,17 +102,29 @@ def sandbox_processes(sb: Sandbox) -> list[psutil.Process]:
 async def assert_no_strays(sb: Sandbox) -> None:
     """Only the fork-server and known step processes live under the sandbox; none has kids."""
     await sb.settle()
+    procs = sandbox_processes(sb)
     server_ns_pid = int(sb.probe.get("pid", -1))
+    # The fork-server's namespace level: step pids are known as seen from there (a step in
+    # a PID namespace of its own is 1 in its innermost one).
+    level = next(
+        (
+            len(ns) - 1
+            for p in procs
+            if (ns := _ns_pids(p))[-1] == server_ns_pid and p.name() != "bwrap"
+        ),
+        0,
+    )
     known = sb.child_pids()
     strays = []
-    for proc in sandbox_processes(sb):
-        ns = _ns_pid(proc)
+    for proc in procs:
+        ns = _ns_pids(proc)
+        pid = ns[min(level, len(ns) - 1)]
         try:
-            if ns == server_ns_pid or (ns == 1 and proc.name() == "bwrap"):
+            if pid == server_ns_pid or (pid == 1 and proc.name() == "bwrap"):
                 continue
-            if ns in known:
+            if pid in known:
                 continue
-            strays.append((proc.pid, ns, proc.name(), proc.uids().real, proc.cmdline()))
+            strays.append((proc.pid, ns, proc.name(), proc.uids().real, proc.cmdline()[:3]))
         except psutil.NoSuchProcess:
             continue
     assert strays == [], f"processes left behind: {strays}"
