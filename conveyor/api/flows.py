@@ -88,6 +88,11 @@ async def create_flow(request: web.Request) -> web.Response:
 
 
 async def list_flows(request: web.Request) -> web.Response:
+    """Flows, newest first; ``?name=`` finds one flow by its exact name."""
+    if (name := request.query.get("name")) is not None:
+        found_one = await flow_store.get_flow_by_name(request.app[DB], name)
+        data = [flow_json(request, found_one)] if found_one else []
+        return json_response({"data": data, "next_cursor": None})
     limit, cursor = page_args(request)
     found = await flow_store.list_flows(request.app[DB], limit=limit + 1, cursor=cursor)
     page = found[:limit]

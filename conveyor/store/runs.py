@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from conveyor.engine.status import IN_FLIGHT, TERMINAL, RunStatus
 from conveyor.errors import NotFound
@@ -26,6 +27,11 @@ from conveyor.store.db import Database
 IDEMPOTENCY_WINDOW = "24 hours"
 _LIVE = [s.value for s in IN_FLIGHT]
 _TERMINAL = [s.value for s in TERMINAL]
+
+
+def _json(value: Any) -> str | None:
+    """JSON text for a jsonb column (``None`` stays SQL NULL)."""
+    return None if value is None else orjson.dumps(value, default=str).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,13 +69,21 @@ class Transition:
     error: Any = None
     attempt: int | None = None
     resume_at: datetime | None = None
+    #: Count one more execution (a worker starting the run; resuming a pause is not one).
+    bump_attempt: bool = False
 
 
+# JSON values travel as text[] and are cast per row: a jsonb[] parameter would take a
+# list-valued JSON (a loop's output) for a nested array dimension.
 _INSERT = """
 INSERT INTO runs (id, flow_id, flow_version, status, queue, trigger, idempotency_key,
                   response_status, attempt)
-SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::jsonb[],
-                     $7::text[], $8::int[], $9::int[])
+SELECT id, flow_id, flow_version, status, queue, trigger::jsonb, idempotency_key,
+       response_status, attempt
+FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
+            $7::text[], $8::int[], $9::int[])
+     AS u(id, flow_id, flow_version, status, queue, trigger, idempotency_key,
+          response_status, attempt)
 ON CONFLICT (flow_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id
 """
@@ -79,17 +93,18 @@ RETURNING id
 _TRANSITION = """
 UPDATE runs r SET
     status = u.status,
-    output = CASE WHEN u.has_output THEN u.output ELSE r.output END,
-    error = CASE WHEN u.has_error THEN u.error ELSE r.error END,
-    attempt = COALESCE(u.attempt, r.attempt),
+    output = CASE WHEN u.has_output THEN u.output::jsonb ELSE r.output END,
+    error = CASE WHEN u.has_error THEN u.error::jsonb ELSE r.error END,
+    attempt = CASE WHEN u.bump AND r.status <> 'PAUSED' THEN r.attempt + 1
+                   ELSE COALESCE(u.attempt, r.attempt) END,
     resume_at = u.resume_at,
     started_at = CASE WHEN u.status = 'RUNNING' THEN COALESCE(r.started_at, now())
                       ELSE r.started_at END,
     finished_at = CASE WHEN u.status = ANY($9::text[]) THEN now() ELSE NULL END,
     updated_at = now()
-FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::bool[], $5::jsonb[], $6::bool[],
-            $7::int[], $8::timestamptz[])
-     AS u(id, status, output, has_output, error, has_error, attempt, resume_at)
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bool[], $5::text[], $6::bool[],
+            $7::int[], $8::timestamptz[], $10::bool[])
+     AS u(id, status, output, has_output, error, has_error, attempt, resume_at, bump)
 WHERE r.id = u.id AND NOT (r.status = ANY($9::text[]))
 RETURNING r.id
 """
@@ -97,9 +112,13 @@ RETURNING r.id
 _STEPS = """
 INSERT INTO step_runs (run_id, seq, name, type, status, input, output, error, logs, parent,
                        iteration, attempt, started_at, duration_ms)
-SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
-                     $7::jsonb[], $8::jsonb[], $9::text[], $10::text[], $11::int[], $12::int[],
-                     $13::timestamptz[], $14::float8[])
+SELECT run_id, seq, name, type, status, input::jsonb, output::jsonb, error::jsonb, logs,
+       parent, iteration, attempt, started_at, duration_ms
+FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::text[], $8::text[], $9::text[], $10::text[], $11::int[], $12::int[],
+            $13::timestamptz[], $14::float8[])
+     AS u(run_id, seq, name, type, status, input, output, error, logs, parent, iteration,
+          attempt, started_at, duration_ms)
 ON CONFLICT (run_id, seq) DO UPDATE SET
     status = EXCLUDED.status, input = EXCLUDED.input, output = EXCLUDED.output,
     error = EXCLUDED.error, logs = EXCLUDED.logs, attempt = EXCLUDED.attempt,
@@ -154,7 +173,7 @@ class RunWriter:
                 [r.flow_version for r in runs],
                 [RunStatus.QUEUED.value] * len(runs),
                 [r.queue for r in runs],
-                [r.trigger for r in runs],
+                [_json(r.trigger) for r in runs],
                 [r.idempotency_key for r in runs],
                 [r.response_status for r in runs],
                 [r.attempt for r in runs],
@@ -194,7 +213,7 @@ class RunWriter:
                 [run.flow_version],
                 [RunStatus.QUEUED.value],
                 [run.queue],
-                [run.trigger],
+                [_json(run.trigger)],
                 [run.idempotency_key],
                 [run.response_status],
                 [run.attempt],
@@ -211,13 +230,14 @@ class RunWriter:
                 _TRANSITION,
                 [c.run_id for c in uniq],
                 [c.status.value for c in uniq],
-                [c.output for c in uniq],
+                [_json(c.output) for c in uniq],
                 [c.output is not None for c in uniq],
-                [c.error for c in uniq],
+                [_json(c.error) for c in uniq],
                 [c.error is not None for c in uniq],
                 [c.attempt for c in uniq],
                 [c.resume_at for c in uniq],
                 _TERMINAL,
+                [c.bump_attempt for c in uniq],
             )
         done = {row["id"] for row in rows}
         return [c.run_id in done and last[c.run_id] is c for c in changes]
@@ -232,9 +252,9 @@ class RunWriter:
                 [x["name"] for x in recs],
                 [x["type"] for x in recs],
                 [x["status"] for x in recs],
-                [x.get("input") for x in recs],
-                [x.get("output") for x in recs],
-                [x.get("error") for x in recs],
+                [_json(x.get("input")) for x in recs],
+                [_json(x.get("output")) for x in recs],
+                [_json(x.get("error")) for x in recs],
                 [x.get("logs") or "" for x in recs],
                 [x.get("parent") for x in recs],
                 [x.get("iteration") for x in recs],
@@ -326,14 +346,15 @@ async def set_response_status(db: Database, run_id: uuid.UUID, status: int) -> N
 async def reset_for_retry(
     db: Database, run_id: uuid.UUID, *, flow_version: int, keep_steps: bool
 ) -> dict[str, Any]:
-    """Put a finished run back to ``QUEUED`` for a manual retry (attempt + 1).
+    """Put a finished run back to ``QUEUED`` for a manual retry (the worker counts the attempt).
 
-    ``keep_steps``: FROM_FAILED_STEP keeps the succeeded step records (they are skipped on
-    the next execution) and drops the rest; otherwise every step record is dropped.
+    ``keep_steps``: FROM_FAILED_STEP keeps the step records before the first failed one
+    (they are skipped on the next execution) and drops the rest; otherwise every step
+    record is dropped.
     """
     async with db.writer() as conn, conn.transaction():
         row = await conn.fetchrow(
-            f"""UPDATE runs SET status = 'QUEUED', flow_version = $2, attempt = attempt + 1,
+            f"""UPDATE runs SET status = 'QUEUED', flow_version = $2,
                     output = NULL, error = NULL, finished_at = NULL, started_at = NULL,
                     resume_at = NULL, updated_at = now()
                 WHERE id = $1 AND status = ANY($3::text[])
@@ -348,8 +369,14 @@ async def reset_for_retry(
                 raise NotFound(f"run {run_id} not found")
             return {"id": run_id, "status": exists, "retried": False}
         if keep_steps:
+            # Keep what ran before the first failure; that step and everything after it
+            # (even steps that succeeded under continue_on_failure) run again.
             await conn.execute(
-                "DELETE FROM step_runs WHERE run_id = $1 AND status <> 'SUCCEEDED'", run_id
+                """DELETE FROM step_runs WHERE run_id = $1 AND seq >= COALESCE(
+                       (SELECT min(seq) FROM step_runs WHERE run_id = $1
+                          AND status IN ('FAILED', 'TIMEOUT', 'MEMORY_LIMIT_EXCEEDED')),
+                       (SELECT max(seq) + 1 FROM step_runs WHERE run_id = $1))""",
+                run_id,
             )
         else:
             await conn.execute("DELETE FROM step_runs WHERE run_id = $1", run_id)

@@ -166,3 +166,79 @@ async def test_async_runs_listed_with_filters(make_client: Any) -> None:
     assert [r["id"] for r in done["data"]] == list(reversed(ids))
     assert len(page["data"]) == 2 and page["next_cursor"]
     assert (await client.get("/api/v1/flow-runs?status=NOPE")).status == 400
+
+
+async def _wait_status(client: TestClient[Any, Any], run_id: str, *want: str) -> dict[str, Any]:
+    run: dict[str, Any] = {}
+    for _ in range(200):
+        run = await (await client.get(f"/api/v1/flow-runs/{run_id}")).json()
+        if run["status"] in want:
+            return run
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run stayed {run.get('status')}")
+
+
+async def test_retry_from_failed_step_keeps_earlier_steps(make_client: Any) -> None:
+    """FROM_FAILED_STEP re-runs from the failed step; ON_LATEST_VERSION uses the new version."""
+    client = await _worker_client(make_client)
+    await client.put("/api/v1/secrets/FLAG", json={"value": "bad"})
+    flow = {
+        "name": "flaky",
+        "trigger": {"type": "webhook"},
+        "steps": [
+            {"name": "first", "type": "transform", "input": {"a": 1}},
+            {
+                "name": "check",
+                "type": "code",
+                "input": {"flag": "{{secrets.FLAG}}"},
+                "code": "def run(input):\n    assert input['flag'] == 'ok', 'flag'\n    return 1\n",
+            },
+        ],
+    }
+    fid = (await (await client.post("/api/v1/flows", json=flow)).json())["id"]
+    rid = (await (await client.post(f"/api/v1/webhooks/{fid}", json={})).json())["run_id"]
+    failed = await _wait_status(client, rid, "FAILED")
+    assert failed["error"]["step"] == "check"
+    first_started = failed["steps"][0]["started_at"]
+    await client.put("/api/v1/secrets/FLAG", json={"value": "ok"})
+    resp = await client.post(
+        f"/api/v1/flow-runs/{rid}/retry", json={"strategy": "FROM_FAILED_STEP"}
+    )
+    assert resp.status == 202
+    done = await _wait_status(client, rid, "SUCCEEDED")
+    assert [s["name"] for s in done["steps"]] == ["first", "check"]
+    assert done["steps"][0]["started_at"] == first_started and done["attempt"] >= 2
+    # A running/finished-state conflict and a bad strategy are client errors.
+    bad = await client.post(f"/api/v1/flow-runs/{rid}/retry", json={"strategy": "NOPE"})
+    assert bad.status == 400
+    v2 = {**flow, "steps": [{"name": "only", "type": "transform", "input": {"v": 2}}]}
+    assert (await client.put(f"/api/v1/flows/{fid}", json=v2)).status == 200
+    resp = await client.post(
+        f"/api/v1/flow-runs/{rid}/retry", json={"strategy": "ON_LATEST_VERSION"}
+    )
+    assert resp.status == 202
+    latest = await _wait_status(client, rid, "SUCCEEDED")
+    assert latest["flow_version"] == 2 and [s["name"] for s in latest["steps"]] == ["only"]
+
+
+async def test_cancel_queued_run(make_client: Any) -> None:
+    """A canceled run stays CANCELED; canceling a finished run is 409."""
+    client: TestClient[Any, Any] = await make_client(AP_CONTAINER_TYPE="APP")
+    flow = {
+        "name": "c",
+        "trigger": {"type": "webhook"},
+        "steps": [{"name": "t", "type": "transform", "input": {}}],
+    }
+    fid = (await (await client.post("/api/v1/flows", json=flow)).json())["id"]
+    rid = (await (await client.post(f"/api/v1/webhooks/{fid}", json={})).json())["run_id"]
+    resp = await client.post(f"/api/v1/flow-runs/{rid}/cancel")
+    assert resp.status == 200 and (await resp.json())["status"] == "CANCELED"
+    worker = await _worker_client(make_client)
+    await asyncio.sleep(0.3)  # the worker picks the job up and must skip it
+    run = await (await worker.get(f"/api/v1/flow-runs/{rid}")).json()
+    assert run["status"] == "CANCELED" and run["steps"] == []
+    again = await client.post(f"/api/v1/flow-runs/{rid}/cancel")
+    assert again.status == 200
+    rid2 = (await (await worker.post(f"/api/v1/webhooks/{fid}", json={})).json())["run_id"]
+    await _wait_status(worker, rid2, "SUCCEEDED")
+    assert (await worker.post(f"/api/v1/flow-runs/{rid2}/cancel")).status == 409

@@ -59,7 +59,7 @@ async def test_terminal_runs_never_change(db: Database) -> None:
     writer = runs.RunWriter(db)
     rid = uuid7()
     await writer.insert(runs.NewRun(rid, f.id, 1, {"body": None}))
-    assert await writer.transition(runs.Transition(rid, RunStatus.RUNNING, attempt=1))
+    assert await writer.transition(runs.Transition(rid, RunStatus.RUNNING, bump_attempt=True))
     assert await writer.transition(runs.Transition(rid, RunStatus.CANCELED))
     assert not await writer.transition(runs.Transition(rid, RunStatus.SUCCEEDED, output={"x": 1}))
     row = await runs.get_run(db, rid)
@@ -81,7 +81,9 @@ async def test_terminal_runs_never_change(db: Database) -> None:
     steps = await runs.get_steps(db, rid)
     assert [s["name"] for s in steps] == ["a"]
     again = await runs.reset_for_retry(db, rid, flow_version=1, keep_steps=True)
-    assert again["retried"] and again["status"] == "QUEUED" and again["attempt"] == 2
+    assert again["retried"] and again["status"] == "QUEUED" and again["attempt"] == 1
+    assert await writer.transition(runs.Transition(rid, RunStatus.RUNNING, bump_attempt=True))
+    assert (await runs.get_run(db, rid))["attempt"] == 2
     assert [s["name"] for s in await runs.get_steps(db, rid)] == ["a"]
     await writer.close()
 

@@ -1,0 +1,91 @@
+"""PM2-style cluster mode: N children on one port, restarted when they die, drained on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+import psutil
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def _children(proc: subprocess.Popen[bytes]) -> set[int]:
+    """Live (non-zombie) child processes of the supervisor."""
+    live = set()
+    for child in psutil.Process(proc.pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                live.add(child.pid)
+        except psutil.Error:
+            continue
+    return live
+
+
+def _wait(cond: Any, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+async def test_cluster_restarts_dead_child_and_drains(
+    db: Any, postgres_url: str, redis_url: str
+) -> None:
+    """Two children serve one port; a SIGKILLed child is replaced; SIGTERM stops them all."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AP_")}
+    env.update(
+        {
+            "AP_POSTGRES_URL": postgres_url,
+            "AP_REDIS_URL": redis_url,
+            "AP_ENCRYPTION_KEY": "ef" * 32,
+            "AP_PORT": str(port),
+            "AP_PM2_ENABLED": "true",
+            "AP_PM2_INSTANCES": "2",
+            "AP_LOG_LEVEL": "warning",
+        }
+    )
+    proc = subprocess.Popen(  # noqa: ASYNC220 - the test's loop serves nothing meanwhile
+        [sys.executable, "-m", "conveyor", "up"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert _wait(lambda: _ready(port) and len(_children(proc)) == 2), "cluster not ready"
+        first = _children(proc)
+        victim = sorted(first)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert _wait(
+            lambda: len(_children(proc) - {victim}) == 2 and victim not in _children(proc)
+        ), "dead child not replaced"
+        assert _wait(lambda: _ready(port))
+        kids = _children(proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0
+    assert not any(
+        psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in kids
+    )
