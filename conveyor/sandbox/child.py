@@ -128,12 +128,10 @@ def lock_down(
     # If the fork-server dies, so does the step process (what it started follows through
     # the PID namespace, or the worker's sweep by uid). Set after the uid drop, which
     # clears it; the parent check closes the race with a parent that died meanwhile.
-    # (In a PID namespace of its own the parent is the intermediate process, which exits
-    # at once; there bubblewrap's namespace, which ends with the fork-server, does this.)
-    if not own_pidns:
-        lim.prctl(lim.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
+    lim.prctl(lim.PR_SET_PDEATHSIG, signal.SIGKILL)
+    # (As init of a PID namespace of its own the parent is outside it: getppid() says 0.)
+    if not own_pidns and os.getppid() != parent:
+        os._exit(1)
     os.chdir(os.environ["TMPDIR"])
     return 3
 

@@ -57,6 +57,7 @@ class ForkServer:
         base = int(config.get("uid_base", 60_000))
         self._free_uids = list(range(base + int(config.get("uid_count", 1000)) - 1, base - 1, -1))
         self._pid_namespace = False
+        self._pidns_fd = -1
         self.reader = BlockingReader(ctl, max_frame=1 << 20)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -174,14 +175,18 @@ class ForkServer:
             return
         pidns = bool(msg.get("pidns"))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        report_r, report_w = os.pipe() if pidns else (-1, -1)
+        if pidns:
+            # The next fork becomes init of a new PID namespace: nothing outside it is
+            # visible (so signalable) from the step, and its whole tree dies with it.
+            lim.unshare(lim.CLONE_NEWPID)
         pid = os.fork()
+        if pid != 0 and pidns:
+            # Back to our own namespace for later children (a second unshare would fail).
+            lim.setns(self._own_pidns_fd(), lim.CLONE_NEWPID)
         if pid == 0:
             try:
                 # Detach (not close) so no finaliser can later close a reused descriptor.
                 os.close(ours.detach())
-                if pidns:
-                    self._enter_own_pid_namespace(report_r, report_w)
                 fd = lock_down(theirs.detach(), uid, limits, locked=locked, own_pidns=pidns)
             except BaseException as exc:
                 with contextlib.suppress(BaseException):
@@ -189,18 +194,6 @@ class ForkServer:
                 os._exit(LOCKDOWN_FAILED)
             serve(fd, limits, locked=locked, own_pidns=pidns)
         theirs.close()
-        if pidns:
-            # The intermediate process reports the real child's pid and exits; the child is
-            # re-parented to us (subreaper) and is the one we track, kill and reap.
-            os.close(report_w)
-            with os.fdopen(report_r, "rb") as fh:
-                raw = fh.read(4)
-            os.waitpid(pid, 0)
-            if len(raw) != 4:
-                ours.close()
-                send_frame(self.ctl, {"op": "exit", "id": msg["id"], "lost": True, "code": None})
-                return
-            pid = int.from_bytes(raw, "big")
         self.children[pid] = [msg["id"], False, uid]
         try:
             send_frame(
@@ -209,22 +202,10 @@ class ForkServer:
         finally:
             ours.close()
 
-    @staticmethod
-    def _enter_own_pid_namespace(report_r: int, report_w: int) -> None:
-        """In the intermediate process: fork the step process as init of a new PID
-        namespace, tell the fork-server its pid, exit. Returns only in the step process.
-
-        Killing a namespace's init kills everything in it, and nothing inside can see (so
-        signal) the fork-server or other children — what a per-child uid gives as root.
-        """
-        os.close(report_r)
-        lim.unshare(lim.CLONE_NEWPID)
-        child = os.fork()
-        if child == 0:
-            os.close(report_w)
-            return
-        os.write(report_w, child.to_bytes(4, "big"))
-        os._exit(0)
+    def _own_pidns_fd(self) -> int:
+        if self._pidns_fd < 0:
+            self._pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        return self._pidns_fd
 
     def _record(self, pid: int, status: int, usage: Any) -> None:
         info = self.children.pop(pid, None)

@@ -47,6 +47,22 @@ def test_bwrap_argv_hides_root_and_cuts_network() -> None:
     assert "--bind" not in argv  # nothing of the host is writable
 
 
+def test_not_root_uses_a_user_namespace_and_per_child_pid_namespaces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not root: bwrap in a user namespace, per-child PID namespaces in place of per-child uids."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    argv = bwrap_launcher("/usr/bin/bwrap").argv
+    assert "--unshare-user" in argv
+    caps = [argv[i + 1] for i, a in enumerate(argv) if a == "--cap-add"]
+    assert caps == ["CAP_SYS_ADMIN"]
+    probe = {**FULL_PROBE, "uid_drop": False}
+    assert assess("bwrap", probe, locked=True).isolation is Isolation.PARTIAL
+    report = assess("bwrap", probe, locked=True, child_pidns=True)
+    assert report.isolation is Isolation.FULL
+    assert "per-child pid namespace" in report.mechanism
+
+
 @pytest.mark.skipif(not HOST_HAS_NETWORK, reason="the host itself has no interface but lo")
 async def test_refuses_without_network_isolation_when_required() -> None:
     """Isolation required but impossible: start() fails naming the missing piece and fix."""
