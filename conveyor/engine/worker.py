@@ -28,6 +28,7 @@ from conveyor.engine.context import RunContext, RunOutcome, Services, StepRecord
 from conveyor.engine.executor import Executor
 from conveyor.engine.reconciler import Reconciler, resume_job_id
 from conveyor.engine.registry import FlowRegistry
+from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.ssrf import SsrfPolicy, create_http_session
 from conveyor.engine.status import RunStatus
 from conveyor.logging import bind_run
@@ -293,9 +294,18 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
         flow_timeout_s=float(settings.flow_timeout_seconds),
     )
     await reconciler.start()
+    scheduler = Scheduler(
+        worker.writer.db,
+        worker.writer,
+        worker.producer,
+        app[REDIS],
+        trigger_timeout_s=float(settings.trigger_timeout_seconds),
+    )
+    await scheduler.start()
     try:
         yield
     finally:
+        await scheduler.close()
         await reconciler.close()
         await worker.close()
         await http.close()

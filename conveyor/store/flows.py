@@ -158,3 +158,46 @@ async def ingest_info(db: Database, flow_id: uuid.UUID) -> tuple[bool, int] | No
             "SELECT enabled, current_version FROM flows WHERE id = $1", flow_id
         )
     return None if row is None else (row["enabled"], row["current_version"])
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledFlow:
+    """An enabled flow whose current version has a ``schedule`` trigger (``trigger`` is the
+    trigger's document; ``updated_at`` is when it was last saved, enabled or disabled)."""
+
+    id: uuid.UUID
+    version: int
+    trigger: dict[str, Any]
+    updated_at: datetime
+
+
+async def list_schedule_flows(db: Database) -> list[ScheduledFlow]:
+    """Every enabled schedule flow — the scheduler's periodic refresh (only the trigger is
+    read, never the steps). Reads the primary: a replica's lag would delay a disable."""
+    async with db.writer() as conn:
+        rows = await conn.fetch(
+            """SELECT f.id, f.current_version AS version, v.document -> 'trigger' AS trigger,
+                      f.updated_at
+               FROM flows f
+               JOIN flow_versions v ON v.flow_id = f.id AND v.version = f.current_version
+               WHERE f.enabled AND v.document -> 'trigger' ->> 'type' = 'schedule'"""
+        )
+    return [ScheduledFlow(**dict(r)) for r in rows]
+
+
+async def last_schedule_keys(db: Database, flow_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The greatest ``schedule:<flow>:<tick>`` idempotency key among each flow's runs — its
+    last fired tick, so a new scheduler leader neither fires it again nor replays older ones.
+    One backward scan of the ``(flow_id, idempotency_key)`` index per flow."""
+    if not flow_ids:
+        return {}
+    async with db.writer() as conn:
+        rows = await conn.fetch(
+            """SELECT u.id, (SELECT r.idempotency_key FROM runs r
+                             WHERE r.flow_id = u.id
+                               AND r.idempotency_key LIKE 'schedule:' || u.id::text || ':%'
+                             ORDER BY r.idempotency_key DESC LIMIT 1) AS key
+               FROM unnest($1::uuid[]) AS u(id)""",
+            flow_ids,
+        )
+    return {r["id"]: r["key"] for r in rows if r["key"] is not None}
