@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import structlog
 
+from conveyor.aio import raise_if_cancelling
 from conveyor.ids import uuid7
 from conveyor.queue import keys as qkeys
 
@@ -60,6 +61,7 @@ class ReplyHub:
     async def _listen(self) -> None:
         # Reconnect forever: a Redis restart must not leave sync webhooks deaf.
         while True:
+            raise_if_cancelling()
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)

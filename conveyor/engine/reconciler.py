@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from conveyor.aio import raise_if_cancelling
 from conveyor.engine.status import RunStatus
 from conveyor.queue import Location, Producer, QueueUnavailable
 from conveyor.queue.admin import QueueAdmin
@@ -115,6 +116,7 @@ class Reconciler:
 
     async def _loop(self) -> None:
         while True:
+            raise_if_cancelling()
             try:
                 await self.run_once()
             except QueueUnavailable:

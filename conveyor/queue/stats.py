@@ -20,6 +20,7 @@ import orjson
 import structlog
 from redis.asyncio import Redis
 
+from conveyor.aio import raise_if_cancelling
 from conveyor.queue import keys as k
 from conveyor.queue.acks import BUCKET_S
 from conveyor.queue.config import QueueConfig
@@ -188,5 +189,6 @@ class Sampler:
             except Exception as exc:
                 # The board losing a point is fine; the sampler dying is not.
                 log.warning("queue.sample_failed", error=str(exc))
+            raise_if_cancelling()
             # Wake at the next slot boundary so samples line up across processes.
             await asyncio.sleep(interval - (time.time() % interval) + 0.01)
