@@ -67,6 +67,7 @@ class ReplyHub:
                 await pubsub.subscribe(self.channel)
                 self._ready.set()
                 async for message in pubsub.listen():
+                    raise_if_cancelling()
                     if message.get("type") == "message":
                         self._deliver(message["data"])
             except asyncio.CancelledError:
