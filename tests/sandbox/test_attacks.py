@@ -289,7 +289,8 @@ async def test_no_background_process_survives(sandbox: Sandbox, spawn: str) -> N
         "def run(input):\n"
         f"    {spawn}\n"
         "    time.sleep(0.2)\n"
-        "    return os.getpid()\n"
+        "    import sys\n"
+        "    return sys.__dict__.setdefault('_identity', os.urandom(8).hex())\n"
     )
     first = await run(sandbox, code, flow_id=f"bg-{spawn}")
     assert first.status is SandboxStatus.SUCCEEDED, first.error
@@ -305,7 +306,8 @@ async def test_background_thread_recycles_child(sandbox: Sandbox) -> None:
         "import os, threading, time\n"
         "def run(input):\n"
         "    threading.Thread(target=time.sleep, args=(300,), daemon=True).start()\n"
-        "    return os.getpid()\n"
+        "    import sys\n"
+        "    return sys.__dict__.setdefault('_identity', os.urandom(8).hex())\n"
     )
     first = await run(sandbox, code, flow_id="thread")
     second = await run(sandbox, code, flow_id="thread")

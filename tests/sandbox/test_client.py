@@ -12,7 +12,13 @@ import psutil
 from conveyor.sandbox import Limits, Sandbox, SandboxStatus
 from tests.sandbox.support import assert_no_strays, make_sandbox, needs_bwrap, run
 
-PID = "import os\ndef run(input):\n    return os.getpid()\n"
+#: Returns an identity of the step process: random per process, kept while it stays warm
+#: (a pid would not do: in a PID namespace of its own every child is pid 1).
+PID = (
+    "import os, sys\n"
+    "def run(input):\n"
+    "    return sys.__dict__.setdefault('_conveyor_test_identity', os.urandom(8).hex())\n"
+)
 
 
 async def test_returns_output_and_logs(sandbox: Sandbox) -> None:
@@ -122,11 +128,11 @@ async def test_per_run_child_for_process_mode() -> None:
     """With ``per_run`` (SANDBOX_PROCESS) a run's code steps share one child, runs do not."""
     async with make_sandbox(per_run=True, slots=1) as sb:
 
-        async def pid(run_id: str, step: str) -> int:
+        async def pid(run_id: str, step: str) -> str:
             result = await sb.run_code(
                 flow_id="proc", flow_version=1, step=step, code=PID, input=None, run_id=run_id
             )
-            assert isinstance(result.output, int)
+            assert isinstance(result.output, str)
             return result.output
 
         first, second = await pid("run-1", "a"), await pid("run-1", "b")
