@@ -10,6 +10,7 @@ asks for ``db``. No mocks: everything here is a real server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -103,27 +104,42 @@ def replace_database(url: str, database: str) -> str:
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
-@pytest.fixture(scope="session")
-async def postgres_url(postgres_server_url: str) -> AsyncIterator[str]:
-    """A throwaway, migrated database for this test session; dropped at the end."""
-    name = f"conveyor_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_server_url)
+@contextlib.asynccontextmanager
+async def throwaway_database(server_url: str, prefix: str) -> AsyncIterator[str]:
+    """Create an empty database on ``server_url``; yields its URL and drops it afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    url = replace_database(postgres_server_url, name)
-    conn = await asyncpg.connect(url)
     try:
-        await migrate(conn)
+        yield replace_database(server_url, name)
     finally:
-        await conn.close()
-    yield url
-    admin = await asyncpg.connect(postgres_server_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+        admin = await asyncpg.connect(server_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def postgres_url(postgres_server_url: str) -> AsyncIterator[str]:
+    """A throwaway, migrated database for this test session; dropped at the end."""
+    async with throwaway_database(postgres_server_url, "conveyor_test") as url:
+        conn = await asyncpg.connect(url)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        yield url
+
+
+@pytest.fixture
+async def empty_database_url(postgres_server_url: str) -> AsyncIterator[str]:
+    """An empty, unmigrated database for one test."""
+    async with throwaway_database(postgres_server_url, "conveyor_empty") as url:
+        yield url
 
 
 _APP_TABLES = ("step_runs", "runs", "flow_versions", "flows", "secrets")

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import socket
-import uuid
-from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
-
-import asyncpg
-import pytest
 
 from conveyor.settings import Settings
 from conveyor.store.db import Database, PoolOptions
-from tests.conftest import replace_database
 
 
 def _dbname(url: str) -> str:
@@ -25,21 +19,11 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-async def replica_url(postgres_server_url: str) -> AsyncIterator[str]:
-    """A second database standing in for a read replica (same server, other name)."""
-    name = f"conveyor_replica_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(postgres_server_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    yield replace_database(postgres_server_url, name)
-    admin = await asyncpg.connect(postgres_server_url)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.close()
-
-
-async def test_reads_go_to_replica_writes_to_primary(postgres_url: str, replica_url: str) -> None:
-    """With a healthy replica, reads use it; writes always use the primary."""
+async def test_reads_go_to_replica_writes_to_primary(
+    postgres_url: str, empty_database_url: str
+) -> None:
+    """With a healthy replica (another database here), reads use it; writes the primary."""
+    replica_url = empty_database_url
     db = await Database.connect(postgres_url, PoolOptions(max_size=2), (replica_url,))
     try:
         rows = await db.fetch_read("SELECT current_database() AS name")

@@ -5,32 +5,15 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
-import pytest
 
 from conveyor.store.migrations import available, migrate
-from tests.conftest import replace_database
 
 
-@pytest.fixture
-async def fresh_db_url(postgres_server_url: str) -> AsyncIterator[str]:
-    """An empty database, dropped after the test."""
-    name = f"conveyor_mig_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(postgres_server_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    yield replace_database(postgres_server_url, name)
-    admin = await asyncpg.connect(postgres_server_url)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.close()
-
-
-async def test_migrate_applies_all_then_nothing(fresh_db_url: str) -> None:
+async def test_migrate_applies_all_then_nothing(empty_database_url: str) -> None:
     """A first migrate applies every file and records it; a second applies nothing."""
-    conn = await asyncpg.connect(fresh_db_url)
+    conn = await asyncpg.connect(empty_database_url)
     try:
         first = await migrate(conn)
         assert [m.version for m in first] == [m.version for m in available()]
@@ -55,14 +38,14 @@ asyncio.run(main())
 """
 
 
-async def test_concurrent_migrate_from_four_processes(fresh_db_url: str) -> None:
+async def test_concurrent_migrate_from_four_processes(empty_database_url: str) -> None:
     """Four processes migrating at once: exactly one applies each file, none fails."""
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
             _SCRIPT,
-            fresh_db_url,
+            empty_database_url,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -72,7 +55,7 @@ async def test_concurrent_migrate_from_four_processes(fresh_db_url: str) -> None
     assert all(p.returncode == 0 for p in procs), [o[1].decode() for o in outs]
     applied = sorted(int(o[0]) for o in outs)
     assert applied == [0, 0, 0, len(available())]
-    conn = await asyncpg.connect(fresh_db_url)
+    conn = await asyncpg.connect(empty_database_url)
     try:
         assert await conn.fetchval("SELECT count(*) FROM conveyor_migrations") == len(available())
     finally:
