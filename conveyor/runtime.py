@@ -20,6 +20,7 @@ from aiohttp import web
 from conveyor import logging as conveyor_logging
 from conveyor.api.app import ServiceFactory, create_app
 from conveyor.embedded import EmbeddedError, EmbeddedServers
+from conveyor.errors import ConfigError
 from conveyor.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -102,6 +103,10 @@ def run(settings: Settings) -> int:
         )
     try:
         uvloop.run(serve(settings, embedded=embedded))
+    except ConfigError as exc:
+        # e.g. a sandboxed mode on a host that cannot isolate the network
+        print(f"conveyor: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"conveyor: cannot start: {exc}", file=sys.stderr)
         return 1
