@@ -1,14 +1,12 @@
-"""Exceptions the queue raises, split by who is at fault.
+"""Exceptions the queue raises, on the project's error tree (:mod:`conveyor.errors`).
 
 ::
 
-    QueueError
-    ├── QueueFull          backlog over AP_QUEUE_MAX_LENGTH: the API answers 429 + Retry-After: 1
-    ├── QueueUnavailable   Redis unreachable, loading or read-only: 503, retry later
-    └── JobNotFound        an admin call named a job the queue does not hold (404)
-
-When the project-wide ``ConveyorError`` root lands, ``QueueUnavailable`` re-parents onto the
-style guide's ``BackendUnavailable``.
+    ConveyorError
+    └── QueueError
+        ├── QueueFull          backlog over AP_QUEUE_MAX_LENGTH: 429 + Retry-After: 1
+        ├── QueueUnavailable   Redis down, loading or read-only (a BackendUnavailable: 503)
+        └── JobNotFound        an admin call named a job the queue lacks (a NotFound: 404)
 """
 
 from __future__ import annotations
@@ -18,14 +16,17 @@ from contextlib import asynccontextmanager
 
 import redis.exceptions as rexc
 
+from conveyor.errors import BackendUnavailable, ConveyorError, NotFound
 
-class QueueError(Exception):
+
+class QueueError(ConveyorError):
     """Root of the queue's exceptions."""
 
 
 class QueueFull(QueueError):
     """The queue's backlog is at its cap; ``retry_after_s`` is what the API puts in the header."""
 
+    code = "QUEUE_FULL"
     retry_after_s = 1
 
     def __init__(self, queue: str, cap: int) -> None:
@@ -34,11 +35,14 @@ class QueueFull(QueueError):
         self.cap = cap
 
 
-class QueueUnavailable(QueueError):
+class QueueUnavailable(QueueError, BackendUnavailable):
     """Redis cannot be reached or cannot accept writes right now."""
 
+    def __init__(self, message: str) -> None:
+        BackendUnavailable.__init__(self, "Redis", message)
 
-class JobNotFound(QueueError, KeyError):
+
+class JobNotFound(QueueError, NotFound, KeyError):
     """No job with this id in the state the caller named."""
 
     def __init__(self, queue: str, job_id: str) -> None:
@@ -69,7 +73,7 @@ async def unavailable_as_typed() -> AsyncIterator[None]:
         yield
     except rexc.RedisError as exc:
         if is_unavailable(exc):
-            raise QueueUnavailable(f"Redis unavailable: {exc}") from exc
+            raise QueueUnavailable(str(exc)) from exc
         raise
     except OSError as exc:
-        raise QueueUnavailable(f"Redis unavailable: {exc}") from exc
+        raise QueueUnavailable(str(exc)) from exc

@@ -171,9 +171,7 @@ class Producer:
         try:
             reply = await ENQUEUE(self.redis, keys, args)
         except (RedisError, OSError) as exc:
-            error: BaseException = (
-                QueueUnavailable(f"Redis unavailable: {exc}") if is_unavailable(exc) else exc
-            )
+            error: BaseException = QueueUnavailable(str(exc)) if is_unavailable(exc) else exc
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(error)
