@@ -247,3 +247,19 @@ async def test_delayed_job_runs_once_due(redis: aioredis.Redis, cfg: QueueConfig
     assert await Consumer(redis, rec, cfg).drain() == 0
     await Consumer(redis, rec, cfg).drain(wait_delayed_s=5)
     assert rec.ids == ["soon"] and rec.jobs[0].payload == {"d": 1}
+
+
+async def test_delayed_jobs_promoted_once_by_competing_workers(
+    redis: aioredis.Redis, cfg: QueueConfig
+) -> None:
+    """Two workers promoting the same delayed set deliver each job exactly once."""
+    producer = Producer(redis, cfg)
+    ids = [f"dl{i}" for i in range(40)]
+    await asyncio.gather(*(producer.enqueue("runs", {}, job_id=j, delay_s=0.2) for j in ids))
+    a, b = Recorder(), Recorder()
+    await asyncio.gather(
+        Consumer(redis, a, cfg, name="a").drain(wait_delayed_s=5),
+        Consumer(redis, b, cfg, name="b").drain(wait_delayed_s=5),
+    )
+    assert sorted(a.ids + b.ids) == sorted(ids)
+    assert sorted(await completed_ids(redis)) == sorted(ids)
