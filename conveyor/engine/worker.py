@@ -34,7 +34,8 @@ from conveyor.engine.status import RunStatus
 from conveyor.logging import bind_run
 from conveyor.queue import Consumer, Job, Producer, QueueConfig, QueueName
 from conveyor.queue.admin import QueueAdmin
-from conveyor.sandbox.client import Sandbox, SandboxConfig
+from conveyor.sandbox.client import Sandbox
+from conveyor.sandbox.config import SandboxConfig
 from conveyor.settings import Settings
 from conveyor.store import runs as run_store
 from conveyor.store.runs import RunWriter, StepRow, Transition
@@ -128,7 +129,7 @@ class RunWorker:
         rid = uuid.UUID(run_id)
         started_s = metrics.job_started(job.entry_ms)
         started = await self.writer.transition(
-            Transition(rid, RunStatus.RUNNING, attempt=job.attempt)
+            Transition(rid, RunStatus.RUNNING, bump_attempt=True)
         )
         reply = payload.get("reply")
         if not started:
