@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conveyor.engine.local_sandbox import LocalSandbox
+from tests.engine.local_sandbox import LocalSandbox
 from tests.engine.support import MemorySink
 
 

@@ -1,10 +1,9 @@
-"""A minimal subprocess sandbox: one fresh ``python -I`` per code step, no isolation beyond it.
+"""A plain subprocess implementation of the engine's Sandbox interface, for engine tests.
 
-This is the stand-in for ``conveyor.sandbox`` (DESIGN §6) until the isolated fork-server
-lands, and the engine's tests run code steps through it. Each call starts a child in its own
-session with an environment holding no ``AP_*`` variables and no secrets, an address-space
-rlimit, and a wall-time limit that kills the child's whole process group. It costs a Python
-start-up (~20–40 ms) per step, which is why production uses the fork-server instead.
+One fresh ``python -I`` per code step, in its own session, no ``AP_*`` variables, an
+address-space rlimit and a wall-time limit that kills the process group — but no isolation
+beyond that, so unlike the real :mod:`conveyor.sandbox` a step can read and write the host's
+files, which the executor's retry tests use to count attempts. Production uses the fork-server.
 """
 
 from __future__ import annotations
