@@ -234,33 +234,57 @@ return did
 )
 
 # KEYS: stream count. ARGV: group consumer min_idle_ms count owner ('' = any consumer)
-# Reply: {{{entry_id, fields, deliveries}…}, {lost entry ids…}}. XPENDING gives the delivery
-# counts XAUTOCLAIM's reply lacks; XCLAIM of a deleted entry differs (6.2: nil and the id
-# stays pending, 7.x: dropped from the PEL), so both are acknowledged and counted as lost.
+# Reply: {{{entry_id, fields, deliveries}…}, {lost entry ids…}}.
+# Idle entries of any consumer are found and taken with XAUTOCLAIM (JUSTID, following its
+# cursor); a restarting consumer's own entries with XPENDING … consumer. Each taken entry is
+# then XCLAIMed once more to read it and count the delivery, and XPENDING gives the count that
+# XAUTOCLAIM's reply lacks. Entries deleted while pending differ by version: 7.x lists them in
+# XAUTOCLAIM's third reply element (already dropped from the PEL), 6.2 returns them as ids whose
+# XCLAIM yields nil; either way they are acknowledged and reported lost (the reconciler
+# re-enqueues their runs from PostgreSQL).
 CLAIM = Script(
     "claim",
     """
-local group, me, idle, n, owner = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local p
+local group, me, idle, n, owner = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local ids, lost = {}, {}
 if owner == '' then
-  p = redis.pcall('XPENDING', KEYS[1], group, 'IDLE', idle, '-', '+', n)
+  local cursor = '0-0'
+  repeat
+    local r = redis.pcall('XAUTOCLAIM', KEYS[1], group, me, idle, cursor, 'COUNT', n - #ids,
+      'JUSTID')
+    if r.err then
+      if not string.find(r.err, 'NOGROUP', 1, true) then return redis.error_reply(r.err) end
+      redis.call('XGROUP', 'CREATE', KEYS[1], group, '0', 'MKSTREAM')
+      return {{}, {}}
+    end
+    cursor = r[1]
+    for _, id in ipairs(r[2]) do ids[#ids + 1] = id end
+    if r[3] then
+      for _, id in ipairs(r[3]) do
+        redis.call('DECR', KEYS[2])
+        lost[#lost + 1] = id
+      end
+    end
+  until cursor == '0-0' or #ids >= n
 else
-  p = redis.pcall('XPENDING', KEYS[1], group, 'IDLE', idle, '-', '+', n, owner)
+  local p = redis.pcall('XPENDING', KEYS[1], group, 'IDLE', idle, '-', '+', n, owner)
+  if p.err then
+    if not string.find(p.err, 'NOGROUP', 1, true) then return redis.error_reply(p.err) end
+    redis.call('XGROUP', 'CREATE', KEYS[1], group, '0', 'MKSTREAM')
+    return {{}, {}}
+  end
+  for _, e in ipairs(p) do ids[#ids + 1] = e[1] end
 end
-if p.err then
-  if not string.find(p.err, 'NOGROUP', 1, true) then return redis.error_reply(p.err) end
-  redis.call('XGROUP', 'CREATE', KEYS[1], group, '0', 'MKSTREAM')
-  return {{}, {}}
-end
-local claimed, lost = {}, {}
-for _, e in ipairs(p) do
-  local c = redis.call('XCLAIM', KEYS[1], group, me, idle, e[1])
+local claimed = {}
+for _, id in ipairs(ids) do
+  local c = redis.call('XCLAIM', KEYS[1], group, me, 0, id)
   if c[1] then
-    claimed[#claimed + 1] = {c[1][1], c[1][2], e[4] + 1}
+    local pe = redis.call('XPENDING', KEYS[1], group, id, id, 1)
+    claimed[#claimed + 1] = {c[1][1], c[1][2], pe[1][4]}
   else
-    redis.call('XACK', KEYS[1], group, e[1])
+    redis.call('XACK', KEYS[1], group, id)
     redis.call('DECR', KEYS[2])
-    lost[#lost + 1] = e[1]
+    lost[#lost + 1] = id
   end
 end
 return {claimed, lost}

@@ -263,3 +263,21 @@ async def test_delayed_jobs_promoted_once_by_competing_workers(
     )
     assert sorted(a.ids + b.ids) == sorted(ids)
     assert sorted(await completed_ids(redis)) == sorted(ids)
+
+
+async def test_reclaim_survives_entries_deleted_while_pending(
+    redis: aioredis.Redis, cfg: QueueConfig
+) -> None:
+    """An entry deleted while a dead worker held it is dropped from the PEL (6.2 and 7.x)."""
+    producer = Producer(redis, cfg)
+    await producer.enqueue("runs", {}, job_id="kept")
+    await producer.enqueue("runs", {}, job_id="erased")
+    sk = k.ShardKeys("runs", 0)
+    read = await redis.xreadgroup(k.GROUP, "ghost", {sk.stream: ">"}, count=10)
+    await redis.xdel(sk.stream, read[0][1][1][0])
+    rec = Recorder()
+    await asyncio.wait_for(Consumer(redis, rec, cfg).drain(wait_pending=True), 20)
+    assert rec.ids == ["kept"]
+    st = await QueueAdmin(redis).stats("runs")
+    assert (st.waiting, st.active) == (0, 0)
+    assert await QueueAdmin(redis).locate("runs", ["erased"]) == {"erased": None}
