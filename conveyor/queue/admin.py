@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from conveyor.queue import keys as k
 from conveyor.queue import stats as st
@@ -166,7 +167,7 @@ class QueueAdmin:
     async def _last_delivered(self, sk: k.ShardKeys) -> str:
         try:
             groups: Any = await self.redis.xinfo_groups(sk.stream)
-        except Exception:  # no stream yet
+        except ResponseError:  # no stream yet
             return "0-0"
         for g in groups:
             if g["name"] == k.GROUP:
@@ -192,7 +193,7 @@ class QueueAdmin:
             pending: Any = await self.redis.xpending_range(
                 sk.stream, k.GROUP, min=f"({pos}" if pos else "-", max="+", count=want
             )
-        except Exception:  # no stream or group yet
+        except ResponseError:  # no stream or group yet
             return [], None
         jobs: list[JobInfo] = []
         for p in pending:
