@@ -26,7 +26,9 @@ def sparkline(
     plus the latest value and the peak (the chart's scale)."""
     now = time.time() if now is None else now
     start = now - SPARK_WINDOW_S
-    pts = [(float(s["t"]), float(s.get(value) or 0)) for s in samples if float(s["t"]) >= start]
+    pts = sorted(
+        (float(s["t"]), float(s.get(value) or 0)) for s in samples if float(s["t"]) >= start
+    )
     peak = max((v for _, v in pts), default=0.0)
     scale = peak if peak > 0 else 1.0
     coords = [
