@@ -18,10 +18,11 @@ same tick gets the first run back from PostgreSQL and enqueues nothing.
 long failover) or one pass took longer than the cron interval, the leader fires only the most
 recent missed tick when it catches up, then carries on with the schedule. A schedule means
 "keep this current": replaying an outage's worth of per-minute jobs would flood the queue
-with stale work at the moment the system is recovering (Kubernetes CronJob and Activepieces
-behave the same way). A new leader learns each flow's last fired tick from those idempotency
-keys, so a handover neither fires a tick again nor replays older ones; a flow counts ticks
-from when it was last saved or enabled, so enabling it never replays the time it was off.
+with stale work at the moment the system is recovering (a Kubernetes CronJob likewise starts
+only the most recent missed schedule). A new leader learns each flow's last fired tick from
+those idempotency keys, so a handover neither fires a tick again nor replays older ones; a
+flow counts ticks from when it was last saved or enabled, so enabling it never replays the
+time it was off.
 """
 
 from __future__ import annotations
@@ -218,6 +219,7 @@ class Scheduler:
     async def _refresh(self) -> None:
         flows = await flow_store.list_schedule_flows(self.db)
         self._refreshed_at = time.monotonic()
+        now = self.clock()
         triggers: dict[uuid.UUID, Trigger] = {}
         for f in flows:
             doc = f.trigger
@@ -245,7 +247,9 @@ class Scheduler:
             anchor = f.updated_at
             last = _tick_of_key(last_keys[f.id]) if f.id in last_keys else None
             if last is not None and last > anchor:
-                anchor = last
+                # Never from the future: a key claimed for a far tick must not silence the
+                # flow until then (a tick a skewed leader fired early is still deduplicated).
+                anchor = min(last, max(now, anchor))
             try:
                 nxt = next_fire(trig, anchor)
             except (ValueError, KeyError, zoneinfo.ZoneInfoNotFoundError) as exc:

@@ -196,6 +196,7 @@ async def last_schedule_keys(db: Database, flow_ids: list[uuid.UUID]) -> dict[uu
             """SELECT u.id, (SELECT r.idempotency_key FROM runs r
                              WHERE r.flow_id = u.id
                                AND r.idempotency_key LIKE 'schedule:' || u.id::text || ':%'
+                               AND r.trigger ->> 'method' = 'SCHEDULE'
                              ORDER BY r.idempotency_key DESC LIMIT 1) AS key
                FROM unnest($1::uuid[]) AS u(id)""",
             flow_ids,

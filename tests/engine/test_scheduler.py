@@ -24,11 +24,12 @@ from conveyor.api.app import create_app
 from conveyor.engine.flow import Trigger, load_document, parse_flow
 from conveyor.engine.schedule import next_fire, tick_id
 from conveyor.engine.scheduler import Scheduler, latest_tick
+from conveyor.ids import uuid7
 from conveyor.queue import Producer, QueueConfig
 from conveyor.queue import keys as k
 from conveyor.store import flows as flow_store
 from conveyor.store.db import Database
-from conveyor.store.runs import RunWriter
+from conveyor.store.runs import NewRun, RunWriter
 from tests.api.conftest import make_settings
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -202,6 +203,28 @@ async def test_missed_ticks_fire_only_the_latest(db: Database, make_scheduler: A
     await sched.run_once()
     keys = [r["idempotency_key"] for r in await _runs(db, fid)]
     assert keys == [tick_id(str(fid), first), tick_id(str(fid), later)]
+
+
+async def test_forged_or_future_tick_keys_do_not_silence_a_flow(
+    db: Database, make_scheduler: Any
+) -> None:
+    """A far-future tick key (forged by a webhook or not) does not stop the current ticks."""
+    fid = await _flow(db)
+    writer = RunWriter(db)
+    far = datetime(2999, 1, 1, tzinfo=UTC)
+    for method in ("POST", "SCHEDULE"):
+        trigger = {"method": method, "headers": {}, "query": {}, "body": None}
+        key = tick_id(str(fid), far - timedelta(days=1 if method == "POST" else 0))
+        await writer.insert(NewRun(uuid7(), fid, 1, trigger, idempotency_key=key))
+    await writer.close()
+    clock = Clock(_base())
+    sched = await make_scheduler(clock)
+    await sched.run_once()
+    assert sched.fired == 0  # counted from now, not from 2999
+    for _ in range(2):
+        clock.advance(1)
+        await sched.run_once()
+    assert sched.fired == 2
 
 
 async def test_lease_handover_when_the_leader_closes(db: Database, make_scheduler: Any) -> None:
