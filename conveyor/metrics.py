@@ -221,12 +221,34 @@ async def http_metrics_middleware(request: web.Request, handler: Handler) -> web
     finally:
         elapsed = time.perf_counter() - start
         route = _route(request)
-        HTTP_DURATION.labels(route, request.method).observe(elapsed)
-        HTTP_TOTAL.labels(route, request.method, str(status)).inc()
-        if route.startswith("/api/v1/webhooks/") and status in REJECT_REASONS:
-            webhook_rejected(REJECT_REASONS[status])
+        timer, counter, rejected = _children(route, request.method, status)
+        timer.observe(elapsed)
+        counter.inc()
+        if rejected is not None:
+            rejected.inc()
         if not request.path.startswith(_UNTIMED_PREFIXES):
             API_WINDOW.add(elapsed, status >= 500)
+
+
+_Children = tuple[Any, Any, Any]
+_CHILDREN: dict[tuple[str, str, int], _Children] = {}
+
+
+def _children(route: str, method: str, status: int) -> _Children:
+    """The labelled metric children of one (route, method, status), looked up once: the
+    middleware runs on every webhook, so it avoids ``labels()`` on the hot path."""
+    key = (route, method, status)
+    found = _CHILDREN.get(key)
+    if found is None:
+        reason = REJECT_REASONS.get(status) if route.startswith("/api/v1/webhooks/") else None
+        found = (
+            HTTP_DURATION.labels(route, method),
+            HTTP_TOTAL.labels(route, method, str(status)),
+            WEBHOOKS_REJECTED.labels(reason) if reason else None,
+        )
+        if len(_CHILDREN) < 10_000:  # bounded: routes are templates, methods and statuses few
+            _CHILDREN[key] = found
+    return found
 
 
 # --------------------------------------------------------------------------- refresh

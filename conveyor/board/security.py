@@ -107,6 +107,12 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     nonce = request.get(_NONCE_KEY)
     if nonce and nonce != request.cookies.get(CSRF_COOKIE):
         response.set_cookie(
-            CSRF_COOKIE, nonce, path="/admin", httponly=True, samesite="Strict", max_age=86400 * 30
+            CSRF_COOKIE,
+            nonce,
+            path="/admin",
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure,
+            max_age=86400 * 30,
         )
     return response

@@ -165,8 +165,7 @@ async def test_hostile_flow_name_renders_inert(make_client: Any, page: Page) -> 
 
 
 async def test_workers_page_keyboard_labels_and_phone_width(make_client: Any, page: Page) -> None:
-    """Workers page lists the live worker; controls have labels, Tab reaches the skip link,
-    and at 375 px no page scrolls sideways."""
+    """Workers page lists the live worker; labelled controls, Tab skip link, no 375-px scroll."""
     client = await make_client(AP_CONTAINER_TYPE="WORKER_AND_APP", AP_WORKER_CONCURRENCY="2")
     fid = await create_flow(client, ECHO)
     await fire(client, fid, 1)
