@@ -209,12 +209,14 @@ async def test_heartbeat_keeps_a_long_job_from_being_stolen(
     redis: aioredis.Redis, cfg: QueueConfig
 ) -> None:
     """A job running longer than the visibility timeout is heartbeated, not run twice."""
-    await Producer(redis, cfg).enqueue("runs", {}, job_id="long")
-    rec = Recorder(sleep_s=cfg.visibility_timeout_s * 3)
+    # Wide margins: a heartbeat every 0.1 s against a 1 s timeout survives a loaded machine.
+    beat = QueueConfig(visibility_timeout_s=1.0, heartbeat_s=0.1, block_ms=50)
+    await Producer(redis, beat).enqueue("runs", {}, job_id="long")
+    rec = Recorder(sleep_s=2.5)
     thief = Recorder()
-    first = asyncio.ensure_future(Consumer(redis, rec, cfg, name="owner").drain())
+    first = asyncio.ensure_future(Consumer(redis, rec, beat, name="owner").drain())
     await asyncio.sleep(0.1)
-    second = Consumer(redis, thief, cfg, name="thief")
+    second = Consumer(redis, thief, beat, name="thief")
     await asyncio.wait_for(second.drain(wait_pending=True), 20)
     await first
     assert rec.ids == ["long"] and thief.ids == []
