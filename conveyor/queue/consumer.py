@@ -2,9 +2,10 @@
 
 One :class:`Consumer` per worker process, under a consumer name unique to the process. It asks
 for exactly as many entries as it has free slots, ``sync`` before ``runs`` in one scripted
-round trip, and blocks in ``XREADGROUP`` only when every queue is empty. Handlers run as tasks;
-their acknowledgements are coalesced into one script call per shard, sent only after the
-handler returned (so after the run's final state is committed). A handler that raises is an
+round trip, and blocks in ``XREADGROUP`` only when every queue is empty. Handlers run on one
+long-lived worker coroutine per slot; their acknowledgements are coalesced into one script call
+per shard (:mod:`conveyor.queue.acks`), sent only after the handler returned (so after the
+run's final state is committed). A handler that raises is an
 internal error: the entry is retried with exponential backoff through the delayed set and
 dead-lettered after ``max_deliveries``. Heartbeats keep in-flight entries from looking idle;
 entries idle past the visibility timeout (their worker died) are reclaimed by any live worker.
