@@ -275,14 +275,17 @@ def _flash(request: web.Request) -> dict[str, str] | None:
 
 
 async def _context(request: web.Request, page: Page) -> Context:
+    # The page's own address, also when rendering its regions for /admin/api/…: forms send
+    # the operator back there after an action, never to the JSON twin.
+    page_path = "/admin/" + request.path_qs.removeprefix("/admin/").removeprefix("api/")
     ctx = await page.build(request)
     ctx.update(
         csrf=csrf_token(request),
         nav=NAV,
         section=page.section,
-        here=request.path_qs,
+        here=page_path,
         refresh_ms=REFRESH_MS,
-        live_url="/admin/api/" + request.path_qs.removeprefix("/admin/"),
+        live_url="/admin/api/" + page_path.removeprefix("/admin/"),
     )
     return ctx
 

@@ -130,7 +130,9 @@ async def test_failed_run_shows_error_and_retry_succeeds(make_client: Any, page:
     await expect(page.locator('[data-step="check"] .badge')).to_have_text("FAILED")
     await shot(page, "run-failed")
     await set_secret(client, "MODE", "healthy-mode")
+    await expect(page.locator("#live-status")).to_contain_text("Updated")  # polled at least once
     await page.get_by_role("button", name="Retry from failed step").click()
+    await expect(page).to_have_url(base(client) + f"/admin/runs/{run_id}")
     await expect(page.get_by_role("alert").first).to_contain_text("Run retried")
     await expect(page.locator("#run-status")).to_have_text("SUCCEEDED")
     await expect(page.locator('[data-step="check"] .badge')).to_have_text("SUCCEEDED")

@@ -71,6 +71,10 @@ async def test_queue_page_lists_jobs_per_state_tab(make_client: Any) -> None:
         assert resp.status == 200 and f"No {state} jobs" in await resp.text()
     live = await (await client.get("/admin/api/queues/runs?state=waiting")).json()
     assert set(live["regions"]) == {"queue_head", "jobs"} and len(live["data"]["jobs"]) == 3
+    head = live["regions"]["queue_head"]
+    assert (
+        'name="next" value="/admin/queues/runs?state=waiting"' in head and "/admin/api" not in head
+    )
 
 
 async def test_queue_page_errors_are_html(make_client: Any) -> None:
