@@ -126,7 +126,10 @@ async def _accept(
     if secret_name:
         await _check_signature(request, secret_name, raw)
     trigger = trigger_payload(request, raw)
-    key = request.headers.get("Idempotency-Key") or None
+    # Namespaced, so a caller's key can never collide with keys the scheduler (or any other
+    # trigger) derives for the same flow.
+    header_key = request.headers.get("Idempotency-Key")
+    key = f"hook:{header_key}" if header_key else None
     queue = QueueName.SYNC if sync else QueueName.RUNS
     new = run_store.NewRun(
         id=uuid7(),

@@ -166,8 +166,12 @@ class RunWorker:
             checkpoints=checkpoints,
         )
 
+        answered = False
+
         async def on_respond(status: int, headers: Mapping[str, str], body: Any) -> None:
+            nonlocal answered
             if reply:
+                answered = True
                 await publish_reply(
                     self.redis,
                     reply,
@@ -186,7 +190,8 @@ class RunWorker:
         finally:
             self.sinks.sinks.pop(run_id, None)
         metrics.observe_run(outcome.status.value, started_s)
-        await self._commit(rid, run_id, payload, outcome, reply)
+        # The caller already has its answer once a respond step ran: no final message.
+        await self._commit(rid, run_id, payload, outcome, None if answered else reply)
 
     async def _commit(
         self,
