@@ -29,26 +29,6 @@ def next_fire(trigger: Trigger, after: datetime) -> datetime:
     return nxt.astimezone(UTC)
 
 
-def due_ticks(
-    trigger: Trigger, since: datetime, until: datetime, limit: int = 100
-) -> list[datetime]:
-    """Ticks in ``(since, until]`` (UTC, oldest first), at most ``limit`` of them.
-
-    A leader that was down for a while fires each missed tick once; ``limit`` keeps a long
-    outage from producing a flood (the oldest are kept so no tick is skipped silently).
-    """
-    if trigger.type != "schedule" or trigger.cron is None:
-        raise ValueError("not a schedule trigger")
-    it = croniter(trigger.cron, since.astimezone(_zone(trigger)))
-    ticks: list[datetime] = []
-    while len(ticks) < limit:
-        nxt: datetime = it.get_next(datetime)
-        if nxt > until:
-            break
-        ticks.append(nxt.astimezone(UTC))
-    return ticks
-
-
 def tick_id(flow_id: str, tick: datetime) -> str:
     """A stable id for one tick of one flow (the worker's dedup / idempotency key)."""
     return f"schedule:{flow_id}:{tick.astimezone(UTC).strftime('%Y%m%dT%H%M%SZ')}"

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from conveyor.engine.flow import Trigger
-from conveyor.engine.schedule import due_ticks, next_fire, tick_id
+from conveyor.engine.schedule import next_fire, tick_id
 
 
 def test_next_fire_in_utc() -> None:
@@ -22,16 +22,6 @@ def test_next_fire_respects_time_zone_and_dst() -> None:
     trig = Trigger(type="schedule", cron="0 9 * * *", timezone="Europe/Paris")
     assert next_fire(trig, datetime(2026, 1, 10, tzinfo=UTC)).hour == 8
     assert next_fire(trig, datetime(2026, 7, 10, tzinfo=UTC)).hour == 7
-
-
-def test_due_ticks_window_and_limit() -> None:
-    """Ticks in (since, until] are listed oldest first, capped at limit."""
-    trig = Trigger(type="schedule", cron="* * * * *", timezone="UTC")
-    since = datetime(2026, 1, 1, 0, 0, tzinfo=UTC)
-    until = datetime(2026, 1, 1, 0, 3, tzinfo=UTC)
-    ticks = due_ticks(trig, since, until)
-    assert [t.minute for t in ticks] == [1, 2, 3]
-    assert len(due_ticks(trig, since, datetime(2026, 1, 2, tzinfo=UTC), limit=10)) == 10
 
 
 def test_tick_id_is_stable() -> None:
