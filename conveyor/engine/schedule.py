@@ -1,7 +1,7 @@
-"""Cron arithmetic for schedule triggers: when a flow fires next, and which ticks are due.
+"""Cron arithmetic for schedule triggers: when a flow fires next, and the id of each tick.
 
 Only the time computation lives here; the leader election and tick deduplication across
-worker processes (a Redis lease plus one key per tick) belong to the worker. Times are
+worker processes (a Redis lease plus one key per tick) live in the scheduler. Times are
 computed in the trigger's time zone so ``0 9 * * *`` means 09:00 local across DST changes,
 and returned as aware UTC datetimes.
 """
