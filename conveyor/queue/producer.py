@@ -195,3 +195,9 @@ class Producer:
         """Wait for batches already on the wire (new calls after this are still served)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> Producer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
