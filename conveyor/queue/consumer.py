@@ -578,7 +578,9 @@ class Consumer:
                         await maintenance.forget_idle_consumers(
                             self.redis, s.keys, FORGET_CONSUMER_MS
                         )
-            except (RedisError, OSError) as exc:
+            except Exception as exc:
+                # Housekeeping must outlive any one bad round (a bug here would otherwise stop
+                # promotion and reclaim for the life of the process).
                 _reraise_if_cancelling(exc)
                 if not is_unavailable(exc):
                     log.exception("queue.maintenance_failed")

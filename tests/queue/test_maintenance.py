@@ -121,3 +121,14 @@ async def _steady_load(own_redis: aioredis.Redis) -> None:
         await loader
     e, l_ = sorted(early)[2], sorted(late)[2]
     assert abs(l_ - e) <= 0.10 * e, (early, late)
+
+
+async def test_idle_consumers_without_pending_are_forgotten(redis: aioredis.Redis) -> None:
+    """Consumers of gone processes leave the group once idle with nothing pending."""
+    await Producer(redis).enqueue("runs", {}, job_id="held")
+    sk = k.ShardKeys("runs", 0)
+    await redis.xreadgroup(k.GROUP, "holder", {sk.stream: ">"}, count=1)
+    await redis.execute_command("XGROUP", "CREATECONSUMER", sk.stream, k.GROUP, "gone")
+    assert await maintenance.forget_idle_consumers(redis, sk, idle_ms=0) == 1
+    names = [c["name"] for c in await redis.xinfo_consumers(sk.stream, k.GROUP)]
+    assert names == [b"holder"]
