@@ -32,9 +32,16 @@ def _settings() -> Settings:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if settings.pm2_enabled:
+        # Imported before anything loads prometheus-client: the supervisor must set up the
+        # multiprocess metrics directory first.
+        from conveyor import supervisor  # noqa: PLC0415
+
+        return supervisor.run(settings)
     from conveyor.runtime import run  # noqa: PLC0415 - keep `conveyor config` light
 
-    return run(_settings())
+    return run(settings)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -81,13 +81,9 @@ async def serve(
 
 
 def run(settings: Settings) -> int:
-    """Run Conveyor in the role of ``settings`` (one process, or one per core with
-    ``AP_PM2_ENABLED``); returns the exit code."""
+    """Run one Conveyor process in the role of ``settings``; returns the exit code.
+    (``AP_PM2_ENABLED`` goes through :mod:`conveyor.supervisor` instead.)"""
     conveyor_logging.configure(settings)
-    if settings.pm2_enabled:
-        from conveyor import supervisor  # noqa: PLC0415 - only the cluster mode needs it
-
-        return supervisor.run(settings)
     embedded = EmbeddedServers(settings)
     try:
         settings = embedded.start()

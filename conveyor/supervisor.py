@@ -23,6 +23,7 @@ from pathlib import Path
 
 import structlog
 
+from conveyor import logging as conveyor_logging
 from conveyor.embedded import EmbeddedError, EmbeddedServers
 from conveyor.settings import Settings
 
@@ -47,7 +48,6 @@ def _child_main(settings: Settings) -> None:
     try:
         import uvloop  # noqa: PLC0415 - imported after fork, in the child only
 
-        from conveyor import logging as conveyor_logging  # noqa: PLC0415
         from conveyor.runtime import serve  # noqa: PLC0415
 
         conveyor_logging.configure(settings)
@@ -57,6 +57,15 @@ def _child_main(settings: Settings) -> None:
         print(f"conveyor child {os.getpid()}: {exc!r}", file=sys.stderr)
     finally:
         os._exit(code)
+
+
+def _forget_metrics(pid: int) -> None:
+    """Drop a dead child's live gauges from the merged ``/metrics`` (its counters stay)."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return
+    from prometheus_client import multiprocess  # noqa: PLC0415 - after the dir is set
+
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 class Supervisor:
@@ -109,6 +118,7 @@ class Supervisor:
     def _reap(self) -> None:
         for pid, status in self._exited():
             started = self.children.pop(pid)
+            _forget_metrics(pid)
             uptime = time.monotonic() - started
             log.warning("child exited", child_pid=pid, status=status, uptime_s=round(uptime, 1))
             if self.stopping:
@@ -134,7 +144,12 @@ class Supervisor:
 
 
 def run(settings: Settings) -> int:
-    """Entry point of ``conveyor up`` when ``AP_PM2_ENABLED`` is true."""
+    """Entry point of ``conveyor up`` when ``AP_PM2_ENABLED`` is true.
+
+    Must run before prometheus-client is imported: it reads ``PROMETHEUS_MULTIPROC_DIR``
+    once, at import, and the forked children inherit what it chose.
+    """
+    conveyor_logging.configure(settings, role="SUPERVISOR")
     embedded = EmbeddedServers(settings)
     try:
         settings = embedded.start()

@@ -40,6 +40,13 @@ def _children(proc: subprocess.Popen[bytes]) -> set[int]:
     return live
 
 
+def _merged_concurrency(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    line = next(x for x in text.splitlines() if x.startswith("conveyor_worker_concurrency "))
+    return float(line.split()[1])
+
+
 def _wait(cond: Any, timeout_s: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -82,6 +89,8 @@ async def test_cluster_restarts_dead_child_and_drains(
         ), "dead child not replaced"
         assert _wait(lambda: _ready(port))
         kids = _children(proc)
+        # One /metrics merges every child: two live children with one slot each.
+        assert _wait(lambda: _merged_concurrency(port) == 2.0), _merged_concurrency(port)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
