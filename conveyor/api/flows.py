@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from conveyor.api import operations
 from conveyor.api.errors import ApiError, json_response
 from conveyor.api.keys import DB, PRODUCER, REGISTRY, RUN_WRITER
 from conveyor.engine.errors import FlowInvalid
@@ -123,9 +124,7 @@ async def delete_flow(request: web.Request) -> web.Response:
 
 
 async def _set_enabled(request: web.Request, enabled: bool) -> web.Response:
-    flow_id = flow_id_of(request)
-    flow = await flow_store.set_enabled(request.app[DB], flow_id, enabled)
-    request.app[REGISTRY].invalidate(flow_id)
+    flow = await operations.set_flow_enabled(request.app, flow_id_of(request), enabled)
     return json_response(flow_json(request, flow))
 
 

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
+from conveyor.api import operations
 from conveyor.api.errors import ApiError, json_response
 from conveyor.api.flows import page_args
-from conveyor.api.keys import DB, PRODUCER, RUN_WRITER
+from conveyor.api.keys import DB
 from conveyor.engine.status import RunStatus
-from conveyor.queue import QueueUnavailable
-from conveyor.store import flows as flow_store
 from conveyor.store import runs as run_store
-
-RETRY_STRATEGIES = ("FROM_FAILED_STEP", "ON_LATEST_VERSION")
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -97,8 +93,8 @@ async def get_run(request: web.Request) -> web.Response:
 
 
 async def retry_run(request: web.Request) -> web.Response:
-    """Retry a finished run: FROM_FAILED_STEP keeps its succeeded steps (same version),
-    ON_LATEST_VERSION starts over on the flow's current version."""
+    """Retry a finished run: FROM_FAILED_STEP keeps the steps before the failed one (same
+    version), ON_LATEST_VERSION starts over on the flow's current version."""
     run_id = _run_id(request)
     raw = await request.read()
     try:
@@ -106,37 +102,11 @@ async def retry_run(request: web.Request) -> web.Response:
     except ValueError:
         raise ApiError(400, "BAD_REQUEST", "body must be JSON") from None
     strategy = (body or {}).get("strategy", "FROM_FAILED_STEP")
-    if strategy not in RETRY_STRATEGIES:
-        raise ApiError(400, "BAD_REQUEST", f"strategy must be one of {', '.join(RETRY_STRATEGIES)}")
-    db = request.app[DB]
-    row = await run_store.get_run(db, run_id)
-    version = row["flow_version"]
-    if strategy == "ON_LATEST_VERSION":
-        version = (await flow_store.get_flow(db, row["flow_id"])).version
-    result = await run_store.reset_for_retry(
-        db, run_id, flow_version=version, keep_steps=strategy == "FROM_FAILED_STEP"
-    )
-    if not result["retried"]:
-        raise ApiError(
-            409, "RUN_NOT_FINISHED", f"run is {result['status']}; only finished runs retry"
-        )
-    job = {"run_id": str(run_id), "flow_id": str(row["flow_id"]), "version": version, "retry": True}
-    # If Redis is down the run stays QUEUED in PostgreSQL and the reconciler enqueues it.
-    with contextlib.suppress(QueueUnavailable):
-        await request.app[PRODUCER].enqueue("runs", job, job_id=str(run_id))
-    return json_response(run_json(await run_store.get_run(db, run_id)), status=202)
+    row = await operations.retry_run(request.app, run_id, str(strategy))
+    return json_response(run_json(row), status=202)
 
 
 async def cancel_run(request: web.Request) -> web.Response:
-    run_id = _run_id(request)
-    db = request.app[DB]
-    await run_store.get_run(db, run_id)
-    changed = await request.app[RUN_WRITER].transition(
-        run_store.Transition(
-            run_id, RunStatus.CANCELED, error={"step": None, "message": "canceled by user"}
-        )
-    )
-    row = await run_store.get_run(db, run_id)
-    if not changed and row["status"] != RunStatus.CANCELED.value:
-        raise ApiError(409, "RUN_FINISHED", f"run already ended as {row['status']}")
+    """Cancel a queued, running or paused run."""
+    row = await operations.cancel_run(request.app, _run_id(request))
     return json_response(run_json(row))

@@ -16,6 +16,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from conveyor.api import admin as ops
+from conveyor.api import operations
 from conveyor.api.errors import ApiError
 from conveyor.board.views import FLASH_COOKIE, root
 from conveyor.errors import ConveyorError
@@ -137,26 +138,26 @@ async def retry_run(request: web.Request, form: Form) -> str:
     """Retry a finished run (FROM_FAILED_STEP or ON_LATEST_VERSION)."""
     raw = form.get("strategy")
     strategy = raw if isinstance(raw, str) and raw else "FROM_FAILED_STEP"
-    row = await ops.retry_run(root(request), _uuid(request), str(strategy))
+    row = await operations.retry_run(root(request), _uuid(request), str(strategy))
     return f"Run retried ({strategy}, version {row['flow_version']}): now {row['status']}."
 
 
 @action
 async def cancel_run(request: web.Request, form: Form) -> str:
     """Cancel a queued, running or paused run."""
-    await ops.cancel_run(root(request), _uuid(request))
+    await operations.cancel_run(root(request), _uuid(request))
     return "Run canceled."
 
 
 @action
 async def enable_flow(request: web.Request, form: Form) -> str:
     """Enable a flow."""
-    flow = await ops.set_flow_enabled(root(request), _uuid(request), True)
+    flow = await operations.set_flow_enabled(root(request), _uuid(request), True)
     return f"Flow {flow.name} enabled."
 
 
 @action
 async def disable_flow(request: web.Request, form: Form) -> str:
     """Disable a flow: its webhooks answer 404 until enabled again."""
-    flow = await ops.set_flow_enabled(root(request), _uuid(request), False)
+    flow = await operations.set_flow_enabled(root(request), _uuid(request), False)
     return f"Flow {flow.name} disabled."

@@ -1,0 +1,71 @@
+"""What a user can do to runs and flows, shared by the API handlers and the board.
+
+Handlers parse requests and render answers; these functions hold the one implementation of
+each action (retry, cancel, enable/disable), so ``POST /api/v1/flow-runs/{id}/retry`` and the
+board's retry button cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from conveyor.api.errors import ApiError
+from conveyor.api.keys import DB, PRODUCER, REGISTRY, RUN_WRITER
+from conveyor.engine.status import RunStatus
+from conveyor.queue import QueueName, QueueUnavailable
+from conveyor.store import flows as flow_store
+from conveyor.store import runs as run_store
+from conveyor.store.flows import FlowRecord
+
+RETRY_STRATEGIES = ("FROM_FAILED_STEP", "ON_LATEST_VERSION")
+
+
+async def retry_run(app: web.Application, run_id: uuid.UUID, strategy: str) -> dict[str, Any]:
+    """Retry a finished run: ``FROM_FAILED_STEP`` keeps the steps before the failed one (same
+    version),
+    ``ON_LATEST_VERSION`` starts over on the flow's current version. Returns the run row."""
+    if strategy not in RETRY_STRATEGIES:
+        raise ApiError(400, "BAD_REQUEST", f"strategy must be one of {', '.join(RETRY_STRATEGIES)}")
+    db = app[DB]
+    row = await run_store.get_run(db, run_id)
+    version = row["flow_version"]
+    if strategy == "ON_LATEST_VERSION":
+        version = (await flow_store.get_flow(db, row["flow_id"])).version
+    result = await run_store.reset_for_retry(
+        db, run_id, flow_version=version, keep_steps=strategy == "FROM_FAILED_STEP"
+    )
+    if not result["retried"]:
+        raise ApiError(
+            409, "RUN_NOT_FINISHED", f"run is {result['status']}; only finished runs retry"
+        )
+    job = {"run_id": str(run_id), "flow_id": str(row["flow_id"]), "version": version, "retry": True}
+    # If Redis is down the run stays QUEUED in PostgreSQL and the reconciler enqueues it.
+    with contextlib.suppress(QueueUnavailable):
+        await app[PRODUCER].enqueue(QueueName.RUNS.value, job, job_id=str(run_id))
+    return await run_store.get_run(db, run_id)
+
+
+async def cancel_run(app: web.Application, run_id: uuid.UUID) -> dict[str, Any]:
+    """Cancel a queued, running or paused run; 409 if it already ended otherwise."""
+    db = app[DB]
+    await run_store.get_run(db, run_id)
+    changed = await app[RUN_WRITER].transition(
+        run_store.Transition(
+            run_id, RunStatus.CANCELED, error={"step": None, "message": "canceled by user"}
+        )
+    )
+    row = await run_store.get_run(db, run_id)
+    if not changed and row["status"] != RunStatus.CANCELED.value:
+        raise ApiError(409, "RUN_FINISHED", f"run already ended as {row['status']}")
+    return row
+
+
+async def set_flow_enabled(app: web.Application, flow_id: uuid.UUID, enabled: bool) -> FlowRecord:
+    """Enable or disable a flow (webhooks of a disabled flow answer 404)."""
+    flow = await flow_store.set_enabled(app[DB], flow_id, enabled)
+    app[REGISTRY].invalidate(flow_id)
+    return flow
