@@ -252,15 +252,6 @@ def _children(route: str, method: str, status: int) -> _Children:
 
 
 # --------------------------------------------------------------------------- refresh
-async def db_connections(db: Any) -> tuple[int, int]:
-    """``(active, max_connections)`` of the PostgreSQL server."""
-    # TODO(store): belongs in conveyor/store/ with the other SQL.
-    async with db.writer() as conn:
-        active = await conn.fetchval("SELECT count(*) FROM pg_stat_activity")
-        limit = await conn.fetchval("SELECT current_setting('max_connections')::int")
-    return int(active), int(limit)
-
-
 @dataclass
 class _State:
     queues_at: float = 0.0
@@ -284,7 +275,7 @@ async def refresh_queues(app: web.Application) -> None:
             QUEUE_DELAYED.labels(st.queue).set(st.delayed)
             QUEUE_DEAD.labels(st.queue).set(st.dead)
             QUEUE_OLDEST_WAIT.labels(st.queue).set(st.oldest_wait_s)
-        active, limit = await db_connections(app[DB])
+        active, limit = await app[DB].server_connections()
         DB_ACTIVE.set(active)
         DB_MAX.set(limit)
         state.queues_at = time.monotonic()

@@ -57,7 +57,7 @@ async def scaling_report(app: web.Application) -> list[dict[str, Any]]:
     queues = await queue_admin(app).all_stats()
     workers = await heartbeat.list_workers(app[REDIS], include_lost=False)
     try:
-        db: tuple[int, int] | None = await metrics.db_connections(app[DB])
+        db: tuple[int, int] | None = await app[DB].server_connections()
     except Exception:
         db = None
     inputs = metrics.scaling_inputs(queues, workers, metrics.API_WINDOW.summary(), db)

@@ -180,6 +180,13 @@ class Database:
         """``async with db.writer() as conn`` — always the primary."""
         return self.primary.acquire()
 
+    async def server_connections(self) -> tuple[int, int]:
+        """``(active connections, max_connections)`` of the primary server (scaling rules)."""
+        async with self.primary.acquire() as conn:
+            active = await conn.fetchval("SELECT count(*) FROM pg_stat_activity")
+            limit = await conn.fetchval("SELECT current_setting('max_connections')::int")
+        return int(active), int(limit)
+
     def pool_stats(self) -> dict[str, int]:
         size = self.primary.get_size()
         return {"size": size, "in_use": size - self.primary.get_idle_size()}
