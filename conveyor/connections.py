@@ -23,6 +23,9 @@ def create_redis(settings: Settings) -> Any:
     opts: dict[str, Any] = {
         "decode_responses": False,
         "health_check_interval": 30,
+        # A Redis that is down must surface quickly as QueueUnavailable (503 / reconciler),
+        # not after a long connect. No socket_timeout: consumers block up to 1 s on reads.
+        "socket_connect_timeout": 2.0,
     }
     if settings.redis_type is RedisType.SENTINEL:
         hosts = list(settings.redis_sentinel_hosts)

@@ -104,16 +104,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return exc.response()
+    except QueueUnavailable:
+        return ApiError(
+            503, "UNAVAILABLE", "Redis unavailable, retry later", headers={"Retry-After": "1"}
+        ).response()
     except ConveyorError as exc:
         return _from_domain(exc).response()
     except CONNECTION_ERRORS as exc:
         log.warning("backend unreachable", path=request.path, error=repr(exc))
         return ApiError(
             503, "UNAVAILABLE", "database unavailable, retry later", headers={"Retry-After": "5"}
-        ).response()
-    except QueueUnavailable:
-        return ApiError(
-            503, "UNAVAILABLE", "Redis unavailable, retry later", headers={"Retry-After": "1"}
         ).response()
     except web.HTTPException as exc:
         if exc.status < 400:
