@@ -358,7 +358,10 @@ def _mask_url(url: str) -> str:
     return url
 
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?)+$")
+# Labels separated by dots (each dot required: an optional one makes the regex backtrack
+# exponentially on a typo such as a trailing ":8443").
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}\.?$){_LABEL}(?:\.{_LABEL})*\.?$")
 
 
 class _Parser:

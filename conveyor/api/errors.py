@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 
 from conveyor.errors import BackendUnavailable, ConfigError, Conflict, ConveyorError, NotFound
-from conveyor.queue.errors import QueueUnavailable
+from conveyor.queue.errors import QueueFull, QueueUnavailable
 from conveyor.store.db import CONNECTION_ERRORS
 
 log = structlog.get_logger(__name__)
@@ -66,6 +66,7 @@ def json_response(
 
 
 _DOMAIN_STATUS: dict[type[ConveyorError], int] = {
+    QueueFull: 429,
     NotFound: 404,
     Conflict: 409,
     BackendUnavailable: 503,
@@ -75,7 +76,7 @@ _DOMAIN_STATUS: dict[type[ConveyorError], int] = {
 
 def _from_domain(exc: ConveyorError) -> ApiError:
     status = next((s for t, s in _DOMAIN_STATUS.items() if isinstance(exc, t)), 500)
-    headers = {"Retry-After": "5"} if status == 503 else None
+    headers = {"Retry-After": "5" if status == 503 else "1"} if status in (429, 503) else None
     message = exc.message if status != 500 else "internal server error"
     if status == 500:
         log.error("internal error", error=repr(exc))

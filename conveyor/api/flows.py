@@ -158,6 +158,8 @@ async def run_flow(request: web.Request) -> web.Response:
     try:
         await request.app[PRODUCER].enqueue(QueueName.RUNS.value, job, job_id=str(run_id))
     except QueueFull:
+        # Refused, so not accepted: nothing may run later behind the caller's back.
+        await run_store.delete_run(request.app[DB], run_id)
         raise ApiError(
             429, "QUEUE_FULL", "backlog full, retry later", headers={"Retry-After": "1"}
         ) from None

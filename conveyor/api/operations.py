@@ -16,7 +16,7 @@ from aiohttp import web
 from conveyor.api.errors import ApiError
 from conveyor.api.keys import DB, PRODUCER, REGISTRY, RUN_WRITER
 from conveyor.engine.status import RunStatus
-from conveyor.queue import QueueName, QueueUnavailable
+from conveyor.queue import QueueFull, QueueName, QueueUnavailable
 from conveyor.store import flows as flow_store
 from conveyor.store import runs as run_store
 from conveyor.store.flows import FlowRecord
@@ -43,8 +43,9 @@ async def retry_run(app: web.Application, run_id: uuid.UUID, strategy: str) -> d
             409, "RUN_NOT_FINISHED", f"run is {result['status']}; only finished runs retry"
         )
     job = {"run_id": str(run_id), "flow_id": str(row["flow_id"]), "version": version, "retry": True}
-    # If Redis is down the run stays QUEUED in PostgreSQL and the reconciler enqueues it.
-    with contextlib.suppress(QueueUnavailable):
+    # The run is QUEUED in PostgreSQL: if Redis is down or the backlog full right now, the
+    # reconciler enqueues it later, as it does for any accepted run.
+    with contextlib.suppress(QueueUnavailable, QueueFull):
         await app[PRODUCER].enqueue(QueueName.RUNS.value, job, job_id=str(run_id))
     return await run_store.get_run(db, run_id)
 

@@ -172,18 +172,13 @@ async def _enqueue(request: web.Request, queue: QueueName, job: dict[str, Any]) 
     try:
         await app[PRODUCER].enqueue(queue.value, job, job_id=job["run_id"])
     except QueueFull:
-        await _delete_run(request, job["run_id"])
+        await run_store.delete_run(app[DB], uuid.UUID(job["run_id"]))
         raise ApiError(
             429,
             "QUEUE_FULL",
             "backlog over AP_QUEUE_MAX_LENGTH, retry later",
             headers={"Retry-After": "1"},
         ) from None
-
-
-async def _delete_run(request: web.Request, run_id: str) -> None:
-    async with request.app[DB].writer() as conn:
-        await conn.execute("DELETE FROM runs WHERE id = $1", uuid.UUID(run_id))
 
 
 async def webhook_async(request: web.Request) -> web.Response:
@@ -216,14 +211,19 @@ async def webhook_sync(request: web.Request) -> web.Response:
         try:
             await _enqueue(request, QueueName.SYNC, job)
         except QueueUnavailable as exc:
+            rid = uuid.UUID(run_id)
             await app[RUN_WRITER].transition(
                 run_store.Transition(
-                    uuid.UUID(run_id),
+                    rid,
                     RunStatus.CANCELED,
                     error={"step": None, "message": "Redis unavailable at ingest"},
                 )
             )
-            raise _unavailable("redis", exc) from None
+            # The caller retries after Retry-After; with the same key it must get a new run.
+            await run_store.release_idempotency_key(app[DB], rid)
+            error = _unavailable("redis", exc)
+            error.headers["x-run-id"] = run_id
+            raise error from None
         timeout_s = app[SETTINGS].webhook_timeout_seconds
         try:
             message = await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
@@ -252,21 +252,60 @@ async def _remember(request: web.Request, run_id: str, status: int) -> None:
             raise BackendUnavailable("postgres", str(exc)) from None
 
 
+#: Headers a flow may not set: they frame the HTTP message, which is the server's job.
+_FRAMING = frozenset(
+    {
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "x-run-id",
+    }
+)
+
+
+def respond_headers(raw: Any) -> tuple[dict[str, str], str | None]:
+    """A respond step's headers made safe: framing headers dropped, CR/LF refused (a header
+    injection), Content-Type split out (aiohttp sets it from ``content_type``)."""
+    headers: dict[str, str] = {}
+    content_type = None
+    for key, value in (raw or {}).items() if isinstance(raw, dict) else ():
+        name, text = str(key), str(value)
+        if any(c in name + text for c in "\r\n\x00") or not name.strip():
+            continue
+        if name.lower() == "content-type":
+            content_type = text
+        elif name.lower() not in _FRAMING:
+            headers[name] = text
+    return headers, content_type
+
+
 def sync_response(run_id: str, message: dict[str, Any]) -> web.Response:
     """Turn a worker's reply into the HTTP answer (DESIGN §4, sync webhooks)."""
     headers = {"x-run-id": run_id}
     if message.get("kind") == "respond":
         status = int(message.get("status") or 200)
-        extra = {str(k): str(v) for k, v in (message.get("headers") or {}).items()}
+        extra, content_type = respond_headers(message.get("headers"))
         body = message.get("body")
-        if isinstance(body, str | bytes):
-            content_type = extra.pop("content-type", extra.pop("Content-Type", "text/plain"))
-            return web.Response(
-                body=body.encode() if isinstance(body, str) else body,
-                status=status,
-                headers={**extra, **headers, "Content-Type": content_type},
-            )
-        return json_response(body, status=status, headers={**extra, **headers})
+        default_type = "text/plain" if isinstance(body, str | bytes) else "application/json"
+        mime, _, params = (content_type or default_type).partition(";")
+        charset = params.partition("charset=")[2].split(";")[0].strip() or None
+        if isinstance(body, str):
+            payload = body.encode(charset or "utf-8", errors="replace")
+        elif isinstance(body, bytes):
+            payload = body
+        else:
+            payload = orjson.dumps(body, default=str)
+        return web.Response(
+            body=payload,
+            status=status,
+            headers={**extra, **headers},
+            content_type=mime.strip() or "application/octet-stream",
+            charset=charset,
+        )
     run_status = message.get("run_status")
     if run_status == RunStatus.SUCCEEDED.value:
         return json_response(message.get("output"), status=200, headers=headers)

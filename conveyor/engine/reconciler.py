@@ -34,7 +34,9 @@ def resume_job_id(run_id: str, resume_at: datetime) -> str:
 
 
 def _job_id(row: dict[str, Any]) -> str:
-    if row["status"] == RunStatus.PAUSED.value and row["resume_at"] is not None:
+    """The id of the queue entry a live run should have: a paused run, and a resumed one
+    still running, are carried by their resumption job."""
+    if row["resume_at"] is not None:
         return resume_job_id(str(row["id"]), row["resume_at"])
     return str(row["id"])
 
@@ -73,11 +75,11 @@ class Reconciler:
         now = datetime.now(UTC)
         by_queue: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
-            started = row["started_at"]
+            # updated_at of a RUNNING row is its last start (or resumption): time spent
+            # paused in a long delay does not count against AP_FLOW_TIMEOUT_SECONDS.
             if (
                 row["status"] == RunStatus.RUNNING.value
-                and started is not None
-                and (now - started).total_seconds() > self.flow_timeout_s + self.grace_s
+                and (now - row["updated_at"]).total_seconds() > self.flow_timeout_s + self.grace_s
             ):
                 msg = f"run exceeded AP_FLOW_TIMEOUT_SECONDS ({self.flow_timeout_s:.0f} s)"
                 if await self.writer.transition(
@@ -85,8 +87,8 @@ class Reconciler:
                 ):
                     counts["timed_out"] += 1
                 continue
-            # Paused runs wait in the runs queue's delayed set whatever queue they came from.
-            queue = "runs" if row["status"] == RunStatus.PAUSED.value else row["queue"]
+            # Resumptions ride the runs queue whatever queue the run came from.
+            queue = "runs" if row["resume_at"] is not None else row["queue"]
             by_queue.setdefault(queue, []).append(row)
         for queue, group in by_queue.items():
             where = await self.admin.locate(queue, [_job_id(r) for r in group])
@@ -109,7 +111,7 @@ class Reconciler:
             "retry": True,
         }
         delay = 0.0
-        if row["status"] == RunStatus.PAUSED.value and row["resume_at"] is not None:
+        if row["resume_at"] is not None:
             job["resume"] = True
             delay = max(0.0, (row["resume_at"] - now).total_seconds())
         await self.producer.enqueue(queue, job, job_id=_job_id(row), delay_s=delay)

@@ -20,9 +20,11 @@ R = TypeVar("R")
 class Batcher(Generic[T, R]):
     """Coalesce :meth:`submit` calls into ``flush(items) -> results`` calls.
 
-    Parameters: ``flush`` returns one result per item, in order (or raises, failing every
-    item of that batch); ``max_batch`` items per flush (default 500); ``max_in_flight``
-    flushes at once (default 2: one filling while one commits).
+    Parameters: ``flush`` returns one result per item, in order; ``max_batch`` items per
+    flush (default 500); ``max_in_flight`` flushes at once (default 2: one filling while one
+    commits); ``fatal`` exception types that fail the whole batch at once (the server is
+    unreachable) — any other error makes the batch retry item by item, so it reaches only
+    the item that caused it.
     """
 
     def __init__(
@@ -31,8 +33,10 @@ class Batcher(Generic[T, R]):
         *,
         max_batch: int = 500,
         max_in_flight: int = 2,
+        fatal: tuple[type[BaseException], ...] = (),
     ) -> None:
         self._flush = flush
+        self._fatal = fatal
         self._max_batch = max_batch
         self._slots = asyncio.Semaphore(max_in_flight)
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
@@ -66,16 +70,40 @@ class Batcher(Generic[T, R]):
                 return
             try:
                 results = await self._flush([item for item, _ in batch])
-            except BaseException as exc:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
+            except asyncio.CancelledError as exc:
+                self._fail(batch, exc)
+                raise
+            except self._fatal as exc:
+                self._fail(batch, exc)  # the server is away: every item fails alike
+                return
+            except Exception as exc:
+                if len(batch) == 1:
+                    self._fail(batch, exc)
+                    return
+                # One bad item (a constraint, bad data) must not fail its neighbours:
+                # redo the batch item by item so only the culprit sees the error.
+                await self._one_by_one(batch)
                 return
             for (_, fut), result in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)
+
+    async def _one_by_one(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        for item, fut in batch:
+            try:
+                (result,) = await self._flush([item])
+            except Exception as exc:
+                if not fut.done():
+                    fut.set_exception(exc)
+            else:
+                if not fut.done():
+                    fut.set_result(result)
+
+    @staticmethod
+    def _fail(batch: list[tuple[T, asyncio.Future[R]]], exc: BaseException) -> None:
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(exc)
 
     async def close(self) -> None:
         """Wait for the flushes in flight."""

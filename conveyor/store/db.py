@@ -51,12 +51,15 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 class PoolOptions:
     """Pool parameters: ``max_size`` connections, idle connections closed after
     ``idle_timeout_s`` seconds (0 = never), ``statement_cache`` off behind PgBouncer,
-    ``connect_timeout_s`` per connection attempt."""
+    ``connect_timeout_s`` per connection attempt, ``command_timeout_s`` per statement and
+    ``acquire_timeout_s`` to get a pooled connection (a hung server becomes a 503)."""
 
     max_size: int = 10
     idle_timeout_s: float = 300.0
     statement_cache: bool = True
     connect_timeout_s: float = 5.0
+    command_timeout_s: float = 30.0
+    acquire_timeout_s: float = 10.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PoolOptions:
@@ -75,6 +78,8 @@ async def create_pool(url: str, options: PoolOptions) -> asyncpg.Pool:
         max_inactive_connection_lifetime=options.idle_timeout_s,
         statement_cache_size=100 if options.statement_cache else 0,
         timeout=options.connect_timeout_s,
+        # A hung (not refusing) server must end in a 503, not a request that never answers.
+        command_timeout=options.command_timeout_s,
         init=_init_connection,
     )
 
@@ -163,7 +168,7 @@ class Database:
                 finally:
                     await conn_cm.__aexit__(None, None, None)
                 return
-        async with self.primary.acquire() as conn:
+        async with self.primary.acquire(timeout=self.options.acquire_timeout_s) as conn:
             yield conn
 
     async def fetch_read(self, query: str, *args: Any) -> list[asyncpg.Record]:
@@ -178,7 +183,7 @@ class Database:
 
     def writer(self) -> Any:
         """``async with db.writer() as conn`` — always the primary."""
-        return self.primary.acquire()
+        return self.primary.acquire(timeout=self.options.acquire_timeout_s)
 
     async def server_connections(self) -> tuple[int, int]:
         """``(active connections, max_connections)`` of the primary server (scaling rules)."""

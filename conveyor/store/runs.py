@@ -21,7 +21,7 @@ import orjson
 from conveyor.engine.status import IN_FLIGHT, TERMINAL, RunStatus
 from conveyor.errors import NotFound
 from conveyor.store.batch import Batcher
-from conveyor.store.db import Database
+from conveyor.store.db import CONNECTION_ERRORS, Database
 
 #: How long an ``Idempotency-Key`` keeps answering with its first run.
 IDEMPOTENCY_WINDOW = "24 hours"
@@ -30,8 +30,31 @@ _TERMINAL = [s.value for s in TERMINAL]
 
 
 def _json(value: Any) -> str | None:
-    """JSON text for a jsonb column (``None`` stays SQL NULL)."""
-    return None if value is None else orjson.dumps(value, default=str).decode()
+    """JSON text for a jsonb column (``None`` stays SQL NULL).
+
+    PostgreSQL's jsonb refuses the NUL character, which any webhook body or step output may
+    carry: it is replaced by U+FFFD, as a text column needs too (:func:`_text`).
+    """
+    if value is None:
+        return None
+    data = orjson.dumps(value, default=str)
+    if b"\\u0000" in data:
+        data = orjson.dumps(_strip_nul(value), default=str)
+    return data.decode()
+
+
+def _strip_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strip_nul(v) for v in value]
+    return value
+
+
+def _text(value: str | None) -> str | None:
+    return value.replace("\x00", "\ufffd") if value and "\x00" in value else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +120,9 @@ UPDATE runs r SET
     error = CASE WHEN u.has_error THEN u.error::jsonb ELSE r.error END,
     attempt = CASE WHEN u.bump AND r.status <> 'PAUSED' THEN r.attempt + 1
                    ELSE COALESCE(u.attempt, r.attempt) END,
-    resume_at = u.resume_at,
+    -- A resumed run keeps its resume_at while RUNNING: its queue entry's id derives from it.
+    resume_at = CASE WHEN u.status = 'PAUSED' THEN u.resume_at
+                     WHEN u.status = 'RUNNING' THEN r.resume_at ELSE NULL END,
     started_at = CASE WHEN u.status = 'RUNNING' THEN COALESCE(r.started_at, now())
                       ELSE r.started_at END,
     finished_at = CASE WHEN u.status = ANY($9::text[]) THEN now() ELSE NULL END,
@@ -143,11 +168,10 @@ class RunWriter:
 
     def __init__(self, db: Database, *, max_batch: int = 500) -> None:
         self.db = db
-        self._inserts: Batcher[NewRun, Inserted] = Batcher(self._flush_inserts, max_batch=max_batch)
-        self._transitions: Batcher[Transition, bool] = Batcher(
-            self._flush_transitions, max_batch=max_batch
-        )
-        self._steps: Batcher[StepRow, None] = Batcher(self._flush_steps, max_batch=max_batch)
+        opts: dict[str, Any] = {"max_batch": max_batch, "fatal": CONNECTION_ERRORS}
+        self._inserts: Batcher[NewRun, Inserted] = Batcher(self._flush_inserts, **opts)
+        self._transitions: Batcher[Transition, bool] = Batcher(self._flush_transitions, **opts)
+        self._steps: Batcher[StepRow, None] = Batcher(self._flush_steps, **opts)
 
     async def insert(self, run: NewRun) -> Inserted:
         """Commit ``run`` (group commit); returns once the row is durable."""
@@ -255,7 +279,7 @@ class RunWriter:
                 [_json(x.get("input")) for x in recs],
                 [_json(x.get("output")) for x in recs],
                 [_json(x.get("error")) for x in recs],
-                [x.get("logs") or "" for x in recs],
+                [_text(x.get("logs")) or "" for x in recs],
                 [x.get("parent") for x in recs],
                 [x.get("iteration") for x in recs],
                 [x.get("attempt", 1) for x in recs],
@@ -331,6 +355,18 @@ async def live_runs(
             limit,
         )
     return [dict(r) for r in rows]
+
+
+async def delete_run(db: Database, run_id: uuid.UUID) -> None:
+    """Undo an ingest the queue refused (backlog full): the caller was told 429."""
+    async with db.writer() as conn:
+        await conn.execute("DELETE FROM runs WHERE id = $1", run_id)
+
+
+async def release_idempotency_key(db: Database, run_id: uuid.UUID) -> None:
+    """Free a refused run's key so the caller's retry (same key) starts a run of its own."""
+    async with db.writer() as conn:
+        await conn.execute("UPDATE runs SET idempotency_key = NULL WHERE id = $1", run_id)
 
 
 async def set_response_status(db: Database, run_id: uuid.UUID, status: int) -> None:

@@ -51,13 +51,16 @@ async def test_redis_down_async_202_sync_503(
     run_id = (await accepted.json())["run_id"]
     assert (await run_store.get_run(db, uuid.UUID(run_id)))["status"] == "QUEUED"
 
-    refused = await client.post(f"/api/v1/webhooks/{fid}/sync", json={"x": 2})
+    key = {"Idempotency-Key": "order-7"}
+    refused = await client.post(f"/api/v1/webhooks/{fid}/sync", json={"x": 2}, headers=key)
     assert refused.status == 503 and refused.headers["Retry-After"] == "1"
     body = await refused.json()
     assert body["error"]["code"] == "UNAVAILABLE"
-    sync_id = refused.headers.get("x-run-id")
     rows = await run_store.list_runs(db, status="CANCELED")
-    assert len(rows) == 1 and (sync_id is None or str(rows[0]["id"]) == sync_id)
+    assert len(rows) == 1 and str(rows[0]["id"]) == refused.headers["x-run-id"]
+    # The caller's retry with the same key is a new attempt, not a replay of the refusal.
+    again = await client.post(f"/api/v1/webhooks/{fid}/sync", json={"x": 2}, headers=key)
+    assert again.status == 503 and again.headers["x-run-id"] != refused.headers["x-run-id"]
 
     own_redis_server.wipe()
     own_redis_server.restart()  # back, and empty

@@ -91,6 +91,38 @@ async def test_sync_webhook_without_respond_returns_last_output(make_client: Any
     assert await resp.json() == {"echo": [1, 2]}
 
 
+async def test_respond_step_headers_are_safe(make_client: Any) -> None:
+    """A respond step's Content-Type is honoured; framing and CR/LF headers are dropped."""
+    client = await _worker_client(make_client)
+    flow = {
+        "name": "hdrs",
+        "trigger": {"type": "webhook"},
+        "steps": [
+            {
+                "name": "r",
+                "type": "respond",
+                "input": {
+                    "status": 200,
+                    "body": {"a": 1},
+                    "headers": {
+                        "Content-Type": "application/vnd.api+json",
+                        "Content-Length": "1",
+                        "X-Evil": "a\r\nSet-Cookie: x=1",
+                        "X-Ok": "yes",
+                    },
+                },
+            }
+        ],
+    }
+    fid = (await (await client.post("/api/v1/flows", json=flow)).json())["id"]
+    resp = await client.post(f"/api/v1/webhooks/{fid}/sync", json={})
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == "application/vnd.api+json"
+    assert resp.headers["X-Ok"] == "yes" and "X-Evil" not in resp.headers
+    assert "Set-Cookie" not in resp.headers
+    assert await resp.json(content_type=None) == {"a": 1}
+
+
 async def test_failed_run_answers_500_with_step_error(make_client: Any) -> None:
     """A code step that raises: 500 with the run status and the exception, not a traceback."""
     client = await _worker_client(make_client)

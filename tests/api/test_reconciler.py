@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from conveyor.engine.reconciler import Reconciler
+from conveyor.engine.reconciler import Reconciler, resume_job_id
 from conveyor.queue import Producer, QueueConfig
 from conveyor.queue.admin import QueueAdmin
 from conveyor.store import runs as run_store
@@ -65,4 +66,32 @@ async def test_abandoned_running_run_times_out(
     assert (await rec.run_once())["timed_out"] == 1
     row = await run_store.get_run(db, uuid.UUID(rid))
     assert row["status"] == "TIMEOUT" and "AP_FLOW_TIMEOUT_SECONDS" in row["error"]["message"]
+    await writer.close()
+
+
+async def test_resumed_run_is_neither_requeued_nor_timed_out(
+    make_client: Any, db: Database, redis: aioredis.Redis
+) -> None:
+    """A run resumed after a long pause: its resumption job counts, its pause does not."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = (await (await client.post("/api/v1/flows", json=FLOW)).json())["id"]
+    rid = (await (await client.post(f"/api/v1/webhooks/{fid}", json={})).json())["run_id"]
+    resume_at = datetime.now(UTC) - timedelta(minutes=30)
+    async with db.writer() as conn:
+        # Started 2 hours ago, paused, resumed 30 minutes ago: running now, within its budget.
+        await conn.execute(
+            "UPDATE runs SET status = 'RUNNING', resume_at = $2, "
+            "started_at = now() - interval '2 hours', updated_at = now() - interval '40 seconds' "
+            "WHERE id = $1",
+            uuid.UUID(rid),
+            resume_at,
+        )
+    config = QueueConfig()
+    producer = Producer(redis, config)
+    await redis.flushdb()
+    await producer.enqueue("runs", {"run_id": rid}, job_id=resume_job_id(rid, resume_at))
+    writer = RunWriter(db)
+    rec = Reconciler(writer, producer, QueueAdmin(redis, config), flow_timeout_s=600, grace_s=0)
+    assert await rec.run_once() == {"requeued": 0, "timed_out": 0}
+    assert (await run_store.get_run(db, uuid.UUID(rid)))["status"] == "RUNNING"
     await writer.close()

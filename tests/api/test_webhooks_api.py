@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import uuid
@@ -113,8 +114,40 @@ async def test_backlog_cap_429(make_client: Any, db: Database) -> None:
     c = await make_client(AP_CONTAINER_TYPE="APP", AP_QUEUE_MAX_LENGTH="2")
     fid = await _flow(c)
     statuses = [(await c.post(f"/api/v1/webhooks/{fid}", json={})).status for _ in range(4)]
-    assert statuses[:2] == [202, 202] and 429 in statuses[2:]
+    assert statuses == [202, 202, 429, 429]
     refused = await c.post(f"/api/v1/webhooks/{fid}", json={})
     assert refused.status == 429 and refused.headers["Retry-After"] == "1"
     async with db.writer() as conn:
         assert await conn.fetchval("SELECT count(*) FROM runs") == 2
+
+
+async def test_nul_bytes_fail_nobody(client: TestClient[Any, Any], db: Database) -> None:
+    """A body with NUL characters is accepted, and concurrent neighbours are unaffected."""
+    fid = await _flow(client)
+    bodies = [b'{"a": "\\u0000x"}', b"text\x00body"] + [b'{"ok": 1}'] * 5
+    resps = await asyncio.gather(
+        *(
+            client.post(
+                f"/api/v1/webhooks/{fid}",
+                data=b,
+                headers={
+                    "Content-Type": "application/json" if b.startswith(b"{") else "text/plain"
+                },
+            )
+            for b in bodies
+        )
+    )
+    assert [r.status for r in resps] == [202] * len(bodies)
+    first = await run_store.get_run(db, uuid.UUID((await resps[0].json())["run_id"]))
+    assert first["trigger"]["body"] == {"a": "\ufffdx"}
+
+
+async def test_manual_run_refused_leaves_no_run(make_client: Any, db: Database) -> None:
+    """A manual run refused with 429 (backlog full) leaves no row to run later."""
+    c = await make_client(AP_CONTAINER_TYPE="APP", AP_QUEUE_MAX_LENGTH="1")
+    fid = await _flow(c)
+    assert (await c.post(f"/api/v1/flows/{fid}/run", json={})).status == 202
+    refused = await c.post(f"/api/v1/flows/{fid}/run", json={})
+    assert refused.status == 429 and refused.headers["Retry-After"] == "1"
+    async with db.writer() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM runs") == 1
