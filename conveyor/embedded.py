@@ -29,6 +29,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from conveyor.settings import Settings
@@ -272,7 +273,16 @@ class EmbeddedPostgres:
                 )
         # A server left by a crashed predecessor (stale pid file) is cleaned up by postgres.
         sock = self.socket_dir / ".s.PGSQL.5432"
-        self.proc = subprocess.Popen(
+        # The child keeps its own copy of the log descriptor; ours is closed right after.
+        with open(self.base_dir / "postgres.log", "ab") as server_log:
+            self.proc = self._spawn_server(bindir, server_log)
+        _wait_for_socket(sock, self.proc, timeout_s, "PostgreSQL")
+        self._wait_ready(bindir, timeout_s)
+        self._ensure_database(bindir)
+        return self.url()
+
+    def _spawn_server(self, bindir: Path, server_log: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             [
                 str(bindir / "postgres"),
                 "-D",
@@ -288,17 +298,13 @@ class EmbeddedPostgres:
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=open(self.base_dir / "postgres.log", "ab"),  # noqa: SIM115 - child owns it
+            stderr=server_log,
             cwd=self.base_dir,
             # SIGINT = PostgreSQL's "fast" shutdown: clean, without waiting for clients.
             preexec_fn=lambda: _pdeathsig(signal.SIGINT),  # noqa: PLW1509 - main thread
             user=self._uid,
             group=self._gid,
         )
-        _wait_for_socket(sock, self.proc, timeout_s, "PostgreSQL")
-        self._wait_ready(bindir, timeout_s)
-        self._ensure_database(bindir)
-        return self.url()
 
     def _psql(
         self, bindir: Path, sql: str, database: str = "postgres"

@@ -39,12 +39,19 @@ def listen_address(settings: Settings) -> tuple[str, int]:
 
 
 async def _supervise(embedded: EmbeddedServers) -> None:
+    delay = SUPERVISE_INTERVAL_S
     while True:
-        await asyncio.sleep(SUPERVISE_INTERVAL_S)
-        # Restart on the loop's (main) thread: a thread-pool thread would take the new server
-        # down with it when it exits (PR_SET_PDEATHSIG follows the forking thread).
-        for name in embedded.restart_dead():
-            log.warning("embedded server died and was restarted", server=name)
+        await asyncio.sleep(delay)
+        try:
+            # Restart on the loop's (main) thread, although it blocks the loop while the server
+            # starts: a thread-pool thread would take the new server down with it when it
+            # exits (PR_SET_PDEATHSIG follows the forking thread). Servers rarely die.
+            for name in embedded.restart_dead():
+                log.warning("embedded server died and was restarted", server=name)
+            delay = SUPERVISE_INTERVAL_S
+        except Exception as exc:
+            delay = min(delay * 2, 30.0)
+            log.error("embedded server restart failed, retrying", error=str(exc), in_s=delay)
 
 
 async def serve(

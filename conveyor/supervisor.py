@@ -42,8 +42,14 @@ def instance_count(settings: Settings) -> int:
 
 def _child_main(settings: Settings) -> None:
     """Runs in a forked child: never returns."""
+    # The supervisor's handlers only set its flag: a child still starting up must die on
+    # SIGTERM (a drain, or the parent-death signal) rather than ignore it.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the supervisor
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        os._exit(1)
     code = 1
     try:
         import uvloop  # noqa: PLC0415 - imported after fork, in the child only
@@ -125,8 +131,15 @@ class Supervisor:
                 continue
             self._failures = self._failures + 1 if uptime < MIN_UPTIME_S else 0
             if self._failures:
-                time.sleep(min(MAX_BACKOFF_S, 0.5 * 2 ** min(self._failures, 6)))
-            self._spawn()
+                self._sleep(min(MAX_BACKOFF_S, 0.5 * 2 ** min(self._failures, 6)))
+            if not self.stopping:
+                self._spawn()
+
+    def _sleep(self, seconds: float) -> None:
+        """A crash back-off that a SIGTERM cuts short."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def _drain(self) -> int:
         for pid in list(self.children):
