@@ -294,12 +294,13 @@ class Settings:
                 f"{' and '.join(missing)} (the embedded Redis/PostgreSQL serve only "
                 "WORKER_AND_APP)"
             )
-        if self.container_type is not ContainerType.WORKER_AND_APP and not self.encryption_key:
-            # Split roles share secrets across containers: a key generated per container
-            # would make one container's ciphertexts unreadable to the others.
+        if not self.embedded_postgres and not self.encryption_key:
+            # A shared database is shared by several containers: a key generated per container
+            # would make one container's secrets unreadable to the others (DESIGN §2: the key
+            # is generated for the embedded default only).
             raise SettingsError(
-                f"AP_ENCRYPTION_KEY is required with AP_CONTAINER_TYPE={self.container_type}: "
-                "set the same 32 or 64 hex characters in every container"
+                "AP_ENCRYPTION_KEY is required with an external PostgreSQL: set the same 32 or "
+                "64 hex characters in every container"
             )
         if not self.loopback_bind:
             if not self.api_key:

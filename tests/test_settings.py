@@ -57,6 +57,7 @@ def test_postgres_parts_build_a_url() -> None:
             "AP_POSTGRES_DATABASE": "ap",
             "AP_POSTGRES_USERNAME": "u",
             "AP_POSTGRES_PASSWORD": "p@ss",
+            "AP_ENCRYPTION_KEY": "ab" * 16,
         }
     )
     assert s.postgres_url == "postgresql://u:p%40ss@db:6432/ap"
@@ -99,6 +100,7 @@ def test_legacy_sandboxed_mode() -> None:
         ({"AP_HOST": "0.0.0.0", "AP_API_KEY": "k"}, "set AP_QUEUE_UI_USERNAME and"),
         ({"AP_REDIS_TYPE": "CLUSTER"}, "AP_REDIS_TYPE=CLUSTER needs AP_REDIS_URL"),
         ({**EXTERNAL, "AP_CONTAINER_TYPE": "APP"}, "AP_ENCRYPTION_KEY is required"),
+        (EXTERNAL, "AP_ENCRYPTION_KEY is required with an external PostgreSQL"),
     ],
 )
 def test_bad_values_name_variable_and_allowed(env: dict[str, str], needle: str) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from conveyor.errors import ConfigError, NotFound
+from conveyor.errors import InternalError, NotFound
 from conveyor.store.db import Database
 
 _NONCE_BYTES = 12
@@ -39,13 +39,15 @@ class SecretBox:
         return self.current_id, nonce + sealed
 
     def decrypt(self, name: str, kid: str, blob: bytes) -> str:
+        # A server misconfiguration (wrong or rotated-away key), never the caller's fault:
+        # InternalError answers 500 without naming the secret or the key.
         aead = self._keys.get(kid)
         if aead is None:
-            raise ConfigError(f"secret {name!r} was encrypted with unknown key id {kid}")
+            raise InternalError(f"secret {name!r} was encrypted with unknown key id {kid}")
         try:
             return aead.decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], name.encode()).decode()
         except InvalidTag:
-            raise ConfigError(f"secret {name!r} does not decrypt with key {kid}") from None
+            raise InternalError(f"secret {name!r} does not decrypt with key {kid}") from None
 
 
 async def put_secret(db: Database, box: SecretBox, name: str, value: str) -> bool:

@@ -127,6 +127,7 @@ def test_from_settings_maps_variables() -> None:
         {
             "AP_REDIS_URL": "redis://127.0.0.1:6379/0",
             "AP_POSTGRES_URL": "postgresql://u:p@127.0.0.1:5432/db",
+            "AP_ENCRYPTION_KEY": "ab" * 16,
             "AP_EXECUTION_MODE": ExecutionMode.SANDBOX_CODE_ONLY.value,
         }
     )

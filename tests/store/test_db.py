@@ -53,6 +53,7 @@ async def test_pool_honours_settings(postgres_url: str) -> None:
     settings = Settings.from_env(
         {
             "AP_POSTGRES_URL": postgres_url,
+            "AP_ENCRYPTION_KEY": "ab" * 16,
             "AP_POSTGRES_POOL_SIZE": "3",
             "AP_POSTGRES_IDLE_TIMEOUT_MS": "1500",
             "AP_POSTGRES_USE_PGBOUNCER": "true",

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from conveyor.engine.status import RunStatus
-from conveyor.errors import ConfigError, Conflict, NotFound
+from conveyor.errors import Conflict, InternalError, NotFound
 from conveyor.ids import uuid7
 from conveyor.store import flows, runs, secrets
 from conveyor.store.db import Database
@@ -98,7 +98,7 @@ async def test_secrets_encrypted_and_bound_to_name(db: Database) -> None:
     assert b"s3cret" not in blob
     assert await secrets.load_secrets(db, box, ["TOKEN", "MISSING"]) == {"TOKEN": "s3cret2"}
     kid, sealed = box.encrypt("A", "v")
-    with pytest.raises(ConfigError):
+    with pytest.raises(InternalError):
         box.decrypt("B", kid, sealed)
     rotated = secrets.SecretBox("cd" * 16, previous=["ab" * 32])
     assert await secrets.load_secrets(db, rotated, ["TOKEN"]) == {"TOKEN": "s3cret2"}
