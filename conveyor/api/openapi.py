@@ -20,6 +20,12 @@ BOARD_PREFIX = "/admin/"
 _PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
 
 
+def _slug(path: str) -> str:
+    """``/api/v1/flows/{id}/run`` → ``api_v1_flows_id_run``: unique per path."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", path).strip("_") or "root"
+    return slug + "_slash" if len(path) > 1 and path.endswith("/") else slug
+
+
 def build_spec(app: web.Application) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in app.router.routes():
@@ -40,12 +46,14 @@ def build_spec(app: web.Application) -> dict[str, Any]:
         for method in methods:
             doc = (route.handler.__doc__ or route.handler.__name__).strip().splitlines()[0]
             op: dict[str, Any] = {
-                "operationId": f"{route.handler.__name__}_{method}",
+                "operationId": f"{method}_{_slug(path)}",
                 "summary": doc,
                 "responses": {
                     "default": {"description": 'JSON; errors are {"error": {"code", "message"}}'}
                 },
             }
+            if path.startswith("/api/v1/") and not path.startswith("/api/v1/webhooks/"):
+                op["security"] = [{"bearer": []}]  # enforced whenever AP_API_KEY is set
             params = _PARAM.findall(path)
             if params:
                 op["parameters"] = [

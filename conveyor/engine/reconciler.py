@@ -6,13 +6,15 @@ job is. A run whose entry is gone — Redis restarted empty, a Redis that was do
 an entry trimmed — is enqueued again (a paused run into the delayed set, due at its stored
 ``resume_at``). Enqueue is idempotent per job id, so two reconcilers racing add nothing twice.
 A ``RUNNING`` run older than ``AP_FLOW_TIMEOUT_SECONDS`` plus the grace ends ``TIMEOUT`` even if
-the worker that started it died: nothing stays ``RUNNING`` forever.
+the worker that started it died: nothing stays ``RUNNING`` forever. Once an hour it also trims
+run history older than ``AP_EXECUTION_DATA_RETENTION_DAYS``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,6 +61,8 @@ class Reconciler:
         flow_timeout_s: float,
         grace_s: float = 30.0,
         interval_s: float = 15.0,
+        retention_days: int | None = None,
+        retention_every_s: float = 3600.0,
     ) -> None:
         self.writer = writer
         self.producer = producer
@@ -66,6 +70,9 @@ class Reconciler:
         self.flow_timeout_s = flow_timeout_s
         self.grace_s = grace_s
         self.interval_s = interval_s
+        self.retention_days = retention_days
+        self.retention_every_s = retention_every_s
+        self._retention_due = 0.0
         self._task: asyncio.Task[None] | None = None
 
     async def run_once(self) -> dict[str, int]:
@@ -116,10 +123,22 @@ class Reconciler:
             delay = max(0.0, (row["resume_at"] - now).total_seconds())
         await self.producer.enqueue(queue, job, job_id=_job_id(row), delay_s=delay)
 
+    async def apply_retention(self) -> int:
+        """Delete finished runs older than the retention (none if it is not set)."""
+        if not self.retention_days:
+            return 0
+        deleted = await run_store.delete_older_than(self.writer.db, self.retention_days)
+        if deleted:
+            log.info("run history trimmed", deleted=deleted, older_than_days=self.retention_days)
+        return deleted
+
     async def _loop(self) -> None:
         while True:
             raise_if_cancelling()
             try:
+                if time.monotonic() >= self._retention_due:
+                    self._retention_due = time.monotonic() + self.retention_every_s
+                    await self.apply_retention()
                 await self.run_once()
             except QueueUnavailable:
                 pass  # Redis still down: the next pass will try again

@@ -298,6 +298,7 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
         worker.producer,
         QueueAdmin(app[REDIS], worker.queue_config),
         flow_timeout_s=float(settings.flow_timeout_seconds),
+        retention_days=settings.execution_data_retention_days,
     )
     await reconciler.start()
     scheduler = Scheduler(

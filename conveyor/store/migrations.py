@@ -1,9 +1,9 @@
 """Numbered SQL migrations, applied once, in order, under a PostgreSQL advisory lock.
 
 Files are ``sql/NNNN_name.sql`` inside this package. Many processes may start at once
-(a PM2 cluster, a scaled Deployment): each takes the same session-level advisory lock, so one
-applies what is missing while the others wait and then find nothing left to do. Each file runs
-in its own transaction together with the row that records it in ``conveyor_migrations``.
+(a PM2 cluster, a scaled Deployment): each takes the same advisory lock, so one applies what
+is missing while the others wait and then find nothing left to do. The files run in one
+transaction together with the rows that record them in ``conveyor_migrations``.
 """
 
 from __future__ import annotations
@@ -51,9 +51,14 @@ async def pending(conn: asyncpg.Connection) -> list[Migration]:
 
 
 async def migrate(conn: asyncpg.Connection) -> list[Migration]:
-    """Apply what is missing; returns the migrations this call applied (empty if none)."""
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
-    try:
+    """Apply what is missing; returns the migrations this call applied (empty if none).
+
+    Everything happens in one transaction holding a transaction-level advisory lock, so it is
+    also safe behind PgBouncer's transaction pooling (a session lock could be taken on one
+    server connection and released on another), and a failed file leaves nothing half done.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS conveyor_migrations (
                    version    integer PRIMARY KEY,
@@ -62,13 +67,10 @@ async def migrate(conn: asyncpg.Connection) -> list[Migration]:
         )
         todo = await pending(conn)
         for mig in todo:
-            async with conn.transaction():
-                await conn.execute(mig.sql)
-                await conn.execute(
-                    "INSERT INTO conveyor_migrations (version, name) VALUES ($1, $2)",
-                    mig.version,
-                    mig.name,
-                )
-        return todo
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+            await conn.execute(mig.sql)
+            await conn.execute(
+                "INSERT INTO conveyor_migrations (version, name) VALUES ($1, $2)",
+                mig.version,
+                mig.name,
+            )
+    return todo

@@ -419,13 +419,24 @@ async def reset_for_retry(
     return {**dict(row), "retried": True}
 
 
-async def delete_older_than(db: Database, days: int) -> int:
-    """Retention: delete finished runs created more than ``days`` days ago."""
-    async with db.writer() as conn:
-        result: str = await conn.execute(
-            "DELETE FROM runs WHERE created_at < now() - make_interval(days => $1) "
-            "AND status = ANY($2::text[])",
-            days,
-            _TERMINAL,
-        )
-    return int(result.rsplit(maxsplit=1)[-1])
+async def delete_older_than(db: Database, days: int, *, batch: int = 5000) -> int:
+    """Retention (``AP_EXECUTION_DATA_RETENTION_DAYS``): delete finished runs (and their step
+    logs) created more than ``days`` days ago, ``batch`` at a time so no statement holds
+    locks for long. Returns how many runs were deleted."""
+    total = 0
+    while True:
+        async with db.writer() as conn:
+            result: str = await conn.execute(
+                """DELETE FROM runs WHERE id IN (
+                       SELECT id FROM runs
+                       WHERE created_at < now() - make_interval(days => $1)
+                         AND status = ANY($2::text[])
+                       LIMIT $3)""",
+                days,
+                _TERMINAL,
+                batch,
+            )
+        deleted = int(result.rsplit(maxsplit=1)[-1])
+        total += deleted
+        if deleted < batch:
+            return total

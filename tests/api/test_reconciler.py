@@ -95,3 +95,38 @@ async def test_resumed_run_is_neither_requeued_nor_timed_out(
     assert await rec.run_once() == {"requeued": 0, "timed_out": 0}
     assert (await run_store.get_run(db, uuid.UUID(rid)))["status"] == "RUNNING"
     await writer.close()
+
+
+async def test_retention_deletes_old_finished_runs_only(
+    make_client: Any, db: Database, redis: aioredis.Redis
+) -> None:
+    """Finished runs older than the retention go (with their steps); live and recent stay."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = (await (await client.post("/api/v1/flows", json=FLOW)).json())["id"]
+    ids = [
+        (await (await client.post(f"/api/v1/webhooks/{fid}", json={})).json())["run_id"]
+        for _ in range(3)
+    ]
+    old_done, old_live, recent_done = (uuid.UUID(i) for i in ids)
+    async with db.writer() as conn:
+        await conn.execute(
+            "UPDATE runs SET status = 'SUCCEEDED' WHERE id = ANY($1::uuid[])",
+            [old_done, recent_done],
+        )
+        await conn.execute(
+            "UPDATE runs SET created_at = now() - interval '40 days' WHERE id = ANY($1::uuid[])",
+            [old_done, old_live],
+        )
+    writer = RunWriter(db)
+    config = QueueConfig()
+    rec = Reconciler(
+        writer,
+        Producer(redis, config),
+        QueueAdmin(redis, config),
+        flow_timeout_s=600,
+        retention_days=30,
+    )
+    assert await rec.apply_retention() == 1
+    left = {r["id"] for r in await run_store.list_runs(db, limit=10)}
+    assert left == {old_live, recent_done}
+    await writer.close()
