@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import platform
 import re
 import subprocess
 import sys
@@ -617,6 +619,120 @@ def test_seccomp_profile_is_generated() -> None:
         for rule in rules:
             rule["names"] = sorted(rule["names"])
     assert generated == shipped
+
+
+#: Runs in a child as root: compiles the profile to a seccomp BPF filter the way runc does
+#: (x86_64, no argument conditions), drops to uid nobody like the image's user, installs the
+#: filter (unless argv[4] is "none"), proves it is in force, then execs bubblewrap with the
+#: flags of conveyor.sandbox.isolation for a non-root worker. ``argv[3]``: syscalls to refuse.
+SECCOMP_RUNNER = r"""
+import ctypes, json, os, re, struct, sys
+
+profile_path, header, refuse, mode, probe = sys.argv[1:6]
+refused = set(filter(None, refuse.split(",")))
+numbers = {n: int(v) for n, v in re.findall(r"#define __NR_(\w+)\s+(\d+)", open(header).read())}
+ALLOW, ERRNO = 0x7FFF0000, 0x00050000
+profile = json.load(open(profile_path))
+default = ERRNO | profile.get("defaultErrnoRet", 1)
+# load arch; not x86_64 -> default; load nr; one (jeq nr, ret action) pair per syscall
+insns = [(0x20, 0, 0, 4), (0x15, 1, 0, 0xC000003E), (0x06, 0, 0, default), (0x20, 0, 0, 0)]
+for rule in profile["syscalls"]:
+    action = ALLOW if rule["action"] == "SCMP_ACT_ALLOW" else ERRNO | rule.get("errnoRet", 1)
+    for name in rule["names"]:
+        if name in numbers:
+            ret = ERRNO | 1 if name in refused else action
+            insns += [(0x15, 0, 1, numbers[name]), (0x06, 0, 0, ret)]
+insns.append((0x06, 0, 0, default))
+code = b"".join(struct.pack("HBBI", *i) for i in insns)
+
+
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+buf = ctypes.create_string_buffer(code, len(code))
+prog = Prog(len(insns), ctypes.addressof(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+argv = ["/usr/bin/bwrap", "--die-with-parent", "--new-session", "--unshare-net",
+        "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+        "--hostname", "conveyor-sandbox", "--unshare-user", "--uid", "0", "--gid", "0",
+        "--cap-drop", "ALL", "--cap-add", "CAP_SYS_ADMIN", "--ro-bind", "/usr", "/usr"]
+for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+    host = "/" + top
+    if os.path.islink(host):
+        argv += ["--symlink", os.readlink(host), host]
+    elif os.path.isdir(host):
+        argv += ["--ro-bind", host, host]
+argv += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache", "--proc", "/proc",
+         "--dev", "/dev", "--tmpfs", "/tmp", "--chdir", "/tmp", "--",
+         "/usr/bin/python3", "-I", "-c", probe]
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+if mode == "filter":
+    assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+    assert libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0, ctypes.get_errno()
+    assert libc.syscall(numbers["keyctl"], 0, 0, 0, 0, 0) == -1 and ctypes.get_errno() == 1
+    assert libc.syscall(1000, 0, 0, 0, 0, 0) == -1 and ctypes.get_errno() == 38
+os.execv(argv[0], argv)
+"""
+
+#: Inside bubblewrap, what the fork-server does for each child: a private tmpfs, a PID
+#: namespace of its own; and the sandbox sees no network but loopback.
+SANDBOX_PROBE = """
+import ctypes, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.mount(b"tmpfs", b"/tmp", b"tmpfs", 0, b"size=1m") == 0, ctypes.get_errno()
+assert libc.unshare(0x20000000) == 0, ctypes.get_errno()
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if os.getpid() == 1 else 3)
+assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+assert [n for _, n in socket.if_nameindex()] == ["lo"], socket.if_nameindex()
+print("sandbox-ok")
+"""
+
+UNISTD_64 = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
+
+
+def _bwrap_as_nobody(
+    tmp_path: Path, mode: str, refuse: str = ""
+) -> subprocess.CompletedProcess[str]:
+    runner = tmp_path / "seccomp_runner.py"
+    runner.write_text(SECCOMP_RUNNER)
+    return subprocess.run(
+        [sys.executable, str(runner), str(SECCOMP), str(UNISTD_64), refuse, mode, SANDBOX_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def bwrap_host(tmp_path: Path) -> Path:
+    """Skips unless this host can run bubblewrap unprivileged without any filter."""
+    if platform.machine() != "x86_64" or os.geteuid() != 0 or not UNISTD_64.exists():
+        pytest.skip("needs root on x86_64 with kernel headers")
+    if not (Path("/usr/bin/bwrap").exists() and Path("/usr/bin/python3").exists()):
+        pytest.skip("needs /usr/bin/bwrap and /usr/bin/python3")
+    baseline = _bwrap_as_nobody(tmp_path, "none")
+    if "sandbox-ok" not in baseline.stdout:
+        pytest.skip(f"bubblewrap cannot run unprivileged here: {baseline.stderr.strip()}")
+    return tmp_path
+
+
+def test_seccomp_profile_runs_the_sandbox(bwrap_host: Path) -> None:
+    """Under the profile, as a non-root user, bubblewrap builds the worker's sandbox."""
+    proc = _bwrap_as_nobody(bwrap_host, "filter")
+    assert proc.returncode == 0 and "sandbox-ok" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("syscall", ["clone", "unshare", "mount"])
+def test_seccomp_profile_allows_what_is_needed(bwrap_host: Path, syscall: str) -> None:
+    """Refusing one of the namespace/mount syscalls the profile allows breaks the sandbox."""
+    proc = _bwrap_as_nobody(bwrap_host, "filter", refuse=syscall)
+    assert proc.returncode != 0 and "sandbox-ok" not in proc.stdout
 
 
 def test_configs_readme_covers_the_deploys() -> None:
