@@ -22,7 +22,7 @@ from aiohttp import web
 
 from conveyor.api.errors import ApiError, json_response
 from conveyor.api.keys import DB, PRODUCER, REGISTRY, REPLIES, RUN_WRITER, SECRET_BOX, SETTINGS
-from conveyor.engine.status import RunStatus
+from conveyor.engine.status import TERMINAL, RunStatus
 from conveyor.errors import BackendUnavailable
 from conveyor.ids import uuid7
 from conveyor.queue import QueueFull, QueueName, QueueUnavailable
@@ -35,6 +35,7 @@ log = structlog.get_logger(__name__)
 #: Triggers smaller than this travel inside the job, saving the worker a read.
 INLINE_TRIGGER_BYTES = 16 * 1024
 SIGNATURE_HEADER = "X-Conveyor-Signature"
+TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
 
 def _flow_id(request: web.Request) -> uuid.UUID:
@@ -228,6 +229,19 @@ async def webhook_sync(request: web.Request) -> web.Response:
         try:
             message = await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
         except TimeoutError:
+            # Pub/sub is at most once: a reply lost in a reconnect must not turn a finished
+            # run into a 408. PostgreSQL knows.
+            row = await run_store.get_run(app[DB], uuid.UUID(run_id))
+            if row["status"] in TERMINAL_VALUES:
+                message = {
+                    "kind": "final",
+                    "run_status": row["status"],
+                    "output": row["output"],
+                    "error": row["error"],
+                }
+                response = sync_response(run_id, message)
+                await _remember(request, run_id, response.status)
+                return response
             response = ApiError(
                 408,
                 "WEBHOOK_TIMEOUT",

@@ -135,8 +135,7 @@ class RunWorker:
         if not started:
             # Canceled (or finished by an earlier delivery): nothing to run; tell a waiter.
             if reply:
-                row = await run_store.get_run(self.writer.db, rid)
-                await self._final(reply, run_id, row["status"], row["output"], row["error"])
+                await self._final_from_store(reply, rid)
             return
         fresh = job.attempt == 1 and not payload.get("resume") and not payload.get("retry")
         trigger = payload.get("trigger")
@@ -215,11 +214,20 @@ class RunWorker:
             )
             return
         error = dict(outcome.error) if outcome.error else None
-        await self.writer.transition(
+        stored = await self.writer.transition(
             Transition(rid, outcome.status, output=outcome.output, error=error)
         )
-        if reply:
+        if not reply:
+            return
+        if stored:
             await self._final(reply, run_id, outcome.status.value, outcome.output, error)
+        else:
+            # Canceled (or ended) meanwhile: the caller hears what PostgreSQL says, not us.
+            await self._final_from_store(reply, rid)
+
+    async def _final_from_store(self, reply: str, rid: uuid.UUID) -> None:
+        row = await run_store.get_run(self.writer.db, rid)
+        await self._final(reply, str(rid), row["status"], row["output"], row["error"])
 
     async def _final(self, reply: str, run_id: str, status: str, output: Any, error: Any) -> None:
         await publish_reply(
@@ -241,11 +249,10 @@ class RunWorker:
         if not run_id:
             return
         err = {"step": None, "message": f"internal error after {job.attempt} deliveries: {error}"}
-        await self.writer.transition(
-            Transition(uuid.UUID(str(run_id)), RunStatus.INTERNAL_ERROR, error=err)
-        )
+        rid = uuid.UUID(str(run_id))
+        await self.writer.transition(Transition(rid, RunStatus.INTERNAL_ERROR, error=err))
         if reply := payload.get("reply"):
-            await self._final(str(reply), str(run_id), RunStatus.INTERNAL_ERROR.value, None, err)
+            await self._final_from_store(str(reply), rid)
 
     async def start(self) -> None:
         await self.consumer.start()

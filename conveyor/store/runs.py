@@ -230,7 +230,7 @@ class RunWriter:
                 run.flow_id,
                 run.idempotency_key,
             )
-            await conn.execute(
+            inserted = await conn.fetch(
                 _INSERT,
                 [run.id],
                 [run.flow_id],
@@ -242,13 +242,17 @@ class RunWriter:
                 [run.response_status],
                 [run.attempt],
             )
+        if not inserted:
+            # Another process re-used the expired key at the same moment and won.
+            return await self._existing(conn, run)
         return Inserted(run.id, True, run.response_status)
 
     async def _flush_transitions(self, changes: Sequence[Transition]) -> list[bool]:
         # A run appearing twice in one batch: keep only its last change (UPDATE … FROM
         # would apply an arbitrary one).
         last: dict[uuid.UUID, Transition] = {c.run_id: c for c in changes}
-        uniq = list(last.values())
+        # Sorted, so two processes' batches lock rows in the same order (no deadlock).
+        uniq = sorted(last.values(), key=lambda c: c.run_id)
         async with self.db.writer() as conn:
             rows = await conn.fetch(
                 _TRANSITION,
@@ -266,7 +270,8 @@ class RunWriter:
         done = {row["id"] for row in rows}
         return [c.run_id in done and last[c.run_id] is c for c in changes]
 
-    async def _flush_steps(self, rows: Sequence[StepRow]) -> list[None]:
+    async def _flush_steps(self, batch: Sequence[StepRow]) -> list[None]:
+        rows = sorted(batch, key=lambda r: (r.run_id, r.seq))  # stable lock order
         recs = [r.record for r in rows]
         async with self.db.writer() as conn:
             await conn.execute(

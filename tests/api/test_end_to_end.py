@@ -266,7 +266,17 @@ async def test_cancel_queued_run(make_client: Any) -> None:
     resp = await client.post(f"/api/v1/flow-runs/{rid}/cancel")
     assert resp.status == 200 and (await resp.json())["status"] == "CANCELED"
     worker = await _worker_client(make_client)
-    await asyncio.sleep(0.3)  # the worker picks the job up and must skip it
+    # Wait until the worker has taken the job and acknowledged it (skipped, not run).
+    for _ in range(200):
+        runs_q = next(
+            q
+            for q in (await (await worker.get("/api/v1/queues")).json())["data"]
+            if q["queue"] == "runs"
+        )
+        if runs_q["waiting"] == 0 and runs_q["active"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert runs_q["waiting"] == 0 and runs_q["active"] == 0
     run = await (await worker.get(f"/api/v1/flow-runs/{rid}")).json()
     assert run["status"] == "CANCELED" and run["steps"] == []
     again = await client.post(f"/api/v1/flow-runs/{rid}/cancel")
