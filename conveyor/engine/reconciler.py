@@ -22,7 +22,7 @@ import structlog
 
 from conveyor.aio import raise_if_cancelling
 from conveyor.engine.status import RunStatus
-from conveyor.queue import Location, Producer, QueueUnavailable
+from conveyor.queue import Location, Producer, QueueFull, QueueUnavailable
 from conveyor.queue.admin import QueueAdmin
 from conveyor.store import runs as run_store
 from conveyor.store.runs import RunWriter, Transition
@@ -102,7 +102,10 @@ class Reconciler:
             for row in group:
                 if where[_job_id(row)] in (Location.STREAM, Location.DELAYED):
                     continue
-                await self._requeue(queue, row, now)
+                try:
+                    await self._requeue(queue, row, now)
+                except QueueFull:
+                    continue  # the backlog is full: this run waits for the next pass
                 counts["requeued"] += 1
         if counts["requeued"] or counts["timed_out"]:
             log.warning("reconciled runs", **counts)
