@@ -16,6 +16,7 @@ from aiohttp import web
 
 from conveyor import heartbeat, metrics
 from conveyor.api.errors import ApiError, json_response
+from conveyor.api.flows import limit_arg
 from conveyor.api.keys import DB, REDIS, SETTINGS
 from conveyor.queue import (
     JobNotFound,
@@ -25,7 +26,6 @@ from conveyor.queue import (
     QueueName,
 )
 
-MAX_PAGE = 200
 QUEUES = tuple(q.value for q in QueueName)
 STATES = tuple(s.value for s in JobState)
 #: Cleanable states (active jobs are some worker's work in progress).
@@ -79,16 +79,6 @@ def job_state(raw: str | None, *, allowed: tuple[str, ...] = STATES) -> str:
     if state not in allowed:
         raise ApiError(400, "BAD_REQUEST", f"state must be one of {', '.join(allowed)}")
     return state
-
-
-def limit_arg(request: web.Request, default: int = 50) -> int:
-    try:
-        limit = int(request.query.get("limit", default))
-    except ValueError:
-        raise ApiError(400, "BAD_REQUEST", "limit must be an integer") from None
-    if not 1 <= limit <= MAX_PAGE:
-        raise ApiError(400, "BAD_REQUEST", f"limit must be between 1 and {MAX_PAGE}")
-    return limit
 
 
 async def list_jobs_page(

@@ -33,14 +33,20 @@ def flow_id_of(request: web.Request) -> uuid.UUID:
         raise ApiError(404, "NOT_FOUND", "no such flow") from None
 
 
-def page_args(request: web.Request, default: int = 50) -> tuple[int, uuid.UUID | None]:
-    """``limit`` (1–200) and ``cursor`` (an id) query parameters, validated."""
+def limit_arg(request: web.Request, default: int = 50) -> int:
+    """The ``limit`` query parameter (1–200), validated."""
     try:
         limit = int(request.query.get("limit", default))
     except ValueError:
         raise ApiError(400, "BAD_REQUEST", "limit must be an integer") from None
     if not 1 <= limit <= MAX_PAGE:
         raise ApiError(400, "BAD_REQUEST", f"limit must be between 1 and {MAX_PAGE}")
+    return limit
+
+
+def page_args(request: web.Request, default: int = 50) -> tuple[int, uuid.UUID | None]:
+    """``limit`` (1–200) and ``cursor`` (an id) query parameters, validated."""
+    limit = limit_arg(request, default)
     raw = request.query.get("cursor")
     try:
         cursor = uuid.UUID(raw) if raw else None
