@@ -454,7 +454,12 @@ def test_helm_templates_reference_existing_values() -> None:
     vals = values()
     missing = {}
     for path in TEMPLATES.iterdir():
-        for ref in _values_paths(path.read_text()):
+        text = path.read_text()
+        refs = _values_paths(text)
+        # Per-role lookups: (index $.Values $role).x for role in app and worker.
+        for ref in re.findall(r"\(index \$\.Values \$role\)((?:\.[A-Za-z_]\w*)+)", text):
+            refs |= {f".app{ref}", f".worker{ref}"}
+        for ref in refs:
             if not _lookup(vals, ref):
                 missing[ref] = path.name
     assert missing == {}
