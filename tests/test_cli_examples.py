@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,14 +12,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.processes import conveyor_env, free_port, start_conveyor, stop_conveyor
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:
@@ -60,7 +54,7 @@ async def notify_sink() -> AsyncIterator[tuple[str, list[Any]]]:
     app.router.add_post("/notify", hook)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = _free_port()
+    port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     yield f"http://127.0.0.1:{port}/notify", received
     await runner.cleanup()
@@ -69,44 +63,19 @@ async def notify_sink() -> AsyncIterator[tuple[str, list[Any]]]:
 @pytest.fixture
 async def server(db: Any, redis: Any, postgres_url: str, redis_url: str) -> AsyncIterator[Server]:
     """`conveyor up` (WORKER_AND_APP) on a free loopback port against the test servers."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AP_")}
-    env.update(
-        {
-            "AP_POSTGRES_URL": postgres_url,
-            "AP_REDIS_URL": redis_url,
-            "AP_PORT": str(port),
-            "AP_ENCRYPTION_KEY": "cd" * 32,
-            "AP_SSRF_ALLOW_LIST": "127.0.0.1",
-            "AP_WORKER_CONCURRENCY": "4",
-            "AP_LOG_LEVEL": "warning",
-        }
+    port = free_port()
+    env = conveyor_env(
+        postgres_url,
+        redis_url,
+        AP_PORT=str(port),
+        AP_SSRF_ALLOW_LIST="127.0.0.1",
+        AP_WORKER_CONCURRENCY="4",
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "conveyor",
-        "up",
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    srv = Server(env, port)
-    async with aiohttp.ClientSession() as http:
-        for _ in range(200):
-            try:
-                async with http.get(srv.base + "/readyz") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            assert proc.returncode is None, "conveyor up exited"
-            await asyncio.sleep(0.05)
+    proc = await start_conveyor(env, port)
     try:
-        yield srv
+        yield Server(env, port)
     finally:
-        proc.terminate()
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        await stop_conveyor(proc)
 
 
 async def test_order_example_from_cli_to_step_log(

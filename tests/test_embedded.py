@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import redis.asyncio as aioredis
 
 from conveyor.embedded import EmbeddedServers, ensure_encryption_key
 from conveyor.settings import Settings
+from tests.processes import free_port
 
 pytestmark = pytest.mark.embedded
 
@@ -113,12 +113,6 @@ def test_encryption_key_file_permissions(config_dir: Path) -> None:
     assert ensure_encryption_key(config_dir) == key
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start_up(config_dir: Path, port: int) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AP_")}
     env.update({"AP_CONFIG_PATH": str(config_dir), "AP_PORT": str(port)})
@@ -146,7 +140,7 @@ def _ready_within(port: int, proc: subprocess.Popen[bytes], timeout_s: float) ->
 
 def test_conveyor_up_ready_then_ctrl_c_leaves_nothing(config_dir: Path) -> None:
     """`conveyor up`: ready on first start and on restart; SIGINT leaves no server process."""
-    port = _free_port()
+    port = free_port()
     for timeout_s in (10.0, 5.0):  # first start (initdb), then restart on the same data
         proc = _start_up(config_dir, port)
         try:
@@ -160,7 +154,7 @@ def test_conveyor_up_ready_then_ctrl_c_leaves_nothing(config_dir: Path) -> None:
 
 def test_sigkill_of_conveyor_takes_servers_down(config_dir: Path) -> None:
     """Even a SIGKILLed Conveyor leaves no orphaned redis-server or postgres behind."""
-    port = _free_port()
+    port = free_port()
     proc = _start_up(config_dir, port)
     try:
         _ready_within(port, proc, 10.0)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+
+from tests.processes import conveyor_env, free_port, start_conveyor, stop_conveyor
 
 FLOW = {
     "name": "split",
@@ -27,12 +26,6 @@ FLOW = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 Start = Callable[..., Any]
 
 
@@ -43,50 +36,21 @@ async def start_role(
     """Start `conveyor up` in a given role against the test servers; stopped afterwards."""
     procs: list[asyncio.subprocess.Process] = []
 
-    async def start(role: str, port: int, **extra: str) -> asyncio.subprocess.Process:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AP_")}
-        env.update(
-            {
-                "AP_POSTGRES_URL": postgres_url,
-                "AP_REDIS_URL": redis_url,
-                "AP_ENCRYPTION_KEY": "12" * 32,
-                "AP_CONTAINER_TYPE": role,
-                "AP_LOG_LEVEL": "warning",
-                **extra,
-            }
-        )
-        env["AP_METRICS_PORT" if role == "WORKER" else "AP_PORT"] = str(port)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "conveyor",
-            "up",
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+    async def start(role: str, port: int) -> asyncio.subprocess.Process:
+        listen = "AP_METRICS_PORT" if role == "WORKER" else "AP_PORT"
+        env = conveyor_env(postgres_url, redis_url, AP_CONTAINER_TYPE=role, **{listen: str(port)})
+        proc = await start_conveyor(env, port)
         procs.append(proc)
-        async with aiohttp.ClientSession() as http:
-            for _ in range(300):
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
-                        if r.status == 200:
-                            return proc
-                except aiohttp.ClientError:
-                    pass
-                assert proc.returncode is None, f"{role} exited"
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"{role} not ready")
+        return proc
 
     yield start
     for proc in procs:
-        proc.terminate()
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        await stop_conveyor(proc)
 
 
 async def test_app_ingests_worker_runs(start_role: Start) -> None:
     """A sync webhook to the APP process is run by the WORKER process and answered."""
-    app_port, worker_port = _free_port(), _free_port()
+    app_port, worker_port = free_port(), free_port()
     await start_role("APP", app_port)
     await start_role("WORKER", worker_port)
     base = f"http://127.0.0.1:{app_port}"

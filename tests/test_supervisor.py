@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,11 +12,7 @@ from typing import Any
 
 import psutil
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.processes import free_port
 
 
 def _ready(port: int) -> bool:
@@ -60,7 +55,7 @@ async def test_cluster_restarts_dead_child_and_drains(
     db: Any, postgres_url: str, redis_url: str
 ) -> None:
     """Two children serve one port; a SIGKILLed child is replaced; SIGTERM stops them all."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AP_")}
     env.update(
         {

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 from urllib.parse import urlsplit
 
 from conveyor.settings import Settings
 from conveyor.store.db import Database, PoolOptions
+from tests.processes import free_port
 
 
 def _dbname(url: str) -> str:
     return urlsplit(url).path.lstrip("/")
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_reads_go_to_replica_writes_to_primary(
@@ -37,7 +31,7 @@ async def test_reads_go_to_replica_writes_to_primary(
 
 async def test_replica_down_falls_back_to_primary(postgres_url: str) -> None:
     """A replica URL nobody listens on: start-up succeeds and reads go to the primary."""
-    down = f"postgresql://postgres@127.0.0.1:{_closed_port()}/nothing"
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
     db = await Database.connect(postgres_url, PoolOptions(max_size=2, connect_timeout_s=1), (down,))
     try:
         rows = await db.fetch_read("SELECT current_database() AS name")
