@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -244,6 +245,37 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
     assert copied and copied <= kept
     for path in copied:
         assert (ROOT / path).exists(), path
+
+
+def test_build_context_builds_the_package(tmp_path: Path) -> None:
+    """What the build stage COPYs is enough to build Conveyor with its data files."""
+    pytest.importorskip("setuptools")
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            for src in line.split()[1:-1]:
+                if (ROOT / src).is_dir():
+                    shutil.copytree(
+                        ROOT / src, tmp_path / src, ignore=shutil.ignore_patterns("__pycache__")
+                    )
+                else:
+                    shutil.copy2(ROOT / src, tmp_path / src)
+    build = tmp_path / "build"
+    setup = "from setuptools import setup; setup()"
+    subprocess.run(
+        [sys.executable, "-c", setup, "-q", "build", "--build-base", str(build)],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    package = ROOT / "conveyor"
+    data = [
+        p.relative_to(ROOT)
+        for p in package.rglob("*")
+        if p.is_file() and p.suffix in (".html", ".css", ".js", ".sql", ".typed")
+    ]
+    assert data
+    assert [p for p in data if not (build / "lib" / p).is_file()] == []
 
 
 class _Health(BaseHTTPRequestHandler):
