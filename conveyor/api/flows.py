@@ -55,8 +55,17 @@ def page_args(request: web.Request, default: int = 50) -> tuple[int, uuid.UUID |
     return limit, cursor
 
 
+def public_base_url(request: web.Request) -> str:
+    """Scheme and host as the caller sees them: behind nginx or an Ingress terminating TLS,
+    from ``X-Forwarded-Proto``/``X-Forwarded-Host`` (they only shape the URLs we show)."""
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+    scheme = proto if proto in ("http", "https") else request.scheme
+    return f"{scheme}://{host or request.host}"
+
+
 def flow_json(request: web.Request, flow: FlowRecord) -> dict[str, Any]:
-    base = f"{request.scheme}://{request.host}/api/v1/webhooks/{flow.id}"
+    base = f"{public_base_url(request)}/api/v1/webhooks/{flow.id}"
     return {
         "id": str(flow.id),
         "name": flow.name,

@@ -36,6 +36,13 @@ async def test_create_returns_flat_flow(client: TestClient[Any, Any]) -> None:
     assert (body["name"], body["version"], body["enabled"]) == ("order-alert", 1, True)
     assert body["webhook_url"].endswith(f"/api/v1/webhooks/{body['id']}")
     assert body["sync_webhook_url"] == body["webhook_url"] + "/sync"
+    proxied = await client.get(
+        f"/api/v1/flows/{body['id']}",
+        headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "hooks.example.com"},
+    )
+    assert (await proxied.json())["webhook_url"] == (
+        f"https://hooks.example.com/api/v1/webhooks/{body['id']}"
+    )
 
 
 async def test_yaml_update_makes_new_version(client: TestClient[Any, Any]) -> None:
