@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -75,10 +76,25 @@ class Reconciler:
         self._retention_due = 0.0
         self._task: asyncio.Task[None] | None = None
 
-    async def run_once(self) -> dict[str, int]:
-        """One pass; returns counts of ``requeued`` and ``timed_out`` runs."""
-        rows = await run_store.live_runs(self.writer.db, older_than_s=self.grace_s)
+    async def run_once(self, page: int = 1000) -> dict[str, int]:
+        """One pass over every live run, ``page`` at a time (a backlog of runs that are fine
+        must not hide the lost ones behind it); returns counts of ``requeued`` and
+        ``timed_out`` runs."""
         counts = {"requeued": 0, "timed_out": 0}
+        after: tuple[datetime, uuid.UUID] | None = None
+        while True:
+            rows = await run_store.live_runs(
+                self.writer.db, older_than_s=self.grace_s, limit=page, after=after
+            )
+            await self._check(rows, counts)
+            if len(rows) < page:
+                break
+            after = (rows[-1]["updated_at"], rows[-1]["id"])
+        if counts["requeued"] or counts["timed_out"]:
+            log.warning("reconciled runs", **counts)
+        return counts
+
+    async def _check(self, rows: list[dict[str, Any]], counts: dict[str, int]) -> None:
         now = datetime.now(UTC)
         by_queue: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
@@ -107,9 +123,6 @@ class Reconciler:
                 except QueueFull:
                     continue  # the backlog is full: this run waits for the next pass
                 counts["requeued"] += 1
-        if counts["requeued"] or counts["timed_out"]:
-            log.warning("reconciled runs", **counts)
-        return counts
 
     async def _requeue(self, queue: str, row: dict[str, Any], now: datetime) -> None:
         run_id = str(row["id"])

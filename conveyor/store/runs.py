@@ -345,19 +345,28 @@ async def list_runs(
 
 
 async def live_runs(
-    db: Database, *, older_than_s: float, limit: int = 1000
+    db: Database,
+    *,
+    older_than_s: float,
+    limit: int = 1000,
+    after: tuple[datetime, uuid.UUID] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs still ``QUEUED``/``RUNNING``/``PAUSED`` untouched for ``older_than_s`` seconds
-    (the reconciler checks these against the queue)."""
+    (the reconciler checks these against the queue), oldest first, one page of ``limit``;
+    ``after`` is the ``(updated_at, id)`` of the previous page's last row."""
+    after_at, after_id = after if after else (None, None)
     async with db.writer() as conn:
         rows = await conn.fetch(
             f"""SELECT {_RUN_COLUMNS} FROM runs
                 WHERE status = ANY($1::text[])
                   AND updated_at < now() - make_interval(secs => $2)
-                ORDER BY updated_at LIMIT $3""",
+                  AND ($4::timestamptz IS NULL OR (updated_at, id) > ($4, $5::uuid))
+                ORDER BY updated_at, id LIMIT $3""",
             _LIVE,
             older_than_s,
             limit,
+            after_at,
+            after_id,
         )
     return [dict(r) for r in rows]
 

@@ -38,7 +38,7 @@ async def test_redis_lost_everything_runs_come_back(
     rec = Reconciler(
         writer, Producer(redis, config), QueueAdmin(redis, config), flow_timeout_s=600, grace_s=0
     )
-    assert (await rec.run_once())["requeued"] == 3
+    assert (await rec.run_once(page=2))["requeued"] == 3  # across two pages
     where = await QueueAdmin(redis, config).locate("runs", ids)
     assert all(loc is not None for loc in where.values())
     assert (await rec.run_once())["requeued"] == 0  # nothing added twice
