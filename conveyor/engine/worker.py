@@ -46,6 +46,10 @@ log = structlog.get_logger(__name__)
 WORKER = web.AppKey("worker", object)
 
 
+class RunEnded(Exception):
+    """The run reached a final state elsewhere (a cancel) while this worker executed it."""
+
+
 class _Sink:
     """Checkpoint sink of one run: numbers its steps after those already stored."""
 
@@ -57,7 +61,9 @@ class _Sink:
         seq = self.seq
         self.seq += 1
         metrics.observe_step(record["type"], record["duration_ms"])
-        await self.writer.add_step(StepRow(uuid.UUID(run_id), seq, dict(record)))
+        if not await self.writer.add_step(StepRow(uuid.UUID(run_id), seq, dict(record))):
+            # Canceled (or timed out) meanwhile: stop before the next step runs.
+            raise RunEnded(f"run {run_id} ended while step {record['name']!r} ran")
 
 
 class _RoutingSink:

@@ -144,10 +144,14 @@ FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[
             $13::timestamptz[], $14::float8[])
      AS u(run_id, seq, name, type, status, input, output, error, logs, parent, iteration,
           attempt, started_at, duration_ms)
+-- A run that ended meanwhile (canceled, timed out by the reconciler) records nothing more;
+-- the worker learns it from the missing row and stops the run.
+WHERE EXISTS (SELECT 1 FROM runs r WHERE r.id = u.run_id AND NOT (r.status = ANY($15::text[])))
 ON CONFLICT (run_id, seq) DO UPDATE SET
     status = EXCLUDED.status, input = EXCLUDED.input, output = EXCLUDED.output,
     error = EXCLUDED.error, logs = EXCLUDED.logs, attempt = EXCLUDED.attempt,
     started_at = EXCLUDED.started_at, duration_ms = EXCLUDED.duration_ms
+RETURNING run_id, seq
 """
 
 
@@ -171,7 +175,7 @@ class RunWriter:
         opts: dict[str, Any] = {"max_batch": max_batch, "fatal": CONNECTION_ERRORS}
         self._inserts: Batcher[NewRun, Inserted] = Batcher(self._flush_inserts, **opts)
         self._transitions: Batcher[Transition, bool] = Batcher(self._flush_transitions, **opts)
-        self._steps: Batcher[StepRow, None] = Batcher(self._flush_steps, **opts)
+        self._steps: Batcher[StepRow, bool] = Batcher(self._flush_steps, **opts)
 
     async def insert(self, run: NewRun) -> Inserted:
         """Commit ``run`` (group commit); returns once the row is durable."""
@@ -181,8 +185,9 @@ class RunWriter:
         """Apply ``change``; False when the run was already terminal (or does not exist)."""
         return await self._transitions.submit(change)
 
-    async def add_step(self, row: StepRow) -> None:
-        await self._steps.submit(row)
+    async def add_step(self, row: StepRow) -> bool:
+        """Store a step record; False when the run has already ended (nothing stored)."""
+        return await self._steps.submit(row)
 
     async def close(self) -> None:
         for batcher in (self._inserts, self._transitions, self._steps):
@@ -270,11 +275,11 @@ class RunWriter:
         done = {row["id"] for row in rows}
         return [c.run_id in done and last[c.run_id] is c for c in changes]
 
-    async def _flush_steps(self, batch: Sequence[StepRow]) -> list[None]:
+    async def _flush_steps(self, batch: Sequence[StepRow]) -> list[bool]:
         rows = sorted(batch, key=lambda r: (r.run_id, r.seq))  # stable lock order
         recs = [r.record for r in rows]
         async with self.db.writer() as conn:
-            await conn.execute(
+            stored = await conn.fetch(
                 _STEPS,
                 [r.run_id for r in rows],
                 [r.seq for r in rows],
@@ -290,8 +295,10 @@ class RunWriter:
                 [x.get("attempt", 1) for x in recs],
                 [x.get("started_at") for x in recs],
                 [x.get("duration_ms") for x in recs],
+                _TERMINAL,
             )
-        return [None] * len(rows)
+        kept = {(r["run_id"], r["seq"]) for r in stored}
+        return [(r.run_id, r.seq) in kept for r in batch]
 
 
 # ------------------------------------------------------------------------------ reads

@@ -284,3 +284,37 @@ async def test_cancel_queued_run(make_client: Any) -> None:
     rid2 = (await (await worker.post(f"/api/v1/webhooks/{fid}", json={})).json())["run_id"]
     await _wait_status(worker, rid2, "SUCCEEDED")
     assert (await worker.post(f"/api/v1/flow-runs/{rid2}/cancel")).status == 409
+
+
+async def test_cancel_running_run_stops_before_next_step(make_client: Any) -> None:
+    """Canceling a running run: the step in flight ends, no later step runs, CANCELED stays."""
+    client = await _worker_client(make_client)
+    flow = {
+        "name": "long",
+        "trigger": {"type": "webhook"},
+        "steps": [
+            {
+                "name": "slow",
+                "type": "code",
+                "input": {},
+                "code": "import time\ndef run(input):\n    time.sleep(1.0)\n    return 1\n",
+            },
+            {"name": "after", "type": "transform", "input": {"x": 1}},
+        ],
+    }
+    fid = (await (await client.post("/api/v1/flows", json=flow)).json())["id"]
+    rid = (await (await client.post(f"/api/v1/webhooks/{fid}", json={})).json())["run_id"]
+    await _wait_status(client, rid, "RUNNING")
+    assert (await client.post(f"/api/v1/flow-runs/{rid}/cancel")).status == 200
+    for _ in range(200):
+        runs_q = next(
+            q
+            for q in (await (await client.get("/api/v1/queues")).json())["data"]
+            if q["queue"] == "runs"
+        )
+        if runs_q["waiting"] == 0 and runs_q["active"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    run = await (await client.get(f"/api/v1/flow-runs/{rid}")).json()
+    assert run["status"] == "CANCELED"
+    assert "after" not in [s["name"] for s in run["steps"]]

@@ -54,30 +54,26 @@ async def test_group_commit_and_idempotency(db: Database) -> None:
 
 
 async def test_terminal_runs_never_change(db: Database) -> None:
-    """A run that is CANCELED stays CANCELED when a worker later reports success."""
+    """A run that is CANCELED stays CANCELED when a worker later reports success or steps."""
     f = await flows.create_flow(db, "f", DOC)
     writer = runs.RunWriter(db)
     rid = uuid7()
     await writer.insert(runs.NewRun(rid, f.id, 1, {"body": None}))
     assert await writer.transition(runs.Transition(rid, RunStatus.RUNNING, bump_attempt=True))
+    step = {
+        "name": "a",
+        "type": "transform",
+        "status": "SUCCEEDED",
+        "input": {"a": 1},
+        "output": {"a": 1},
+        "logs": "",
+    }
+    assert await writer.add_step(runs.StepRow(rid, 0, step))
     assert await writer.transition(runs.Transition(rid, RunStatus.CANCELED))
     assert not await writer.transition(runs.Transition(rid, RunStatus.SUCCEEDED, output={"x": 1}))
+    assert not await writer.add_step(runs.StepRow(rid, 1, {**step, "name": "b"}))
     row = await runs.get_run(db, rid)
     assert row["status"] == "CANCELED" and row["output"] is None and row["finished_at"]
-    await writer.add_step(
-        runs.StepRow(
-            rid,
-            0,
-            {
-                "name": "a",
-                "type": "transform",
-                "status": "SUCCEEDED",
-                "input": {"a": 1},
-                "output": {"a": 1},
-                "logs": "",
-            },
-        )
-    )
     steps = await runs.get_steps(db, rid)
     assert [s["name"] for s in steps] == ["a"]
     again = await runs.reset_for_retry(db, rid, flow_version=1, keep_steps=True)
