@@ -28,6 +28,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from conveyor.aio import raise_if_cancelling
 from conveyor.queue import keys as k
 from conveyor.queue import maintenance
 from conveyor.queue.acks import AckBatcher
@@ -376,7 +377,11 @@ class Consumer:
         # suspending costs no task creation and no event-loop round of its own.
         loop = asyncio.get_running_loop()
         while True:
+            raise_if_cancelling()
             while self._buffer:
+                # A cancellation that redis-py swallowed inside a handler must still stop
+                # this worker before it takes the next job (shutdown has a deadline).
+                raise_if_cancelling()
                 s, job = self._buffer.popleft()
                 self._running += 1
                 await self._execute(s, job)
@@ -398,6 +403,9 @@ class Consumer:
             # Shutdown deadline: left pending, another worker picks it up after the timeout.
             raise
         except Exception as exc:
+            # Cancelled mid-handler but surfaced as another error: still a shutdown, so the
+            # entry stays pending (no retry is spent on it).
+            raise_if_cancelling()
             self.failed += 1
             await self._handle_failure(s, job, exc)
         else:
@@ -529,9 +537,10 @@ class Consumer:
 
     async def _reclaim(self) -> None:
         for s in self._streams:
-            free = self.concurrency - self.busy
-            if free <= 0:
-                return
+            # Even with every slot busy take a few: a dead worker's entries must not wait
+            # behind a backlog that new fetches keep refilling (buffered entries are
+            # heartbeated, so nothing taken here can be stolen back).
+            free = max(self.concurrency - self.busy, min(4, self.concurrency))
             if s.queue in self._paused:
                 continue
             await self._claim(s, min_idle_ms=self.config.visibility_timeout_ms, count=free)

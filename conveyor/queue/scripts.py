@@ -178,10 +178,11 @@ local function split(s, pattern)
 end
 local eids, jids = split(ARGV[4], '[^,]+'), split(ARGV[5], '[^\\n]+')
 local waits, sums = split(ARGV[6], '[^,]+'), split(ARGV[7], '[^\\n]+')
-local acked, waited, logs = 0, 0, {}
+local acked, waited, logs, done = 0, 0, {}, {}
 for i = 1, #eids do
   if redis.call('XACK', KEYS[1], group, eids[i]) == 1 then
     acked = acked + 1
+    done[#done + 1] = eids[i]
     waited = waited + tonumber(waits[i])
     if keep > 0 then logs[#logs + 1] = sums[i] end
     -- XACK said this entry was live, so the index still points at it (enqueue never
@@ -190,6 +191,11 @@ for i = 1, #eids do
   end
 end
 if acked > 0 then
+  -- Acknowledged entries leave the stream at once: it then holds only waiting and pending
+  -- work, so no length-based trim (XADD MAXLEN ~) can ever reach an entry still running.
+  for s = 1, #done, 1000 do
+    redis.call('XDEL', KEYS[1], unpack(done, s, math.min(s + 999, #done)))
+  end
   redis.call('DECRBY', KEYS[3], acked)
   for s = 1, #logs, 1000 do
     redis.call('LPUSH', KEYS[4], unpack(logs, s, math.min(s + 999, #logs)))
@@ -209,6 +215,7 @@ RETRY = Script(
     "retry",
     """
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('DECR', KEYS[3])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[3])
 redis.call('HSET', KEYS[5], ARGV[3], ARGV[5])
@@ -225,6 +232,7 @@ DEAD = Script(
     "dead",
     """
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return false end
+redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('DECR', KEYS[3])
 local did = redis.call('XADD', KEYS[4], '*', 'i', ARGV[3], 'p', ARGV[4], 'a', ARGV[5],
   't', ARGV[6], 'e', ARGV[7], 's', ARGV[2])
@@ -412,7 +420,9 @@ for i = 2, #ARGV do
     end
   elseif string.sub(loc, 1, 2) == 's:' then
     local eid = string.sub(loc, 3)
-    if #redis.call('XRANGE', KEYS[1], eid, eid) > 0 then
+    if #redis.call('XRANGE', KEYS[1], eid, eid) > 0
+       or #redis.call('XPENDING', KEYS[1], ARGV[1], eid, eid, 1) > 0 then
+      -- still in the stream, or its entry is gone but a worker holds it: not lost
       out[#out + 1] = loc
     else
       redis.call('HDEL', KEYS[2], jid)
