@@ -95,6 +95,7 @@ class Sandbox(Protocol):
         code: str,
         input: Any,
         timeout_s: float,
+        run_id: str | None = None,
     ) -> SandboxResultLike:
         """Execute ``code``'s ``run(input)``; never raises for user errors."""
         ...

@@ -273,13 +273,21 @@ class Runner:
         return dirty
 
 
+#: Longest error message a step can report (the rest is cut, and the cut is said).
+MAX_ERROR_CHARS = 64 * 1024
+
+
 def _user_traceback(exc: BaseException, filename: str) -> str:
     """The exception with only the frames of the user's own code (none of ours)."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
     lines = traceback.format_exception_only(type(exc), exc)
     if frames:
         lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames), *lines]
-    return "".join(lines).rstrip("\n")
+    text = "".join(lines).rstrip("\n")
+    # Errors are stored with the step and the run: a step must not grow them without bound.
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + f"… ({len(text) - MAX_ERROR_CHARS} more characters)"
+    return text
 
 
 def serve(fd: int, limits: lim.Limits, *, locked: bool, own_pidns: bool = False) -> NoReturn:

@@ -29,6 +29,7 @@ PR_SET_NO_NEW_PRIVS = 38
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWIPC = 0x08000000
 _CAP_VERSION_3 = 0x20080522
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -53,7 +54,8 @@ class Limits:
         output_bytes: largest serialised ``run()`` result.
         code_cache: compiled step sources a warm child keeps (``AP_PIECES_CACHE_MAX_ENTRIES``).
         network_namespace: give every child a network namespace of its own, so concurrent
-            slots cannot reach each other over loopback (costs ~0.6 ms per fresh child).
+            slots and warm children of other flows cannot reach each other over loopback or
+            abstract unix sockets (on by default; costs ~0.6 ms per fresh child).
     """
 
     memory_kb: int = 1_048_576
@@ -113,13 +115,15 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str | 
 
 
 def private_tmp(uid: int, limits: Limits, *, network: bool) -> None:
-    """A mount namespace of the child's own with fresh tmpfs on ``/tmp`` and ``/dev/shm``.
+    """Mount and IPC namespaces of the child's own, fresh tmpfs on ``/tmp`` and ``/dev/shm``.
 
     Files one step leaves there vanish with the child, and no two children (of any flow)
     share a writable directory. Requires ``CAP_SYS_ADMIN``, which the fork-server holds
     inside bubblewrap and drops for the child right after.
     """
-    unshare(CLONE_NEWNS | (CLONE_NEWNET if network else 0))
+    # Own SysV IPC / POSIX mqueue namespace too: shared-memory segments would otherwise
+    # outlive the child and be readable by whichever flow gets its uid next.
+    unshare(CLONE_NEWNS | CLONE_NEWIPC | (CLONE_NEWNET if network else 0))
     # Without MS_PRIVATE our mounts could propagate back into the fork-server's view.
     mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     opts = f"size={limits.tmp_kb}k,nr_inodes=4096,mode=0700,uid={uid},gid={uid}"

@@ -93,6 +93,7 @@ class LocalSandbox:
         code: str,
         input: Any,
         timeout_s: float,
+        run_id: str | None = None,
     ) -> SandboxResult:
         """Execute ``run(input)`` from ``code`` in a child; never raises for user errors."""
         t0 = time.perf_counter()

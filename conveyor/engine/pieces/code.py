@@ -46,6 +46,8 @@ async def code(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
         code=step.code,
         input=input,
         timeout_s=timeout_s,
+        # SANDBOX_PROCESS keeps all code steps of one run in one locked-down child.
+        run_id=env.ctx.run_id,
     )
     status = str(result.status).upper()
     logs = result.logs or ""
