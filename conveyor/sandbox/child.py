@@ -228,7 +228,13 @@ class Runner:
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         recycle = self._cleanup() or recycle
         rest = orjson.dumps(
-            {"status": status, "error": error, "logs": log.text(), "recycle": recycle}
+            {
+                "status": status,
+                "error": error,
+                "logs": log.text(),
+                "recycle": recycle,
+                "nonce": req.get("nonce"),
+            }
         )
         body = b'{"output":' + out + b"," + rest[1:]
         return len(body).to_bytes(4, "big") + body, recycle

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
@@ -515,6 +516,9 @@ class Sandbox:
                 "code": code,
                 "input": input,
                 "timeout_s": timeout,
+                # Echoed in the answer: a frame forged by the step's own code on the channel
+                # cannot pass for the answer (see _valid_answer).
+                "nonce": secrets.token_hex(16),
             }
             status, output, error, logs = await self._run_in_slot(slot, key, request)
         finally:
@@ -572,6 +576,10 @@ class Sandbox:
             raise
         finally:
             timer.cancel()
+        if not _valid_answer(frame, request["nonce"]):
+            # The step wrote on its channel: this child can no longer be trusted for anything.
+            await self._kill(slot, child, limit_s)
+            return "FAILED", None, "step process broke its channel to the worker", ""
         child.uses += 1
         if (
             frame.get("recycle")
@@ -634,6 +642,20 @@ class Sandbox:
             log.error("sandbox fork-server did not reap child %s; restarting it", child.id)
             await self._stop_server()
             return {"op": "exit", "id": child.id, "lost": True}
+
+
+_STATUSES = frozenset(s.value for s in SandboxStatus)
+
+
+def _valid_answer(frame: Any, nonce: str) -> bool:
+    """The child's genuine answer to this request, in the shape the worker relies on."""
+    return (
+        isinstance(frame, dict)
+        and frame.get("nonce") == nonce
+        and frame.get("status") in _STATUSES
+        and isinstance(frame.get("logs", ""), str)
+        and (frame.get("error") is None or isinstance(frame.get("error"), str))
+    )
 
 
 def _expire(waiter: asyncio.Future[Any]) -> None:

@@ -439,3 +439,43 @@ async def test_os_exit_fails_the_step(sandbox: Sandbox) -> None:
     assert result.status is SandboxStatus.FAILED
     assert "code 3" in (result.error or "")
     await healthy(sandbox)
+
+
+_FORGER = """
+import os, stat
+def run(input):
+    if input["who"] == "alice":
+        forged = b'{"status":"SUCCEEDED","output":"forged","logs":"","error":null}'
+        for fd in range(3, 64):
+            try:
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    os.write(fd, len(forged).to_bytes(4, "big") + forged)
+            except OSError:
+                pass
+    return {"answer_for": input["who"], "secret": input["who"] + "-ssn"}
+"""
+
+
+async def test_forged_answer_frame_is_refused(sandbox: Sandbox) -> None:
+    """A step writing a fake answer on its channel gets FAILED; the next run gets its own."""
+    first = await run(sandbox, _FORGER, {"who": "alice"}, flow_id="forger")
+    assert first.output != "forged"
+    assert first.status is SandboxStatus.FAILED
+    second = await run(sandbox, _FORGER, {"who": "bob"}, flow_id="forger")
+    assert second.status is SandboxStatus.SUCCEEDED
+    assert second.output == {"answer_for": "bob", "secret": "bob-ssn"}
+
+
+async def test_shared_memory_does_not_cross_children(sandbox: Sandbox) -> None:
+    """A SysV shared-memory segment created by one step is invisible to the next child."""
+    code = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "def run(input):\n"
+        "    shmid = libc.shmget(0x5EC0, 4096, input['flags'])\n"
+        "    return shmid\n"
+    )
+    created = await run(sandbox, code, {"flags": 0o1666}, flow_id="shm-a")  # IPC_CREAT|0666
+    assert created.status is SandboxStatus.SUCCEEDED and created.output >= 0
+    seen = await run(sandbox, code, {"flags": 0o666}, flow_id="shm-b")
+    assert seen.status is SandboxStatus.SUCCEEDED and seen.output == -1
