@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from conveyor import heartbeat, metrics
+from conveyor.api import operations
 from conveyor.api.errors import ApiError, json_response
 from conveyor.api.flows import limit_arg
 from conveyor.api.keys import DB, REDIS, SETTINGS
@@ -38,8 +39,9 @@ def queue_admin(app: web.Application) -> QueueAdmin:
     return QueueAdmin(app[REDIS], QueueConfig.from_settings(app[SETTINGS]))
 
 
-async def retry_all_dead(admin: QueueAdmin, queue: str, *, limit: int = 10_000) -> int:
-    """Put every dead-lettered job of ``queue`` (up to ``limit``) back on the queue."""
+async def retry_all_dead(app: web.Application, queue: str, *, limit: int = 10_000) -> int:
+    """Put every dead-lettered job of ``queue`` (up to ``limit``) back, with its run."""
+    admin = queue_admin(app)
     retried = 0
     while retried < limit:
         jobs, _ = await admin.list_jobs(queue, JobState.FAILED, limit=min(200, limit - retried))
@@ -47,7 +49,7 @@ async def retry_all_dead(admin: QueueAdmin, queue: str, *, limit: int = 10_000) 
             break
         for job in jobs:
             with contextlib.suppress(JobNotFound):  # retried or deleted meanwhile
-                await admin.retry_dead(queue, job.id)
+                await operations.retry_dead_job(app, queue, job.id)
                 retried += 1
     return retried
 
@@ -176,7 +178,7 @@ async def retry_queue_job(request: web.Request) -> web.Response:
     q = queue_name(request)
     job_id = request.match_info["id"]
     try:
-        entry = await queue_admin(request.app).retry_dead(q, job_id)
+        entry = await operations.retry_dead_job(request.app, q, job_id)
     except JobNotFound:
         raise ApiError(404, "JOB_NOT_FOUND", f"no failed job {job_id!r} in {q!r}") from None
     return json_response({"queue": q, "id": job_id, "entry_id": entry, "state": "waiting"})
@@ -185,7 +187,7 @@ async def retry_queue_job(request: web.Request) -> web.Response:
 async def retry_all_queue_jobs(request: web.Request) -> web.Response:
     """Put every dead-lettered job of the queue back: ``{"retried"}``."""
     q = queue_name(request)
-    retried = await retry_all_dead(queue_admin(request.app), q)
+    retried = await retry_all_dead(request.app, q)
     return json_response({"queue": q, "retried": retried})
 
 

@@ -14,9 +14,10 @@ from typing import Any
 from aiohttp import web
 
 from conveyor.api.errors import ApiError
-from conveyor.api.keys import DB, PRODUCER, REGISTRY, RUN_WRITER
+from conveyor.api.keys import DB, PRODUCER, REDIS, REGISTRY, RUN_WRITER, SETTINGS
 from conveyor.engine.status import RunStatus
-from conveyor.queue import QueueFull, QueueName, QueueUnavailable
+from conveyor.errors import NotFound
+from conveyor.queue import QueueAdmin, QueueConfig, QueueFull, QueueName, QueueUnavailable
 from conveyor.store import flows as flow_store
 from conveyor.store import runs as run_store
 from conveyor.store.flows import FlowRecord
@@ -70,3 +71,28 @@ async def set_flow_enabled(app: web.Application, flow_id: uuid.UUID, enabled: bo
     flow = await flow_store.set_enabled(app[DB], flow_id, enabled)
     app[REGISTRY].invalidate(flow_id)
     return flow
+
+
+def _run_of_job(job_id: str) -> uuid.UUID | None:
+    """The run a queue job carries: its id is the run id (``{run}:resume:{ms}`` for a
+    resumption)."""
+    try:
+        return uuid.UUID(job_id.split(":", 1)[0])
+    except ValueError:
+        return None
+
+
+async def retry_dead_job(app: web.Application, queue: str, job_id: str) -> str:
+    """Put a dead-lettered job back, and its run back to ``QUEUED`` (from the start): the run
+    ended ``INTERNAL_ERROR`` when the job died, and a worker skips runs that already ended.
+    Returns the job's new stream entry id; ``JobNotFound`` if it is not dead-lettered."""
+    run_id = _run_of_job(job_id)
+    if run_id is not None:
+        with contextlib.suppress(NotFound):
+            row = await run_store.get_run(app[DB], run_id)
+            await run_store.reset_for_retry(
+                app[DB], run_id, flow_version=row["flow_version"], keep_steps=False
+            )
+    return await QueueAdmin(app[REDIS], QueueConfig.from_settings(app[SETTINGS])).retry_dead(
+        queue, job_id
+    )

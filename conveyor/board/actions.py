@@ -111,7 +111,7 @@ async def clean_queue(request: web.Request, form: Form) -> str:
 async def retry_all(request: web.Request, form: Form) -> str:
     """Retry every dead-lettered job of a queue."""
     q = ops.queue_name(request)
-    retried = await ops.retry_all_dead(ops.queue_admin(root(request)), q)
+    retried = await ops.retry_all_dead(root(request), q)
     return f"Put {retried} failed job(s) back on {q}."
 
 
@@ -120,7 +120,7 @@ async def retry_job(request: web.Request, form: Form) -> str:
     """Retry one dead-lettered job."""
     q = ops.queue_name(request)
     job_id = request.match_info["id"]
-    await ops.queue_admin(root(request)).retry_dead(q, job_id)
+    await operations.retry_dead_job(root(request), q, job_id)
     return f"Job {job_id} is back on {q}."
 
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
+
+from conveyor.queue import Consumer, Job, QueueConfig
+from conveyor.store.db import Database
 
 ORDER = {
     "name": "order-alert",
@@ -318,3 +323,32 @@ async def test_cancel_running_run_stops_before_next_step(make_client: Any) -> No
     run = await (await client.get(f"/api/v1/flow-runs/{rid}")).json()
     assert run["status"] == "CANCELED"
     assert "after" not in [s["name"] for s in run["steps"]]
+
+
+async def test_retrying_a_dead_job_runs_its_run_again(
+    make_client: Any, db: Database, redis: aioredis.Redis
+) -> None:
+    """A dead-lettered job retried from the queue admin puts its INTERNAL_ERROR run back."""
+    app_only: TestClient[Any, Any] = await make_client(AP_CONTAINER_TYPE="APP")
+    flow = {
+        "name": "dies",
+        "trigger": {"type": "webhook"},
+        "steps": [{"name": "t", "type": "transform", "input": {"ok": True}}],
+    }
+    fid = (await (await app_only.post("/api/v1/flows", json=flow)).json())["id"]
+    rid = (await (await app_only.post(f"/api/v1/webhooks/{fid}", json={})).json())["run_id"]
+
+    async def explode(job: Job) -> None:
+        raise RuntimeError("handler exploded")
+
+    cfg = QueueConfig(max_deliveries=1)
+    await Consumer(redis, explode, cfg, queues=("runs",)).drain()
+    async with db.writer() as conn:  # what the worker's on_dead does
+        await conn.execute(
+            "UPDATE runs SET status = 'INTERNAL_ERROR' WHERE id = $1", uuid.UUID(rid)
+        )
+    worker = await _worker_client(make_client)
+    resp = await worker.post(f"/api/v1/queues/runs/jobs/{rid}/retry")
+    assert resp.status == 200, await resp.text()
+    done = await _wait_status(worker, rid, "SUCCEEDED")
+    assert [s["name"] for s in done["steps"]] == ["t"]
