@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 import orjson
 
 from conveyor.sandbox import limits as lim
+from conveyor.sandbox import seccomp
 from conveyor.sandbox.protocol import BlockingReader, ProtocolError
 
 #: The environment a step sees: nothing inherited, so no ``AP_*`` and no secrets.
@@ -132,6 +133,9 @@ def lock_down(
     # (As init of a PID namespace of its own the parent is outside it: getppid() says 0.)
     if not own_pidns and os.getppid() != parent:
         os._exit(1)
+    if locked:
+        # Last: from here on no namespaces, mounts, ptrace, bpf, keyrings or CLONE_PARENT.
+        seccomp.install()
     os.chdir(os.environ["TMPDIR"])
     return 3
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import conveyor
-from conveyor.sandbox import Limits, Sandbox, SandboxStatus
+from conveyor.sandbox import Limits, Sandbox, SandboxStatus, seccomp
 from tests.sandbox.support import assert_no_strays, make_sandbox, needs_bwrap, run
 
 CHECKOUT = Path(conveyor.__file__).resolve().parent.parent
@@ -479,3 +479,36 @@ async def test_shared_memory_does_not_cross_children(sandbox: Sandbox) -> None:
     assert created.status is SandboxStatus.SUCCEEDED and created.output >= 0
     seen = await run(sandbox, code, {"flags": 0o666}, flow_id="shm-b")
     assert seen.status is SandboxStatus.SUCCEEDED and seen.output == -1
+
+
+_KERNEL_SURFACE = """
+import ctypes, os, subprocess, threading
+libc = ctypes.CDLL(None, use_errno=True)
+def run(input):
+    out = {}
+    out["seccomp"] = [l.split()[1] for l in open("/proc/self/status") if l.startswith("Seccomp:")]
+    out["userns"] = libc.unshare(0x10000000)                      # CLONE_NEWUSER
+    out["userns_errno"] = ctypes.get_errno()
+    out["mount"] = libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)
+    out["clone_parent"] = libc.syscall(56, 0x00008000 | 17, 0, 0, 0, 0)  # CLONE_PARENT|SIGCHLD
+    t = threading.Thread(target=lambda: None); t.start(); t.join()
+    out["thread"] = True
+    out["subprocess"] = subprocess.run(["/bin/true"]).returncode
+    pid = os.fork()
+    if pid == 0:
+        os._exit(7)
+    out["fork"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return out
+"""
+
+
+@pytest.mark.skipif(not seccomp.supported(), reason="no syscall table for this architecture")
+async def test_kernel_surface_is_closed_but_python_works(sandbox: Sandbox) -> None:
+    """User namespaces, mounts and CLONE_PARENT are refused; threads, fork, subprocess work."""
+    result = await run(sandbox, _KERNEL_SURFACE)
+    assert result.status is SandboxStatus.SUCCEEDED, result.error
+    out = result.output
+    assert out["seccomp"] == ["2"]
+    assert out["userns"] == -1 and out["userns_errno"] == 1  # EPERM
+    assert out["mount"] == -1 and out["clone_parent"] == -1
+    assert out["thread"] is True and out["subprocess"] == 0 and out["fork"] == 7
