@@ -205,6 +205,17 @@ async def test_async_runs_listed_with_filters(make_client: Any) -> None:
     assert (await client.get("/api/v1/flow-runs?status=NOPE")).status == 400
 
 
+async def _wait_runs_queue_idle(client: TestClient[Any, Any]) -> None:
+    """Wait until the runs queue holds nothing waiting or in flight (its jobs acknowledged)."""
+    for _ in range(200):
+        data = (await (await client.get("/api/v1/queues")).json())["data"]
+        runs_q = next(q for q in data if q["queue"] == "runs")
+        if runs_q["waiting"] == 0 and runs_q["active"] == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"runs queue not idle: {runs_q}")
+
+
 async def _wait_status(client: TestClient[Any, Any], run_id: str, *want: str) -> dict[str, Any]:
     run: dict[str, Any] = {}
     for _ in range(200):
@@ -271,17 +282,7 @@ async def test_cancel_queued_run(make_client: Any) -> None:
     resp = await client.post(f"/api/v1/flow-runs/{rid}/cancel")
     assert resp.status == 200 and (await resp.json())["status"] == "CANCELED"
     worker = await _worker_client(make_client)
-    # Wait until the worker has taken the job and acknowledged it (skipped, not run).
-    for _ in range(200):
-        runs_q = next(
-            q
-            for q in (await (await worker.get("/api/v1/queues")).json())["data"]
-            if q["queue"] == "runs"
-        )
-        if runs_q["waiting"] == 0 and runs_q["active"] == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert runs_q["waiting"] == 0 and runs_q["active"] == 0
+    await _wait_runs_queue_idle(worker)
     run = await (await worker.get(f"/api/v1/flow-runs/{rid}")).json()
     assert run["status"] == "CANCELED" and run["steps"] == []
     again = await client.post(f"/api/v1/flow-runs/{rid}/cancel")
@@ -311,15 +312,7 @@ async def test_cancel_running_run_stops_before_next_step(make_client: Any) -> No
     rid = (await (await client.post(f"/api/v1/webhooks/{fid}", json={})).json())["run_id"]
     await _wait_status(client, rid, "RUNNING")
     assert (await client.post(f"/api/v1/flow-runs/{rid}/cancel")).status == 200
-    for _ in range(200):
-        runs_q = next(
-            q
-            for q in (await (await client.get("/api/v1/queues")).json())["data"]
-            if q["queue"] == "runs"
-        )
-        if runs_q["waiting"] == 0 and runs_q["active"] == 0:
-            break
-        await asyncio.sleep(0.05)
+    await _wait_runs_queue_idle(client)
     run = await (await client.get(f"/api/v1/flow-runs/{rid}")).json()
     assert run["status"] == "CANCELED"
     assert "after" not in [s["name"] for s in run["steps"]]
