@@ -23,11 +23,9 @@ from aiohttp import web
 from conveyor.api.errors import ApiError, json_response
 from conveyor.api.keys import DB, PRODUCER, REGISTRY, REPLIES, RUN_WRITER, SECRET_BOX, SETTINGS
 from conveyor.engine.status import TERMINAL, RunStatus
-from conveyor.errors import BackendUnavailable
 from conveyor.ids import uuid7
 from conveyor.queue import QueueFull, QueueName, QueueUnavailable
 from conveyor.store import runs as run_store
-from conveyor.store.db import CONNECTION_ERRORS
 from conveyor.store.secrets import load_secrets
 
 log = structlog.get_logger(__name__)
@@ -99,14 +97,13 @@ async def _check_signature(request: web.Request, secret_name: str, raw: bytes) -
         )
 
 
-def _unavailable(backend: str, exc: BaseException) -> ApiError:
-    retry = "5" if backend == "postgres" else "1"
+def _redis_unavailable(run_id: str) -> ApiError:
+    # PostgreSQL outages need nothing here: the error middleware answers 503 + Retry-After: 5.
     return ApiError(
         503,
         "UNAVAILABLE",
-        f"{backend} unavailable, retry later",
-        headers={"Retry-After": retry},
-        extra={"detail": type(exc).__name__},
+        "Redis unavailable, retry later",
+        headers={"Retry-After": "1", "x-run-id": run_id},
     )
 
 
@@ -116,10 +113,7 @@ async def _accept(
     """Validate and durably record the run; returns an early answer or the job to enqueue."""
     app = request.app
     flow_id = _flow_id(request)
-    try:
-        head = await app[REGISTRY].head(flow_id)
-    except CONNECTION_ERRORS as exc:
-        raise _unavailable("postgres", exc) from None
+    head = await app[REGISTRY].head(flow_id)
     if head is None or not head.enabled:
         raise ApiError(404, "FLOW_NOT_FOUND", f"flow {flow_id} not found or disabled")
     raw = await read_body(request)
@@ -141,10 +135,7 @@ async def _accept(
         idempotency_key=key,
         response_status=None if sync else 202,
     )
-    try:
-        inserted = await app[RUN_WRITER].insert(new)
-    except CONNECTION_ERRORS as exc:
-        raise _unavailable("postgres", exc) from None
+    inserted = await app[RUN_WRITER].insert(new)
     run_id = str(inserted.run_id)
     if not inserted.created:
         # A repeat of an Idempotency-Key: the first answer's status, nothing started.
@@ -222,9 +213,7 @@ async def webhook_sync(request: web.Request) -> web.Response:
             )
             # The caller retries after Retry-After; with the same key it must get a new run.
             await run_store.release_idempotency_key(app[DB], rid)
-            error = _unavailable("redis", exc)
-            error.headers["x-run-id"] = run_id
-            raise error from None
+            raise _redis_unavailable(run_id) from exc
         timeout_s = app[SETTINGS].webhook_timeout_seconds
         try:
             message = await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
@@ -260,10 +249,7 @@ async def webhook_sync(request: web.Request) -> web.Response:
 
 async def _remember(request: web.Request, run_id: str, status: int) -> None:
     if request.headers.get("Idempotency-Key"):
-        try:
-            await run_store.set_response_status(request.app[DB], uuid.UUID(run_id), status)
-        except CONNECTION_ERRORS as exc:
-            raise BackendUnavailable("postgres", str(exc)) from None
+        await run_store.set_response_status(request.app[DB], uuid.UUID(run_id), status)
 
 
 #: Headers a flow may not set: they frame the HTTP message, which is the server's job.
