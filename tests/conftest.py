@@ -28,7 +28,8 @@ from conveyor.embedded import EmbeddedPostgres, EmbeddedRedis
 from conveyor.store.db import Database, PoolOptions
 from conveyor.store.migrations import migrate
 
-TEST_REDIS_DB = 13
+# CONVEYOR_TEST_REDIS_DB lets two test runs share one Redis server without flushing each other.
+TEST_REDIS_DB = int(os.environ.get("CONVEYOR_TEST_REDIS_DB", "13"))
 
 
 def pytest_asyncio_loop_factories(
