@@ -25,6 +25,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -181,6 +182,33 @@ def _ensure_system_user(name: str) -> pwd.struct_passwd:
     return pwd.getpwnam(name)
 
 
+def _check_reachable(path: Path, user: pwd.struct_passwd) -> None:
+    """Fail with the exact fix when ``user`` cannot enter ``path`` (a parent is too strict).
+
+    We never loosen a parent's permissions ourselves (it may be ``/root`` or a ``mktemp -d``
+    directory made private on purpose); the operator chooses another path or opens that one.
+    """
+
+    def enters(directory: Path) -> bool:
+        probe = subprocess.run(
+            ["test", "-x", str(directory)],
+            user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+            capture_output=True, check=False,
+        )  # fmt: skip
+        return probe.returncode == 0
+
+    if enters(path):
+        return
+    blocked = next((d for d in reversed(path.parents) if not enters(d)), path)
+    mode = stat.S_IMODE(blocked.stat().st_mode)
+    raise EmbeddedError(
+        f"AP_CONFIG_PATH={path.parent}: the embedded PostgreSQL runs as the system user "
+        f"{user.pw_name!r}, which cannot enter {blocked} (mode {mode:04o}); set AP_CONFIG_PATH "
+        f"to a directory whose parents others may enter (e.g. /var/lib/conveyor), or run "
+        f"`chmod o+x {blocked}`"
+    )
+
+
 @dataclass
 class EmbeddedPostgres:
     """A supervised PostgreSQL cluster in ``base_dir/data`` on a unix socket in ``base_dir/run``.
@@ -243,6 +271,7 @@ class EmbeddedPostgres:
         if os.geteuid() == 0:
             self._user = _ensure_system_user(PG_SYSTEM_USER)
             self.base_dir.chmod(0o755)
+            _check_reachable(self.base_dir, self._user)
         bindir = self._binaries()
         for d in (self.data_dir, self.socket_dir):
             d.mkdir(exist_ok=True, mode=0o700)

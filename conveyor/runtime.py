@@ -96,7 +96,7 @@ def run(settings: Settings) -> int:
         settings = embedded.start()
     except EmbeddedError as exc:
         print(f"conveyor: {exc}", file=sys.stderr)
-        return 1
+        return 2
     if embedded.redis or embedded.postgres:
         log.info(
             "embedded servers started",

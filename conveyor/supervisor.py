@@ -168,7 +168,7 @@ def run(settings: Settings) -> int:
         settings = embedded.start()
     except EmbeddedError as exc:
         print(f"conveyor: {exc}", file=sys.stderr)
-        return 1
+        return 2
     metrics_dir = settings.config_path / f"metrics-{os.getpid()}"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True, mode=0o700)

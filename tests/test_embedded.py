@@ -162,3 +162,17 @@ def test_sigkill_of_conveyor_takes_servers_down(config_dir: Path) -> None:
         proc.kill()
         proc.wait(10)
     assert _wait_gone(config_dir, 15.0) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the PostgreSQL system user exists only as root")
+def test_private_parent_is_one_clear_line(config_dir: Path) -> None:
+    """As root, an AP_CONFIG_PATH under a 0700 directory: exit 2, one line with the fix."""
+    private = config_dir / "private"
+    private.mkdir(mode=0o700)
+    proc = _start_up(private / "c", free_port())
+    _, err = proc.communicate(timeout=60)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2, err
+    assert len(lines) == 1 and "Traceback" not in lines[0]
+    assert f"cannot enter {private} (mode 0700)" in lines[0] and "chmod o+x" in lines[0]
+    assert _wait_gone(config_dir) == []
