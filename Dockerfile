@@ -1,45 +1,67 @@
 # syntax=docker/dockerfile:1
 # Conveyor: one image for every role (AP_CONTAINER_TYPE = WORKER_AND_APP | APP | WORKER).
 #
-#   docker build -t conveyor .
+#   docker build -t conveyor .                      # anywhere Docker Hub is reachable
+#   configs/container/build.sh                      # podman, no registry (configs/README.md)
 #   docker run --env-file configs/conveyor.env -p 8080:8080 conveyor
+#
+# Base: Debian bookworm-slim with Debian's python3 (3.11) and Conveyor in a venv at
+# /opt/conveyor. Where no registry is reachable, configs/container/base.sh debootstraps the
+# same base locally (BASE_IMAGE selects another one built the same way).
 #
 # Worker containers (WORKER and WORKER_AND_APP) run code steps inside bubblewrap, the default
 # AP_EXECUTION_MODE=SANDBOX_CODE_ONLY. As this image's non-root user, bubblewrap needs
 # unprivileged user namespaces and an unmasked /proc, which Docker's defaults refuse:
 #   docker run --security-opt seccomp=configs/seccomp/conveyor-worker.json \
 #              --security-opt systempaths=unconfined --security-opt apparmor=unconfined ...
-# (see configs/README.md, "Sandbox requirements"; the compose files and the Helm chart set it).
+# (podman: seccomp=… unmask=ALL apparmor=unconfined; see configs/README.md, "Sandbox
+# requirements"; the compose files and the Helm chart set them).
 # Without them a worker with external Redis/PostgreSQL refuses to start and says why.
 
-ARG PYTHON_VERSION=3.11
+ARG BASE_IMAGE=debian:bookworm-slim
 
-# ---------------------------------------------------------------- build: wheels + compilers
-FROM python:${PYTHON_VERSION}-slim-bookworm AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# Compilers only here, for any dependency without a wheel for this platform.
+# ---------------------------------------------------------------- build: the venv
+FROM ${BASE_IMAGE} AS build
+# Where pip must use another index or trust another CA (a proxy), pass them as build args;
+# configs/container/build.sh passes the host's.
+ARG PIP_INDEX_URL
+ARG PIP_CERT
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+# Unpinned on purpose: versions come from the bookworm (and -security) suites of the base,
+# and a pin would break the build at Debian's next point or security release.
+# hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/conveyor
 WORKDIR /src
-COPY pyproject.toml setup.cfg README.md ./
+# Dependencies first (a layer that only setup.cfg invalidates), all binary wheels: no compilers.
+COPY setup.cfg ./
+RUN python3 -c "import configparser as c; p = c.ConfigParser(); p.read('setup.cfg'); print(p['options']['install_requires'])" > requirements.txt \
+ && /opt/conveyor/bin/pip install --only-binary=:all: -r requirements.txt
+COPY pyproject.toml README.md ./
 COPY conveyor ./conveyor
-RUN pip install --prefix=/install .
+RUN /opt/conveyor/bin/pip install --no-deps . \
+ && /opt/conveyor/bin/pip check
 
 # ---------------------------------------------------------------- runtime
-FROM python:${PYTHON_VERSION}-slim-bookworm
+FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="conveyor" \
       org.opencontainers.image.description="Workflow-automation engine: webhooks, Redis Streams queue, sandboxed workers, PostgreSQL"
-# bubblewrap: the sandbox of code steps; tini: PID 1 that forwards signals and reaps orphans.
+# python3: the venv's interpreter; bubblewrap: the sandbox of code steps; tini: PID 1 that
+# forwards signals and reaps orphans; ca-certificates: HTTPS from flows.
+# Unpinned on purpose, as above: pins break at Debian's next point or security release.
+# hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends bubblewrap tini \
+ && apt-get install -y --no-install-recommends python3 bubblewrap tini ca-certificates \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /install /usr/local
+COPY --from=build /opt/conveyor /opt/conveyor
 RUN groupadd --system --gid 10001 conveyor \
  && useradd --system --uid 10001 --gid conveyor --home-dir /var/lib/conveyor \
             --shell /usr/sbin/nologin conveyor \
  && install -d -o conveyor -g conveyor -m 0700 /var/lib/conveyor
-ENV AP_HOST=0.0.0.0 \
+ENV PATH=/opt/conveyor/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    AP_HOST=0.0.0.0 \
     AP_CONFIG_PATH=/var/lib/conveyor \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -49,7 +71,7 @@ USER 10001:10001
 EXPOSE 8080 9090
 # /healthz on the port of the role: AP_METRICS_PORT for a WORKER, AP_PORT otherwise.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-  CMD python -c "import os, urllib.request; e = os.environ.get; worker = (e('AP_CONTAINER_TYPE') or '').strip().upper() == 'WORKER'; port = (e('AP_METRICS_PORT') or '9090') if worker else (e('AP_PORT') or '8080'); urllib.request.urlopen('http://127.0.0.1:%s/healthz' % port.strip(), timeout=4)"
+  CMD ["python", "-c", "import os, urllib.request; e = os.environ.get; worker = (e('AP_CONTAINER_TYPE') or '').strip().upper() == 'WORKER'; port = (e('AP_METRICS_PORT') or '9090') if worker else (e('AP_PORT') or '8080'); urllib.request.urlopen('http://127.0.0.1:%s/healthz' % port.strip(), timeout=4)"]
 # Runs drain on SIGTERM (allow 60-90 s: docker stop -t 90, stop_grace_period in compose).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/bin/tini", "--", "conveyor"]
