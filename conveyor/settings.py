@@ -117,6 +117,9 @@ class Settings:
     queue_ui_username: str | None = _var("AP_QUEUE_UI_USERNAME", default=None)
     queue_ui_password: str | None = _var("AP_QUEUE_UI_PASSWORD", default=None)
     api_key: str | None = _var("AP_API_KEY", default=None)
+    frontend_url: str | None = _var("AP_FRONTEND_URL", default=None)
+    queue_ui_allowed_hosts: tuple[str, ...] = _var("AP_QUEUE_UI_ALLOWED_HOSTS", default=())
+    webhook_legacy_signatures: bool = _var("AP_WEBHOOK_LEGACY_SIGNATURES", default=False)
     encryption_key: str | None = _var("AP_ENCRYPTION_KEY", default=None)
     execution_mode: ExecutionMode = _var(
         "AP_EXECUTION_MODE", default=ExecutionMode.SANDBOX_CODE_ONLY
@@ -231,6 +234,9 @@ class Settings:
         values["queue_ui_username"] = p.optional_text("AP_QUEUE_UI_USERNAME")
         values["queue_ui_password"] = p.optional_text("AP_QUEUE_UI_PASSWORD")
         values["api_key"] = p.optional_text("AP_API_KEY")
+        values["frontend_url"] = p.url("AP_FRONTEND_URL", ("http", "https"))
+        values["queue_ui_allowed_hosts"] = p.allow_list("AP_QUEUE_UI_ALLOWED_HOSTS")
+        values["webhook_legacy_signatures"] = p.boolean("AP_WEBHOOK_LEGACY_SIGNATURES")
         values["encryption_key"] = p.encryption_key("AP_ENCRYPTION_KEY")
         values["execution_mode"] = p.execution_mode("AP_EXECUTION_MODE")
         values["sandbox_memory_limit_kb"] = p.integer("AP_SANDBOX_MEMORY_LIMIT", minimum=16_384)

@@ -80,13 +80,21 @@ class CappedLog(io.TextIOBase):
 
 
 def lock_down(
-    sock_fd: int, uid: int | None, limits: lim.Limits, *, locked: bool, own_pidns: bool = False
+    sock_fd: int,
+    uid: int | None,
+    limits: lim.Limits,
+    *,
+    locked: bool,
+    own_pidns: bool = False,
+    view: dict[str, Any] | None = None,
 ) -> int:
     """Turn a fresh fork of the fork-server into a step process; returns the socket's fd.
 
     Order matters: namespaces and mounts need the capabilities we still have as root, the
     rlimits must be in place before the uid drop (``RLIMIT_NPROC`` is checked against the
     new uid from then on), and the uid drop comes last because it takes the capabilities.
+    ``view`` (launchers without bubblewrap) says how the host's filesystem is hidden, see
+    :func:`~conveyor.sandbox.limits.private_tmp`.
     """
     os.setsid()
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
@@ -107,7 +115,9 @@ def lock_down(
     if locked:
         try:
             owner = uid if uid is not None else os.getuid()
-            lim.private_tmp(owner, limits, network=limits.network_namespace)
+            lim.private_tmp(
+                owner, limits, network=limits.network_namespace, view=view, own_pidns=own_pidns
+            )
             private_mount = True
         except OSError:
             pass

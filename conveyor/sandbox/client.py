@@ -8,7 +8,10 @@ replaces it, and it is recycled after ``warm_max_uses`` executions or after any 
 limit or timeout. The worker talks to a child over the child's own socket (one round trip
 per execution) and enforces wall time itself: past ``timeout_s`` it has the fork-server
 SIGKILL the child, and the fork-server answers only once every process of that child's
-tree is gone. How outcomes map to statuses is :mod:`conveyor.sandbox.outcome`.
+tree is gone. A child the worker is done with is *retired*: the fork-server SIGKILLs it (its
+cooperation is never needed), kills what is left in its cgroup, reaps, and only then gives
+its uid back. :meth:`Sandbox.health` is the ``/readyz`` check (capacity, fork-server, mode,
+limits); how outcomes map to statuses is :mod:`conveyor.sandbox.outcome`.
 """
 
 from __future__ import annotations
@@ -28,14 +31,18 @@ from typing import Any
 
 import orjson
 
+from conveyor.sandbox import cgroups
 from conveyor.sandbox.channel import FrameChannel
 from conveyor.sandbox.config import SandboxConfig
 from conveyor.sandbox.isolation import (
+    FIX,
     Isolation,
     IsolationReport,
     Launcher,
     SandboxUnavailable,
     assess,
+    cgroup_binds,
+    host_view,
     launchers,
     missing_isolation_error,
 )
@@ -52,6 +59,9 @@ _BOOT = (
 _DIED_GRACE_S = 0.25
 #: The fork-server's whole environment: nothing of the worker's reaches it.
 _SERVER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+#: A fork-server that died on its own is started again after this long.
+_RESTART_DELAY_S = 1.0
+_instances = iter(range(1, 1 << 62))
 
 
 class _Child:
@@ -124,6 +134,15 @@ class Sandbox:
         self._closed = False
         self._drop_uid = False
         self._pidns = False
+        self._name = f"conveyor-sandbox-{os.getpid()}-{next(_instances)}"
+        self._cgroups: cgroups.CgroupPlan | None = None
+        #: Set when policy refuses code steps on this host (the message they fail with).
+        self.refused: str | None = None
+        self._free_uids: int | None = None
+        self._exhausted = False
+        self._restart: asyncio.Task[None] | None = None
+        self._report: dict[str, Any] = {}
+        self._refresh_report()
         self._limits_wire = self.config.limits.to_wire()
         # Room for every slot's child and the spares, plus children still being swept.
         self.uid_count = max(
@@ -141,9 +160,45 @@ class Sandbox:
 
     # ------------------------------------------------------------------ lifecycle
     @property
-    def isolation(self) -> dict[str, str]:
-        """``{"isolation": "full"|"partial"|"none", "mechanism": …}`` for ``/readyz``."""
-        return self.report.as_dict()
+    def isolation(self) -> dict[str, Any]:
+        """The ``/readyz`` sandbox check, one dict kept current in place (see :meth:`health`)."""
+        return self._report
+
+    def health(self) -> dict[str, Any]:
+        """``{"ok", "isolation", "mechanism", "limits", "code_steps", …}``, fresh.
+
+        ``ok`` is False while the fork-server is down or no uid is left for a new child
+        (capacity exhausted); ``limits`` is ``cgroup-v2`` | ``cgroup-v1`` | ``rlimit``;
+        ``code_steps`` is ``refused`` when policy forbids them on this host.
+        """
+        self._refresh_report()
+        return dict(self._report)
+
+    def _refresh_report(self) -> None:
+        report: dict[str, Any] = self.report.as_dict()
+        report["limits"] = (
+            str(self.probe.get("cgroup")) if self.probe.get("cgroup") else cgroups.RLIMIT
+        )
+        report["code_steps"] = "refused" if self.refused else "enabled"
+        if self._free_uids is not None:
+            report["free_uids"] = self._free_uids
+        report["timeouts"] = self.stats["TIMEOUT"]
+        error = None
+        if self.refused:
+            error = None  # refused by policy: the rest of the process is fine
+        elif self._closed:
+            error = "sandbox closed"
+        elif not self.running:
+            error = "sandbox fork-server is not running"
+        elif self._exhausted:
+            error = "sandbox capacity exhausted: no free uid for a new step process"
+        report["ok"] = error is None
+        if error:
+            report["error"] = error
+        if self.refused:
+            report["refused"] = self.refused
+        self._report.clear()
+        self._report.update(report)
 
     @property
     def running(self) -> bool:
@@ -177,7 +232,11 @@ class Sandbox:
 
     async def _start(self) -> None:
         tried: list[str] = []
-        candidates = launchers(self.config.launcher, self.config.bwrap_path)
+        self.refused = None
+        if self.config.locked and self.config.cgroups and self._cgroups is None:
+            self._cgroups = await asyncio.to_thread(cgroups.prepare, self._name)
+        dirs = self._cgroups.dirs if self._cgroups else None
+        candidates = launchers(self.config.launcher, self.config.bwrap_path, dirs)
         if self.config.launcher in ("auto", "bwrap") and not any(
             c.name == "bwrap" for c in candidates
         ):
@@ -197,33 +256,62 @@ class Sandbox:
                 locked=self.config.locked,
                 child_pidns=self._will_use_pidns(probe),
             )
-            if (
-                self.config.locked
-                and self.config.require_network_isolation
-                and not report.network_isolated
-            ):
-                tried.append(f"{launcher.name}: network not isolated")
+            refusal = self._policy_refuses(report)
+            if refusal:
+                tried.append(f"{launcher.name}: {refusal}")
                 await self._stop_server()
                 continue
             self.launcher, self.probe, self.report = launcher, probe, report
             self.stats["starts"] += 1
             self._drop_uid = bool(probe.get("uid_drop"))
             self._pidns = self._will_use_pidns(probe)
+            self._free_uids = int(probe["uids"]) if self._drop_uid and "uids" in probe else None
+            self._exhausted = False
             self._slots = [_Slot(i) for i in range(max(self.config.slots, 1))]
             self._prepare_spares()
+            self._refresh_report()
             if self.config.locked and report.isolation is not Isolation.FULL:
                 log.warning(
                     "SANDBOX ISOLATION IS PARTIAL: code steps run with %s only (%s). Install "
-                    "bubblewrap and run as root or with user namespaces for full isolation.",
+                    "bubblewrap and run as root or with user namespaces for full isolation. "
+                    "event=sandbox.partial_isolation isolation=%s safe=%s limits=%s",
                     report.mechanism,
                     "; ".join(tried) or f"launcher {launcher.name}",
+                    report.isolation,
+                    str(report.safe).lower(),
+                    self._report["limits"],
                 )
             else:
                 log.info("sandbox started: %s (%s)", report.isolation, report.mechanism)
             return
+        if self.config.require_full_isolation:
+            raise missing_isolation_error(tried, "isolate them fully")
         if self.config.require_network_isolation:
             raise missing_isolation_error(tried)
+        if self.config.refuse_unsafe:
+            self.refused = (
+                "code steps are disabled: this host cannot sandbox them safely ("
+                + "; ".join(tried)
+                + "). "
+                + FIX
+            )
+            self.report = IsolationReport(Isolation.NONE, "refused: " + "; ".join(tried))
+            self._refresh_report()
+            log.error("SANDBOX REFUSES CODE STEPS: %s event=sandbox.refused", self.refused)
+            return
         raise SandboxUnavailable("cannot start the sandbox fork-server: " + "; ".join(tried))
+
+    def _policy_refuses(self, report: IsolationReport) -> str | None:
+        """Why the configured policy will not run code steps under ``report`` (or None)."""
+        if not self.config.locked:
+            return None
+        if self.config.require_network_isolation and not report.network_isolated:
+            return "network not isolated"
+        if self.config.require_full_isolation and report.isolation is not Isolation.FULL:
+            return f"isolation is {report.isolation} ({report.mechanism})"
+        if self.config.refuse_unsafe and not report.safe:
+            return f"isolation is {report.isolation} and not safe ({report.mechanism})"
+        return None
 
     def _will_use_pidns(self, probe: dict[str, Any]) -> bool:
         if not self.config.locked or not probe.get("child_pid_namespace"):
@@ -236,13 +324,20 @@ class Sandbox:
         self._stderr_tail.clear()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            config = {
+            config: dict[str, Any] = {
                 "fd": theirs.fileno(),
                 "prewarm": list(self.config.prewarm),
                 "probe_uid": self.uid_base + self.uid_count - 1,
                 "uid_base": self.uid_base,
                 "uid_count": self.uid_count - 1,
             }
+            if self._cgroups is not None:
+                dirs = self._cgroups.dirs
+                if launcher.name == "bwrap":
+                    dirs = cgroup_binds(dirs)[1]
+                config["cgroup"] = {"version": self._cgroups.version, "dirs": dirs}
+            if launcher.name != "bwrap" and self.config.locked:
+                config["view"] = host_view(self.config.hide)
             argv = [
                 *launcher.argv,
                 self.config.python,
@@ -290,7 +385,10 @@ class Sandbox:
     async def close(self) -> None:
         """Stop every child and the fork-server; bounded by ``kill_timeout_s``."""
         self._closed = True
+        if self._restart is not None and not self._restart.done():
+            self._restart.cancel()
         await asyncio.shield(self._stop_server())
+        self._refresh_report()
 
     async def _stop_server(self) -> None:
         ctl, self._ctl = self._ctl, None
@@ -307,6 +405,9 @@ class Sandbox:
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
             self._sweep_orphans()
+        plan, self._cgroups = self._cgroups, None
+        if plan is not None:
+            await asyncio.to_thread(plan.remove)
         task, self._stderr_task = self._stderr_task, None
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -319,9 +420,21 @@ class Sandbox:
         if op == "exit":
             # The child's socket is left alone: an answer it sent before exiting may still be
             # unread there, and EOF follows because every process holding it is gone.
+            if "free" in msg and self._free_uids is not None:
+                self._free_uids = int(msg["free"])
+                if self._free_uids > 0:
+                    self._exhausted = False
+            reason = str(msg.get("reason") or "")
+            if reason.startswith("capacity"):
+                self._exhausted = True
+                self.stats["capacity_exhausted"] += 1
+                log.error("sandbox capacity exhausted: %s", reason)
+            self._refresh_report()
             pending = self._spawning.pop(msg["id"], None)
             if pending is not None and not pending[0].done():
-                pending[0].set_exception(ConnectionError("fork-server could not spawn a child"))
+                pending[0].set_exception(
+                    ConnectionError(f"fork-server could not spawn a child ({reason or 'lost'})")
+                )
             child = self._children.pop(msg["id"], None)
             if child is not None:
                 child.dead = True
@@ -355,6 +468,24 @@ class Sandbox:
             self._hello.set_exception(ConnectionError("fork-server exited before hello"))
         self._fail_all("sandbox fork-server exited")
         self._sweep_orphans()
+        self._refresh_report()
+        # Died on its own (not stopped by us): start it again, so readiness comes back
+        # without waiting for the next code step.
+        if (
+            self._ctl is not None
+            and not self._closed
+            and self.launcher is not None
+            and (self._restart is None or self._restart.done())
+        ):
+            self._restart = asyncio.ensure_future(self._restart_later())
+
+    async def _restart_later(self) -> None:
+        await asyncio.sleep(_RESTART_DELAY_S)
+        try:
+            await self._ensure_running()
+        except Exception as exc:
+            log.error("sandbox fork-server restart failed: %r", exc)
+        self._refresh_report()
 
     def _sweep_orphans(self) -> None:
         """After the fork-server is gone: kill what its children left, when no PID
@@ -417,10 +548,20 @@ class Sandbox:
                 return
 
     def _retire(self, slot: _Slot) -> None:
-        """Let go of the slot's warm child; closing its socket makes it exit."""
+        """Let go of the slot's warm child: the fork-server SIGKILLs it and its tree.
+
+        Closing the socket alone would ask the child to exit, and a step can make its own
+        process refuse (replace ``os._exit``, ignore signals, loop in ``finally``).
+        """
         child, slot.child = slot.child, None
-        if child is not None and child.channel is not None:
+        if child is None:
+            return
+        if child.channel is not None:
             child.channel.close()
+        if not child.exit.done() and self._ctl is not None and not self._ctl.closed:
+            with contextlib.suppress(ConnectionError):
+                self._ctl.send({"op": "retire", "id": child.id})
+            self.stats["retired"] += 1
 
     async def _fork(self) -> _Child:
         """Have the fork-server fork a locked-down child."""
@@ -501,8 +642,13 @@ class Sandbox:
         anything the step does). ``timeout_s`` is capped by ``max_timeout_s``; ``run_id``
         keeps a run's code steps in a child of their own when ``per_run`` is set."""
         started = time.perf_counter()
+        if self.refused:
+            self.stats["refused"] += 1
+            return SandboxResult(SandboxStatus.FAILED, None, self.refused, "", 0.0)
         if not self.running:
             await self._ensure_running()
+            if self.refused:
+                return SandboxResult(SandboxStatus.FAILED, None, self.refused, "", 0.0)
         limit = self.config.max_timeout_s
         timeout = min(float(timeout_s), limit) if timeout_s and timeout_s > 0 else limit
         key = (str(flow_id), str(flow_version))
@@ -553,7 +699,14 @@ class Sandbox:
             child = None
         try:
             if child is None:
-                child = await self._fresh(slot, key)
+                try:
+                    child = await self._fresh(slot, key)
+                except ConnectionError as exc:
+                    # No uid left: idle warm children of other slots hold them. Retire
+                    # those, wait until their uids are back, and try once more.
+                    if "capacity" not in str(exc) or not await self._evict_idle():
+                        raise
+                    child = await self._fresh(slot, key)
         except (OSError, TimeoutError, ConnectionError) as exc:
             self._retire(slot)
             return "INTERNAL_ERROR", None, f"sandbox could not start a step process: {exc}", ""
@@ -633,6 +786,16 @@ class Sandbox:
         status, error = explain_exit(event, self.config.limits, limit_s)
         return status, None, error, ""
 
+    async def _evict_idle(self) -> bool:
+        """Retire every idle slot's warm child and wait for their exits; whether any was."""
+        idle = [s for s in self._slots if not s.busy and s.child is not None]
+        children = [s.child for s in idle if s.child is not None]
+        for slot in idle:
+            self._retire(slot)
+        for child in children:
+            await self._await_exit(child)
+        return bool(children)
+
     async def _await_exit(self, child: _Child) -> dict[str, Any]:
         try:
             return await asyncio.wait_for(asyncio.shield(child.exit), self.config.kill_timeout_s)
@@ -640,6 +803,7 @@ class Sandbox:
             # The fork-server did not confirm: it is wedged. Restart it (which kills every
             # process of the sandbox) rather than trust it again.
             log.error("sandbox fork-server did not reap child %s; restarting it", child.id)
+            self.stats["reap_timeouts"] += 1
             await self._stop_server()
             return {"op": "exit", "id": child.id, "lost": True}
 

@@ -58,8 +58,16 @@ class SandboxConfig:
     Parameters:
         locked: children get limits, uid drop and private ``/tmp`` (False only for
             ``AP_EXECUTION_MODE=UNSANDBOXED``).
-        launcher: ``auto`` (bwrap, then unshare, then direct) or one of those names.
-        require_network_isolation: refuse to start without it (external servers).
+        launcher: ``auto`` (bwrap, then unshare, then direct) or one of those names; tests
+            force a fallback with it (or with a ``PATH`` that has no ``bwrap``).
+        require_network_isolation: refuse to start without it.
+        require_full_isolation: refuse to start with anything less than bubblewrap's full
+            isolation (production roles, unless ``AP_SANDBOX_ALLOW_PARTIAL_ISOLATION``).
+        refuse_unsafe: start, but refuse every code step, when even the safe partial mode
+            (the ``unshare`` fallback) is impossible (the embedded default).
+        cgroups: a cgroup per child where the host lets us write one (else rlimits only).
+        hide: host directories children of a fallback launcher must not see (the config
+            directory: embedded servers' data, sockets, keys).
         slots: concurrent executions (``AP_WORKER_CONCURRENCY``).
         limits: per-child limits, see :class:`~conveyor.sandbox.limits.Limits`.
         max_timeout_s: upper bound for any ``timeout_s`` (``AP_FLOW_TIMEOUT_SECONDS``).
@@ -88,6 +96,10 @@ class SandboxConfig:
     locked: bool = True
     launcher: str = "auto"
     require_network_isolation: bool = False
+    require_full_isolation: bool = False
+    refuse_unsafe: bool = False
+    cgroups: bool = True
+    hide: tuple[str, ...] = ()
     slots: int = 1
     limits: Limits = dataclasses.field(default_factory=Limits)
     max_timeout_s: float = 600.0
@@ -108,6 +120,9 @@ class SandboxConfig:
     def from_settings(cls, settings: Settings, **overrides: Any) -> SandboxConfig:
         locked = settings.execution_mode is not ExecutionMode.UNSANDBOXED
         embedded = settings.embedded_redis and settings.embedded_postgres
+        # Production roles (external servers) need bubblewrap; the embedded default may use
+        # the safe fallback. AP_SANDBOX_ALLOW_PARTIAL_ISOLATION accepts whatever is there.
+        strict = locked and not settings.sandbox_allow_partial_isolation
         limits = Limits(
             memory_kb=settings.sandbox_memory_limit_kb,
             cpu_s=max(settings.flow_timeout_seconds, 1),
@@ -121,7 +136,10 @@ class SandboxConfig:
             "locked": locked,
             "per_run": per_run,
             "launcher": "auto" if locked else "direct",
-            "require_network_isolation": locked and not embedded,
+            "require_network_isolation": strict and not embedded,
+            "require_full_isolation": strict and not embedded,
+            "refuse_unsafe": strict and embedded,
+            "hide": (str(settings.config_path),),
             "slots": settings.worker_concurrency,
             "limits": limits,
             "max_timeout_s": float(settings.flow_timeout_seconds),

@@ -36,6 +36,7 @@ from typing import Any, NoReturn
 import orjson
 
 from conveyor.sandbox import limits as lim
+from conveyor.sandbox.cgroups import ChildCgroups
 from conveyor.sandbox.child import fallback_tmp, lock_down, serve
 from conveyor.sandbox.protocol import BlockingReader, ProtocolError, send_frame
 
@@ -50,10 +51,16 @@ class ForkServer:
         self.ctl = ctl
         self.config = config
         self.pid = os.getpid()
-        # pid -> [execution id, killed-by-worker, uid or None]
+        # pid -> [execution id, killed-by-worker, uid or None, cgroup dirs or None]
         self.children: dict[int, list[Any]] = {}
         self._exited: list[dict[str, Any]] = []
         self._dirty_uids: list[int] = []
+        # Cgroups of dead children not yet empty: (dirs, uid held until they are removed).
+        self._pending_cgroups: list[tuple[dict[str, str], int | None]] = []
+        cg = config.get("cgroup") or None
+        self.cgroups = ChildCgroups(cg["version"], cg["dirs"]) if cg else None
+        #: How the child's mount namespace hides the host (launchers without bubblewrap).
+        self.view: dict[str, Any] | None = config.get("view") or None
         base = int(config.get("uid_base", 60_000))
         self._free_uids = list(range(base + int(config.get("uid_count", 1000)) - 1, base - 1, -1))
         self._pid_namespace = False
@@ -78,14 +85,21 @@ class ForkServer:
         except OSError:
             interfaces = []
         uid = int(self.config.get("probe_uid", 65_000))
+        cgroup_ok = self._probe_cgroups()
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                lim.private_tmp(os.getuid(), lim.Limits(tmp_kb=1024), network=False)
-                code |= 1
+                lim.private_tmp(os.getuid(), lim.Limits(tmp_kb=1024), network=True, view=self.view)
+                code |= 1 | 8
             except BaseException:
-                pass
+                try:
+                    lim.private_tmp(
+                        os.getuid(), lim.Limits(tmp_kb=1024), network=False, view=self.view
+                    )
+                    code |= 1
+                except BaseException:
+                    pass
             try:
                 lim.unshare(lim.CLONE_NEWPID)
                 code |= 4
@@ -106,10 +120,50 @@ class ForkServer:
             "pid": self.pid,
             "pid_namespace": self.pid <= 2,  # bwrap runs us as 2, unshare as 1
             "private_tmp": bool(bits & 1),
+            "host_view_hardened": bool(bits & 1) and self.view is not None,
             "uid_drop": bool(bits & 2),
             "child_pid_namespace": bool(bits & 4),
+            "child_network_namespace": bool(bits & 8),
+            "cgroup": self.cgroups.version if cgroup_ok and self.cgroups else None,
+            "uids": len(self._free_uids),
             "root": os.geteuid() == 0,
         }
+
+    def _probe_cgroups(self) -> bool:
+        """Make, join and remove one child cgroup; on any failure run without cgroups."""
+        if self.cgroups is None:
+            return False
+        try:
+            made = self.cgroups.create("probe", 65_536, 8)
+        except OSError as exc:
+            self._complain(f"cgroups unusable, limits fall back to rlimits: {exc}")
+            self.cgroups = None
+            return False
+        hold_r, hold_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(hold_w)
+            os.read(hold_r, 1)  # until the parent is done with us
+            os._exit(0)
+        os.close(hold_r)
+        try:
+            self.cgroups.attach(made, pid)
+            ok = self.cgroups.procs(made) == [pid]
+        except OSError as exc:
+            self._complain(f"cannot join a child cgroup, limits fall back to rlimits: {exc}")
+            ok = False
+        os.close(hold_w)
+        os.waitpid(pid, 0)
+        if not self.cgroups.retire(made, 1.0):
+            ok = False
+        if not ok:
+            self.cgroups = None
+        return ok
+
+    @staticmethod
+    def _complain(text: str) -> None:
+        with contextlib.suppress(OSError):
+            os.write(2, f"conveyor sandbox: {text}\n".encode())
 
     # ------------------------------------------------------------------ loop
     def run(self) -> NoReturn:
@@ -132,7 +186,11 @@ class ForkServer:
         sel.register(self.ctl, selectors.EVENT_READ, "ctl")
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         while True:
-            for key, _ in sel.select():
+            # Cgroups of dead children that were not empty yet are retried every few ms.
+            events = sel.select(0.005 if self._pending_cgroups else None)
+            if not events and self._pending_cgroups:
+                self.reap()
+            for key, _ in events:
                 if key.data == "wake":
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
@@ -157,22 +215,47 @@ class ForkServer:
         op = msg.get("op")
         if op == "spawn":
             self.spawn(msg)
-        elif op == "kill":
+        elif op in ("kill", "retire"):
+            # "kill": wall time is up (reported as killed); "retire": the worker is done
+            # with the child. Either way nothing is asked of the child: SIGKILL, and its
+            # tree follows when it is reaped (cgroup, PID namespace or uid sweep).
             for pid, info in self.children.items():
                 if info[0] == msg["id"]:
-                    info[1] = True
+                    info[1] = info[1] or op == "kill"
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
         elif op == "shutdown":
             self.shutdown()
+
+    def _refuse(self, cid: Any, reason: str) -> None:
+        send_frame(
+            self.ctl,
+            {
+                "op": "exit",
+                "id": cid,
+                "lost": True,
+                "code": None,
+                "reason": reason,
+                "free": len(self._free_uids),
+            },
+        )
 
     def spawn(self, msg: dict[str, Any]) -> None:
         limits = lim.Limits.from_wire(msg.get("limits") or {})
         locked = bool(msg.get("locked", True))
         uid = self._free_uids.pop() if msg.get("drop_uid") and self._free_uids else None
         if msg.get("drop_uid") and uid is None:
-            send_frame(self.ctl, {"op": "exit", "id": msg["id"], "lost": True, "code": None})
+            self._refuse(msg["id"], "capacity: no free sandbox uid")
             return
+        made: dict[str, str] | None = None
+        if self.cgroups is not None and locked:
+            try:
+                made = self.cgroups.create(f"c{msg['id']}", limits.memory_kb, limits.nproc)
+            except OSError as exc:
+                if uid is not None:
+                    self._free_uids.append(uid)
+                self._refuse(msg["id"], f"cgroup: {exc}")
+                return
         pidns = bool(msg.get("pidns"))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         if pidns:
@@ -187,14 +270,24 @@ class ForkServer:
             try:
                 # Detach (not close) so no finaliser can later close a reused descriptor.
                 os.close(ours.detach())
-                fd = lock_down(theirs.detach(), uid, limits, locked=locked, own_pidns=pidns)
+                fd = lock_down(
+                    theirs.detach(), uid, limits, locked=locked, own_pidns=pidns, view=self.view
+                )
             except BaseException as exc:
                 with contextlib.suppress(BaseException):
                     os.write(2, f"conveyor sandbox: lock-down failed: {exc!r}\n".encode())
                 os._exit(LOCKDOWN_FAILED)
             serve(fd, limits, locked=locked, own_pidns=pidns)
         theirs.close()
-        self.children[pid] = [msg["id"], False, uid]
+        self.children[pid] = [msg["id"], False, uid, made]
+        if made is not None:
+            # Before the worker has the child's socket, so before any user code runs.
+            try:
+                ChildCgroups.attach(made, pid)
+            except OSError as exc:
+                self._complain(f"cannot move child {pid} into its cgroup: {exc}")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         try:
             send_frame(
                 self.ctl, {"op": "spawned", "id": msg["id"], "pid": pid, "fds": 1}, [ours.fileno()]
@@ -214,7 +307,14 @@ class ForkServer:
         private = fallback_tmp(self.pid, pid)
         if os.path.isdir(private):
             shutil.rmtree(private, ignore_errors=True)
-        if info[2] is not None:
+        made: dict[str, str] | None = info[3]
+        oom = False
+        if made is not None and self.cgroups is not None:
+            oom = self.cgroups.oom_killed(made)
+            # Whatever the child left in its cgroup dies now; its uid is given back only
+            # once the cgroup is empty and removed (see reap).
+            self._pending_cgroups.append((made, info[2]))
+        elif info[2] is not None:
             self._dirty_uids.append(info[2])
         self._exited.append(
             {
@@ -225,40 +325,63 @@ class ForkServer:
                 "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
                 "cpu_s": usage.ru_utime + usage.ru_stime,
                 "killed": info[1],
+                "oom": oom,
             }
         )
 
-    def reap(self) -> None:
-        """Collect exited children; report them only once nothing of their trees is left."""
+    def _collect(self) -> None:
         while True:
             try:
                 pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
-                break
+                return
             if pid == 0:
-                break
+                return
             self._record(pid, status, usage)
-        if not self._exited:
+
+    def reap(self) -> None:
+        """Collect exited children; report them only once nothing of their trees is left."""
+        self._collect()
+        if self._pending_cgroups and self.cgroups is not None:
+            for _ in range(3):
+                still: list[tuple[dict[str, str], int | None]] = []
+                for made, uid in self._pending_cgroups:
+                    self.cgroups.kill(made)
+                    self._collect()  # killed processes re-parent to us: reap the zombies
+                    if ChildCgroups.remove(made):
+                        if uid is not None:
+                            self._dirty_uids.append(uid)
+                    else:
+                        still.append((made, uid))
+                self._pending_cgroups = still
+                if not still:
+                    break
+        if not self._exited and not self._dirty_uids:
             return
         live = frozenset(self.children)
         # Every process of a dead child's tree is now our child or below one; with none of
         # those there is nothing to sweep (the common case: a recycled child exiting).
+        quarantined: set[int] = set()
         if any(p not in live for p in lim.children_of(self.pid)):
             if self._pid_namespace:
                 for uid in self._dirty_uids:
-                    self._sweep_uid(uid)
+                    if not self._sweep_uid(uid):
+                        quarantined.add(uid)
+                        self._complain(f"uid {uid} still has processes; kept out of the pool")
             lim.kill_children(self.pid, keep=frozenset(self.children))
-        self._free_uids.extend(self._dirty_uids)
+        self._free_uids.extend(u for u in self._dirty_uids if u not in quarantined)
         self._dirty_uids.clear()
         exited, self._exited = self._exited, []
         try:
             for event in exited:
+                event["free"] = len(self._free_uids)
                 send_frame(self.ctl, event)
         except OSError:
             self.shutdown()  # the worker is gone
 
-    def _sweep_uid(self, uid: int) -> None:
-        """Kill every process of ``uid`` in our PID namespace, atomically per pass."""
+    def _sweep_uid(self, uid: int) -> bool:
+        """Kill every process of ``uid`` in our PID namespace, atomically per pass; whether
+        the uid is empty afterwards."""
         helper = os.fork()
         if helper == 0:
             try:
@@ -282,9 +405,9 @@ class ForkServer:
             try:
                 pid, status, usage = os.wait4(-1, 0)
             except ChildProcessError:
-                return
+                return False
             if pid == helper:
-                return
+                return os.waitstatus_to_exitcode(status) == 0
             self._record(pid, status, usage)
 
     def shutdown(self) -> NoReturn:
@@ -299,6 +422,9 @@ class ForkServer:
             except ChildProcessError:
                 break
             self._record(pid, status, usage)
+        if self.cgroups is not None:
+            for made, _uid in self._pending_cgroups:
+                self.cgroups.retire(made, 1.0)
         os._exit(0)
 
 

@@ -2,13 +2,15 @@
 
 Launchers are tried strongest first: **bubblewrap** (network, PID, IPC and UTS namespaces,
 a read-only private filesystem view holding only ``/usr``, the Python install and the
-``conveyor`` package), then **unshare** (network and PID namespaces, host filesystem), then
-**direct** (rlimits, uid and private ``/tmp`` only). What is in force is not assumed from the
-launcher: the fork-server probes it from inside (interfaces, pid, whether it can mount and
-drop uid) and :func:`assess` turns that probe into the ``{"isolation", "mechanism"}`` report.
-With external Redis/PostgreSQL a ``SANDBOX_*`` mode without network isolation refuses to
-start (:class:`SandboxUnavailable` names the missing piece and the fix); in the embedded
-default the worker starts anyway with a loud warning and ``isolation: partial``.
+``conveyor`` package), then **unshare** (network and PID namespaces; the host's filesystem,
+made read-only in every child's mount namespace, with private tmpfs over the world-writable
+directories and ``/run``, and the host's unix sockets masked — see :func:`host_view`), then
+**direct** (rlimits, uid and private ``/tmp``; the network is reachable). What is in force is
+not assumed from the launcher: the fork-server probes it from inside (interfaces, pid,
+whether it can mount, drop uid, and give a child its own network namespace) and
+:func:`assess` turns that probe into the report. Whether code steps may run with what was
+found is the policy of :class:`~conveyor.sandbox.config.SandboxConfig` (see
+``docs/configuration.md``, ``AP_SANDBOX_ALLOW_PARTIAL_ISOLATION``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,33 @@ PACKAGE_ROOT = "/opt/conveyor"
 #: Capabilities the fork-server keeps inside bubblewrap (when started as root): mounting
 #: each child's private /tmp, dropping to each child's uid, killing children of other uids.
 #: Children lose them all at the uid drop.
-_CAPS = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN")
+#: CAP_NET_ADMIN brings up ``lo`` in each child's own network namespace; CAP_DAC_OVERRIDE
+#: lets it write the children's cgroup files.
+_CAPS = (
+    "CAP_SYS_ADMIN",
+    "CAP_SETUID",
+    "CAP_SETGID",
+    "CAP_KILL",
+    "CAP_CHOWN",
+    "CAP_NET_ADMIN",
+    "CAP_DAC_OVERRIDE",
+)
+#: Where bubblewrap binds the sandbox's cgroup directories: under ``/tmp``, which every
+#: child's private ``/tmp`` covers, so no step sees them.
+CGROUP_VIEW = "/tmp/.conveyor-cgroup"
+#: Directories the host lets anyone write to (where present): each child gets a private
+#: tmpfs over them; everything else of the host is read-only to it.
+WORLD_WRITABLE = (
+    "/tmp",
+    "/var/tmp",
+    "/dev/shm",
+    "/dev/mqueue",
+    "/run/lock",
+    "/run/shm",
+    "/var/lock",
+    "/var/crash",
+    "/var/metrics",
+)
 
 
 class Isolation(enum.StrEnum):
@@ -61,6 +89,9 @@ class IsolationReport:
     isolation: Isolation
     mechanism: str
     network_isolated: bool = False
+    #: Partial, but without a way out: no network, nothing written outlives the step, the
+    #: host's services and processes out of reach (the ``unshare`` fallback).
+    safe: bool = False
 
     def as_dict(self) -> dict[str, str]:
         return {"isolation": str(self.isolation), "mechanism": self.mechanism}
@@ -87,7 +118,20 @@ def python_paths() -> list[str]:
     return out
 
 
-def bwrap_launcher(bwrap: str) -> Launcher:
+def cgroup_binds(dirs: dict[str, str]) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """``(host, inside)`` bind pairs for bubblewrap and ``role -> inside path``."""
+    inside: dict[str, str] = {}
+    binds: list[tuple[str, str]] = []
+    for role, host in dirs.items():
+        known = next((dest for src, dest in binds if src == host), None)
+        if known is None:
+            known = f"{CGROUP_VIEW}/{len(binds)}"
+            binds.append((host, known))
+        inside[role] = known
+    return binds, inside
+
+
+def bwrap_launcher(bwrap: str, cgroup_dirs: dict[str, str] | None = None) -> Launcher:
     """bubblewrap argv: no network, own PID namespace, a read-only view of what Python needs.
 
     ``/root`` (0700 on the host) is never bound; when the Python install lives under it,
@@ -115,7 +159,7 @@ def bwrap_launcher(bwrap: str) -> Launcher:
         # CAP_SYS_ADMIN, enough for each child's private /tmp and PID namespace (a uid per
         # child is impossible: the namespace maps one uid). Children drop it (capset).
         argv += ["--unshare-user", "--uid", "0", "--gid", "0", "--cap-drop", "ALL"]
-        argv += ["--cap-add", "CAP_SYS_ADMIN"]
+        argv += ["--cap-add", "CAP_SYS_ADMIN", "--cap-add", "CAP_NET_ADMIN"]
     argv += ["--ro-bind", "/usr", "/usr"]
     for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         host = f"/{top}"
@@ -139,6 +183,10 @@ def bwrap_launcher(bwrap: str) -> Launcher:
     for src, dest in binds:
         argv += ["--ro-bind", src, dest]
         made.add(dest)
+    # The only writable host paths: the sandbox's own cgroup directories, for the
+    # fork-server (children cannot reach them, see CGROUP_VIEW).
+    for src, dest in cgroup_binds(cgroup_dirs or {})[0]:
+        argv += ["--bind", src, dest]
     argv += ["--chdir", "/tmp", "--"]
     return Launcher("bwrap", tuple(argv), PACKAGE_ROOT)
 
@@ -155,18 +203,65 @@ def direct_launcher() -> Launcher:
     return Launcher("direct", (), str(package_dir().parent))
 
 
-def launchers(preference: str, bwrap_path: str | None = None) -> list[Launcher]:
+def launchers(
+    preference: str, bwrap_path: str | None = None, cgroup_dirs: dict[str, str] | None = None
+) -> list[Launcher]:
     """Candidates in order for ``preference`` = ``auto`` | ``bwrap`` | ``unshare`` | ``direct``."""
     bwrap = bwrap_path or shutil.which("bwrap")
     unshare = shutil.which("unshare")
     out: list[Launcher] = []
     if preference in ("auto", "bwrap") and bwrap:
-        out.append(bwrap_launcher(bwrap))
+        out.append(bwrap_launcher(bwrap, cgroup_dirs))
     if preference in ("auto", "unshare") and unshare:
         out.append(unshare_launcher(unshare))
     if preference in ("auto", "direct"):
         out.append(direct_launcher())
     return out
+
+
+def _listening_unix_sockets() -> list[str]:
+    """Paths of the unix sockets listening on this host (as seen from the worker)."""
+    out: set[str] = set()
+    try:
+        with open("/proc/net/unix") as fh:
+            next(fh, None)
+            for line in fh:
+                parts = line.split()
+                # Num RefCount Protocol Flags Type St Inode Path; flag 0x10000 = listening
+                if len(parts) >= 8 and int(parts[3], 16) & 0x10000 and parts[7][:1] == "/":
+                    out.add(parts[7])
+    except OSError:
+        pass
+    return sorted(out)
+
+
+def host_view(hide: tuple[str, ...] = ()) -> dict[str, Any]:
+    """How a child without bubblewrap hides the host (see ``limits.private_tmp``).
+
+    ``tmpfs``: the world-writable directories and ``/run`` (its service sockets and pid
+    files); ``hide``: ``hide`` (the config directory with the embedded servers' data,
+    sockets and keys) and the cgroup tree; ``sockets``: every other unix socket this host
+    listens on, masked with ``/dev/null``.
+    """
+    tmpfs = ["/run"]
+    for path in WORLD_WRITABLE:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path) and st.st_mode & 0o002:
+            tmpfs.append(path)
+    needed = [str(package_dir()), *python_paths()]
+    hidden = [
+        p
+        for p in (*hide, "/sys/fs/cgroup")
+        if p and os.path.isdir(p) and not any(n == p or n.startswith(p + "/") for n in needed)
+    ]
+    return {
+        "tmpfs": sorted(set(tmpfs)),
+        "hide": sorted(set(hidden)),
+        "sockets": _listening_unix_sockets(),
+    }
 
 
 def assess(
@@ -189,6 +284,10 @@ def assess(
         parts.append("pid namespace")
     if launcher == "bwrap":
         parts.append("read-only private filesystem")
+    elif probe.get("host_view_hardened"):
+        parts.append("read-only host filesystem, private tmpfs over world-writable directories")
+    if probe.get("child_network_namespace"):
+        parts.append("per-child network namespace")
     if probe.get("uid_drop"):
         parts.append("per-child uid")
     if child_pidns:
@@ -205,16 +304,32 @@ def assess(
         and (bool(probe.get("uid_drop")) or child_pidns)
         and bool(probe.get("private_tmp"))
     )
+    safe = full or (
+        launcher == "unshare"
+        and net
+        and bool(probe.get("pid_namespace"))
+        and bool(probe.get("host_view_hardened"))
+        and bool(probe.get("child_network_namespace"))
+    )
     level = Isolation.FULL if full else Isolation.PARTIAL
-    return IsolationReport(level, ", ".join(parts), net)
+    return IsolationReport(level, ", ".join(parts), net, safe)
 
 
-def missing_isolation_error(tried: list[str]) -> SandboxUnavailable:
-    """The message for a production deploy that cannot isolate the network of code steps."""
+#: How to get full isolation, or accept less: the tail of every refusal.
+FIX = (
+    "Fix: install bubblewrap (apt-get install bubblewrap; in containers allow user "
+    "namespaces or grant CAP_SYS_ADMIN, see configs/); or accept the risk explicitly with "
+    "AP_SANDBOX_ALLOW_PARTIAL_ISOLATION=true (code steps in the partial sandbox) or "
+    "AP_EXECUTION_MODE=UNSANDBOXED (no sandbox at all)."
+)
+
+
+def missing_isolation_error(
+    tried: list[str], what: str = "cut their network off"
+) -> SandboxUnavailable:
+    """The message for a production deploy that cannot isolate code steps."""
     why = "; ".join(tried) if tried else "no launcher available"
     return SandboxUnavailable(
-        "AP_EXECUTION_MODE runs code steps sandboxed, but this host cannot cut their network "
-        f"off ({why}). With external Redis/PostgreSQL a step could reach them. Fix: install "
-        "bubblewrap (apt-get install bubblewrap; in containers allow user namespaces or grant "
-        "CAP_SYS_ADMIN, see configs/), or set AP_EXECUTION_MODE=UNSANDBOXED to accept the risk."
+        f"AP_EXECUTION_MODE runs code steps sandboxed, but this host cannot {what} ({why}). "
+        f"With external Redis/PostgreSQL a step could reach them. {FIX}"
     )

@@ -31,11 +31,18 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWIPC = 0x08000000
 _CAP_VERSION_3 = 0x20080522
+MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
+MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+_MOUNT_ATTR_RDONLY = 0x1
+_AT_FDCWD = -100
+_AT_RECURSIVE = 0x8000
+#: mount_setattr(2): the same number on x86_64 and aarch64 (the generic syscall table).
+_SYS_MOUNT_SETATTR = 442
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -67,7 +74,7 @@ class Limits:
     log_bytes: int = 1 << 20
     output_bytes: int = 16 << 20
     code_cache: int = 1000
-    network_namespace: bool = False
+    network_namespace: bool = True
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,26 +121,84 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str | 
     )
 
 
-def private_tmp(uid: int, limits: Limits, *, network: bool) -> None:
+def private_tmp(
+    uid: int,
+    limits: Limits,
+    *,
+    network: bool,
+    view: dict[str, Any] | None = None,
+    own_pidns: bool = False,
+) -> None:
     """Mount and IPC namespaces of the child's own, fresh tmpfs on ``/tmp`` and ``/dev/shm``.
 
     Files one step leaves there vanish with the child, and no two children (of any flow)
     share a writable directory. Requires ``CAP_SYS_ADMIN``, which the fork-server holds
     inside bubblewrap and drops for the child right after.
+
+    ``view`` is for launchers without bubblewrap, where the child would otherwise see the
+    host's filesystem: the whole tree is made read-only (``mount_setattr``, recursive),
+    each of ``view["tmpfs"]`` (the host's world-writable directories: ``/var/tmp``,
+    ``/run/lock``, …) gets a private tmpfs, each of ``view["hide"]`` (``/run`` with the
+    host's service sockets, the config directory) an empty read-only tmpfs, each socket of
+    ``view["sockets"]`` (unix sockets the host listens on elsewhere) ``/dev/null`` bound
+    over it, and — in a PID namespace of its own — ``/proc`` is mounted afresh, so the
+    host's processes are not listed.
     """
     # Own SysV IPC / POSIX mqueue namespace too: shared-memory segments would otherwise
     # outlive the child and be readable by whichever flow gets its uid next.
     unshare(CLONE_NEWNS | CLONE_NEWIPC | (CLONE_NEWNET if network else 0))
     # Without MS_PRIVATE our mounts could propagate back into the fork-server's view.
     mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+    if view is not None:
+        _read_only_tree("/")
     opts = f"size={limits.tmp_kb}k,nr_inodes=4096,mode=0700,uid={uid},gid={uid}"
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
     if os.path.isdir("/dev/shm"):
         mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+    if view is not None:
+        _hide_host(uid, limits, view, own_pidns=own_pidns)
     if network:
         # A new network namespace starts with ``lo`` down; up it so loopback inside the
         # step behaves normally (and still reaches nothing but the step itself).
         _loopback_up()
+
+
+def _read_only_tree(path: str) -> None:
+    class _Attr(ctypes.Structure):
+        _fields_ = (
+            ("attr_set", ctypes.c_uint64),
+            ("attr_clr", ctypes.c_uint64),
+            ("propagation", ctypes.c_uint64),
+            ("userns_fd", ctypes.c_uint64),
+        )
+
+    attr = _Attr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+    ret = _libc.syscall(
+        _SYS_MOUNT_SETATTR,
+        _AT_FDCWD,
+        path.encode(),
+        _AT_RECURSIVE,
+        ctypes.byref(attr),
+        ctypes.sizeof(attr),
+    )
+    _check(ret, f"mount_setattr {path} read-only")
+
+
+def _hide_host(uid: int, limits: Limits, view: dict[str, Any], *, own_pidns: bool) -> None:
+    opts = f"size={limits.tmp_kb}k,nr_inodes=4096,mode=0700,uid={uid},gid={uid}"
+    for path in view.get("tmpfs") or ():
+        if os.path.isdir(path) and not os.path.islink(path) and path not in ("/tmp", "/dev/shm"):
+            mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+    for path in view.get("hide") or ():
+        if os.path.isdir(path) and not os.path.islink(path):
+            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
+    for path in view.get("sockets") or ():
+        with contextlib.suppress(OSError):  # gone, or under a directory hidden above
+            if os.path.exists(path) and not os.path.isdir(path):
+                mount("/dev/null", path, None, MS_BIND, None)
+    if own_pidns:
+        # We are init of a new PID namespace: a fresh /proc lists only our own processes.
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
 
 
 def _loopback_up() -> None:

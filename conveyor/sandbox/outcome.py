@@ -51,6 +51,12 @@ def explain_exit(event: dict[str, Any], limits: Limits, limit_s: float) -> tuple
     cpu = float(event.get("cpu_s") or 0.0)
     if event.get("killed"):
         return "TIMEOUT", f"step exceeded its time limit of {limit_s:g} s"
+    if event.get("oom"):
+        return (
+            "MEMORY_LIMIT_EXCEEDED",
+            f"the step's processes used more than {limits.memory_kb} KiB together "
+            "(killed by the kernel at the step's memory limit)",
+        )
     if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= limits.cpu_s):
         return "TIMEOUT", f"step exceeded its CPU time limit of {limits.cpu_s} s"
     if sig in (signal.SIGKILL, signal.SIGABRT):

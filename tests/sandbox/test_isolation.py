@@ -55,7 +55,7 @@ def test_not_root_uses_a_user_namespace_and_per_child_pid_namespaces(
     argv = bwrap_launcher("/usr/bin/bwrap").argv
     assert "--unshare-user" in argv
     caps = [argv[i + 1] for i, a in enumerate(argv) if a == "--cap-add"]
-    assert caps == ["CAP_SYS_ADMIN"]
+    assert caps == ["CAP_SYS_ADMIN", "CAP_NET_ADMIN"]
     probe = {**FULL_PROBE, "uid_drop": False}
     assert assess("bwrap", probe, locked=True).isolation is Isolation.PARTIAL
     report = assess("bwrap", probe, locked=True, child_pidns=True)
