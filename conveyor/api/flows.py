@@ -1,11 +1,15 @@
 """``/api/v1/flows``: create, list, read, update (new version), delete, enable, disable, run.
 
 Documents come as JSON or, with ``Content-Type: application/yaml``, YAML; they are validated
-completely before anything is saved (422 ``FLOW_INVALID`` with every problem's path).
+completely before anything is saved (422 ``FLOW_INVALID`` with every problem's path). Parsing
+and validation (YAML, compiling code steps) run in a thread, off the event loop, within
+:data:`MAX_DOCUMENT_BYTES` and :data:`PARSE_TIMEOUT_S`, so no document can stall health
+checks, webhooks or the worker sharing the process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -24,6 +28,10 @@ from conveyor.store import runs as run_store
 from conveyor.store.flows import FlowRecord
 
 MAX_PAGE = 200
+#: A flow document's size cap (code steps may hold up to a million characters of source).
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+#: Wall time allowed to parse and validate one document.
+PARSE_TIMEOUT_S = 10.0
 
 
 def flow_id_of(request: web.Request) -> uuid.UUID:
@@ -80,13 +88,33 @@ def flow_json(request: web.Request, flow: FlowRecord) -> dict[str, Any]:
     }
 
 
+def _parse(raw: bytes, content_type: str | None) -> dict[str, Any]:
+    try:
+        return parse_flow(load_document(raw, content_type)).to_document()
+    except RecursionError:
+        raise FlowInvalid([{"path": "", "message": "document nested too deeply"}]) from None
+
+
 async def _document(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    if request.content_length is not None and request.content_length > MAX_DOCUMENT_BYTES:
+        raise _too_large()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_DOCUMENT_BYTES:
+            raise _too_large()
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw:
         raise ApiError(400, "BAD_REQUEST", "request body must be a flow document")
     try:
-        doc = load_document(raw, request.headers.get("Content-Type"))
-        flow = parse_flow(doc)
+        # A thread, not the loop: YAML and code compilation are CPU work. A thread cannot
+        # be killed, but the caps in load_document bound what it can be made to do.
+        return await asyncio.wait_for(
+            asyncio.to_thread(_parse, raw, request.headers.get("Content-Type")),
+            PARSE_TIMEOUT_S,
+        )
     except FlowInvalid as exc:
         raise ApiError(
             422,
@@ -94,7 +122,16 @@ async def _document(request: web.Request) -> dict[str, Any]:
             exc.message,
             details=[{"path": d["path"], "message": d["message"]} for d in exc.details],
         ) from None
-    return flow.to_document()
+    except TimeoutError:
+        raise ApiError(
+            422, "FLOW_INVALID", f"document took longer than {PARSE_TIMEOUT_S:g} s to parse"
+        ) from None
+
+
+def _too_large() -> ApiError:
+    return ApiError(
+        413, "PAYLOAD_TOO_LARGE", f"flow documents are limited to {MAX_DOCUMENT_BYTES} bytes"
+    )
 
 
 async def create_flow(request: web.Request) -> web.Response:
@@ -106,6 +143,8 @@ async def create_flow(request: web.Request) -> web.Response:
 async def list_flows(request: web.Request) -> web.Response:
     """Flows, newest first; ``?name=`` finds one flow by its exact name."""
     if (name := request.query.get("name")) is not None:
+        if "\x00" in name:
+            raise ApiError(422, "UNPROCESSABLE", "name may not contain a NUL character")
         found_one = await flow_store.get_flow_by_name(request.app[DB], name)
         data = [flow_json(request, found_one)] if found_one else []
         return json_response({"data": data, "next_cursor": None})

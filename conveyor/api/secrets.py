@@ -10,12 +10,12 @@ from conveyor.api.errors import ApiError, json_response
 from conveyor.api.keys import DB, SECRET_BOX
 from conveyor.store import secrets as secret_store
 
-NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 
 
 def _name(request: web.Request) -> str:
     name = request.match_info["name"]
-    if not NAME.match(name):
+    if not NAME.match(name):  # \Z, not $: "A\n" is not a name
         raise ApiError(400, "BAD_REQUEST", "secret names match [A-Za-z_][A-Za-z0-9_]*")
     return name
 

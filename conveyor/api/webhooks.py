@@ -13,18 +13,32 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
+import time
 import uuid
 from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
+from redis.exceptions import RedisError
 
+from conveyor.api import payloads
 from conveyor.api.errors import ApiError, json_response
-from conveyor.api.keys import DB, PRODUCER, REGISTRY, REPLIES, RUN_WRITER, SECRET_BOX, SETTINGS
+from conveyor.api.keys import (
+    DB,
+    PRODUCER,
+    REDIS,
+    REGISTRY,
+    REPLIES,
+    RUN_WRITER,
+    SECRET_BOX,
+    SETTINGS,
+)
 from conveyor.engine.status import TERMINAL, RunStatus
 from conveyor.ids import uuid7
 from conveyor.queue import QueueFull, QueueName, QueueUnavailable
+from conveyor.queue import keys as queue_keys
 from conveyor.store import runs as run_store
 from conveyor.store.secrets import load_secrets
 
@@ -33,6 +47,14 @@ log = structlog.get_logger(__name__)
 #: Triggers smaller than this travel inside the job, saving the worker a read.
 INLINE_TRIGGER_BYTES = 16 * 1024
 SIGNATURE_HEADER = "X-Conveyor-Signature"
+#: How far a signature's timestamp may be from our clock, either way.
+SIGNATURE_TOLERANCE_S = 300
+_SIGNATURE_HELP = (
+    f"{SIGNATURE_HEADER} must be t=<unix seconds>,v1=<hex HMAC-SHA256 of "
+    '"<t>.<raw body>"> (see the README)'
+)
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+_MARKER = web.RequestKey("signature_marker", bytes)
 TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
 
@@ -64,36 +86,142 @@ def _too_large(limit: int) -> ApiError:
 
 
 def trigger_payload(request: web.Request, raw: bytes) -> dict[str, Any]:
-    """``{method, headers, query, body}``: JSON parsed when declared and valid, else text."""
+    """``{method, headers, query, body}``: JSON parsed when declared, valid and storable,
+    else text; sensitive headers redacted (:mod:`conveyor.api.payloads`)."""
     body: Any = None
     if raw:
         if "json" in request.content_type:
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                # Senders send what they send: keep the text rather than refuse the webhook.
-                body = raw.decode("utf-8", errors="replace")
+            body = payloads.json_body(raw)
         else:
             body = raw.decode("utf-8", errors="replace")
     return {
         "method": request.method,
-        "headers": {k.lower(): v for k, v in request.headers.items()},
+        "headers": payloads.headers(request.headers.items()),
         "query": dict(request.query),
         "body": body,
     }
 
 
-async def _check_signature(request: web.Request, secret_name: str, raw: bytes) -> None:
+def _sign(secret: str, timestamp: str, raw: bytes) -> str:
+    mac = hmac.new(secret.encode(), timestamp.encode() + b".", hashlib.sha256)
+    mac.update(raw)
+    return mac.hexdigest()
+
+
+async def _check_signature(
+    request: web.Request, flow_id: uuid.UUID, secret_name: str, raw: bytes
+) -> None:
+    """``t=<unix>,v1=<hex>`` within the tolerance, seen once; or, when allowed, the legacy
+    untimed ``sha256=<hex>``. Replays are refused with 409 (see :func:`_seen_once`)."""
     box = request.app[SECRET_BOX]
     values = await load_secrets(request.app[DB], box, [secret_name])
     secret = values.get(secret_name)
     if secret is None:
         raise ApiError(401, "SIGNATURE_INVALID", f"secret {secret_name!r} is not set")
-    given = request.headers.get(SIGNATURE_HEADER, "")
-    expected = "sha256=" + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    given = payloads.text(request.headers.get(SIGNATURE_HEADER, "")).strip()
+    if given.startswith("sha256="):
+        if not request.app[SETTINGS].webhook_legacy_signatures:
+            raise ApiError(
+                401,
+                "SIGNATURE_INVALID",
+                "untimed sha256= signatures are not accepted (AP_WEBHOOK_LEGACY_SIGNATURES); "
+                + _SIGNATURE_HELP,
+            )
+        expected = "sha256=" + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise ApiError(401, "SIGNATURE_INVALID", _SIGNATURE_HELP)
+        return
+    fields: dict[str, list[str]] = {}
+    for part in given.split(","):
+        key, _, value = part.strip().partition("=")
+        fields.setdefault(key, []).append(value)
+    stamp = (fields.get("t") or [""])[0]
+    if not stamp.isdigit() or len(stamp) > 12 or not fields.get("v1"):
         raise ApiError(
-            401, "SIGNATURE_INVALID", f"{SIGNATURE_HEADER} missing or not sha256=<HMAC of body>"
+            401, "SIGNATURE_INVALID", f"{SIGNATURE_HEADER} missing or malformed; " + _SIGNATURE_HELP
+        )
+    skew = int(stamp) - time.time()
+    if abs(skew) > SIGNATURE_TOLERANCE_S:
+        raise ApiError(
+            401,
+            "SIGNATURE_EXPIRED",
+            f"signature timestamp is more than {SIGNATURE_TOLERANCE_S} s from the server's "
+            "clock: sign each request when it is sent",
+        )
+    expected = _sign(secret, stamp, raw)
+    # Every candidate compared (a sender rotating secrets may send several v1 values).
+    ok = [hmac.compare_digest(v.encode(), expected.encode()) for v in fields["v1"]]
+    if not any(ok):
+        raise ApiError(401, "SIGNATURE_INVALID", _SIGNATURE_HELP)
+    await _seen_once(request, flow_id, expected, ttl_s=int(skew) + SIGNATURE_TOLERANCE_S + 1)
+
+
+async def _seen_once(request: web.Request, flow_id: uuid.UUID, digest: str, ttl_s: int) -> None:
+    """Record the signature until it expires; a second request with it is a replay (409).
+
+    The marker holds the request's Idempotency-Key: a sender retrying the *same* request
+    with the same key gets the idempotent answer instead of a 409. The marker is removed
+    again when the request is not accepted (:func:`_forget_signature`), so a sender may
+    retry a 429 or 503 with the same signature.
+    """
+    key = queue_keys.webhook_signature(str(flow_id), digest)
+    idem = request.headers.get("Idempotency-Key", "").encode("utf-8", "surrogateescape")
+    client = request.app[REDIS]
+    try:
+        fresh = await client.set(key, idem, nx=True, ex=max(1, ttl_s))
+        if not fresh:
+            held = await client.get(key)
+            if idem and held == idem:
+                return
+            raise ApiError(
+                409,
+                "SIGNATURE_REPLAYED",
+                "this signed request was already received; sign every request anew",
+            )
+    except RedisError:
+        raise ApiError(
+            503, "UNAVAILABLE", "Redis unavailable, retry later", headers={"Retry-After": "1"}
+        ) from None
+    request[_MARKER] = key
+
+
+async def _forget_signature(request: web.Request) -> None:
+    key = request.get(_MARKER)
+    if key is not None:
+        try:
+            await request.app[REDIS].delete(key)
+        except RedisError:
+            log.warning("could not release a webhook signature marker")
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    header_key = request.headers.get("Idempotency-Key")
+    if header_key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(header_key):
+        raise ApiError(
+            400, "BAD_REQUEST", "Idempotency-Key must be 1–255 printable ASCII characters"
+        )
+    return header_key
+
+
+def _canonical(body: Any) -> bytes:
+    # As stored: key order irrelevant, NUL replaced (conveyor.store.runs).
+    data = orjson.dumps(body, option=orjson.OPT_SORT_KEYS, default=str)
+    return data.replace(b"\\u0000", "\ufffd".encode())
+
+
+async def _same_request(request: web.Request, run_id: str, trigger: dict[str, Any]) -> None:
+    """Refuse (422) an Idempotency-Key reused for a different body."""
+    row = await run_store.get_run(request.app[DB], uuid.UUID(run_id))
+    first = row.get("trigger") or {}
+    if _canonical(first.get("body")) != _canonical(trigger["body"]):
+        raise ApiError(
+            422,
+            "IDEMPOTENCY_KEY_REUSED",
+            "this Idempotency-Key was already used for a request with a different body; "
+            "use a new key for a new request",
+            extra={"run_id": run_id},
         )
 
 
@@ -117,13 +245,16 @@ async def _accept(
     if head is None or not head.enabled:
         raise ApiError(404, "FLOW_NOT_FOUND", f"flow {flow_id} not found or disabled")
     raw = await read_body(request)
+    header_key = _idempotency_key(request)
     secret_name = head.flow.trigger.secret_name
+    if head.flow.trigger.secret is not None and not secret_name:
+        # Refused at validation; a stored flow from before must not run unverified.
+        raise ApiError(401, "SIGNATURE_INVALID", "the flow's trigger.secret is not a reference")
     if secret_name:
-        await _check_signature(request, secret_name, raw)
+        await _check_signature(request, flow_id, secret_name, raw)
     trigger = trigger_payload(request, raw)
     # Namespaced, so a caller's key can never collide with keys the scheduler (or any other
     # trigger) derives for the same flow.
-    header_key = request.headers.get("Idempotency-Key")
     key = f"hook:{header_key}" if header_key else None
     queue = QueueName.SYNC if sync else QueueName.RUNS
     new = run_store.NewRun(
@@ -135,10 +266,15 @@ async def _accept(
         idempotency_key=key,
         response_status=None if sync else 202,
     )
-    inserted = await app[RUN_WRITER].insert(new)
+    try:
+        inserted = await app[RUN_WRITER].insert(new)
+    except BaseException:
+        await _forget_signature(request)
+        raise
     run_id = str(inserted.run_id)
     if not inserted.created:
         # A repeat of an Idempotency-Key: the first answer's status, nothing started.
+        await _same_request(request, run_id, trigger)
         status = inserted.response_status or 202
         return (
             json_response(
@@ -165,6 +301,7 @@ async def _enqueue(request: web.Request, queue: QueueName, job: dict[str, Any]) 
         await app[PRODUCER].enqueue(queue.value, job, job_id=job["run_id"])
     except QueueFull:
         await run_store.delete_run(app[DB], uuid.UUID(job["run_id"]))
+        await _forget_signature(request)
         raise ApiError(
             429,
             "QUEUE_FULL",
@@ -309,11 +446,18 @@ def sync_response(run_id: str, message: dict[str, Any]) -> web.Response:
     run_status = message.get("run_status")
     if run_status == RunStatus.SUCCEEDED.value:
         return json_response(message.get("output"), status=200, headers=headers)
-    error = message.get("error") or {}
-    text = error.get("message") if isinstance(error, dict) else str(error)
+    # Callers of a webhook are anonymous: the step's error (a traceback, an internal URL)
+    # stays in the run record, behind the API key.
+    error = message.get("error")
+    step = error.get("step") if isinstance(error, dict) else None
+    where = f" at step {step!r}" if isinstance(step, str) and step else ""
+    text = (
+        f"the run ended {run_status or 'FAILED'}{where}; "
+        f"details are in the run record (GET /api/v1/flow-runs/{run_id})"
+    )
     return json_response(
         {
-            "error": {"code": run_status or "FAILED", "message": text or "run failed"},
+            "error": {"code": run_status or "FAILED", "message": text},
             "run_id": run_id,
         },
         status=500,

@@ -1,7 +1,17 @@
-"""The board's guards: HTTP basic auth, CSRF tokens for every action, security headers.
+"""The board's guards: Host and Origin checks, credentials, CSRF tokens, security headers.
 
-Basic auth is enforced whenever ``AP_QUEUE_UI_USERNAME``/``AP_QUEUE_UI_PASSWORD`` are set (the
-settings refuse a non-loopback bind without them). CSRF uses a signed double submit: the
+DNS rebinding: a web page the operator visits can point its own host name at 127.0.0.1 and
+then talk to the board as a "same-origin" page. So the board answers only requests whose
+``Host`` is a loopback name (``localhost``, 127.0.0.0/8, ``[::1]``), the host of
+``AP_FRONTEND_URL`` or one listed in ``AP_QUEUE_UI_ALLOWED_HOSTS`` (on a non-loopback bind
+with neither set, any ``Host`` — credentials are mandatory there), and every POST whose
+``Origin`` (when the browser sends one, as browsers do for POSTs) is such a host too.
+
+Credentials: ``AP_QUEUE_UI_USERNAME``/``AP_QUEUE_UI_PASSWORD`` (basic auth; the settings
+refuse a non-loopback bind without them) and, whenever ``AP_API_KEY`` is set, the API key —
+as the basic-auth password (any user name: the browser's login prompt works) or as
+``Authorization: Bearer``. With either configured, no anonymous request gets in. CSRF uses a
+signed double submit: the
 browser holds a random nonce in a ``SameSite=Strict`` cookie, every form carries
 ``HMAC(key, nonce)``, and a POST is accepted only when both match — stateless, so any process
 behind a load balancer can check a token another process issued. The key derives from
@@ -15,12 +25,15 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from conveyor.api.keys import SETTINGS
+from conveyor.settings import Settings, is_loopback_host
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -70,28 +83,115 @@ async def check_csrf(request: web.Request) -> None:
         raise web.HTTPForbidden(text="missing or wrong CSRF token: reload the page and try again")
 
 
+def _host_name(netloc: str) -> str | None:
+    """The host of a ``Host`` header or URL netloc, lower-case, port dropped."""
+    try:
+        host = urlsplit("//" + netloc).hostname
+    except ValueError:
+        return None
+    return host.rstrip(".") if host else None
+
+
+def _host_allowed(settings: Settings, host: str | None) -> bool:
+    if not host:
+        return False
+    if is_loopback_host(host) or host == "localhost" or host.endswith(".localhost"):
+        return True
+    allowed = list(settings.queue_ui_allowed_hosts)
+    if settings.frontend_url:
+        front = urlsplit(settings.frontend_url).hostname
+        if front:
+            allowed.append(front.lower())
+    if not allowed and not settings.loopback_bind:
+        # Reached over the network with mandatory credentials and no list to check against.
+        return True
+    for entry in allowed:
+        if "/" in entry:
+            try:
+                if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                continue
+        elif host == entry.rstrip("."):
+            return True
+    return False
+
+
+def _origin_allowed(request: web.Request, settings: Settings) -> bool:
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True  # not a browser (browsers send Origin on every POST); CSRF still applies
+    parts = urlsplit(origin) if origin != "null" else None
+    if parts is None or parts.scheme not in ("http", "https"):
+        return False
+    host = _host_name(parts.netloc)
+    if not _host_allowed(settings, host):
+        return False
+    # The page that posted must be this board itself: host and port both match the address
+    # the browser used (behind a proxy: X-Forwarded-Host, or AP_FRONTEND_URL's).
+    netloc = parts.netloc.lower()
+    seen = {request.host.lower()}
+    forwarded = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+    if forwarded:
+        seen.add(forwarded.lower())
+    if settings.frontend_url:
+        seen.add(urlsplit(settings.frontend_url).netloc.lower())
+    return netloc in seen
+
+
+def _basic(header: str) -> tuple[str, str] | None:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, _, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    return user, password
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
+
+
 def _authorized(request: web.Request) -> bool:
     settings = request.config_dict[SETTINGS]
     user, password = settings.queue_ui_username, settings.queue_ui_password
-    if not (user and password):
+    api_key = settings.api_key
+    board_creds = bool(user and password)
+    if not board_creds and not api_key:
         return True
     header = request.headers.get("Authorization", "")
-    scheme, _, encoded = header.partition(" ")
-    if scheme.lower() != "basic":
+    if api_key and header.partition(" ")[0].lower() == "bearer":
+        return _same(header.partition(" ")[2].strip(), api_key)
+    given = _basic(header)
+    if given is None:
         return False
-    try:
-        given_user, _, given_password = base64.b64decode(encoded).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return False
-    # Both compared, always: the time taken says nothing about which one was wrong.
-    ok_user = hmac.compare_digest(given_user.encode(), user.encode())
-    ok_password = hmac.compare_digest(given_password.encode(), password.encode())
-    return ok_user and ok_password
+    given_user, given_password = given
+    ok = False
+    if board_creds and user and password:
+        # Both compared, always: the time taken says nothing about which one was wrong.
+        ok_user = _same(given_user, user)
+        ok_password = _same(given_password, password)
+        ok = ok_user and ok_password
+    if api_key:
+        ok = _same(given_password, api_key) or ok
+    return ok
 
 
 @web.middleware
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Basic auth, CSRF on every non-GET, security headers and the nonce cookie."""
+    """Host, credentials, Origin and CSRF on every non-GET, security headers, nonce cookie."""
+    settings = request.config_dict[SETTINGS]
+    if not _host_allowed(settings, _host_name(request.host)):
+        return web.Response(
+            status=421,
+            text=(
+                "this board answers only to its configured host names: "
+                "set AP_FRONTEND_URL or AP_QUEUE_UI_ALLOWED_HOSTS"
+            ),
+            headers=SECURITY_HEADERS,
+        )
     if not _authorized(request):
         return web.Response(
             status=401,
@@ -99,6 +199,8 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
             headers={"WWW-Authenticate": REALM, **SECURITY_HEADERS},
         )
     if request.method not in _SAFE_METHODS:
+        if not _origin_allowed(request, settings):
+            raise web.HTTPForbidden(text="cross-origin request refused")
         await check_csrf(request)
     response = await handler(request)
     response.headers.update(SECURITY_HEADERS)

@@ -167,11 +167,44 @@ class Flow:
         return copy
 
 
+#: Flow documents nest a few levels per branch or loop; deeper is a parser bomb, not a flow.
+MAX_DOCUMENT_DEPTH: Final = 64
+
+
+class _FlowYamlLoader(yaml.SafeLoader):
+    """YAML without anchors/aliases (a few hundred bytes of nested aliases expand to
+    gigabytes: "billion laughs") and with bounded nesting (no ``RecursionError``)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.YAMLError(
+                f"aliases (*{event.anchor}) are not supported in flow documents"
+                f" (line {event.start_mark.line + 1}); repeat the value instead"
+            )
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if getattr(event, "anchor", None):
+            raise yaml.YAMLError(
+                f"anchors (&{event.anchor}) are not supported in flow documents"
+                f" (line {event.start_mark.line + 1})"
+            )
+        depth = getattr(self, "_depth", 0)
+        if depth >= MAX_DOCUMENT_DEPTH:
+            raise yaml.YAMLError(f"nested deeper than {MAX_DOCUMENT_DEPTH} levels")
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
+
+
 def load_document(text: str | bytes, content_type: str | None = None) -> Any:
     """Decode a flow document from JSON or YAML text.
 
     JSON is tried first unless ``content_type`` names YAML (JSON is valid YAML, but orjson is
-    much faster). Raises :class:`FlowInvalid` with path ``""`` when it does not decode.
+    much faster). YAML anchors and aliases are refused and nesting is capped at
+    :data:`MAX_DOCUMENT_DEPTH`. Raises :class:`FlowInvalid` with path ``""`` when it does not
+    decode.
     """
     is_yaml = content_type is not None and "yaml" in content_type.lower()
     if not is_yaml:
@@ -181,9 +214,48 @@ def load_document(text: str | bytes, content_type: str | None = None) -> Any:
             if content_type is not None and "json" in content_type.lower():
                 raise FlowInvalid([{"path": "", "message": f"invalid JSON: {exc}"}]) from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_FlowYamlLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise FlowInvalid([{"path": "", "message": f"invalid YAML: {exc}"}]) from None
+    except (RecursionError, ValueError, OverflowError) as exc:
+        raise FlowInvalid(
+            [{"path": "", "message": f"invalid YAML: {type(exc).__name__}"}]
+        ) from None
+
+
+def _nul_paths(value: Any, path: str) -> list[str]:
+    """Paths of every key or string in ``value`` that contains ``\\x00``."""
+    found: list[str] = []
+    if isinstance(value, str):
+        if "\x00" in value:
+            found.append(path)
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if "\x00" in str(k):
+                found.append(sub.replace("\x00", "\\0"))
+            found += _nul_paths(v, sub.replace("\x00", "\\0"))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found += _nul_paths(v, f"{path}[{i}]")
+    return found
+
+
+def _depth_ok(value: Any, limit: int) -> bool:
+    """True when ``value`` nests at most ``limit`` containers deep (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((c, depth + 1) for c in children if isinstance(c, Mapping | list | tuple))
+    return True
 
 
 def parse_flow(document: Any) -> Flow:
@@ -193,12 +265,22 @@ def parse_flow(document: Any) -> Flow:
     """
     if isinstance(document, str | bytes):
         document = load_document(document)
+    if not _depth_ok(document, MAX_DOCUMENT_DEPTH):
+        raise FlowInvalid(
+            [{"path": "", "message": f"nested deeper than {MAX_DOCUMENT_DEPTH} levels"}]
+        )
     # One JSON round trip: a deep copy the caller cannot mutate afterwards, YAML-only types
     # (dates, int keys) normalised to what the document looks like once stored as JSON.
     try:
-        document = orjson.loads(orjson.dumps(document, option=orjson.OPT_NON_STR_KEYS))
-    except TypeError as exc:
+        encoded = orjson.dumps(document, option=orjson.OPT_NON_STR_KEYS)
+        document = orjson.loads(encoded)
+    except (TypeError, RecursionError) as exc:
         raise FlowInvalid([{"path": "", "message": f"not representable as JSON: {exc}"}]) from None
+    if b"\\u0000" in encoded:
+        # PostgreSQL cannot store NUL in text or jsonb; say where it is instead of failing later.
+        raise FlowInvalid(
+            [{"path": p, "message": "contains a NUL character"} for p in _nul_paths(document, "")]
+        )
     v = _Validator()
     v.check_document(document)
     errors = v.errors
@@ -291,6 +373,8 @@ class _Validator:
             self.err("name", "is required (text, 1–200 characters)")
         elif len(name) > MAX_FLOW_NAME:
             self.err("name", f"is longer than {MAX_FLOW_NAME} characters")
+        elif any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in name):
+            self.err("name", "may not contain control characters (NUL, newline …)")
         desc = doc.get("description")
         if desc is not None and not isinstance(desc, str):
             self.err("description", "must be text")
@@ -334,9 +418,16 @@ class _Validator:
 
     def check_trigger_secret(self, secret: Any) -> None:
         if not isinstance(secret, str) or not secret:
-            self.err("trigger.secret", "must be text, usually {{secrets.NAME}}")
+            self.err("trigger.secret", "must be a secret reference {{secrets.NAME}}")
             return
         if "{{" not in secret:
+            # A literal would sit in the flow document in plain text, shown to anyone who
+            # can read flows; a reference keeps the value encrypted at rest.
+            self.err(
+                "trigger.secret",
+                "must be a secret reference {{secrets.NAME}} (store the value with "
+                "PUT /api/v1/secrets/NAME); literal secrets are not accepted",
+            )
             return
         try:
             refs = list(iter_refs(secret))
@@ -349,7 +440,7 @@ class _Validator:
             or len(refs[0].segments) != 1
             or secret.strip() != refs[0].text
         ):
-            self.err("trigger.secret", "may only be {{secrets.NAME}} or literal text")
+            self.err("trigger.secret", "may only be {{secrets.NAME}}")
 
     def check_steps(self, steps: Any, path: str) -> None:
         if not isinstance(steps, list):

@@ -9,15 +9,17 @@ version into small renderer objects (:func:`compile_value`) so the hot path only
 
 A string that is exactly one template keeps the referenced value's type; templates inside
 longer text are interpolated, non-strings as JSON. :func:`redact` replaces secret values in
-anything the engine records.
+anything the engine records (keys included).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import quote, quote_plus
 
 import orjson
 
@@ -292,24 +294,49 @@ def render(value: Any, scope: Mapping[str, Any]) -> Any:
 def redact(value: Any, secret_values: Iterable[str]) -> Any:
     """Return ``value`` with every occurrence of a secret value replaced by ``***``.
 
-    Walks dicts, lists and strings; other values are returned as they are. Longer secrets
-    are replaced first so a secret containing another is not half-revealed. Empty secrets
-    are ignored (they would match everywhere).
+    Walks dicts (keys and values), lists and strings; other values are returned as they are.
+    Matching ignores case and also catches the forms a secret takes once it passed through
+    a URL, JSON or ``repr`` (percent-encoded, escaped), so an error message that echoes an
+    upper-cased or encoded input still reveals nothing. Longer forms are replaced first so a
+    secret containing another is not half-revealed. Empty secrets are ignored (they would
+    match everywhere).
     """
-    secrets = sorted({s for s in secret_values if s}, key=len, reverse=True)
+    secrets = tuple(sorted({s for s in secret_values if s}))
     if not secrets:
         return value
-    return _redact(value, secrets)
+    return _redact(value, _pattern(secrets))
 
 
-def _redact(value: Any, secrets: list[str]) -> Any:
+@functools.lru_cache(maxsize=256)
+def _pattern(secrets: tuple[str, ...]) -> re.Pattern[str]:
+    forms: set[str] = set()
+    for s in secrets:
+        forms.update(
+            (
+                s,
+                quote(s, safe=""),
+                quote(s),
+                quote_plus(s),
+                orjson.dumps(s).decode()[1:-1],
+                repr(s)[1:-1],
+            )
+        )
+    ordered = sorted((f for f in forms if f), key=len, reverse=True)
+    return re.compile("|".join(re.escape(f) for f in ordered), re.IGNORECASE)
+
+
+def _redact(value: Any, pattern: re.Pattern[str]) -> Any:
     if isinstance(value, str):
-        for s in secrets:
-            if s in value:
-                value = value.replace(s, REDACTED)
-        return value
+        return pattern.sub(REDACTED, value)
     if isinstance(value, Mapping):
-        return {k: _redact(v, secrets) for k, v in value.items()}
+        out: dict[Any, Any] = {}
+        for k, v in value.items():
+            key = pattern.sub(REDACTED, k) if isinstance(k, str) else k
+            if key in out:
+                # Two keys that differ only by a secret: keep both, distinguishably.
+                key = f"{key}#{len(out)}"
+            out[key] = _redact(v, pattern)
+        return out
     if isinstance(value, list | tuple):
-        return [_redact(v, secrets) for v in value]
+        return [_redact(v, pattern) for v in value]
     return value

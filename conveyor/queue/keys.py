@@ -117,6 +117,12 @@ def worker(worker_id: str) -> bytes:
     return f"{PREFIX}:{{workers}}:worker:{worker_id}".encode()
 
 
+def webhook_signature(flow_id: str, digest: str) -> bytes:
+    """Marker of a timestamped webhook signature already accepted (``SET NX``, expiring with
+    the signature's tolerance window): a replay of the same signed request is refused."""
+    return f"{PREFIX}:sig:{flow_id}:{digest}".encode()
+
+
 def scheduler_lease() -> bytes:
     """The schedule leader's lease: owner id, ``SET NX PX``, extended only by its owner."""
     return f"{PREFIX}:{{scheduler}}:lease".encode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import time
 import uuid
 from typing import Any
 
@@ -79,7 +80,7 @@ async def test_body_over_limit_413_also_chunked(make_client: Any) -> None:
 
 
 async def test_signature_required(client: TestClient[Any, Any]) -> None:
-    """A trigger with a secret needs X-Conveyor-Signature = sha256 HMAC of the raw body."""
+    """A trigger with a secret needs X-Conveyor-Signature t=<unix>,v1=<HMAC of "t.body">."""
     await client.put("/api/v1/secrets/HOOK_KEY", json={"value": "s3"})
     fid = await _flow(
         client, {**FLOW, "trigger": {"type": "webhook", "secret": "{{secrets.HOOK_KEY}}"}}
@@ -90,7 +91,8 @@ async def test_signature_required(client: TestClient[Any, Any]) -> None:
         f"/api/v1/webhooks/{fid}", data=payload, headers={"X-Conveyor-Signature": "sha256=00"}
     )
     assert wrong.status == 401
-    sig = "sha256=" + hmac.new(b"s3", payload, hashlib.sha256).hexdigest()
+    t = str(int(time.time()))
+    sig = f"t={t},v1=" + hmac.new(b"s3", t.encode() + b"." + payload, hashlib.sha256).hexdigest()
     ok = await client.post(
         f"/api/v1/webhooks/{fid}", data=payload, headers={"X-Conveyor-Signature": sig}
     )

@@ -1,9 +1,12 @@
 """The http piece: one outgoing request with SSRF checks, manual redirects and a size cap.
 
 Redirects are followed here, not by aiohttp, so every hop is re-checked (IP-literal hosts
-before the request, names by the guarded connector at connect time) and credentials are not
-carried to another origin. Every request carries ``Idempotency-Key: {run_id}:{step}``
-because a step whose checkpoint was lost runs again on redelivery.
+before the request, names by the guarded connector at connect time). A hop to another origin
+carries only the headers in :data:`CROSS_ORIGIN_HEADERS` and no body: whatever the flow put in
+its headers (``X-Api-Key: {{secrets.TOKEN}}``) or body was meant for the first origin only.
+Every request carries ``Idempotency-Key: {run_id}:{step}`` because a step whose checkpoint was
+lost runs again on redelivery. Error messages name the method and the origin only, never a
+rendered input (the path, query or method may come from a secret).
 """
 
 from __future__ import annotations
@@ -23,7 +26,25 @@ MAX_REDIRECTS: Final = 10
 MAX_RESPONSE_BYTES: Final = 10 * 1024 * 1024
 DEFAULT_TIMEOUT_S: Final = 30.0
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
-_CREDENTIAL_HEADERS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
+#: Headers a flow sets that survive a redirect to another origin (everything else is dropped).
+CROSS_ORIGIN_HEADERS: Final = frozenset({"accept", "accept-language", "user-agent"})
+
+
+def _where(url: URL) -> str:
+    """The URL as error messages show it: scheme, host and port only."""
+    try:
+        return str(url.origin())
+    except ValueError:
+        return "(invalid url)"
+
+
+def _client_error(exc: aiohttp.ClientError) -> str:
+    """An aiohttp error without the URL or anything else the flow rendered."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.os_error.strerror or type(exc.os_error).__name__}"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{exc.status} {exc.message}"
+    return type(exc).__name__
 
 
 def _str_map(value: Any, what: str) -> dict[str, str]:
@@ -65,6 +86,13 @@ async def _read_body(resp: aiohttp.ClientResponse) -> Any:
     return raw.decode(resp.charset or "utf-8", errors="replace")
 
 
+def _same_origin(a: URL, b: URL) -> bool:
+    try:
+        return a.origin() == b.origin()
+    except ValueError:
+        return False
+
+
 async def http(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
     """Send the request; output ``{status, headers (lower-cased), body (JSON parsed)}``."""
     session = env.services.http
@@ -73,17 +101,19 @@ async def http(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
     policy = env.services.ssrf
     method = str(input.get("method", "GET")).upper()
     if method not in HTTP_METHODS:
-        raise StepFailed(f"http method {method!r} is not supported")
+        # Not echoed: a templated method may be a secret (or anything a caller sent).
+        raise StepFailed(f"http method must be one of {', '.join(sorted(HTTP_METHODS))}")
     url_text = input.get("url")
     if not isinstance(url_text, str):
         raise StepFailed("http url must be text")
     try:
         url = URL(url_text)
-    except ValueError as exc:
-        raise StepFailed(f"invalid url {url_text!r}: {exc}") from None
+    except ValueError:
+        raise StepFailed("http url is not a valid URL") from None
     headers = _str_map(input.get("headers"), "headers")
+    own_key = f"{env.ctx.run_id}:{step.name}"
     if not any(k.lower() == "idempotency-key" for k in headers):
-        headers["Idempotency-Key"] = f"{env.ctx.run_id}:{step.name}"
+        headers["Idempotency-Key"] = own_key
     query = _str_map(input.get("query"), "query")
     data: bytes | None = None
     if "json" in input:
@@ -96,13 +126,18 @@ async def http(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
         else:
             data = orjson.dumps(body)
             headers.setdefault("Content-Type", "application/json")
-    timeout_s = float(input.get("timeout_s") or DEFAULT_TIMEOUT_S)
+    try:
+        timeout_s = float(input.get("timeout_s") or DEFAULT_TIMEOUT_S)
+    except (TypeError, ValueError):
+        raise StepFailed("http timeout_s must be a number of seconds") from None
+    if not 0 < timeout_s < float("inf"):
+        raise StepFailed("http timeout_s must be a positive number of seconds")
     fail_on_error = input.get("fail_on_error", True) not in (False, "false")
     timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     for _hop in range(MAX_REDIRECTS + 1):
         if url.scheme not in ("http", "https") or not url.host:
-            raise StepFailed(f"http url must be http:// or https:// with a host, got {url}")
+            raise StepFailed("http url must be http:// or https:// with a host")
         if policy is not None:
             policy.check_url_host(url.host)
         try:
@@ -116,14 +151,25 @@ async def http(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
             ) as resp:
                 location = resp.headers.get("Location")
                 if resp.status in _REDIRECTS and location:
-                    nxt = url.join(URL(location))
+                    try:
+                        nxt = url.join(URL(location))
+                    except ValueError:
+                        raise StepFailed(
+                            f"http {method} {_where(url)} redirected to an invalid Location"
+                        ) from None
                     if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
                         method, data = "GET", None
                         headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-                    if nxt.origin() != url.origin():
+                    if not _same_origin(nxt, url):
+                        # The flow's headers and body were meant for the first origin only;
+                        # 307/308 keep the method, but the body stays behind too.
                         headers = {
-                            k: v for k, v in headers.items() if k.lower() not in _CREDENTIAL_HEADERS
+                            k: v
+                            for k, v in headers.items()
+                            if k.lower() in CROSS_ORIGIN_HEADERS
+                            or (k.lower() == "idempotency-key" and v == own_key)
                         }
+                        data = None
                     url, query = nxt, {}
                     continue
                 output = {
@@ -132,10 +178,12 @@ async def http(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
                     "body": await _read_body(resp),
                 }
         except TimeoutError:
-            raise StepFailed(f"http {method} {url} timed out after {timeout_s:g} s") from None
+            raise StepFailed(
+                f"http {method} {_where(url)} timed out after {timeout_s:g} s"
+            ) from None
         except aiohttp.ClientError as exc:
-            raise StepFailed(f"http {method} {url} failed: {exc}") from None
+            raise StepFailed(f"http {method} {_where(url)} failed: {_client_error(exc)}") from None
         if fail_on_error and not 200 <= resp.status < 300:
-            raise StepFailed(f"http {method} {url} answered {resp.status}", output=output)
+            raise StepFailed(f"http {method} {_where(url)} answered {resp.status}", output=output)
         return output, ""
     raise StepFailed(f"http {method}: more than {MAX_REDIRECTS} redirects")

@@ -1,0 +1,154 @@
+"""Issue 10, finding 5: webhook signatures are references, timestamped, and seen once.
+
+``X-Conveyor-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">`` within 5
+minutes of the server's clock; the same signed request a second time is refused (409); the
+untimed ``sha256=`` form only with ``AP_WEBHOOK_LEGACY_SIGNATURES=true``; a literal
+``trigger.secret`` is refused when the flow is saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
+
+from conveyor.queue import keys
+from tests.api.conftest import make_client
+
+__all__ = ["make_client"]
+
+Client = TestClient[Any, Any]
+SECRET = "whsec-9f8e7d"
+SIGNED = {
+    "name": "signed",
+    "trigger": {"type": "webhook", "secret": "{{secrets.HOOK}}"},
+    "steps": [{"name": "t", "type": "transform", "input": {"b": "{{trigger.body}}"}}],
+}
+
+
+def sign(body: bytes, t: int | None = None, secret: str = SECRET) -> str:
+    """The header a sender computes (the README's example, in Python)."""
+    stamp = str(int(time.time()) if t is None else t)
+    mac = hmac.new(secret.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={stamp},v1={mac}"
+
+
+async def _signed_flow(client: Client) -> str:
+    resp = await client.put("/api/v1/secrets/HOOK", json={"value": SECRET})
+    assert resp.status in (200, 201)
+    resp = await client.post("/api/v1/flows", json=SIGNED)
+    assert resp.status == 201, await resp.text()
+    return str((await resp.json())["id"])
+
+
+async def _post(client: Client, fid: str, body: bytes, **headers: str) -> Any:
+    return await client.post(
+        f"/api/v1/webhooks/{fid}",
+        data=body,
+        headers={"Content-Type": "application/json", **headers},
+    )
+
+
+async def test_literal_trigger_secret_is_refused(make_client: Any) -> None:
+    """A literal trigger.secret fails validation with a FLOW_INVALID path error."""
+    client: Client = await make_client(AP_CONTAINER_TYPE="APP")
+    doc = {**SIGNED, "trigger": {"type": "webhook", "secret": "hunter2"}}
+    resp = await client.post("/api/v1/flows", json=doc)
+    assert resp.status == 422
+    err = (await resp.json())["error"]
+    assert err["code"] == "FLOW_INVALID"
+    assert [d["path"] for d in err["details"]] == ["trigger.secret"]
+    assert "hunter2" not in await resp.text()
+
+
+async def test_timestamped_signature_accepted_once(make_client: Any, redis: aioredis.Redis) -> None:
+    """A fresh signature is accepted; the identical request again is a 409 replay."""
+    client: Client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = await _signed_flow(client)
+    body = b'{"order": 1}'
+    header = sign(body)
+    first = await _post(client, fid, body, **{"X-Conveyor-Signature": header})
+    assert first.status == 202, await first.text()
+    again = await _post(client, fid, body, **{"X-Conveyor-Signature": header})
+    assert again.status == 409
+    assert (await again.json())["error"]["code"] == "SIGNATURE_REPLAYED"
+    digest = header.partition("v1=")[2]
+    ttl = await redis.ttl(keys.webhook_signature(fid, digest))
+    assert 0 < ttl <= 601
+    # A new signature (new timestamp) for the same body is a new request.
+    fresh = await _post(
+        client, fid, body, **{"X-Conveyor-Signature": sign(body, int(time.time()) + 1)}
+    )
+    assert fresh.status == 202
+
+
+async def test_bad_stale_and_future_signatures_refused(make_client: Any) -> None:
+    """Wrong MAC, other body, no header, malformed, >5 min old or ahead: all 401."""
+    client: Client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = await _signed_flow(client)
+    body = b'{"order": 2}'
+    now = int(time.time())
+    cases = {
+        "missing": None,
+        "wrong secret": sign(body, secret="other"),
+        "other body": sign(b'{"order": 3}'),
+        "malformed": "t=abc,v1=00",
+        "no v1": f"t={now}",
+        "stale": sign(body, now - 301),
+        "future": sign(body, now + 301),
+        "huge t": sign(body, 10**15),
+    }
+    for name, header in cases.items():
+        headers = {"X-Conveyor-Signature": header} if header else {}
+        resp = await _post(client, fid, body, **headers)
+        assert resp.status == 401, name
+        assert (await resp.json())["error"]["code"] in ("SIGNATURE_INVALID", "SIGNATURE_EXPIRED")
+    ok = await _post(client, fid, body, **{"X-Conveyor-Signature": sign(body, now - 200)})
+    assert ok.status == 202
+
+
+async def test_rotation_several_v1_values(make_client: Any) -> None:
+    """A sender rotating secrets may send several v1 values; one valid is enough."""
+    client: Client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = await _signed_flow(client)
+    body = b"{}"
+    good = sign(body)
+    t, _, mac = good.partition(",v1=")
+    header = f"{t},v1={'0' * 64},v1={mac}"
+    assert (await _post(client, fid, body, **{"X-Conveyor-Signature": header})).status == 202
+
+
+async def test_retry_with_same_idempotency_key_is_not_a_replay(make_client: Any) -> None:
+    """The same signed request with its Idempotency-Key gets the first answer; another key 409."""
+    client: Client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = await _signed_flow(client)
+    body = b'{"order": 4}'
+    headers = {"X-Conveyor-Signature": sign(body), "Idempotency-Key": "order-4"}
+    first = await _post(client, fid, body, **headers)
+    assert first.status == 202
+    retry = await _post(client, fid, body, **headers)
+    assert retry.status == 202
+    assert (await retry.json())["run_id"] == (await first.json())["run_id"]
+    forged = await _post(client, fid, body, **{**headers, "Idempotency-Key": "order-4b"})
+    assert forged.status == 409
+
+
+async def test_legacy_signature_only_when_enabled(make_client: Any) -> None:
+    """sha256=<hex> is refused by default and accepted with AP_WEBHOOK_LEGACY_SIGNATURES."""
+    body = b'{"legacy": true}'
+    legacy = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    strict: Client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = await _signed_flow(strict)
+    resp = await _post(strict, fid, body, **{"X-Conveyor-Signature": legacy})
+    assert resp.status == 401
+    assert "AP_WEBHOOK_LEGACY_SIGNATURES" in (await resp.json())["error"]["message"]
+    lenient: Client = await make_client(
+        AP_CONTAINER_TYPE="APP", AP_WEBHOOK_LEGACY_SIGNATURES="true"
+    )
+    assert (await _post(lenient, fid, body, **{"X-Conveyor-Signature": legacy})).status == 202
+    wrong = "sha256=" + "0" * 64
+    assert (await _post(lenient, fid, body, **{"X-Conveyor-Signature": wrong})).status == 401
