@@ -39,6 +39,7 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prom_mp
 
+from conveyor.api.health import SANDBOX_REPORT
 from conveyor.api.keys import DB, REDIS, SETTINGS
 from conveyor.queue import QueueAdmin, QueueConfig, Sampler
 
@@ -127,6 +128,22 @@ DB_ACTIVE = Gauge(
 DB_MAX = Gauge(
     "conveyor_db_max_connections", "PostgreSQL max_connections", multiprocess_mode="mostrecent"
 )
+SANDBOX_READY = Gauge(
+    "conveyor_sandbox_ready",
+    "1 while this worker's sandbox can start step processes (fork-server up, uids left)",
+    multiprocess_mode="liveall",
+)
+SANDBOX_FREE_UIDS = Gauge(
+    "conveyor_sandbox_free_uids",
+    "Per-child uids left in this worker's sandbox pool (root only)",
+    multiprocess_mode="liveall",
+)
+SANDBOX_EVENTS = Counter(
+    "conveyor_sandbox_events",
+    "Sandbox events: step timeouts, spawns refused for lack of capacity",
+    ["event"],
+)
+_SANDBOX_SEEN: dict[str, int] = {}
 
 #: Webhook answers counted as rejections, by status.
 REJECT_REASONS = {
@@ -289,6 +306,15 @@ def refresh_process(app: web.Application) -> None:
     if consumer is not None:
         WORKER_BUSY.set(int(consumer.busy))
         WORKER_CONCURRENCY.set(int(consumer.concurrency))
+    sandbox = app.get(SANDBOX_REPORT)
+    if sandbox:
+        SANDBOX_READY.set(1 if sandbox.get("ok") else 0)
+        SANDBOX_FREE_UIDS.set(int(sandbox.get("free_uids", 0)))
+        for event, key in (("timeout", "timeouts"), ("capacity_exhausted", "capacity_exhausted")):
+            total = int(sandbox.get(key, 0))
+            if total > _SANDBOX_SEEN.get(event, 0):
+                SANDBOX_EVENTS.labels(event).inc(total - _SANDBOX_SEEN.get(event, 0))
+            _SANDBOX_SEEN[event] = total
     db = app.get(DB)
     if db is not None:
         pool = db.pool_stats()

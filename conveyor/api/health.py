@@ -1,8 +1,9 @@
 """``/healthz`` (the process is alive) and ``/readyz`` (it can do its job right now).
 
 Readiness checks what a request needs: Redis answers ``PING``, PostgreSQL answers a query,
-every shipped migration is applied, and reports which sandbox isolation is in use. Any failed
-check makes it 503 so a load balancer routes around the process.
+every shipped migration is applied, and the sandbox can start step processes (it also says
+which isolation and which limit mechanism are in use). Any failed check makes it 503 so a
+load balancer routes around the process.
 """
 
 from __future__ import annotations
@@ -60,9 +61,15 @@ async def readyz(request: web.Request) -> web.Response:
             checks[name] = await check(app)
         except Exception as exc:
             checks[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    # The worker's sandbox keeps this dict current: isolation mode, limit mechanism, and
+    # "ok" False while its fork-server is down or its capacity (uids) is exhausted.
     sandbox = app.get(SANDBOX_REPORT)
-    checks["sandbox"] = sandbox or {"isolation": "none", "mechanism": "no code steps run here"}
-    ready = all(c.get("ok") for k, c in checks.items() if k != "sandbox")
+    checks["sandbox"] = (
+        dict(sandbox)
+        if sandbox
+        else {"ok": True, "isolation": "none", "mechanism": "no code steps run here"}
+    )
+    ready = all(c.get("ok", True) for c in checks.values())
     return json_response(
         {"status": "ready" if ready else "not_ready", "checks": checks},
         status=200 if ready else 503,

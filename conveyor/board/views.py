@@ -29,6 +29,7 @@ from conveyor.api.admin import (
 )
 from conveyor.api.errors import ApiError, json_response
 from conveyor.api.flows import flow_json, page_args
+from conveyor.api.health import SANDBOX_REPORT
 from conveyor.api.keys import DB, REDIS
 from conveyor.api.runs import run_json
 from conveyor.board.present import per_second, sparkline
@@ -250,6 +251,8 @@ async def workers_data(request: web.Request) -> Context:
     return {
         "title": "Workers",
         "workers": workers,
+        # This process's code-step sandbox, as /readyz reports it (None: no worker here).
+        "sandbox": app.get(SANDBOX_REPORT),
         "lost_after_s": heartbeat.LOST_AFTER_S,
         "live": {"workers": workers},
     }

@@ -183,6 +183,7 @@ class Sandbox:
         if self._free_uids is not None:
             report["free_uids"] = self._free_uids
         report["timeouts"] = self.stats["TIMEOUT"]
+        report["capacity_exhausted"] = self.stats["capacity_exhausted"]
         error = None
         if self.refused:
             error = None  # refused by policy: the rest of the process is fine
@@ -673,6 +674,8 @@ class Sandbox:
             self._prepare_spares()
             self._release(slot)
         self.stats[status] += 1
+        if status == "TIMEOUT":
+            self._refresh_report()
         return SandboxResult(
             SandboxStatus(status), output, error, logs, (time.perf_counter() - started) * 1e3
         )

@@ -261,7 +261,29 @@ def host_view(hide: tuple[str, ...] = ()) -> dict[str, Any]:
         "tmpfs": sorted(set(tmpfs)),
         "hide": sorted(set(hidden)),
         "sockets": _listening_unix_sockets(),
+        "expose": _closed_ancestors(needed),
     }
+
+
+def _closed_ancestors(needed: list[str]) -> list[tuple[str, list[str]]]:
+    """``(top, paths)``: the first ancestor of each needed path that others cannot enter
+    (``/root`` when Python lives under it), with the needed paths below it. A child that
+    drops to its own uid gets an empty tmpfs over ``top`` with just those paths bound back,
+    so it can import the standard library without seeing the rest (like bubblewrap)."""
+    out: dict[str, list[str]] = {}
+    for path in needed:
+        parts = Path(path).parts
+        for i in range(2, len(parts) + 1):
+            top = str(Path(*parts[:i]))
+            try:
+                closed = not os.stat(top).st_mode & 0o001
+            except OSError:
+                break
+            if closed:
+                if top != path:
+                    out.setdefault(top, []).append(path)
+                break
+    return sorted(out.items())
 
 
 def assess(

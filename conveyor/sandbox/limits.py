@@ -185,6 +185,15 @@ def _read_only_tree(path: str) -> None:
 
 
 def _hide_host(uid: int, limits: Limits, view: dict[str, Any], *, own_pidns: bool) -> None:
+    for top, paths in view.get("expose") or ():
+        # Opened before the tmpfs covers them; bound back through /proc/self/fd.
+        fds = [os.open(p, os.O_PATH | os.O_CLOEXEC) for p in paths]
+        mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,nr_inodes=1024,mode=0755")
+        for path, fd in zip(paths, fds, strict=True):
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC, None)
+            os.close(fd)
+        _read_only_tree(top)
     opts = f"size={limits.tmp_kb}k,nr_inodes=4096,mode=0700,uid={uid},gid={uid}"
     for path in view.get("tmpfs") or ():
         if os.path.isdir(path) and not os.path.islink(path) and path not in ("/tmp", "/dev/shm"):
