@@ -1,0 +1,94 @@
+"""Redis Sentinel failover under load: the master is killed, a Sentinel promotes the replica,
+Conveyor follows it, and every accepted webhook still runs to completion."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.ha.conftest import Stack
+from tests.ha.load import Conveyor, Load, check_runs, slowest_runs, wait_terminal
+from tests.ha.servers import start_sentinel_group
+from tests.processes import conveyor_env, free_port
+
+NAME = "mymaster"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+@pytest.mark.usefixtures("db")
+async def test_sentinel_failover_loses_no_run(
+    stack: Stack, ha_dir: Path, postgres_url: str
+) -> None:
+    """Master SIGKILLed mid-load: the replica is promoted and every 202 run SUCCEEDS once."""
+    master, replica, sentinels = start_sentinel_group(ha_dir, NAME)
+    for server in (master, replica, *sentinels):
+        stack.server(server)
+    port = free_port()
+    env = conveyor_env(
+        postgres_url,
+        "",
+        AP_REDIS_TYPE="SENTINEL",
+        AP_REDIS_SENTINEL_HOSTS=",".join(f"127.0.0.1:{s.port}" for s in sentinels),
+        AP_REDIS_SENTINEL_NAME=NAME,
+        AP_PORT=str(port),
+        AP_WORKER_CONCURRENCY="20",
+    )
+    del env["AP_REDIS_URL"]
+    conveyor = stack.conveyor(Conveyor(env, port, ha_dir / "conveyor.log"))
+    await conveyor.start()
+    flow_id = await conveyor.create_flow()
+
+    load = Load(conveyor.base, flow_id, rate_per_s=40)
+    load.start()
+    await asyncio.sleep(2)
+    before = len(load.accepted)
+    watcher = aioredis.Redis(host="127.0.0.1", port=sentinels[0].port)
+    killed_wall, killed = time.time(), time.monotonic()
+    master.kill()
+    try:
+        while True:
+            _host, port_now = await watcher.execute_command(
+                "SENTINEL", "GET-MASTER-ADDR-BY-NAME", NAME
+            )
+            if int(port_now) == replica.port:
+                break
+            assert time.monotonic() - killed < 30, "no failover within 30 s"
+            await asyncio.sleep(0.05)
+    finally:
+        await watcher.aclose()
+    switch_s = time.monotonic() - killed
+    await asyncio.sleep(3)
+    await load.stop()
+    after_switch = sum(1 for t in load.accepted.values() if t > killed + switch_s)
+
+    try:
+        terminal, drain_s = await wait_terminal(
+            postgres_url, flow_id, len(load.accepted), timeout_s=75
+        )
+        await check_runs(postgres_url, flow_id, set(load.accepted))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{load.summary()}\n{conveyor.tail()}") from None
+    # The new master carries the queue: Conveyor writes to it, not only to PostgreSQL.
+    promoted = aioredis.Redis(host="127.0.0.1", port=replica.port)
+    try:
+        assert (await promoted.info("replication"))["role"] == "master"
+        assert await promoted.dbsize() > 0
+    finally:
+        await promoted.aclose()
+    slow = await slowest_runs(postgres_url, flow_id, 0, killed_wall, killed_wall + switch_s)
+    print(
+        f"\nsentinel: switch {switch_s:.1f} s after SIGKILL; {load.summary()}; "
+        f"{before} before the kill, {after_switch} after the switch; "
+        f"{terminal} terminal, all {len(load.accepted)} accepted SUCCEEDED "
+        f"(slowest before/during/after the outage: {slow[0]:.1f}/{slow[1]:.1f}/{slow[2]:.1f} s) "
+        f"{drain_s:.1f} s after the load stopped"
+    )
+    assert before > 0 and after_switch > 0, load.summary()
+    left = await stack.close()
+    assert stack.exit_codes == [0], f"conveyor up exit codes {stack.exit_codes}"
+    assert not left, f"processes left after teardown: {left}"
