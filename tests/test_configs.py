@@ -613,7 +613,8 @@ def test_helm_scaling_matches_the_rules() -> None:
     """KEDA and HPA thresholds are the scale rules of conveyor.metrics."""
     vals = values()
     keda = vals["keda"]
-    assert "conveyor_queue_waiting_jobs" in keda["waitingJobs"]["query"]
+    # Every pod exports the queue-wide gauge: counted once per queue, not summed over pods.
+    assert keda["waitingJobs"]["query"] == "sum(max by (queue) (conveyor_queue_waiting_jobs))"
     assert keda["waitingJobs"]["threshold"] == RULES["waiting_jobs"].threshold
     assert "conveyor_job_wait_seconds" in keda["averageWait"]["query"]
     assert keda["averageWait"]["threshold"] == RULES["average_wait_seconds"].threshold
@@ -633,7 +634,10 @@ def test_helm_ingress_limits() -> None:
     assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == size
     timeout = int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"])
     assert timeout > DEFAULTS.webhook_timeout_seconds
-    paths = {p for host in ingress["hosts"] for p in host["paths"]}
+    # A host without paths (as `--set ingress.hosts[0].host=...` leaves it) gets defaultPaths.
+    defaults = ingress["defaultPaths"]
+    paths = {p for host in ingress["hosts"] for p in host.get("paths") or defaults}
+    paths |= set(defaults)
     assert paths and not any("/metrics".startswith(p) for p in paths)
 
 
@@ -677,8 +681,9 @@ def test_dashboard_covers_the_metrics() -> None:
         t["expr"] for p in dash["panels"] if p["type"] != "row" for t in p.get("targets", [])
     )
     for name in (
-        "conveyor_queue_waiting_jobs",
+        "sum(max by (queue) (conveyor_queue_waiting_jobs))",
         "conveyor_job_wait_seconds_sum",
+        "conveyor_worker_cpu_percent and on (job, instance) (conveyor_worker_concurrency > 0)",
         "conveyor_flow_runs_total",
         "conveyor_http_request_duration_seconds_bucket",
         "conveyor_worker_busy_slots",
