@@ -28,6 +28,8 @@ from typing import Any
 CGROUP_V2 = "cgroup-v2"
 CGROUP_V1 = "cgroup-v1"
 RLIMIT = "rlimit"
+#: Sandbox parent cgroups are named ``conveyor-sandbox-<worker pid>-<n>``.
+STALE_PREFIX = "conveyor-sandbox-"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,9 +88,20 @@ def _write(path: str, value: str) -> None:
 
 def _make(parent: str, name: str) -> str:
     path = os.path.join(parent, name)
+    _remove_stale(parent)
     _rmtree_cgroup(path)  # a previous worker with our pid may have left it
     os.mkdir(path, 0o755)
     return path
+
+
+def _remove_stale(parent: str) -> None:
+    """Remove what workers that died without cleaning up left here (``<prefix>-<pid>-…``)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            head, _, rest = entry.name.partition(STALE_PREFIX)
+            pid = rest.split("-", 1)[0]
+            if head == "" and rest and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                _rmtree_cgroup(entry.path)
 
 
 def _rmtree_cgroup(path: str) -> None:
