@@ -29,6 +29,7 @@ from aiohttp import web
 
 from conveyor import metrics
 from conveyor.api.keys import REDIS, SETTINGS
+from conveyor.backoff import Outage
 from conveyor.engine.worker import WORKER
 from conveyor.queue import keys as k
 
@@ -69,6 +70,7 @@ class Heartbeat:
     :param busy: returns the slots in use right now.
     :param interval_s: seconds between beats, default 5.
     :param ttl_s: expiry of the worker's hash, default 120.
+    :param prefix: the Redis key prefix (``AP_REDIS_KEY_PREFIX``).
     """
 
     def __init__(
@@ -81,7 +83,9 @@ class Heartbeat:
         busy: Callable[[], int],
         interval_s: float = INTERVAL_S,
         ttl_s: float = TTL_S,
+        prefix: str = k.PREFIX,
     ) -> None:
+        self.prefix = prefix
         self.redis = redis
         self.worker_id = worker_id
         self.role = role
@@ -116,8 +120,8 @@ class Heartbeat:
         snap = self.snapshot()
         metrics.WORKER_CPU.set(snap["cpu_percent"])
         metrics.WORKER_MEMORY.set(snap["memory_percent"])
-        key = k.worker(self.worker_id)
-        index = k.workers_index()
+        key = k.worker(self.worker_id, self.prefix)
+        index = k.workers_index(self.prefix)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(key, mapping={f: str(v) for f, v in snap.items()})
             pipe.expire(key, int(self.ttl_s))
@@ -142,8 +146,8 @@ class Heartbeat:
         self._task = None
         with contextlib.suppress(Exception):
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.delete(k.worker(self.worker_id))
-                pipe.zrem(k.workers_index(), self.worker_id)
+                pipe.delete(k.worker(self.worker_id, self.prefix))
+                pipe.zrem(k.workers_index(self.prefix), self.worker_id)
                 await asyncio.shield(pipe.execute())
 
     async def __aenter__(self) -> Heartbeat:
@@ -154,13 +158,16 @@ class Heartbeat:
         await self.close()
 
     async def _run(self) -> None:
+        outage = Outage("redis", "registry", cap_s=self.interval_s)
         while True:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.beat()
             except Exception as exc:
                 # Missing a beat shows the worker as lost for a while; dying would be worse.
-                log.warning("heartbeat.failed", error=str(exc))
+                outage.failed(exc)
+            else:
+                outage.ok()
 
 
 def _decode(raw: dict[bytes, bytes]) -> dict[str, Any]:
@@ -175,17 +182,21 @@ def _decode(raw: dict[bytes, bytes]) -> dict[str, Any]:
 
 
 async def list_workers(
-    redis: Any, *, include_lost: bool = True, lost_after_s: float = LOST_AFTER_S
+    redis: Any,
+    *,
+    include_lost: bool = True,
+    lost_after_s: float = LOST_AFTER_S,
+    prefix: str = k.PREFIX,
 ) -> list[dict[str, Any]]:
     """Registered workers, most recently seen first, each with ``heartbeat_age_s`` and
     ``lost`` (heartbeat older than ``lost_after_s``). ``include_lost=False`` keeps live ones."""
     now = time.time()
-    ids: list[bytes] = await redis.zrevrange(k.workers_index(), 0, -1)
+    ids: list[bytes] = await redis.zrevrange(k.workers_index(prefix), 0, -1)
     if not ids:
         return []
     async with redis.pipeline(transaction=False) as pipe:
         for wid in ids:
-            pipe.hgetall(k.worker(wid.decode()))
+            pipe.hgetall(k.worker(wid.decode(), prefix))
         hashes: list[dict[bytes, bytes]] = await pipe.execute()
     out: list[dict[str, Any]] = []
     gone: list[bytes] = []
@@ -200,7 +211,7 @@ async def list_workers(
         if include_lost or not entry["lost"]:
             out.append(entry)
     if gone:
-        await redis.zrem(k.workers_index(), *gone)
+        await redis.zrem(k.workers_index(prefix), *gone)
     return out
 
 
@@ -219,6 +230,7 @@ async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
         role=settings.container_type.value,
         concurrency=settings.worker_concurrency,
         busy=busy,
+        prefix=settings.redis_key_prefix,
     )
     await beat.start()
     app[HEARTBEAT] = beat

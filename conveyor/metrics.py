@@ -100,6 +100,11 @@ HTTP_TOTAL = Counter(
     "conveyor_http_requests", "HTTP requests answered", ["route", "method", "status"]
 )
 WEBHOOKS_REJECTED = Counter("conveyor_webhooks_rejected", "Webhooks refused, by reason", ["reason"])
+BACKEND_ERRORS = Counter(
+    "conveyor_backend_errors",
+    "Failed Redis/PostgreSQL calls of background loops (retried with backoff)",
+    ["backend", "op"],
+)
 WORKER_BUSY = Gauge("conveyor_worker_busy_slots", "Run slots in use", multiprocess_mode="livesum")
 WORKER_CONCURRENCY = Gauge(
     "conveyor_worker_concurrency", "Run slots available", multiprocess_mode="livesum"

@@ -105,6 +105,10 @@ class Settings:
     redis_sentinel_role: str = _var("AP_REDIS_SENTINEL_ROLE", default="master")
     queue_shards: int = _var("AP_QUEUE_SHARDS", default=1)
     queue_max_length: int = _var("AP_QUEUE_MAX_LENGTH", default=100_000)
+    queue_visibility_timeout_seconds: int = _var("AP_QUEUE_VISIBILITY_TIMEOUT_SECONDS", default=6)
+    worker_heartbeat_seconds: int = _var("AP_WORKER_HEARTBEAT_SECONDS", default=2)
+    worker_drain_seconds: int = _var("AP_WORKER_DRAIN_SECONDS", default=25)
+    redis_key_prefix: str = _var("AP_REDIS_KEY_PREFIX", default="conveyor")
     redis_failed_job_retention_days: int = _var("AP_REDIS_FAILED_JOB_RETENTION_DAYS", default=30)
     redis_failed_job_retention_max_count: int = _var(
         "AP_REDIS_FAILED_JOB_RETENTION_MAX_COUNT", default=100_000
@@ -225,6 +229,16 @@ class Settings:
         for name in (
             "AP_REDIS_FAILED_JOB_RETENTION_DAYS",
             "AP_REDIS_FAILED_JOB_RETENTION_MAX_COUNT",
+        values["queue_visibility_timeout_seconds"] = p.integer(
+            "AP_QUEUE_VISIBILITY_TIMEOUT_SECONDS", minimum=2, maximum=3600
+        )
+        values["worker_heartbeat_seconds"] = p.integer(
+            "AP_WORKER_HEARTBEAT_SECONDS", minimum=1, maximum=1800
+        )
+        values["worker_drain_seconds"] = p.integer(
+            "AP_WORKER_DRAIN_SECONDS", minimum=0, maximum=3600
+        )
+        values["redis_key_prefix"] = p.key_prefix("AP_REDIS_KEY_PREFIX")
             "AP_REDIS_COMPLETED_JOB_RETENTION_MAX_COUNT",
             "AP_EXECUTION_DATA_RETENTION_DAYS",
             "AP_PIECES_CACHE_MAX_ENTRIES",
@@ -266,6 +280,13 @@ class Settings:
         if self.redis_type is RedisType.EMBEDDED and self.redis_url:
             raise SettingsError(
                 "AP_REDIS_TYPE=EMBEDDED conflicts with AP_REDIS_URL: unset one of them"
+            )
+        if 2 * self.worker_heartbeat_seconds > self.queue_visibility_timeout_seconds:
+            # Fewer than two beats per timeout: one late beat would let live work be taken over.
+            raise SettingsError(
+                f"AP_WORKER_HEARTBEAT_SECONDS={self.worker_heartbeat_seconds} is invalid: at "
+                "most half of AP_QUEUE_VISIBILITY_TIMEOUT_SECONDS "
+                f"({self.queue_visibility_timeout_seconds})"
             )
         if self.redis_type in (RedisType.STANDALONE, RedisType.CLUSTER) and not self.redis_url:
             raise SettingsError(
@@ -465,6 +486,16 @@ class _Parser:
         def cast(v: str) -> str:
             bare = v.strip("[]")
             try:
+    def key_prefix(self, name: str) -> str:
+        def cast(v: str) -> str:
+            # No braces: the prefix sits outside every key's {hash tag}.
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", v):
+                raise ValueError(v)
+            return v
+
+        allowed = "expected 1-64 characters of A-Z a-z 0-9 _ . : - (starting alphanumeric)"
+        return self._cast(name, allowed, cast, _default_for(name))
+
                 ipaddress.ip_address(bare)
                 return bare
             except ValueError:

@@ -57,7 +57,9 @@ async def retry_all_dead(app: web.Application, queue: str, *, limit: int = 10_00
 async def scaling_report(app: web.Application) -> list[dict[str, Any]]:
     """The seed's scaling rules evaluated now (see :func:`conveyor.metrics.evaluate_scaling`)."""
     queues = await queue_admin(app).all_stats()
-    workers = await heartbeat.list_workers(app[REDIS], include_lost=False)
+    workers = await heartbeat.list_workers(
+        app[REDIS], include_lost=False, prefix=app[SETTINGS].redis_key_prefix
+    )
     try:
         db: tuple[int, int] | None = await app[DB].server_connections()
     except Exception:
@@ -205,7 +207,9 @@ async def delete_queue_job(request: web.Request) -> web.Response:
 async def list_workers(request: web.Request) -> web.Response:
     """Live worker processes (``?include_lost=true`` adds those whose heartbeat stopped)."""
     include_lost = request.query.get("include_lost", "false").lower() in ("1", "true", "yes")
-    workers = await heartbeat.list_workers(request.app[REDIS], include_lost=include_lost)
+    workers = await heartbeat.list_workers(
+        request.app[REDIS], include_lost=include_lost, prefix=request.app[SETTINGS].redis_key_prefix
+    )
     return json_response({"data": workers})
 
 

@@ -79,7 +79,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def replies_ctx(app: web.Application) -> AsyncIterator[None]:
-    hub = ReplyHub(app[REDIS])
+    hub = ReplyHub(app[REDIS], app[SETTINGS].redis_key_prefix)
     await hub.start()
     app[REPLIES] = hub
     yield

@@ -5,37 +5,60 @@ many requests wait). A sync webhook registers its run id *before* the job is enq
 reply can never arrive before anyone listens; the job carries the channel name. The worker
 publishes a ``respond`` message as soon as a respond step runs and a ``final`` message when
 the run ends; the request takes whichever comes first.
+
+Pub/sub is transport, not a step, and at most once: the worker retries a publish a few times
+and never lets a lost reply change a run's outcome, and the waiting request falls back to what
+PostgreSQL stored — when its channel had to be resubscribed (a Redis restart), every
+:data:`STORE_POLL_S` while it waits, and at the timeout (:meth:`ReplyHub.wait`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 import structlog
+from redis.exceptions import RedisError
 
+from conveyor import metrics
 from conveyor.aio import raise_if_cancelling
+from conveyor.backoff import Outage, jittered
+from conveyor.engine.status import TERMINAL
 from conveyor.ids import uuid7
 from conveyor.queue import keys as qkeys
+from conveyor.store import runs as run_store
 
 log = structlog.get_logger(__name__)
+
+#: A waiting sync request looks at the stored run this often (a reply may have been lost).
+STORE_POLL_S = 5.0
+#: Publish attempts before a reply is given up (the caller then reads PostgreSQL).
+PUBLISH_ATTEMPTS = 5
+
+_TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
 
 class ReplyHub:
     """Routes reply messages from this process's channel to waiting requests.
 
     Parameters: ``redis`` (a ``redis.asyncio`` client; a dedicated pub/sub connection is taken
-    from it). ``channel`` is unique per process.
+    from it) and the key ``prefix`` (``AP_REDIS_KEY_PREFIX``). ``channel`` is unique per
+    process.
     """
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, prefix: str = qkeys.PREFIX) -> None:
         self.redis = redis
-        self.channel = qkeys.reply_channel(str(uuid7()))
+        self.channel = qkeys.reply_channel(str(uuid7()), prefix)
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        #: Resolved (and replaced) whenever the channel is subscribed again after a loss:
+        #: replies published meanwhile are gone, so waiters look at PostgreSQL.
+        self._gap: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen())
@@ -58,14 +81,58 @@ class ReplyHub:
     def forget(self, run_id: str) -> None:
         self._waiters.pop(run_id, None)
 
+    async def wait(
+        self,
+        waiter: asyncio.Future[dict[str, Any]],
+        timeout_s: float,
+        load_final: Callable[[], Awaitable[dict[str, Any] | None]],
+    ) -> dict[str, Any] | None:
+        """The reply ``waiter`` receives, else the final state ``load_final`` reads from the
+        store, within ``timeout_s``; ``None`` if the run has not ended by then.
+
+        The store is read after a channel gap, every :data:`STORE_POLL_S` and at the end; the
+        last read's errors propagate (the caller answers 503 with the run id to poll).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not waiter.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            gap = self._gap_future()
+            wakers: set[asyncio.Future[Any]] = {waiter, gap}
+            await asyncio.wait(wakers, timeout=min(remaining, STORE_POLL_S))
+            if waiter.done() or deadline - loop.time() <= 0:
+                break
+            try:
+                found = await load_final()
+            except Exception as exc:  # PostgreSQL down too: keep waiting for the reply
+                log.debug("reply.store_read_failed", error=repr(exc))
+                continue
+            if found is not None:
+                return found
+        if waiter.done() and not waiter.cancelled():
+            return waiter.result()
+        return await load_final()
+
+    def _gap_future(self) -> asyncio.Future[None]:
+        if self._gap is None or self._gap.done():
+            self._gap = asyncio.get_running_loop().create_future()
+        return self._gap
+
     async def _listen(self) -> None:
         # Reconnect forever: a Redis restart must not leave sync webhooks deaf.
+        outage = Outage("redis", "replies", base_s=0.1, cap_s=2.0)
         while True:
             raise_if_cancelling()
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 self._ready.set()
+                if outage.down:
+                    outage.ok()
+                    if self._gap is not None and not self._gap.done():
+                        self._gap.set_result(None)
                 async for message in pubsub.listen():
                     raise_if_cancelling()
                     if message.get("type") == "message":
@@ -75,10 +142,10 @@ class ReplyHub:
                     await pubsub.aclose()
                 raise
             except Exception as exc:
-                log.warning("reply channel lost, resubscribing", error=repr(exc))
+                delay = outage.failed(exc)
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(delay)
 
     def _deliver(self, data: bytes) -> None:
         try:
@@ -91,6 +158,39 @@ class ReplyHub:
             fut.set_result(message)
 
 
-async def publish_reply(redis: Any, channel: str, message: dict[str, Any]) -> None:
-    """Worker side: send ``message`` (must carry ``run_id``) to the waiting API process."""
-    await redis.publish(channel, orjson.dumps(message, default=str))
+async def publish_reply(redis: Any, channel: str, message: dict[str, Any]) -> bool:
+    """Worker side: send ``message`` (must carry ``run_id``) to the waiting API process.
+
+    Retried with jittered backoff (a pooled connection gone stale in a Redis restart fails
+    once); never raises for Redis: returns False when the reply could not be sent, and the
+    caller reads the stored result instead.
+    """
+    data = orjson.dumps(message, default=str)
+    delay = 0.1
+    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        try:
+            await redis.publish(channel, data)
+            return True
+        except (RedisError, OSError) as exc:
+            raise_if_cancelling()
+            if attempt == PUBLISH_ATTEMPTS:
+                metrics.BACKEND_ERRORS.labels("redis", "reply").inc()
+                log.warning("reply.lost", run_id=message.get("run_id"), error=str(exc))
+                return False
+            await asyncio.sleep(jittered(delay))
+            delay *= 2
+    return False
+
+
+async def stored_final(db: Any, run_id: str) -> dict[str, Any] | None:
+    """The ``final`` message PostgreSQL implies for ``run_id``; ``None`` while it is live."""
+    row = await run_store.get_run(db, uuid.UUID(run_id))
+    if row["status"] not in _TERMINAL_VALUES:
+        return None
+    return {
+        "run_id": run_id,
+        "kind": "final",
+        "run_status": row["status"],
+        "output": row["output"],
+        "error": row["error"],
+    }

@@ -10,7 +10,6 @@ again and the caller gets 429 + ``Retry-After: 1`` — refused work, never dropp
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import re
@@ -35,11 +34,13 @@ from conveyor.api.keys import (
     SECRET_BOX,
     SETTINGS,
 )
+from conveyor.api.replies import stored_final
 from conveyor.engine.status import TERMINAL, RunStatus
 from conveyor.ids import uuid7
 from conveyor.queue import QueueFull, QueueName, QueueUnavailable
 from conveyor.queue import keys as queue_keys
 from conveyor.store import runs as run_store
+from conveyor.store.db import CONNECTION_ERRORS
 from conveyor.store.secrets import load_secrets
 
 log = structlog.get_logger(__name__)
@@ -353,21 +354,18 @@ async def webhook_sync(request: web.Request) -> web.Response:
             raise _redis_unavailable(run_id) from exc
         timeout_s = app[SETTINGS].webhook_timeout_seconds
         try:
-            message = await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
-        except TimeoutError:
             # Pub/sub is at most once: a reply lost in a reconnect must not turn a finished
-            # run into a 408. PostgreSQL knows.
-            row = await run_store.get_run(app[DB], uuid.UUID(run_id))
-            if row["status"] in TERMINAL_VALUES:
-                message = {
-                    "kind": "final",
-                    "run_status": row["status"],
-                    "output": row["output"],
-                    "error": row["error"],
-                }
-                response = sync_response(run_id, message)
-                await _remember(request, run_id, response.status)
-                return response
+            # run into a 408. PostgreSQL knows (conveyor.api.replies).
+            found = await hub.wait(waiter, timeout_s, lambda: stored_final(app[DB], run_id))
+        except CONNECTION_ERRORS:
+            raise ApiError(
+                503,
+                "UNAVAILABLE",
+                "the run's outcome cannot be read right now; poll the run",
+                headers={"Retry-After": "5", "x-run-id": run_id},
+                extra={"run_id": run_id},
+            ) from None
+        if found is None:
             response = ApiError(
                 408,
                 "WEBHOOK_TIMEOUT",
@@ -379,7 +377,7 @@ async def webhook_sync(request: web.Request) -> web.Response:
             return response
     finally:
         hub.forget(run_id)
-    response = sync_response(run_id, message)
+    response = sync_response(run_id, found)
     await _remember(request, run_id, response.status)
     return response
 

@@ -30,7 +30,7 @@ from conveyor.api.admin import (
 from conveyor.api.errors import ApiError, json_response
 from conveyor.api.flows import flow_json, page_args
 from conveyor.api.health import SANDBOX_REPORT
-from conveyor.api.keys import DB, REDIS
+from conveyor.api.keys import DB, REDIS, SETTINGS
 from conveyor.api.runs import run_json
 from conveyor.board.present import per_second, sparkline
 from conveyor.board.security import csrf_token
@@ -86,7 +86,7 @@ async def overview_data(request: web.Request) -> Context:
             }
         )
     advice = await scaling_report(app)
-    workers = await heartbeat.list_workers(app[REDIS])
+    workers = await heartbeat.list_workers(app[REDIS], prefix=app[SETTINGS].redis_key_prefix)
     lost = sum(1 for w in workers if w["lost"])
     return {
         "title": "Queues",
@@ -247,7 +247,10 @@ async def flows_data(request: web.Request) -> Context:
 
 
 async def workers_data(request: web.Request) -> Context:
-    workers = await heartbeat.list_workers(root(request)[REDIS], include_lost=True)
+    app = root(request)
+    workers = await heartbeat.list_workers(
+        app[REDIS], include_lost=True, prefix=app[SETTINGS].redis_key_prefix
+    )
     return {
         "title": "Workers",
         "workers": workers,

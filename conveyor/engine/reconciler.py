@@ -6,7 +6,8 @@ job is. A run whose entry is gone — Redis restarted empty, a Redis that was do
 an entry trimmed — is enqueued again (a paused run into the delayed set, due at its stored
 ``resume_at``). Enqueue is idempotent per job id, so two reconcilers racing add nothing twice.
 A ``RUNNING`` run older than ``AP_FLOW_TIMEOUT_SECONDS`` plus the grace ends ``TIMEOUT`` even if
-the worker that started it died: nothing stays ``RUNNING`` forever. Once an hour it also trims
+the worker that started it died, and a live run whose job was dead-lettered ends
+``INTERNAL_ERROR``: nothing stays ``RUNNING`` forever. Once an hour it also trims
 run history older than ``AP_EXECUTION_DATA_RETENTION_DAYS``.
 """
 
@@ -22,10 +23,12 @@ from typing import Any
 import structlog
 
 from conveyor.aio import raise_if_cancelling
+from conveyor.backoff import Outage
 from conveyor.engine.status import RunStatus
 from conveyor.queue import Location, Producer, QueueFull, QueueUnavailable
 from conveyor.queue.admin import QueueAdmin
 from conveyor.store import runs as run_store
+from conveyor.store.db import CONNECTION_ERRORS
 from conveyor.store.runs import RunWriter, Transition
 
 log = structlog.get_logger(__name__)
@@ -116,7 +119,20 @@ class Reconciler:
         for queue, group in by_queue.items():
             where = await self.admin.locate(queue, [_job_id(r) for r in group])
             for row in group:
-                if where[_job_id(row)] in (Location.STREAM, Location.DELAYED):
+                found = where[_job_id(row)]
+                if found in (Location.STREAM, Location.DELAYED):
+                    continue
+                if found is Location.DEAD:
+                    # The queue gave up on it but could not end the run then (PostgreSQL was
+                    # down): end it now rather than run a job again that keeps failing.
+                    msg = "internal error: the job was dead-lettered"
+                    await self.writer.transition(
+                        Transition(
+                            row["id"],
+                            RunStatus.INTERNAL_ERROR,
+                            error={"step": None, "message": msg},
+                        )
+                    )
                     continue
                 try:
                     await self._requeue(queue, row, now)
@@ -149,17 +165,29 @@ class Reconciler:
         return deleted
 
     async def _loop(self) -> None:
+        # One line when a backend goes away and one when it is back, not one per pass.
+        redis = Outage("redis", "reconcile", cap_s=self.interval_s)
+        postgres = Outage("postgres", "reconcile", cap_s=self.interval_s)
         while True:
             raise_if_cancelling()
             try:
                 if time.monotonic() >= self._retention_due:
                     self._retention_due = time.monotonic() + self.retention_every_s
-                    await self.apply_retention()
+                    try:
+                        await self.apply_retention()
+                    except CONNECTION_ERRORS:
+                        self._retention_due = 0.0  # PostgreSQL down: trim on the next pass
+                        raise
                 await self.run_once()
-            except QueueUnavailable:
-                pass  # Redis still down: the next pass will try again
+            except QueueUnavailable as exc:
+                redis.failed(exc)  # the next pass tries again
+            except CONNECTION_ERRORS as exc:
+                postgres.failed(exc)
             except Exception:
                 log.exception("reconciler pass failed")
+            else:
+                redis.ok()
+                postgres.ok()
             await asyncio.sleep(self.interval_s)
 
     async def start(self) -> None:

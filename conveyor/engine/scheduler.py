@@ -43,6 +43,7 @@ import structlog
 from croniter import croniter
 from redis.exceptions import RedisError
 
+from conveyor.backoff import Outage
 from conveyor.engine.flow import Trigger
 from conveyor.engine.schedule import next_fire, tick_id
 from conveyor.ids import uuid7
@@ -166,6 +167,7 @@ class Scheduler:
         self.trigger_timeout_s = trigger_timeout_s
         self.lease_ms = lease_ms
         self.poll_s = poll_s
+        self._outage = Outage("redis", "schedule_lease")
         self.refresh_s = refresh_s
         self.lease_key = lease_key or k.scheduler_lease()
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -194,8 +196,9 @@ class Scheduler:
                 self._step_down()
             taken = await self.redis.set(self.lease_key, self.owner, nx=True, px=self.lease_ms)
         except (RedisError, OSError) as exc:
-            log.warning("scheduler cannot reach Redis", error=str(exc))
+            self._outage.failed(exc)  # logged once per outage, retried every poll_s
             return None
+        self._outage.ok()
         if taken:
             self._leader = True
             log.info("scheduler leading", owner=self.owner)

@@ -12,6 +12,7 @@ an exception here (our bug, a database outage) makes the queue redeliver.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ from conveyor.engine.ssrf import SsrfPolicy, create_http_session
 from conveyor.engine.status import RunStatus
 from conveyor.logging import bind_run
 from conveyor.queue import Consumer, Job, Producer, QueueConfig, QueueName
+from conveyor.queue import keys as qkeys
 from conveyor.queue.admin import QueueAdmin
 from conveyor.sandbox.client import Sandbox
 from conveyor.sandbox.config import SandboxConfig
@@ -176,8 +178,8 @@ class RunWorker:
         async def on_respond(status: int, headers: Mapping[str, str], body: Any) -> None:
             nonlocal answered
             if reply:
-                answered = True
-                await publish_reply(
+                # A respond that could not be delivered is followed by the final message.
+                answered = await publish_reply(
                     self.redis,
                     reply,
                     {
@@ -225,11 +227,16 @@ class RunWorker:
         )
         if not reply:
             return
+        # Committed: from here on nothing may fail the job. The reply is transport; a caller
+        # that misses it reads the stored result (conveyor.api.replies).
         if stored:
             await self._final(reply, run_id, outcome.status.value, outcome.output, error)
-        else:
+            return
+        try:
             # Canceled (or ended) meanwhile: the caller hears what PostgreSQL says, not us.
             await self._final_from_store(reply, rid)
+        except Exception as exc:
+            log.warning("reply.not_sent", error=repr(exc))
 
     async def _final_from_store(self, reply: str, rid: uuid.UUID) -> None:
         row = await run_store.get_run(self.writer.db, rid)
@@ -251,20 +258,23 @@ class RunWorker:
     async def on_dead(self, job: Job, error: str) -> None:
         """The queue gave up on a job: the run ends INTERNAL_ERROR, never stuck RUNNING."""
         payload = job.payload if isinstance(job.payload, Mapping) else {}
-        run_id = payload.get("run_id")
-        if not run_id:
-            return
+        try:
+            rid = uuid.UUID(str(payload.get("run_id")))
+        except ValueError:
+            return  # no run to end (a malformed job): the entry is simply dead-lettered
         err = {"step": None, "message": f"internal error after {job.attempt} deliveries: {error}"}
-        rid = uuid.UUID(str(run_id))
         await self.writer.transition(Transition(rid, RunStatus.INTERNAL_ERROR, error=err))
         if reply := payload.get("reply"):
-            await self._final_from_store(str(reply), rid)
+            with contextlib.suppress(Exception):  # transport only: the caller reads the store
+                await self._final_from_store(str(reply), rid)
 
     async def start(self) -> None:
         await self.consumer.start()
 
     async def close(self) -> None:
-        await self.consumer.close()
+        """Drain: running jobs get ``AP_WORKER_DRAIN_SECONDS``, then they are stopped and
+        handed back to the queue (another worker resumes them from their checkpoints)."""
+        await self.consumer.close(timeout_s=float(self.settings.worker_drain_seconds))
         await self.producer.close()
 
 
@@ -320,6 +330,7 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
         worker.producer,
         app[REDIS],
         trigger_timeout_s=float(settings.trigger_timeout_seconds),
+        lease_key=qkeys.scheduler_lease(settings.redis_key_prefix),
     )
     await scheduler.start()
     try:

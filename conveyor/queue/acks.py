@@ -15,6 +15,7 @@ import time
 import structlog
 from redis.asyncio import Redis
 
+from conveyor.backoff import Outage
 from conveyor.queue import keys as k
 from conveyor.queue.scripts import ACK
 
@@ -43,6 +44,7 @@ class AckBatcher:
         self._items: dict[k.ShardKeys, list[AckItem]] = {}
         self._wake = asyncio.Event()
         self._flushing = False
+        self._last_error: BaseException | None = None
         self.pending = 0
 
     @property
@@ -60,7 +62,9 @@ class AckBatcher:
         self._wake.set()
 
     async def run(self) -> None:
-        """Flush whenever something was added, until cancelled."""
+        """Flush whenever something was added, until cancelled; after a failed flush, wait
+        a jittered backoff before resending (never spin while Redis is down)."""
+        outage = Outage("redis", "ack")
         while True:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -70,7 +74,15 @@ class AckBatcher:
             # next batch is then read while Redis runs this ACK, instead of queueing behind it.
             await asyncio.sleep(0)
             self._wake.clear()
-            await self.flush()
+            if await self.flush():
+                outage.ok()
+                continue
+            if self._flushing:
+                # flush_until_done is sending right now; it retries on its own.
+                await asyncio.sleep(0.05)
+            else:
+                await asyncio.sleep(outage.failed(self._last_error or "ack failed"))
+            self._wake.set()
 
     async def flush(self) -> bool:
         """Send everything queued; False (and kept for later) if Redis failed."""
@@ -92,12 +104,12 @@ class AckBatcher:
                     ok = False
                     self._items[sk] = items + self._items.get(sk, [])
                     self.pending += len(items)
-                    log.warning("queue.ack_failed", error=str(result))
+                    self._last_error = result
             return ok
         finally:
+            # Not re-armed here on failure: run() waits a backoff first (re-arming at once
+            # made a worker spin on a dead connection at 100 % of a core).
             self._flushing = False
-            if self.pending:
-                self._wake.set()
 
     async def flush_until_done(self, deadline_s: float) -> None:
         """Flush, retrying with backoff, until nothing is queued or the deadline passes."""

@@ -74,7 +74,7 @@ class QueueAdmin:
     def _shards(self, queue: str) -> list[k.ShardKeys]:
         if queue not in k.QueueName.__members__.values():
             raise ValueError(f"unknown queue {queue!r}: expected one of {list(k.QueueName)}")
-        return k.shard_keys(queue, self.config.shards)
+        return self.config.shard_keys(queue)
 
     # ------------------------------------------------------------------ lookups
     async def locate(self, queue: str, job_ids: Sequence[str]) -> dict[str, Location | None]:
@@ -357,18 +357,18 @@ class QueueAdmin:
         """Stop deliveries of ``queue`` on every worker (within ``pause_poll_s``)."""
         self._shards(queue)
         async with unavailable_as_typed():
-            await self.redis.set(k.paused(queue), b"1")
+            await self.redis.set(k.paused(queue, self.config.key_prefix), b"1")
 
     async def resume(self, queue: str) -> None:
         """Undo :meth:`pause`."""
         self._shards(queue)
         async with unavailable_as_typed():
-            await self.redis.delete(k.paused(queue))
+            await self.redis.delete(k.paused(queue, self.config.key_prefix))
 
     async def is_paused(self, queue: str) -> bool:
         self._shards(queue)
         async with unavailable_as_typed():
-            return bool(await self.redis.exists(k.paused(queue)))
+            return bool(await self.redis.exists(k.paused(queue, self.config.key_prefix)))
 
     # ------------------------------------------------------------------ stats
     async def stats(self, queue: str) -> st.QueueStats:
@@ -383,4 +383,4 @@ class QueueAdmin:
     async def history(self, queue: str) -> list[dict[str, Any]]:
         """The board's 10-second samples of ``queue``, oldest first."""
         self._shards(queue)
-        return await st.history(self.redis, queue)
+        return await st.history(self.redis, queue, self.config.key_prefix)

@@ -10,6 +10,8 @@ import dataclasses
 import random
 from typing import TYPE_CHECKING, Any
 
+from conveyor.queue import keys as k
+
 if TYPE_CHECKING:
     from conveyor.settings import Settings
 
@@ -25,16 +27,19 @@ class QueueConfig:
     :param failed_retention_max_count: at most this many dead letters per shard, default 100 000.
     :param completed_retention_max_count: completed summaries kept per shard, default 1000.
     :param concurrency: jobs one consumer runs at once (``AP_WORKER_CONCURRENCY``), default 1.
-    :param visibility_timeout_s: an entry idle this long is reclaimed by any worker, default 60.
-    :param heartbeat_s: in-flight entries are touched this often, default 15.
+    :param visibility_timeout_s: a consumer silent this long (and its untouched entries) is
+        taken over by any live worker (``AP_QUEUE_VISIBILITY_TIMEOUT_SECONDS``), default 6.
+    :param heartbeat_s: in-flight entries are touched this often (``AP_WORKER_HEARTBEAT_SECONDS``),
+        default 2.
     :param max_deliveries: deliveries before an entry is dead-lettered, default 5.
     :param backoff_base_s: first retry delay, doubled per attempt, default 1.
     :param backoff_cap_s: longest retry delay, default 300.
     :param backoff_jitter: relative jitter of a retry delay (0.2 = ±20 %), default 0.2.
     :param block_ms: how long an idle consumer blocks in ``XREADGROUP``, default 1000.
     :param delayed_poll_s: how often delayed entries are promoted, default 0.25.
-    :param reclaim_interval_s: how often idle entries are looked for; default a quarter of
-        the visibility timeout.
+    :param reclaim_interval_s: how often the whole pending list is scanned for idle entries
+        (a backstop: silent consumers are found every :attr:`takeover_every_s` without a
+        scan); default 2.5 visibility timeouts.
     :param trim_interval_s: how often acknowledged entries are trimmed, default 5.
     :param retention_interval_s: how often dead letters are expired, default 60.
     :param pause_poll_s: how quickly a pause reaches every worker, default 0.5.
@@ -42,6 +47,8 @@ class QueueConfig:
     :param enqueue_batch_max: most jobs per coalesced enqueue script call, default 500.
     :param sample_interval_s: board history sampling period, default 10.
     :param history_length: samples kept per queue (15 minutes at 10 s), default 90.
+    :param key_prefix: namespace of every Redis key (``AP_REDIS_KEY_PREFIX``), default
+        ``conveyor``.
     """
 
     shards: int = 1
@@ -50,8 +57,8 @@ class QueueConfig:
     failed_retention_max_count: int = 100_000
     completed_retention_max_count: int = 1000
     concurrency: int = 1
-    visibility_timeout_s: float = 60.0
-    heartbeat_s: float = 15.0
+    visibility_timeout_s: float = 6.0
+    heartbeat_s: float = 2.0
     max_deliveries: int = 5
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 300.0
@@ -66,6 +73,7 @@ class QueueConfig:
     enqueue_batch_max: int = 500
     sample_interval_s: float = 10.0
     history_length: int = 90
+    key_prefix: str = k.PREFIX
 
     def __post_init__(self) -> None:
         if self.shards < 1 or self.max_length < 1 or self.concurrency < 1:
@@ -75,6 +83,8 @@ class QueueConfig:
         if self.heartbeat_s >= self.visibility_timeout_s:
             # A heartbeat slower than the visibility timeout lets live work be stolen.
             raise ValueError("heartbeat_s must be shorter than visibility_timeout_s")
+        if not self.key_prefix or "{" in self.key_prefix or "}" in self.key_prefix:
+            raise ValueError("key_prefix must be non-empty and without braces")
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> QueueConfig:
@@ -86,6 +96,9 @@ class QueueConfig:
             failed_retention_max_count=settings.redis_failed_job_retention_max_count,
             completed_retention_max_count=settings.redis_completed_job_retention_max_count,
             concurrency=settings.worker_concurrency,
+            visibility_timeout_s=float(settings.queue_visibility_timeout_seconds),
+            heartbeat_s=float(settings.worker_heartbeat_seconds),
+            key_prefix=settings.redis_key_prefix,
         )
         return dataclasses.replace(base, **overrides) if overrides else base
 
@@ -108,7 +121,17 @@ class QueueConfig:
     def reclaim_every_s(self) -> float:
         if self.reclaim_interval_s is not None:
             return self.reclaim_interval_s
-        return self.visibility_timeout_s / 4
+        return self.visibility_timeout_s * 2.5
+
+    @property
+    def takeover_every_s(self) -> float:
+        """How often consumers look for silent ones to take over: at most 1 s, so takeover
+        comes at most a second after the visibility timeout."""
+        return min(1.0, self.heartbeat_s / 2)
+
+    def shard_keys(self, queue: str) -> list[k.ShardKeys]:
+        """Keys of every shard of ``queue`` under this configuration's prefix."""
+        return k.shard_keys(queue, self.shards, self.key_prefix)
 
     @property
     def failed_retention_ms(self) -> int:

@@ -29,13 +29,24 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from conveyor.aio import raise_if_cancelling
+from conveyor.backoff import Outage
 from conveyor.queue import keys as k
 from conveyor.queue import maintenance
 from conveyor.queue.acks import AckBatcher
 from conveyor.queue.config import QueueConfig
 from conveyor.queue.errors import is_unavailable
 from conveyor.queue.job import Job, UndecodablePayload, decode_entry, now_ms
-from conveyor.queue.scripts import CLAIM, DEAD, FETCH, RETRY, TOUCH, execute_command
+from conveyor.queue.scripts import (
+    CLAIM,
+    DEAD,
+    DROP_NAME,
+    FETCH,
+    RELEASE,
+    RENEW_NAME,
+    RETRY,
+    TOUCH,
+    execute_command,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -57,8 +68,9 @@ def _reraise_if_cancelling(exc: BaseException | None = None) -> None:
 
 
 def default_consumer_name() -> str:
-    """``host:pid:random``: unique per process, readable on the board."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    """``host:pid``: stable across restarts of a container (same host name, same pid), so a
+    restarted worker takes back its own pending entries at once; readable on the board."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class _Stream:
@@ -82,11 +94,17 @@ class Consumer:
         (redelivery with backoff). A flow run that ends ``FAILED`` must return normally.
     :param config: queue configuration; ``config.concurrency`` unless ``concurrency`` is given.
     :param on_dead: ``async def on_dead(job, error)`` called before a job is dead-lettered (the
-        engine marks the run ``INTERNAL_ERROR``); if it raises, the entry stays pending and is
-        offered again after the visibility timeout.
+        engine marks the run ``INTERNAL_ERROR``); if it raises, the error is logged and the
+        entry is dead-lettered all the same (nothing stays pending forever).
     :param queues: queues to serve, in priority order; default ``sync`` then ``runs``.
-    :param name: consumer name; default ``host:pid:random``. A stable name lets a restarted
-        process take back its own pending entries at once instead of after the timeout.
+    :param name: consumer name; default ``host:pid`` (leased in Redis while the process lives;
+        if another live process holds it, a random suffix is added). A stable name lets a
+        restarted process take back its own pending entries at once.
+
+    Takeover: every consumer beats (touches its entries) each ``heartbeat_s``; a consumer
+    with pending entries silent for ``visibility_timeout_s`` is dead, and live consumers claim
+    its entries (as many as they have free slots) within a second. On :meth:`close`, entries
+    still held at the deadline are handed back to the stream at once.
     """
 
     def __init__(
@@ -105,9 +123,13 @@ class Consumer:
         self.config = config or QueueConfig()
         self.on_dead = on_dead
         self.name = name or default_consumer_name()
+        #: Default names are leased so two live processes never share one.
+        self._lease_name = name is None
+        self._lease_token = secrets.token_hex(8)
+        self._leased: bytes | None = None
         self.concurrency = concurrency or self.config.concurrency
         self._name_b = self.name.encode()
-        self._streams = [_Stream(sk) for q in queues for sk in k.shard_keys(q, self.config.shards)]
+        self._streams = [_Stream(sk) for q in queues for sk in self.config.shard_keys(q)]
         self._by_key = {s.keys.stream: s for s in self._streams}
         self._queues = tuple(dict.fromkeys(queues))
         # Redis Cluster cannot run a script over several slots; fall back to per-stream reads.
@@ -128,6 +150,9 @@ class Consumer:
         self._background: list[asyncio.Task[None]] = []
         self._next_due: dict[int, float] = {}
         self._close_timeout_s = 30.0
+        self._outages = {
+            op: Outage("redis", op) for op in ("fetch", "touch", "housekeeping", "retry", "dead")
+        }
         self.processed = 0
         self.failed = 0
         self.dead_lettered = 0
@@ -139,9 +164,34 @@ class Consumer:
         return self._running + len(self._buffer)
 
     async def start(self) -> None:
-        """Start consuming in the background until :meth:`close`."""
+        """Start consuming in the background until :meth:`close` (the name is final once
+        this returns)."""
         if self._main is None:
-            self._main = asyncio.get_running_loop().create_task(self.run())
+            self._stop.clear()
+            await self._take_name()
+            # Not run(): a close() right after start() must not have its stop cleared.
+            self._main = asyncio.get_running_loop().create_task(self._run())
+
+    async def _take_name(self) -> None:
+        """Lease the default name, or fall back to a unique one (never share a name)."""
+        if not self._lease_name or self._leased is not None:
+            return
+        key = k.consumer_name(self.name, self.config.key_prefix)
+        try:
+            ok = await self.redis.set(
+                key, self._lease_token, nx=True, px=self.config.visibility_timeout_ms
+            )
+        except (RedisError, OSError) as exc:
+            _reraise_if_cancelling(exc)
+            ok = False
+        if ok:
+            self._leased = key
+        else:
+            # Held by another live process (or its predecessor killed moments ago, whose
+            # entries the takeover then returns): a fresh name is always safe.
+            self.name = f"{self.name}:{secrets.token_hex(3)}"
+            self._lease_name = False
+        self._name_b = self.name.encode()
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Stop fetching, let running handlers finish (cancel them after ``timeout_s``), flush
@@ -182,6 +232,14 @@ class Consumer:
     ) -> int:
         """Consume until :meth:`close` (or, with ``burst``, until drained; see :meth:`drain`)."""
         self._stop.clear()
+        return await self._run(
+            burst=burst, wait_delayed_s=wait_delayed_s, wait_pending=wait_pending
+        )
+
+    async def _run(
+        self, *, burst: bool = False, wait_delayed_s: float = 0.0, wait_pending: bool = False
+    ) -> int:
+        await self._take_name()
         before = self.processed + self.failed + self.dead_lettered
         loop = asyncio.get_running_loop()
         self._background = [loop.create_task(self._acks.run()), loop.create_task(self._heartbeat())]
@@ -196,7 +254,7 @@ class Consumer:
         return self.processed + self.failed + self.dead_lettered - before
 
     async def _setup(self) -> None:
-        delay = 0.05
+        outage = self._outages["fetch"]
         while not self._stop.is_set():
             try:
                 for s in self._streams:
@@ -208,20 +266,22 @@ class Consumer:
                 # Entries this name held when its process died come back first.
                 for s in self._streams:
                     await self._claim(s, min_idle_ms=0, count=10_000, owner=self.name)
+                outage.ok()
                 return
             except (RedisError, OSError) as exc:
                 _reraise_if_cancelling(exc)
                 if not is_unavailable(exc):
                     raise
-                log.warning("queue.setup_retry", error=str(exc))
-                await self._sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await self._sleep(outage.failed(exc))
 
     async def _shutdown(self) -> None:
         deadline = time.monotonic() + self._close_timeout_s
         while (self.busy or self._tasks) and time.monotonic() < deadline:
             await self._wait_slot(min(0.05, max(0.0, deadline - time.monotonic())))
-        # Past the deadline whatever still runs is cancelled; its entries stay pending.
+        # Past the deadline whatever still runs is cancelled and its entries (and the ones
+        # buffered) are handed back; nothing here awaits between snapshot and cancel, so no
+        # handler can finish in between.
+        held = [(s, list(s.inflight)) for s in self._streams if s.inflight]
         stragglers = [*self._workers, *self._tasks]
         for t in stragglers:
             t.cancel()
@@ -231,10 +291,32 @@ class Consumer:
         self._buffer.clear()
         self._running = 0
         await self._acks.flush_until_done(deadline_s=10.0)
+        if held:
+            await self._release(held)
         for t in self._background:
             t.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background = []
+        if self._leased is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await DROP_NAME(self.redis, [self._leased], [self._lease_token])
+            self._leased = None
+
+    async def _release(self, held: list[tuple[_Stream, list[str]]]) -> None:
+        """Hand entries still held back to their stream's tail (see ``RELEASE``); if Redis is
+        down they stay pending and the takeover returns them after the visibility timeout."""
+        for s, ids in held:
+            try:
+                n = await RELEASE(
+                    self.redis,
+                    [s.keys.stream, s.keys.index, s.keys.count],
+                    [k.GROUP, self._name_b, *ids],
+                )
+            except (RedisError, OSError) as exc:
+                _reraise_if_cancelling(exc)
+                log.warning("queue.release_failed", entries=len(ids), error=str(exc))
+                continue
+            log.warning("queue.released", stream=s.keys.stream.decode(), count=int(n))
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -242,7 +324,7 @@ class Consumer:
 
     # ------------------------------------------------------------------ main loop
     async def _loop(self, burst: bool, wait_delayed_s: float, wait_pending: bool) -> None:
-        delay = 0.05
+        outage = self._outages["fetch"]
         last_housekeeping = 0.0
         while not self._stop.is_set():
             _reraise_if_cancelling()
@@ -271,15 +353,12 @@ class Consumer:
                         await self._wait_slot(0.01)
                         continue
                     got = await self._fetch_blocking(streams, free)
-                delay = 0.05
+                outage.ok()
             except (RedisError, OSError) as exc:
                 _reraise_if_cancelling(exc)
-                if not is_unavailable(exc):
+                if not is_unavailable(exc) and not outage.down:
                     log.exception("queue.fetch_failed")
-                else:
-                    log.warning("queue.redis_unavailable", error=str(exc))
-                await self._sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await self._sleep(outage.failed(exc))
                 continue
             if got:
                 self._accept(got)
@@ -453,18 +532,21 @@ class Consumer:
         except (RedisError, OSError) as rexc:
             _reraise_if_cancelling(rexc)
             # Still pending: the visibility timeout brings it back, so nothing is lost.
-            log.warning("queue.retry_schedule_failed", job_id=job.id, error=str(rexc))
+            self._outages["retry"].failed(rexc)
+        else:
+            self._outages["retry"].ok()
 
     async def _dead_letter(self, s: _Stream, job: Job, error: str) -> None:
         try:
             if self.on_dead is not None:
                 try:
                     await self.on_dead(job, error)
-                except Exception:
-                    # Keep the entry pending: dead-lettering without telling the engine would
-                    # leave its run stuck in RUNNING.
+                except Exception as exc:
+                    _reraise_if_cancelling(exc)
+                    # Dead-lettered all the same: an entry nobody can handle must not stay
+                    # pending forever. The engine's reconciler ends a live run whose job sits
+                    # in the dead letters, so nothing is left RUNNING either.
                     log.exception("queue.on_dead_failed", job_id=job.id)
-                    return
             sk = s.keys
             try:
                 did = await DEAD(
@@ -474,8 +556,10 @@ class Consumer:
                 )
             except (RedisError, OSError) as exc:
                 _reraise_if_cancelling(exc)
-                log.warning("queue.dead_letter_failed", job_id=job.id, error=str(exc))
+                # Still pending: redelivered past max_deliveries, it comes back here.
+                self._outages["dead"].failed(exc)
                 return
+            self._outages["dead"].ok()
             if did is not None:
                 self.dead_lettered += 1
                 log.error(
@@ -493,6 +577,18 @@ class Consumer:
         while True:
             _reraise_if_cancelling()
             await asyncio.sleep(self.config.heartbeat_s)
+            if self._leased is not None:
+                try:
+                    kept = await RENEW_NAME(
+                        self.redis,
+                        [self._leased],
+                        [self._lease_token, self.config.visibility_timeout_ms],
+                    )
+                except (RedisError, OSError) as exc:
+                    _reraise_if_cancelling(exc)
+                    kept = True  # counted by the touch below, which fails the same way
+                if not kept:
+                    log.error("queue.name_lease_lost", consumer=self.name)
             for s in self._streams:
                 ids = list(s.inflight)
                 for i in range(0, len(ids), 500):
@@ -502,8 +598,9 @@ class Consumer:
                         )
                     except (RedisError, OSError) as exc:
                         _reraise_if_cancelling(exc)
-                        log.warning("queue.heartbeat_failed", error=str(exc))
+                        self._outages["touch"].failed(exc)
                         break
+                    self._outages["touch"].ok()
                     # Entries acknowledged while the touch was in flight are not lost.
                     lost = [x for x in lost if x.decode() in s.inflight]
                     if lost:
@@ -535,6 +632,32 @@ class Consumer:
             self._accept((s, eid, fields, int(n)) for eid, fields, n in claimed)
         return len(claimed)
 
+    async def _take_over(self) -> int:
+        """Claim the entries of consumers silent for the visibility timeout (killed, hung or
+        cut off): found from the group's consumer list, so no scan of the pending list."""
+        taken = 0
+        idle_ms = self.config.visibility_timeout_ms
+        for s in self._streams:
+            if s.queue in self._paused:
+                continue
+            try:
+                consumers = await self.redis.xinfo_consumers(s.keys.stream, k.GROUP)
+            except ResponseError:  # no such stream or group yet
+                continue
+            for c in consumers:
+                name = c["name"]
+                name_b = name if isinstance(name, bytes) else str(name).encode()
+                if name_b == self._name_b or int(c["pending"]) == 0 or int(c["idle"]) < idle_ms:
+                    continue
+                # As many as there are free slots (and a few even when full: a dead worker's
+                # runs must not wait behind a backlog; buffered entries are heartbeated).
+                count = max(self.concurrency - self.busy, min(4, self.concurrency))
+                got = await self._claim(s, min_idle_ms=idle_ms, count=count, owner=name_b.decode())
+                if got:
+                    log.warning("queue.took_over", consumer=name_b.decode(), entries=got)
+                taken += got
+        return taken
+
     async def _reclaim(self) -> None:
         for s in self._streams:
             # Even with every slot busy take a few: a dead worker's entries must not wait
@@ -562,10 +685,13 @@ class Consumer:
     async def _maintenance_loop(self) -> None:
         cfg = self.config
         tick = min(cfg.delayed_poll_s, cfg.pause_poll_s)
-        last = {"reclaim": 0.0, "trim": 0.0, "expire": 0.0, "promote": 0.0}
+        last = {"reclaim": 0.0, "trim": 0.0, "expire": 0.0, "promote": 0.0, "takeover": 0.0}
+        outage = self._outages["housekeeping"]
+        wait = tick
         while True:
             _reraise_if_cancelling()
-            await asyncio.sleep(tick)
+            await asyncio.sleep(wait)
+            wait = tick
             now = time.monotonic()
             try:
                 if now - last["promote"] >= cfg.delayed_poll_s:
@@ -576,6 +702,9 @@ class Consumer:
                 if do_reclaim:
                     last["reclaim"] = now
                 await self._housekeep_once(reclaim=do_reclaim)
+                if now - last["takeover"] >= cfg.takeover_every_s:
+                    last["takeover"] = now
+                    await self._take_over()
                 if now - last["trim"] >= cfg.trim_interval_s:
                     last["trim"] = now
                     for s in self._streams:
@@ -587,12 +716,14 @@ class Consumer:
                         await maintenance.forget_idle_consumers(
                             self.redis, s.keys, FORGET_CONSUMER_MS
                         )
+                outage.ok()
             except Exception as exc:
                 # Housekeeping must outlive any one bad round (a bug here would otherwise stop
                 # promotion and reclaim for the life of the process).
                 _reraise_if_cancelling(exc)
-                if not is_unavailable(exc):
+                if not is_unavailable(exc) and not outage.down:
                     log.exception("queue.maintenance_failed")
+                wait = max(tick, outage.failed(exc))
 
     async def _drained(self, wait_delayed_s: float, wait_pending: bool) -> bool:
         if self.busy or self._tasks:

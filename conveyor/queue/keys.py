@@ -3,6 +3,10 @@
 Per-shard keys share the hash tag ``{<queue>:<shard>}`` so a stream, its delayed set, its index,
 its dead letters and its counters live on one Redis Cluster slot and one Lua script may touch
 them all atomically. Per-queue keys (pause flag, board history) use the tag ``{<queue>}``.
+
+Every name starts with the deployment's prefix (``AP_REDIS_KEY_PREFIX``, default
+:data:`PREFIX`), outside the hash tag: two deployments sharing one Redis database never see
+each other's keys, streams or channels.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import zlib
 from enum import StrEnum
 
+#: The default key prefix (``AP_REDIS_KEY_PREFIX``).
 PREFIX = "conveyor"
 
 #: One group name on every stream (each stream still has its own group): the same name lets a
@@ -57,10 +62,10 @@ class ShardKeys:
         "tag",
     )
 
-    def __init__(self, queue: str, shard: int) -> None:
+    def __init__(self, queue: str, shard: int, prefix: str = PREFIX) -> None:
         self.queue = queue
         self.shard = shard
-        self.tag = f"{PREFIX}:{{{queue}:{shard}}}"
+        self.tag = f"{prefix}:{{{queue}:{shard}}}"
         self.stream = f"{self.tag}:stream".encode()
         self.index = f"{self.tag}:index".encode()
         self.count = f"{self.tag}:count".encode()
@@ -82,39 +87,45 @@ class ShardKeys:
         return f"ShardKeys({self.queue!r}, {self.shard})"
 
 
-def shard_keys(queue: str, shards: int) -> list[ShardKeys]:
+def shard_keys(queue: str, shards: int, prefix: str = PREFIX) -> list[ShardKeys]:
     """Keys of every shard of ``queue``."""
-    return [ShardKeys(queue, s) for s in range(shards)]
+    return [ShardKeys(queue, s, prefix) for s in range(shards)]
 
 
-def paused(queue: str) -> bytes:
+def paused(queue: str, prefix: str = PREFIX) -> bytes:
     """Present while ``queue`` is paused (every worker polls it)."""
-    return f"{PREFIX}:{{{queue}}}:paused".encode()
+    return f"{prefix}:{{{queue}}}:paused".encode()
 
 
-def history(queue: str) -> bytes:
+def history(queue: str, prefix: str = PREFIX) -> bytes:
     """Capped list of 10-second samples of depth and throughput, newest first (the board)."""
-    return f"{PREFIX}:{{{queue}}}:history".encode()
+    return f"{prefix}:{{{queue}}}:history".encode()
 
 
-def history_lock(queue: str, slot: int) -> bytes:
+def history_lock(queue: str, slot: int, prefix: str = PREFIX) -> bytes:
     """Taken (``SET NX``) by whichever process records sample ``slot``, so it is recorded once."""
-    return f"{PREFIX}:{{{queue}}}:history:lock:{slot}".encode()
+    return f"{prefix}:{{{queue}}}:history:lock:{slot}".encode()
 
 
-def reply_channel(process_id: str) -> str:
+def reply_channel(process_id: str, prefix: str = PREFIX) -> str:
     """Pub/sub channel on which one API process receives its sync webhooks' replies."""
-    return f"{PREFIX}:replies:{process_id}"
+    return f"{prefix}:replies:{process_id}"
 
 
-def workers_index() -> bytes:
+def workers_index(prefix: str = PREFIX) -> bytes:
     """Sorted set of worker ids scored by their last heartbeat (epoch seconds): the registry."""
-    return f"{PREFIX}:{{workers}}:index".encode()
+    return f"{prefix}:{{workers}}:index".encode()
 
 
-def worker(worker_id: str) -> bytes:
+def worker(worker_id: str, prefix: str = PREFIX) -> bytes:
     """Hash of one worker process's last heartbeat (expires when the process stops beating)."""
-    return f"{PREFIX}:{{workers}}:worker:{worker_id}".encode()
+    return f"{prefix}:{{workers}}:worker:{worker_id}".encode()
+
+
+def consumer_name(name: str, prefix: str = PREFIX) -> bytes:
+    """Lease on a stable consumer name (``SET NX PX``, renewed by its holder): two live
+    processes never share one name, so neither can take the other's entries for its own."""
+    return f"{prefix}:{{workers}}:consumer:{name}".encode()
 
 
 def webhook_signature(flow_id: str, digest: str) -> bytes:
@@ -123,6 +134,6 @@ def webhook_signature(flow_id: str, digest: str) -> bytes:
     return f"{PREFIX}:sig:{flow_id}:{digest}".encode()
 
 
-def scheduler_lease() -> bytes:
+def scheduler_lease(prefix: str = PREFIX) -> bytes:
     """The schedule leader's lease: owner id, ``SET NX PX``, extended only by its owner."""
-    return f"{PREFIX}:{{scheduler}}:lease".encode()
+    return f"{prefix}:{{scheduler}}:lease".encode()

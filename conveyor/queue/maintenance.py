@@ -80,7 +80,7 @@ async def forget_idle_consumers(redis: Redis, sk: k.ShardKeys, idle_ms: int) -> 
 async def housekeep(redis: Redis, config: QueueConfig, queues: tuple[str, ...]) -> None:
     """One round of every housekeeping step on every shard of ``queues``."""
     for queue in queues:
-        for sk in k.shard_keys(queue, config.shards):
+        for sk in config.shard_keys(queue):
             await promote(redis, sk, config)
             await trim(redis, sk)
             await expire_dead(redis, sk, config)

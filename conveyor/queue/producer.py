@@ -68,7 +68,7 @@ class Producer:
         if shards is None:
             if queue not in k.QueueName.__members__.values():
                 raise ValueError(f"unknown queue {queue!r}: expected one of {list(k.QueueName)}")
-            shards = self._shards[queue] = k.shard_keys(queue, self.config.shards)
+            shards = self._shards[queue] = self.config.shard_keys(queue)
         return shards
 
     async def enqueue(

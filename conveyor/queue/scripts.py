@@ -588,3 +588,70 @@ end
 return removed
 """,
 )
+
+# KEYS: stream index count. ARGV: group consumer entry_ids…
+# Hands entries this consumer still holds back to the queue at shutdown: each is acknowledged,
+# deleted and added again at the stream's tail with its deliveries counted into ``a`` (the
+# next delivery is not a first one, so the engine resumes from the checkpoints), where any
+# live consumer's blocking read picks it up at once. Entries it no longer owns are skipped.
+RELEASE = Script(
+    "release",
+    """
+local n = 0
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    local e = redis.call('XRANGE', KEYS[1], id, id)
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    redis.call('XDEL', KEYS[1], id)
+    if e[1] then
+      local f, args = e[1][2], {'XADD', KEYS[1], '*'}
+      local a, t, jid = 0, string.match(id, '^(%d+)'), nil
+      for j = 1, #f, 2 do
+        if f[j] == 'a' then a = tonumber(f[j + 1]) or 0
+        elseif f[j] == 't' then t = f[j + 1]
+        else
+          if f[j] == 'i' then jid = f[j + 1] end
+          args[#args + 1] = f[j]
+          args[#args + 1] = f[j + 1]
+        end
+      end
+      args[#args + 1] = 'a'
+      args[#args + 1] = a + tonumber(p[1][4])
+      args[#args + 1] = 't'
+      args[#args + 1] = t
+      local eid = redis.call(unpack(args))
+      if jid then redis.call('HSET', KEYS[2], jid, 's:' .. eid) end
+      n = n + 1
+    else
+      redis.call('DECR', KEYS[3])
+    end
+  end
+end
+return n
+""",
+)
+
+# KEYS: lease. ARGV: token ttl_ms. Extends a consumer-name lease only for its holder.
+RENEW_NAME = Script(
+    "renew_name",
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+""",
+)
+
+# KEYS: lease. ARGV: token. Drops a consumer-name lease only for its holder.
+DROP_NAME = Script(
+    "drop_name",
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+""",
+)

@@ -21,6 +21,7 @@ import structlog
 from redis.asyncio import Redis
 
 from conveyor.aio import raise_if_cancelling
+from conveyor.backoff import Outage
 from conveyor.queue import keys as k
 from conveyor.queue.acks import BUCKET_S
 from conveyor.queue.config import QueueConfig
@@ -75,7 +76,7 @@ async def queue_stats(redis: Redis, config: QueueConfig, queue: str) -> QueueSta
     oldest_ms: int | None = None
     waits = 0
     async with unavailable_as_typed():
-        for sk in k.shard_keys(queue, config.shards):
+        for sk in config.shard_keys(queue):
             buckets = [sk.throughput(bucket - i) for i in range(WINDOW_BUCKETS)]
             reply = await STATS(
                 redis,
@@ -96,7 +97,7 @@ async def queue_stats(redis: Redis, config: QueueConfig, queue: str) -> QueueSta
             if first:
                 ms = entry_ms(first)
                 oldest_ms = ms if oldest_ms is None else min(oldest_ms, ms)
-        out.paused = bool(await redis.exists(k.paused(queue)))
+        out.paused = bool(await redis.exists(k.paused(queue, config.key_prefix)))
     if oldest_ms is not None and out.waiting:
         out.oldest_wait_s = max(0.0, (now_ms() - oldest_ms) / 1000)
     if out.throughput_1m:
@@ -111,10 +112,10 @@ async def all_stats(
     return [await queue_stats(redis, config, q) for q in queues]
 
 
-async def history(redis: Redis, queue: str) -> list[dict[str, Any]]:
+async def history(redis: Redis, queue: str, prefix: str = k.PREFIX) -> list[dict[str, Any]]:
     """The board's samples of ``queue``, oldest first (at most 15 minutes' worth)."""
     async with unavailable_as_typed():
-        raw = await redis.lrange(k.history(queue), 0, -1)
+        raw = await redis.lrange(k.history(queue, prefix), 0, -1)
     return [orjson.loads(x) for x in reversed(raw)]
 
 
@@ -128,7 +129,9 @@ async def sample(redis: Redis, config: QueueConfig, queues: tuple[str, ...] = k.
     written = 0
     for queue in queues:
         # One lock per slot and queue: N workers sampling still yields one point per slot.
-        if not await redis.set(k.history_lock(queue, slot), 1, nx=True, px=2 * ttl_ms):
+        if not await redis.set(
+            k.history_lock(queue, slot, config.key_prefix), 1, nx=True, px=2 * ttl_ms
+        ):
             continue
         st = await queue_stats(redis, config, queue)
         point = {
@@ -141,7 +144,7 @@ async def sample(redis: Redis, config: QueueConfig, queues: tuple[str, ...] = k.
             "oldest_wait_s": round(st.oldest_wait_s, 3),
             "avg_wait_s": round(st.avg_wait_s, 3),
         }
-        key = k.history(queue)
+        key = k.history(queue, config.key_prefix)
         await redis.lpush(key, orjson.dumps(point))
         await redis.ltrim(key, 0, config.history_length - 1)
         written += 1
@@ -183,12 +186,15 @@ class Sampler:
 
     async def _run(self) -> None:
         interval = self.config.sample_interval_s
+        outage = Outage("redis", "sample")
         while True:
             try:
                 await sample(self.redis, self.config, self.queues)
             except Exception as exc:
                 # The board losing a point is fine; the sampler dying is not.
-                log.warning("queue.sample_failed", error=str(exc))
+                outage.failed(exc)
+            else:
+                outage.ok()
             raise_if_cancelling()
             # Wake at the next slot boundary so samples line up across processes.
             await asyncio.sleep(interval - (time.time() % interval) + 0.01)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conveyor.queue import QueueConfig
-from conveyor.settings import Settings
+from conveyor.settings import Settings, SettingsError
 
 
 def test_from_settings_takes_the_ap_values() -> None:
@@ -24,11 +26,36 @@ def test_from_settings_takes_the_ap_values() -> None:
     assert cfg.shard_max_length == 250 and cfg.stream_maxlen == 500
     assert cfg.visibility_timeout_s == 5
     default = QueueConfig.from_settings(Settings.from_env({}))
-    assert (default.visibility_timeout_s, default.heartbeat_s, default.max_deliveries) == (
-        60,
-        15,
-        5,
+    assert (default.visibility_timeout_s, default.heartbeat_s, default.max_deliveries) == (6, 2, 5)
+    assert default.takeover_every_s == 1 and default.key_prefix == "conveyor"
+    tuned = QueueConfig.from_settings(
+        Settings.from_env(
+            {
+                "AP_QUEUE_VISIBILITY_TIMEOUT_SECONDS": "20",
+                "AP_WORKER_HEARTBEAT_SECONDS": "5",
+                "AP_REDIS_KEY_PREFIX": "blue",
+            }
+        )
     )
+    assert (tuned.visibility_timeout_s, tuned.heartbeat_s, tuned.key_prefix) == (20, 5, "blue")
+    assert tuned.shard_keys("runs")[0].stream == b"blue:{runs:0}:stream"
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"AP_QUEUE_VISIBILITY_TIMEOUT_SECONDS": "1"}, "AP_QUEUE_VISIBILITY_TIMEOUT_SECONDS='1'"),
+        ({"AP_WORKER_HEARTBEAT_SECONDS": "0"}, "AP_WORKER_HEARTBEAT_SECONDS='0'"),
+        ({"AP_WORKER_HEARTBEAT_SECONDS": "4"}, "at most half of AP_QUEUE_VISIBILITY"),
+        ({"AP_WORKER_DRAIN_SECONDS": "-1"}, "AP_WORKER_DRAIN_SECONDS='-1'"),
+        ({"AP_REDIS_KEY_PREFIX": "a{b}"}, "AP_REDIS_KEY_PREFIX='a{b}'"),
+        ({"AP_REDIS_KEY_PREFIX": "x" * 65}, "AP_REDIS_KEY_PREFIX="),
+    ],
+)
+def test_takeover_settings_are_validated(env: dict[str, str], needle: str) -> None:
+    """Visibility, heartbeat, drain and key prefix refuse bad values, naming the variable."""
+    with pytest.raises(SettingsError, match=re.escape(needle)):
+        Settings.from_env(env)
 
 
 def test_backoff_doubles_caps_and_jitters() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import redis.asyncio as aioredis
 
@@ -131,19 +132,29 @@ async def test_undecodable_payload_is_dead_lettered_at_once(
     assert "not valid JSON" in (failed[0].error or "")
 
 
-async def test_failing_on_dead_keeps_the_entry_pending(
-    redis: aioredis.Redis, cfg: QueueConfig
-) -> None:
-    """If the engine cannot record the dead run, the entry is not dead-lettered (not lost)."""
-    cfg1 = QueueConfig(max_deliveries=1, visibility_timeout_s=60, heartbeat_s=1)
-    await Producer(redis, cfg1).enqueue("runs", {}, job_id="stuck")
+async def test_failing_on_dead_still_dead_letters(redis: aioredis.Redis, cfg: QueueConfig) -> None:
+    """Undecodable and invalid jobs reach the dead letters even when on_dead raises every time
+    (nothing stays pending, redelivered forever)."""
+    sk = k.ShardKeys("runs", 0)
+    await redis.xgroup_create(sk.stream, k.GROUP, id="0", mkstream=True)
+    await redis.xadd(sk.stream, {b"i": b"mangled", b"p": b"{not json"})
+    await redis.incr(sk.count)
+    await Producer(redis, cfg).enqueue("runs", {"run_id": "not-a-uuid"}, job_id="invalid")
+    calls: list[str] = []
+
+    async def handler(job: Job) -> None:
+        uuid.UUID(job.payload["run_id"])  # what the engine does first: raises ValueError
 
     async def on_dead(job: Job, error: str) -> None:
-        raise ConnectionError("postgres down")
+        calls.append(job.id)
+        uuid.UUID(str(job.payload and job.payload.get("run_id")))  # raises too
 
-    await Consumer(redis, Recorder(fail={"stuck": 9}), cfg1, on_dead=on_dead).drain()
-    assert await redis.xlen(k.ShardKeys("runs", 0).dead) == 0
-    assert (await redis.xpending(k.ShardKeys("runs", 0).stream, k.GROUP))["pending"] == 1
+    consumer = Consumer(redis, handler, cfg, on_dead=on_dead)
+    await consumer.drain(wait_delayed_s=5, wait_pending=True)
+    failed, _ = await QueueAdmin(redis).list_jobs("runs", "failed")
+    assert sorted((j.id, j.attempts) for j in failed) == [("invalid", 5), ("mangled", 1)]
+    assert sorted(calls) == ["invalid", "mangled"]
+    assert (await redis.xpending(sk.stream, k.GROUP))["pending"] == 0
 
 
 async def test_paused_queue_delivers_nothing_until_resumed(

@@ -1,0 +1,147 @@
+"""Takeover: silent consumers' entries claimed without a pending-list scan, live ones left
+alone, unfinished entries handed back on close, leased default names, key-prefix isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import redis.asyncio as aioredis
+
+from conveyor.queue import Consumer, Job, Producer, QueueAdmin, QueueConfig
+from conveyor.queue import keys as k
+from conveyor.queue.consumer import default_consumer_name
+
+
+def no_scan(cfg: QueueConfig) -> QueueConfig:
+    """``cfg`` with the pending-list scan effectively off: only the takeover path claims."""
+    return dataclasses.replace(cfg, reclaim_interval_s=3600)
+
+
+async def until(condition: object, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < end, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_silent_consumer_is_taken_over(redis: aioredis.Redis, cfg: QueueConfig) -> None:
+    """Entries of a consumer silent past the visibility timeout are claimed by a live one."""
+    producer = Producer(redis, cfg)
+    for i in range(5):
+        await producer.enqueue("runs", {}, job_id=f"t{i}")
+    sk = k.ShardKeys("runs", 0)
+    await redis.xreadgroup(k.GROUP, "ghost", {sk.stream: ">"}, count=10)
+    seen: list[Job] = []
+
+    async def handler(job: Job) -> None:
+        seen.append(job)
+
+    async with Consumer(redis, handler, no_scan(cfg)):
+        await until(lambda: len(seen) == 5, 15)
+    assert sorted(j.id for j in seen) == [f"t{i}" for i in range(5)]
+    assert {j.attempt for j in seen} == {2}
+    pending = await redis.xpending_range(sk.stream, k.GROUP, "-", "+", 10, b"ghost")
+    assert pending == []
+
+
+async def test_live_consumer_keeps_its_entries(redis: aioredis.Redis, cfg: QueueConfig) -> None:
+    """A heartbeating consumer running jobs longer than the visibility timeout keeps them."""
+    slow_cfg = no_scan(cfg)
+    await Producer(redis, slow_cfg).enqueue("runs", {}, job_id="long")
+    runs: list[tuple[str, int]] = []
+
+    async def slow(job: Job) -> None:
+        runs.append((job.id, job.attempt))
+        await asyncio.sleep(4 * slow_cfg.visibility_timeout_s)
+
+    async def other(job: Job) -> None:
+        runs.append((job.id, job.attempt))
+
+    async with Consumer(redis, slow, slow_cfg, name="busy"):
+        await until(lambda: runs, 5)
+        async with Consumer(redis, other, slow_cfg, name="idle"):
+            await asyncio.sleep(3 * slow_cfg.visibility_timeout_s)
+    assert runs == [("long", 1)]
+
+
+async def test_close_hands_back_unfinished_entries(redis: aioredis.Redis, cfg: QueueConfig) -> None:
+    """Past the drain deadline, entries still held go back to the stream and a live consumer
+    runs them at once as a redelivery (attempt 2), not after the visibility timeout."""
+    slow_cfg = dataclasses.replace(no_scan(cfg), visibility_timeout_s=3600, heartbeat_s=60)
+    producer = Producer(redis, slow_cfg)
+    for i in range(3):
+        await producer.enqueue("runs", {}, job_id=f"h{i}")
+    started: list[str] = []
+    rescued: list[Job] = []
+
+    async def stuck(job: Job) -> None:
+        started.append(job.id)
+        await asyncio.sleep(3600)
+
+    async def rescuer(job: Job) -> None:
+        rescued.append(job)
+
+    leaving = Consumer(redis, stuck, slow_cfg, name="leaving", concurrency=2)
+    await leaving.start()
+    await until(lambda: len(started) == 2, 5)
+    async with Consumer(redis, rescuer, slow_cfg, name="staying", concurrency=4):
+        await leaving.close(timeout_s=0.1)
+        closed = time.monotonic()
+        await until(lambda: len(rescued) == 3, 5)
+        assert time.monotonic() - closed < 2
+    assert sorted(j.id for j in rescued) == ["h0", "h1", "h2"]
+    assert sorted(j.attempt for j in rescued if j.id in started) == [2, 2]
+    assert (await redis.xpending(k.ShardKeys("runs", 0).stream, k.GROUP))["pending"] == 0
+    jobs, _ = await QueueAdmin(redis, slow_cfg).list_jobs("runs", "completed")
+    assert sorted(j.id for j in jobs) == ["h0", "h1", "h2"]
+
+
+async def test_default_name_is_never_shared(redis: aioredis.Redis, cfg: QueueConfig) -> None:
+    """Two live consumers with the default host:pid name: the second gets a unique one; the
+    lease is dropped on close so a restart gets the stable name back."""
+
+    async def handler(job: Job) -> None:
+        return None
+
+    first = Consumer(redis, handler, cfg)
+    second = Consumer(redis, handler, cfg)
+    await first.start()
+    await second.start()
+    try:
+        assert first.name == default_consumer_name()
+        assert second.name.startswith(default_consumer_name() + ":")
+    finally:
+        await second.close()
+        await first.close()
+    again = Consumer(redis, handler, cfg)
+    await again.start()
+    await again.close()
+    assert again.name == default_consumer_name()
+
+
+async def test_key_prefixes_isolate_deployments(redis: aioredis.Redis, cfg: QueueConfig) -> None:
+    """Two deployments on one Redis database: each consumes only its own jobs, and pausing or
+    counting one does not touch the other."""
+    blue = dataclasses.replace(cfg, key_prefix="blue")
+    green = dataclasses.replace(cfg, key_prefix="green")
+    await Producer(redis, blue).enqueue("runs", {}, job_id="b1")
+    await Producer(redis, green).enqueue("runs", {}, job_id="g1")
+    await QueueAdmin(redis, green).pause("sync")
+    seen: dict[str, list[str]] = {"blue": [], "green": []}
+
+    def recorder(name: str) -> object:
+        async def handler(job: Job) -> None:
+            seen[name].append(job.id)
+
+        return handler
+
+    await Consumer(redis, recorder("blue"), blue).drain()  # type: ignore[arg-type]
+    assert seen == {"blue": ["b1"], "green": []}
+    assert (await QueueAdmin(redis, green).stats("runs")).waiting == 1
+    assert not (await QueueAdmin(redis, blue).stats("sync")).paused
+    await Consumer(redis, recorder("green"), green).drain()  # type: ignore[arg-type]
+    assert seen == {"blue": ["b1"], "green": ["g1"]}
+    keys = await redis.keys("*")
+    assert keys and all(key.startswith((b"blue:", b"green:")) for key in keys)
