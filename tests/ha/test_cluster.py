@@ -87,6 +87,7 @@ async def test_cluster_master_failover_loses_no_run(
         await check_runs(postgres_url, flow_id, set(load.accepted))
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{load.summary()}\n{conveyor.tail()}") from None
+    log_lines = len(conveyor.log.read_bytes().splitlines())
     slow = await slowest_runs(postgres_url, flow_id, 0, killed_wall, killed_wall + switch_s)
     print(
         f"\ncluster: replica promoted {switch_s:.1f} s after SIGKILL of the master holding "
@@ -94,6 +95,7 @@ async def test_cluster_master_failover_loses_no_run(
         f"{before} before the kill, {after_switch} after the switch; {terminal} terminal, all "
         f"{len(load.accepted)} accepted SUCCEEDED {drain_s:.1f} s after the load stopped "
         f"(slowest before/during/after the outage: {slow[0]:.1f}/{slow[1]:.1f}/{slow[2]:.1f} s)"
+        f"; conveyor logged {log_lines} lines"
     )
     assert before > 0 and after_switch > 0, load.summary()
     left = await stack.close()

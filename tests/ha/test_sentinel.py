@@ -80,6 +80,7 @@ async def test_sentinel_failover_loses_no_run(
         assert await promoted.dbsize() > 0
     finally:
         await promoted.aclose()
+    log_lines = len(conveyor.log.read_bytes().splitlines())
     slow = await slowest_runs(postgres_url, flow_id, 0, killed_wall, killed_wall + switch_s)
     print(
         f"\nsentinel: switch {switch_s:.1f} s after SIGKILL; {load.summary()}; "
@@ -87,6 +88,7 @@ async def test_sentinel_failover_loses_no_run(
         f"{terminal} terminal, all {len(load.accepted)} accepted SUCCEEDED "
         f"(slowest before/during/after the outage: {slow[0]:.1f}/{slow[1]:.1f}/{slow[2]:.1f} s) "
         f"{drain_s:.1f} s after the load stopped"
+        f"; conveyor logged {log_lines} lines"
     )
     assert before > 0 and after_switch > 0, load.summary()
     left = await stack.close()
