@@ -7,6 +7,7 @@ worker's event loop), :mod:`~conveyor.sandbox.isolation` (launchers, report, pol
 :mod:`~conveyor.sandbox.forkserver` (the process inside the isolation that forks),
 :mod:`~conveyor.sandbox.child` (lock-down and the execution loop),
 :mod:`~conveyor.sandbox.limits` (rlimits, uid, namespaces),
+:mod:`~conveyor.sandbox.cgroups` (a cgroup per child: memory and pids of the whole tree),
 :mod:`~conveyor.sandbox.config` (``SandboxConfig``, from ``Settings``),
 :mod:`~conveyor.sandbox.outcome` (statuses, results) and
 :mod:`~conveyor.sandbox.client` (the worker-side pool). Names are imported lazily so the

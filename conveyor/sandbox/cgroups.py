@@ -28,6 +28,8 @@ from typing import Any
 CGROUP_V2 = "cgroup-v2"
 CGROUP_V1 = "cgroup-v1"
 RLIMIT = "rlimit"
+#: On cgroup v2, the processes of the worker's own cgroup move here (see ``_delegate``).
+LEAF = "conveyor-main"
 #: Sandbox parent cgroups are named ``conveyor-sandbox-<worker pid>-<n>``.
 STALE_PREFIX = "conveyor-sandbox-"
 
@@ -127,15 +129,44 @@ def _v2(mounts: dict[str, str], ours: dict[str, str], name: str) -> CgroupPlan |
         return None
     if {"memory", "pids"} <= available:
         try:
-            # Fails with EBUSY when our own cgroup still holds processes (the "no internal
-            # processes" rule): then it is not ours to divide, and we fall back.
-            _write(os.path.join(here, "cgroup.subtree_control"), "+memory +pids")
+            _delegate(here)
             parent = _make(here, name)
             _write(os.path.join(parent, "cgroup.subtree_control"), "+memory +pids")
             return CgroupPlan(CGROUP_V2, {"memory": parent, "pids": parent, "kill": parent})
         except OSError:
             _rmtree_cgroup(os.path.join(here, name))
     return None
+
+
+def _delegate(here: str) -> None:
+    """Enable ``memory`` and ``pids`` for the sub-cgroups of ``here`` (our own cgroup).
+
+    The kernel refuses that while processes sit directly in ``here`` (cgroup v2's "no
+    internal processes" rule) — and we are one of them. So, as container entrypoints that
+    nest cgroups do, every process of ``here`` is first moved into a leaf of its own
+    (:data:`LEAF`), which changes nothing for them: ``here``'s limits still apply above.
+    """
+    control = os.path.join(here, "cgroup.subtree_control")
+    with open(control) as fh:
+        if {"memory", "pids"} <= set(fh.read().split()):
+            return  # done already (another worker of this cgroup, or the operator)
+    try:
+        _write(control, "+memory +pids")
+        return
+    except OSError:
+        pass
+    leaf = os.path.join(here, LEAF)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(leaf, 0o755)
+    for _ in range(10):
+        with open(os.path.join(here, "cgroup.procs")) as fh:
+            pids = fh.read().split()
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+                _write(os.path.join(leaf, "cgroup.procs"), pid)
+    _write(control, "+memory +pids")
 
 
 def _v1(mounts: dict[str, str], ours: dict[str, str], name: str) -> CgroupPlan | None:

@@ -9,6 +9,12 @@ when a child dies (recycled, crashed, or killed on the worker's ``kill`` for a t
 every process that child left behind is re-parented here and killed before the worker is
 told the child is gone — so "exit" means "and nothing of it is left".
 
+A child is never asked to exit: the worker's ``retire`` (done with it) and ``kill`` (wall
+time) both SIGKILL it. Where cgroups are writable every child also has a cgroup of its own
+(:mod:`conveyor.sandbox.cgroups`, made before the fork, joined before the worker gets the
+child's socket): its limits cover the whole tree, and when the child is reaped everything
+left in the cgroup is killed and the directory removed before its uid is reused.
+
 When it runs as root every child gets a uid of its own from a pool (``uid_base`` …), held
 until the child's whole tree is gone. That makes the cleanup atomic even against a fork
 bomb: a helper that takes the child's uid and calls ``kill(-1, SIGKILL)`` inside the PID
@@ -57,6 +63,7 @@ class ForkServer:
         self._dirty_uids: list[int] = []
         # Cgroups of dead children not yet empty: (dirs, uid held until they are removed).
         self._pending_cgroups: list[tuple[dict[str, str], int | None]] = []
+        self._pending_rounds = 0
         cg = config.get("cgroup") or None
         self.cgroups = ChildCgroups(cg["version"], cg["dirs"]) if cg else None
         #: How the child's mount namespace hides the host (launchers without bubblewrap).
@@ -186,8 +193,15 @@ class ForkServer:
         sel.register(self.ctl, selectors.EVENT_READ, "ctl")
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         while True:
-            # Cgroups of dead children that were not empty yet are retried every few ms.
-            events = sel.select(0.005 if self._pending_cgroups else None)
+            # Cgroups of dead children that were not empty yet are retried every few ms,
+            # then (one that stays busy: a process stuck in the kernel) twice a second.
+            if not self._pending_cgroups:
+                self._pending_rounds = 0
+            wait = None
+            if self._pending_cgroups:
+                self._pending_rounds += 1
+                wait = 0.005 if self._pending_rounds < 400 else 0.5
+            events = sel.select(wait)
             if not events and self._pending_cgroups:
                 self.reap()
             for key, _ in events:

@@ -31,8 +31,7 @@ PACKAGE_ROOT = "/opt/conveyor"
 #: Capabilities the fork-server keeps inside bubblewrap (when started as root): mounting
 #: each child's private /tmp, dropping to each child's uid, killing children of other uids.
 #: Children lose them all at the uid drop.
-#: CAP_NET_ADMIN brings up ``lo`` in each child's own network namespace; CAP_DAC_OVERRIDE
-#: lets it write the children's cgroup files.
+#: CAP_NET_ADMIN brings up ``lo`` in each child's own network namespace.
 _CAPS = (
     "CAP_SYS_ADMIN",
     "CAP_SETUID",
@@ -40,7 +39,6 @@ _CAPS = (
     "CAP_KILL",
     "CAP_CHOWN",
     "CAP_NET_ADMIN",
-    "CAP_DAC_OVERRIDE",
 )
 #: Where bubblewrap binds the sandbox's cgroup directories: under ``/tmp``, which every
 #: child's private ``/tmp`` covers, so no step sees them.
