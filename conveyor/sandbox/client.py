@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Any
 
 import orjson
+import structlog
 
 from conveyor.sandbox import cgroups
 from conveyor.sandbox.channel import FrameChannel
@@ -272,15 +273,19 @@ class Sandbox:
             self._prepare_spares()
             self._refresh_report()
             if self.config.locked and report.isolation is not Isolation.FULL:
-                log.warning(
-                    "SANDBOX ISOLATION IS PARTIAL: code steps run with %s only (%s). Install "
-                    "bubblewrap and run as root or with user namespaces for full isolation. "
-                    "event=sandbox.partial_isolation isolation=%s safe=%s limits=%s",
-                    report.mechanism,
-                    "; ".join(tried) or f"launcher {launcher.name}",
-                    report.isolation,
-                    str(report.safe).lower(),
-                    self._report["limits"],
+                _loud(
+                    "warning",
+                    "sandbox.partial_isolation",
+                    message=(
+                        "SANDBOX ISOLATION IS PARTIAL: code steps run without bubblewrap. "
+                        "Install bubblewrap for full isolation."
+                    ),
+                    isolation=str(report.isolation),
+                    safe=report.safe,
+                    launcher=launcher.name,
+                    mechanism=report.mechanism,
+                    limits=self._report["limits"],
+                    tried="; ".join(tried) or None,
                 )
             else:
                 log.info("sandbox started: %s (%s)", report.isolation, report.mechanism)
@@ -298,7 +303,12 @@ class Sandbox:
             )
             self.report = IsolationReport(Isolation.NONE, "refused: " + "; ".join(tried))
             self._refresh_report()
-            log.error("SANDBOX REFUSES CODE STEPS: %s event=sandbox.refused", self.refused)
+            _loud(
+                "error",
+                "sandbox.refused",
+                message="SANDBOX REFUSES CODE STEPS: " + self.refused,
+                tried="; ".join(tried),
+            )
             return
         raise SandboxUnavailable("cannot start the sandbox fork-server: " + "; ".join(tried))
 
@@ -809,6 +819,15 @@ class Sandbox:
             self.stats["reap_timeouts"] += 1
             await self._stop_server()
             return {"op": "exit", "id": child.id, "lost": True}
+
+
+def _loud(level: str, event: str, **fields: Any) -> None:
+    """A start-up line operators must not miss, structured (JSON with ``AP_LOG_PRETTY`` off).
+
+    The logger is looked up per call so that it follows the current structlog
+    configuration (these lines are rare: start-up and restarts only).
+    """
+    getattr(structlog.get_logger("conveyor.sandbox"), level)(event, **fields)
 
 
 _STATUSES = frozenset(s.value for s in SandboxStatus)

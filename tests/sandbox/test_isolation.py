@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import shutil
 import signal
@@ -12,6 +11,8 @@ import tempfile
 
 import psutil
 import pytest
+import structlog
+import structlog.testing
 
 from conveyor.sandbox import Sandbox, SandboxConfig, SandboxStatus, SandboxUnavailable
 from conveyor.sandbox.isolation import Isolation, assess, bwrap_launcher
@@ -74,14 +75,16 @@ async def test_refuses_without_network_isolation_when_required() -> None:
 
 
 @pytest.mark.skipif(not HOST_HAS_NETWORK, reason="the host itself has no interface but lo")
-async def test_embedded_mode_starts_partial_with_warning(caplog: pytest.LogCaptureFixture) -> None:
-    """Embedded mode without network isolation starts, warns loudly, reports partial."""
-    caplog.set_level(logging.WARNING, logger="conveyor.sandbox")
-    async with make_sandbox(launcher="direct", slots=1) as sb:
-        assert sb.isolation["isolation"] == "partial"
-        assert any("PARTIAL" in r.getMessage() for r in caplog.records)
-        result = await run(sb, "def run(input):\n    return input + 1\n", 41)
-        assert result.status is SandboxStatus.SUCCEEDED and result.output == 42
+async def test_embedded_mode_starts_partial_with_warning() -> None:
+    """Without network isolation (opted in) it starts, warns loudly (structured), says partial."""
+    with structlog.testing.capture_logs() as logs:
+        async with make_sandbox(launcher="direct", slots=1) as sb:
+            assert sb.isolation["isolation"] == "partial"
+            result = await run(sb, "def run(input):\n    return input + 1\n", 41)
+    assert result.status is SandboxStatus.SUCCEEDED and result.output == 42
+    warning = next(e for e in logs if e["event"] == "sandbox.partial_isolation")
+    assert warning["log_level"] == "warning" and "PARTIAL" in warning["message"]
+    assert warning["safe"] is False and warning["launcher"] == "direct"
 
 
 async def test_unsandboxed_mode_reports_none() -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from conveyor.sandbox import Sandbox, SandboxConfig, SandboxStatus, SandboxUnavailable
 from conveyor.settings import Settings
@@ -145,7 +146,9 @@ async def test_unshare_fallback_keeps_the_step_off_the_host(
 async def test_direct_fallback_refuses_code_steps_in_the_embedded_default() -> None:
     """Embedded default, only the direct launcher: the worker starts, code steps fail clearly."""
     sb = Sandbox(SandboxConfig(launcher="direct", refuse_unsafe=True, slots=1))
-    await sb.start()
+    with structlog.testing.capture_logs() as logs:
+        await sb.start()
+    assert [e["log_level"] for e in logs if e["event"] == "sandbox.refused"] == ["error"]
     try:
         health = sb.health()
         assert health["code_steps"] == "refused" and health["isolation"] == "none", health
