@@ -165,7 +165,8 @@ async def _seen_once(request: web.Request, flow_id: uuid.UUID, digest: str, ttl_
     again when the request is not accepted (:func:`_forget_signature`), so a sender may
     retry a 429 or 503 with the same signature.
     """
-    key = queue_keys.webhook_signature(str(flow_id), digest)
+    prefix = request.app[SETTINGS].redis_key_prefix
+    key = queue_keys.webhook_signature(str(flow_id), digest, prefix)
     idem = request.headers.get("Idempotency-Key", "").encode("utf-8", "surrogateescape")
     client = request.app[REDIS]
     try:

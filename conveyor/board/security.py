@@ -41,7 +41,7 @@ CSRF_COOKIE = "conveyor_board"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 REALM = 'Basic realm="Conveyor board", charset="UTF-8"'
-_NONCE_KEY = "board_nonce"
+_NONCE_KEY = web.RequestKey("board_nonce", str)
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 SECURITY_HEADERS = {
