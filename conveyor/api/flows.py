@@ -13,9 +13,10 @@ import asyncio
 import uuid
 from typing import Any
 
+import orjson
 from aiohttp import web
 
-from conveyor.api import operations
+from conveyor.api import operations, payloads
 from conveyor.api.errors import ApiError, json_response
 from conveyor.api.keys import DB, PRODUCER, REGISTRY, RUN_WRITER
 from conveyor.engine.errors import FlowInvalid
@@ -195,9 +196,14 @@ async def run_flow(request: web.Request) -> web.Response:
     flow = await flow_store.get_flow(request.app[DB], flow_id_of(request))
     raw = await request.read()
     try:
-        body = await request.json() if raw else None
-    except ValueError:
+        body = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
         raise ApiError(400, "BAD_REQUEST", "body must be JSON") from None
+    if payloads.too_deep(raw, body):
+        # Too deep to store: the caller is told, nothing is started.
+        raise ApiError(
+            422, "UNPROCESSABLE", f"body nests deeper than {payloads.MAX_JSON_DEPTH} levels"
+        )
     trigger: dict[str, Any] = {"method": "MANUAL", "headers": {}, "query": {}, "body": body}
     run_id = uuid7()
     await request.app[RUN_WRITER].insert(

@@ -85,10 +85,15 @@ def json_body(raw: bytes) -> Any:
     except orjson.JSONDecodeError:
         # Senders send what they send: keep the text rather than refuse the webhook.
         return raw.decode("utf-8", errors="replace")
-    # Only a body with many brackets can be deep; then encode it once under headroom.
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and not _encodable(body):
+    if too_deep(raw, body):
         return raw.decode("utf-8", errors="replace")
     return body
+
+
+def too_deep(raw: bytes, body: Any) -> bool:
+    """True when ``body`` (parsed from ``raw``) nests deeper than :data:`MAX_JSON_DEPTH`."""
+    # Only a body with many brackets can be deep; then encode it once under headroom.
+    return raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and not _encodable(body)
 
 
 def _encodable(body: Any) -> bool:

@@ -121,3 +121,33 @@ async def test_board_credentials_and_api_key_both_work(make_client: Any) -> None
     assert (await client.get("/admin/queues", headers=basic("other", "pw"))).status == 401
     bad = {"Authorization": "Basic !!notbase64"}
     assert (await client.get("/admin/queues", headers=bad)).status == 401
+
+
+XSS = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+
+
+async def test_board_escapes_hostile_names_and_payloads(make_client: Any) -> None:
+    """A flow name, a webhook body, query and header full of HTML render escaped everywhere."""
+    client: Client = await make_client(AP_CONTAINER_TYPE="APP")
+    doc = {
+        "name": XSS,
+        "trigger": {"type": "webhook"},
+        "steps": [{"name": "t", "type": "transform", "input": {"b": "{{trigger.body}}"}}],
+    }
+    resp = await client.post("/api/v1/flows", json=doc)
+    assert resp.status == 201
+    fid = (await resp.json())["id"]
+    hook = await client.post(
+        f"/api/v1/webhooks/{fid}", params={"q": XSS}, json={XSS: XSS}, headers={"X-Evil": XSS}
+    )
+    run_id = (await hook.json())["run_id"]
+    for path in (
+        "/admin/flows",
+        "/admin/runs",
+        f"/admin/runs/{run_id}",
+        f"/admin/runs?status={XSS}",
+    ):
+        page = await (await client.get(path)).text()
+        assert "<script>alert" not in page and "<img src=x" not in page, path
+    page = await (await client.get(f"/admin/runs/{run_id}")).text()
+    assert "&lt;script&gt;" in page or "&lt;img" in page

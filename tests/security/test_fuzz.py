@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import time
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import pytest
@@ -161,13 +162,15 @@ def _encodable(doc: Any) -> bool:
     return True
 
 
-async def _call(client: Client, method: str, path: str, **kw: Any) -> int:
-    """One request that must answer below 500 within the timeout."""
+async def _call(
+    client: Client, method: str, path: str, *, json_errors: bool = True, **kw: Any
+) -> int:
+    """One request that must answer below 500 within the timeout (JSON errors on the API)."""
     async with asyncio.timeout(REQUEST_TIMEOUT_S):
         resp = await client.request(method, path, **kw)
         body = await resp.read()
     assert resp.status < 500, (resp.status, body[:500])
-    if resp.status >= 400:
+    if resp.status >= 400 and json_errors:
         error = orjson.loads(body)["error"]
         assert error["code"] and error["message"]
     return resp.status
@@ -364,3 +367,75 @@ async def test_raw_header_and_path_bytes_never_5xx(
                 writer.close()
         assert head.startswith(b"HTTP/1."), head
         assert int(head.split(b" ")[1]) < 500, (path, name, raw_header, head)
+
+
+# --- every other route a caller can reach ---------------------------------------------------
+
+segments = st.one_of(
+    st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=30),
+    st.uuids().map(str),
+    st.sampled_from(["runs", "sync", "..", "%2e%2e", "%00", "00000000-0000-7000-8000-0000000000"]),
+)
+QUERY_ROUTES = [
+    "/api/v1/flows",
+    "/api/v1/flow-runs",
+    "/api/v1/queues",
+    "/api/v1/queues/runs",
+    "/api/v1/queues/runs/jobs",
+    "/api/v1/workers",
+    "/api/v1/scaling",
+    "/admin/queues/runs",
+    "/admin/runs",
+    "/admin/flows",
+    "/admin/api/runs",
+    "/admin/api/queues/sync",
+]
+PATH_ROUTES = [
+    ("GET", "/api/v1/flows/{}"),
+    ("GET", "/api/v1/flow-runs/{}"),
+    ("POST", "/api/v1/flow-runs/{}/retry"),
+    ("POST", "/api/v1/flow-runs/{}/cancel"),
+    ("GET", "/api/v1/queues/{}/jobs"),
+    ("DELETE", "/api/v1/queues/runs/jobs/{}"),
+    ("PUT", "/api/v1/secrets/{}"),
+    ("POST", "/api/v1/flows/{}/run"),
+    ("GET", "/admin/runs/{}"),
+    ("GET", "/admin/queues/{}"),
+    ("GET", "/admin/api/runs/{}"),
+]
+params = st.dictionaries(
+    st.sampled_from(["limit", "cursor", "status", "flow_id", "state", "name", "include_lost", "x"]),
+    query_text,
+    max_size=4,
+)
+
+
+@SERVER
+@given(route=st.sampled_from(QUERY_ROUTES), query=params)
+async def test_query_strings_never_5xx(
+    fuzz_client: Client, route: str, query: dict[str, str]
+) -> None:
+    """Listing routes of the API and the board with generated query strings: never a 5xx."""
+    await _call(fuzz_client, "GET", route, params=query, json_errors=route.startswith("/api/"))
+
+
+@SERVER
+@given(route=st.sampled_from(PATH_ROUTES), segment=segments, body=st.one_of(
+    json_values.map(_json_bytes), st.binary(max_size=100),
+    st.integers(1, 3000).map(lambda n: b"[" * n + b"]" * n)))  # fmt: skip
+async def test_path_segments_and_bodies_never_5xx(
+    fuzz_client: Client, route: tuple[str, str], segment: str, body: bytes
+) -> None:
+    """Detail and action routes with generated ids and bodies (manual runs, secrets): no 5xx."""
+    method, template = route
+    if "{}/run" in template and segment.startswith("0"):
+        segment = FLOW_IDS["fuzz-hook"]
+    path = template.format(quote(segment, safe=""))
+    await _call(
+        fuzz_client,
+        method,
+        path,
+        data=body,
+        headers={"Content-Type": "application/json"},
+        json_errors=path.startswith("/api/"),
+    )

@@ -184,3 +184,15 @@ async def test_nul_in_webhook_query_and_body_is_stored(make_client: Any, db: Dat
     row = await run_store.get_run(db, uuid.UUID((await resp.json())["run_id"]))
     assert row["trigger"]["query"] == {"q": "\ufffd"}
     assert row["trigger"]["body"] == {"a\ufffd": "\ufffd"}
+
+
+@pytest.mark.parametrize("depth", [300, 3000])
+async def test_deep_manual_run_body_is_4xx(make_client: Any, depth: int) -> None:
+    """A manual run's body too deep to store is a 4xx (the caller is authenticated, told)."""
+    client: Client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = (await (await client.post("/api/v1/flows", json=HOOK)).json())["id"]
+    raw = "[" * depth + "]" * depth
+    resp = await client.post(f"/api/v1/flows/{fid}/run", data=raw)
+    assert resp.status in (400, 422), await resp.text()
+    ok = await client.post(f"/api/v1/flows/{fid}/run", data="[" * 100 + "]" * 100)
+    assert ok.status == 202
