@@ -257,6 +257,8 @@ class Sandbox:
                 probe,
                 locked=self.config.locked,
                 child_pidns=self._will_use_pidns(probe),
+                child_netns=bool(probe.get("child_network_namespace"))
+                and self.config.limits.network_namespace,
             )
             refusal = self._policy_refuses(report)
             if refusal:
@@ -329,7 +331,9 @@ class Sandbox:
             return False
         if self.config.child_pid_namespace is not None:
             return self.config.child_pid_namespace
-        return not probe.get("uid_drop")
+        # Without a per-child uid, or (direct launcher) without a PID namespace around the
+        # fork-server, whose /proc would list the host's processes.
+        return not probe.get("uid_drop") or not probe.get("pid_namespace")
 
     async def _launch(self, launcher: Launcher) -> dict[str, Any]:
         self._stderr_tail.clear()

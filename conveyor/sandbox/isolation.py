@@ -285,7 +285,12 @@ def _closed_ancestors(needed: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def assess(
-    launcher: str, probe: dict[str, Any], *, locked: bool, child_pidns: bool = False
+    launcher: str,
+    probe: dict[str, Any],
+    *,
+    locked: bool,
+    child_pidns: bool = False,
+    child_netns: bool | None = None,
 ) -> IsolationReport:
     """Turn the fork-server's self-probe into the report (see module docstring)."""
     if not locked:
@@ -293,6 +298,8 @@ def assess(
             Isolation.NONE, "unsandboxed: reused child process without limits", False
         )
     net = bool(probe.get("network_isolated"))
+    if child_netns is None:
+        child_netns = bool(probe.get("child_network_namespace"))
     parts: list[str] = []
     if launcher == "bwrap":
         parts.append("bubblewrap")
@@ -306,7 +313,7 @@ def assess(
         parts.append("read-only private filesystem")
     elif probe.get("host_view_hardened"):
         parts.append("read-only host filesystem, private tmpfs over world-writable directories")
-    if probe.get("child_network_namespace"):
+    if child_netns:
         parts.append("per-child network namespace")
     if probe.get("uid_drop"):
         parts.append("per-child uid")
@@ -324,15 +331,17 @@ def assess(
         and (bool(probe.get("uid_drop")) or child_pidns)
         and bool(probe.get("private_tmp"))
     )
+    # Safe without bubblewrap: the step has no network (the fork-server's namespace or its
+    # own), sees the host read-only with private tmpfs, and no host process (a PID
+    # namespace with its own /proc: the fork-server's, or the child's own).
     safe = full or (
-        launcher == "unshare"
-        and net
-        and bool(probe.get("pid_namespace"))
+        launcher != "bwrap"
+        and (net or child_netns)
         and bool(probe.get("host_view_hardened"))
-        and bool(probe.get("child_network_namespace"))
+        and (bool(probe.get("pid_namespace")) or child_pidns)
     )
     level = Isolation.FULL if full else Isolation.PARTIAL
-    return IsolationReport(level, ", ".join(parts), net, safe)
+    return IsolationReport(level, ", ".join(parts), net or child_netns, safe)
 
 
 #: How to get full isolation, or accept less: the tail of every refusal.

@@ -1,11 +1,12 @@
 """Issue 10, finding 2: without bubblewrap the sandbox is still closed, or refuses code steps.
 
-The ``unshare`` fallback (forced here with ``launcher="unshare"``, or by a ``PATH`` without
-``bwrap``) must not let a step reach the host: no network (Redis, PostgreSQL, Conveyor's own
-port on loopback, the host's unix sockets), no host processes in ``/proc``, no write that
-outlives the step, no view of the config directory. The ``direct`` fallback cannot promise
-that, so the embedded default refuses code steps there and production roles refuse to start
-unless ``AP_SANDBOX_ALLOW_PARTIAL_ISOLATION`` accepts the risk.
+The fallbacks (forced here with ``launcher="unshare"`` / ``"direct"``, or by a ``PATH``
+without ``bwrap``) must not let a step reach the host: no network (Redis, PostgreSQL,
+Conveyor's own port on loopback, the host's unix sockets), no host processes in ``/proc``,
+no write that outlives the step, no view of the config directory. Where a fallback cannot
+promise that (no namespaces at all), the embedded default refuses code steps, and
+production roles refuse anything but bubblewrap unless ``AP_SANDBOX_ALLOW_PARTIAL_ISOLATION``
+accepts the risk.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import structlog.testing
 
-from conveyor.sandbox import Sandbox, SandboxConfig, SandboxStatus, SandboxUnavailable
+from conveyor.sandbox import Limits, Sandbox, SandboxConfig, SandboxStatus, SandboxUnavailable
 from conveyor.settings import Settings
 from tests.sandbox.support import make_sandbox, run
 
@@ -102,18 +103,24 @@ def run(input):
 WRITABLE = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/run", "/var/lib", "/etc", "/root"]
 
 
-@needs_unshare
-async def test_unshare_fallback_keeps_the_step_off_the_host(
-    host_listener: int, unix_listener: str, tmp_path: Path
+@pytest.mark.parametrize("launcher", ["unshare", "direct"])
+async def test_fallbacks_keep_the_step_off_the_host(
+    launcher: str, host_listener: int, unix_listener: str, tmp_path: Path
 ) -> None:
     """Loopback services, host sockets, host processes, lasting writes, the config dir: none."""
+    if launcher == "unshare" and shutil.which("unshare") is None:
+        if os.environ.get("CONVEYOR_CI"):
+            pytest.fail("util-linux unshare is missing on the CI machine")
+        pytest.skip("util-linux unshare is not installed")
     config_dir = tmp_path / "conveyor-home"
     config_dir.mkdir(mode=0o755)
     (config_dir / "encryption.key").write_text("k" * 64)
     canary = f"conveyor-canary-{uuid.uuid4().hex}"
     sockets = [unix_listener, *PG_SOCKETS]
-    async with make_sandbox(launcher="unshare", slots=1, hide=(str(config_dir),)) as sb:
+    async with make_sandbox(launcher=launcher, slots=1, hide=(str(config_dir),)) as sb:
         health = sb.health()
+        if launcher == "direct" and not sb.report.safe:
+            pytest.skip("direct fallback without namespaces (not root): refused by policy")
         assert health["isolation"] == "partial" and sb.report.safe, health
         result = await run(
             sb,
@@ -143,9 +150,11 @@ async def test_unshare_fallback_keeps_the_step_off_the_host(
     assert out["writes"]["/etc"] != "written" and out["writes"]["/var/lib"] != "written"
 
 
-async def test_direct_fallback_refuses_code_steps_in_the_embedded_default() -> None:
-    """Embedded default, only the direct launcher: the worker starts, code steps fail clearly."""
-    sb = Sandbox(SandboxConfig(launcher="direct", refuse_unsafe=True, slots=1))
+async def test_unsafe_fallback_refuses_code_steps_in_the_embedded_default() -> None:
+    """Embedded default, no safe fallback: the worker starts, code steps fail clearly."""
+    # A host where the direct launcher cannot give children a network namespace (forced).
+    unsafe = Limits(network_namespace=False)
+    sb = Sandbox(SandboxConfig(launcher="direct", refuse_unsafe=True, slots=1, limits=unsafe))
     with structlog.testing.capture_logs() as logs:
         await sb.start()
     assert [e["log_level"] for e in logs if e["event"] == "sandbox.refused"] == ["error"]
