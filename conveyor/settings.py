@@ -129,6 +129,9 @@ class Settings:
         "AP_EXECUTION_MODE", default=ExecutionMode.SANDBOX_CODE_ONLY
     )
     sandbox_memory_limit_kb: int = _var("AP_SANDBOX_MEMORY_LIMIT", default=1_048_576)
+    sandbox_allow_partial_isolation: bool = _var(
+        "AP_SANDBOX_ALLOW_PARTIAL_ISOLATION", default=False
+    )
     flow_timeout_seconds: int = _var("AP_FLOW_TIMEOUT_SECONDS", default=600)
     trigger_timeout_seconds: int = _var("AP_TRIGGER_TIMEOUT_SECONDS", default=60)
     webhook_timeout_seconds: int = _var("AP_WEBHOOK_TIMEOUT_SECONDS", default=30)
@@ -254,6 +257,9 @@ class Settings:
         values["encryption_key"] = p.encryption_key("AP_ENCRYPTION_KEY")
         values["execution_mode"] = p.execution_mode("AP_EXECUTION_MODE")
         values["sandbox_memory_limit_kb"] = p.integer("AP_SANDBOX_MEMORY_LIMIT", minimum=16_384)
+        values["sandbox_allow_partial_isolation"] = p.boolean(
+            "AP_SANDBOX_ALLOW_PARTIAL_ISOLATION"
+        )
         for name in (
             "AP_FLOW_TIMEOUT_SECONDS",
             "AP_TRIGGER_TIMEOUT_SECONDS",
