@@ -25,10 +25,14 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conveyor.engine.context import Services
 from conveyor.engine.errors import FlowInvalid
+from conveyor.engine.executor import Executor
 from conveyor.engine.flow import STEP_TYPES, load_document, parse_flow
+from conveyor.engine.status import RunStatus
 from conveyor.engine.templating import TemplateError, TemplateSyntaxError, compile_value
 from tests.api.conftest import make_client
+from tests.engine.support import MemorySink, make_ctx
 
 __all__ = ["make_client"]
 
@@ -439,3 +443,69 @@ async def test_path_segments_and_bodies_never_5xx(
         headers={"Content-Type": "application/json"},
         json_errors=path.startswith("/api/"),
     )
+
+
+# --- templates at run time --------------------------------------------------------------------
+
+body_paths = st.from_regex(
+    r"trigger\.(body|query|headers)(\.[a-z]{1,3}|\[-?[0-9]\]){0,3}", fullmatch=True
+)
+run_templates = st.one_of(
+    body_paths.map(lambda p: "{{" + p + "}}"),
+    st.tuples(text, body_paths).map(lambda t: f"{t[0]} {{{{{t[1]}}}}}"),
+    json_leaf,
+)
+run_inputs = st.dictionaries(
+    st.from_regex(r"[a-z]{1,4}", fullmatch=True),
+    st.recursive(run_templates, lambda i: st.lists(i, max_size=3) | st.dictionaries(
+        st.from_regex(r"[a-z]{1,3}", fullmatch=True), i, max_size=3), max_leaves=8),
+    max_size=4,
+)  # fmt: skip
+
+
+@st.composite
+def runnable_flows(draw: st.DrawFn) -> dict[str, Any]:
+    """Valid flows of transform, branch, loop and respond steps over the trigger's data."""
+    steps: list[dict[str, Any]] = []
+    for i in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["transform", "branch", "loop", "respond"]))
+        name = f"s{i}"
+        if kind == "transform":
+            steps.append({"name": name, "type": kind, "input": draw(run_inputs)})
+        elif kind == "respond":
+            steps.append({"name": name, "type": kind, "input": {"body": draw(run_templates)}})
+        elif kind == "branch":
+            op = draw(st.sampled_from(["eq", "gt", "contains", "matches", "exists", "is_true"]))
+            cond: dict[str, Any] = {"left": draw(run_templates), "op": op}
+            if op not in ("exists", "is_true"):
+                cond["right"] = draw(run_templates)
+            steps.append({"name": name, "type": kind, "when": {"any": [cond]},
+                          "then": [{"name": f"{name}t", "type": "transform",
+                                    "input": draw(run_inputs)}]})  # fmt: skip
+        else:
+            steps.append({"name": name, "type": kind, "items": draw(st.sampled_from(
+                ["{{trigger.body}}", "{{trigger.body.a}}", "{{trigger.query}}"])),
+                "steps": [{"name": f"{name}i", "type": "transform",
+                           "input": {"v": "{{loop.item}}", "n": "{{loop.index}}"}}]})  # fmt: skip
+    return {"name": "run-fuzz", "trigger": {"type": "webhook"}, "steps": steps}
+
+
+@ENGINE
+@given(doc=runnable_flows(), body=json_values, query=st.dictionaries(text, text, max_size=3))
+async def test_runs_end_in_a_status_never_an_exception(
+    doc: dict[str, Any], body: Any, query: dict[str, str]
+) -> None:
+    """Any template over any trigger data ends the run in a status; records are storable."""
+    try:
+        flow = parse_flow(doc)
+    except FlowInvalid:
+        return
+    sink = MemorySink()
+    ctx = make_ctx(body)
+    ctx.trigger["query"] = query
+    async with asyncio.timeout(REQUEST_TIMEOUT_S):
+        outcome = await Executor(Services(sink=sink)).run(flow, ctx)
+    assert outcome.status in (RunStatus.SUCCEEDED, RunStatus.FAILED), outcome
+    if outcome.status is RunStatus.FAILED:
+        assert outcome.error is not None and outcome.error["message"]
+    orjson.dumps([dict(r) for r in sink.records], default=str)
