@@ -5,9 +5,10 @@
 #   configs/container/build.sh                      # podman, no registry (configs/README.md)
 #   docker run --env-file configs/conveyor.env -p 8080:8080 conveyor
 #
-# Base: Debian bookworm-slim with Debian's python3 (3.11) and Conveyor in a venv at
-# /opt/conveyor. Where no registry is reachable, configs/container/base.sh debootstraps the
-# same base locally (BASE_IMAGE selects another one built the same way).
+# Base: Debian bookworm-slim with Debian's python3 (3.11) and Conveyor in a venv at /opt/venv
+# (not /opt/conveyor: that is where the sandbox shows the package to code steps). Where no
+# registry is reachable, configs/container/base.sh debootstraps the same base locally
+# (BASE_IMAGE selects another base).
 #
 # Worker containers (WORKER and WORKER_AND_APP) run code steps inside bubblewrap, the default
 # AP_EXECUTION_MODE=SANDBOX_CODE_ONLY. As this image's non-root user, bubblewrap needs
@@ -22,8 +23,9 @@ ARG BASE_IMAGE=debian:bookworm-slim
 
 # ---------------------------------------------------------------- build: the venv
 FROM ${BASE_IMAGE} AS build
-# Where pip must use another index or trust another CA (a proxy), pass them as build args;
-# configs/container/build.sh passes the host's.
+# Where pip must use another index or trust another CA (a TLS-intercepting proxy), pass them:
+#   --build-arg PIP_INDEX_URL=… --secret id=pip_cert,src=<CA bundle> --build-arg PIP_CERT=/run/secrets/pip_cert
+# (configs/container/build.sh passes the host's). The secret is mounted for the pip steps only.
 ARG PIP_INDEX_URL
 ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
@@ -33,16 +35,18 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=igno
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/* \
- && python3 -m venv /opt/conveyor
+ && python3 -m venv /opt/venv
 WORKDIR /src
 # Dependencies first (a layer that only setup.cfg invalidates), all binary wheels: no compilers.
 COPY setup.cfg ./
-RUN python3 -c "import configparser as c; p = c.ConfigParser(); p.read('setup.cfg'); print(p['options']['install_requires'])" > requirements.txt \
- && /opt/conveyor/bin/pip install --only-binary=:all: -r requirements.txt
+RUN --mount=type=secret,id=pip_cert \
+    python3 -c "import configparser as c; p = c.ConfigParser(); p.read('setup.cfg'); print(p['options']['install_requires'])" > requirements.txt \
+ && /opt/venv/bin/pip install --only-binary=:all: -r requirements.txt
 COPY pyproject.toml README.md ./
 COPY conveyor ./conveyor
-RUN /opt/conveyor/bin/pip install --no-deps . \
- && /opt/conveyor/bin/pip check
+RUN --mount=type=secret,id=pip_cert \
+    /opt/venv/bin/pip install --no-deps . \
+ && /opt/venv/bin/pip check
 
 # ---------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE}
@@ -54,13 +58,13 @@ LABEL org.opencontainers.image.title="conveyor" \
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 bubblewrap tini ca-certificates \
- && rm -rf /var/lib/apt/lists/*
-COPY --from=build /opt/conveyor /opt/conveyor
+ && rm -rf /var/lib/apt/lists/* /var/log/apt/* /var/log/dpkg.log
+COPY --from=build /opt/venv /opt/venv
 RUN groupadd --system --gid 10001 conveyor \
  && useradd --system --uid 10001 --gid conveyor --home-dir /var/lib/conveyor \
             --shell /usr/sbin/nologin conveyor \
  && install -d -o conveyor -g conveyor -m 0700 /var/lib/conveyor
-ENV PATH=/opt/conveyor/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     AP_HOST=0.0.0.0 \
     AP_CONFIG_PATH=/var/lib/conveyor \
     PYTHONUNBUFFERED=1 \

@@ -229,9 +229,9 @@ def test_dockerfile_shape() -> None:
     froms = re.findall(r"^FROM (\S+)", text, re.M)
     assert froms and set(froms) == {"${BASE_IMAGE}"}
     assert re.search(r"apt-get install [^\n]*\bpython3-venv\b", text)
-    assert re.search(r"/opt/conveyor/bin/pip install .*\s\.", text)
+    assert re.search(r"/opt/venv/bin/pip install .*\s\.", text)
     assert re.search(r"apt-get install [^\n]*\bbubblewrap\b", text)
-    assert re.search(r"^ENV PATH=/opt/conveyor/bin:", text, re.M)
+    assert re.search(r"^ENV PATH=/opt/venv/bin:", text, re.M)
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("0", "root")
     assert "AP_HOST=0.0.0.0" in text

@@ -18,13 +18,12 @@ IMAGE="${IMAGE:-localhost/conveyor:latest}"
 args=(--format=docker --network=host --pull=never --layers --tag "$IMAGE" --file "$repo/Dockerfile")
 
 # pip inside the build trusts what pip here trusts: the host's CA bundle (a TLS-intercepting
-# proxy's CA included), mounted read-only for the RUN steps only, never stored in the image.
-# Not over the image's /etc/ssl/certs/ca-certificates.crt: installing Debian's ca-certificates
-# in the build rewrites that file.
-ca="${CONVEYOR_BUILD_CA:-/etc/ssl/certs/ca-certificates.crt}"
+# proxy's CA included), a build secret mounted for the pip steps only, never in the image.
+# (Not a volume over the image's /etc/ssl/certs/ca-certificates.crt: installing Debian's
+# ca-certificates rewrites that file, and a volume's mount point stays in every stage.)
+ca="${CONVEYOR_BUILD_CA:-${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}}"
 if [ -s "$ca" ]; then
-  args+=(--volume "$ca:/run/host-ca-certificates.crt:ro"
-         --build-arg PIP_CERT=/run/host-ca-certificates.crt)
+  args+=(--secret "id=pip_cert,src=$ca" --build-arg PIP_CERT=/run/secrets/pip_cert)
 fi
 # ... and the same index (PIP_INDEX_URL or pip's configured index-url; default PyPI).
 index="${PIP_INDEX_URL:-}"
