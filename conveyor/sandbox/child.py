@@ -87,6 +87,7 @@ def lock_down(
     locked: bool,
     own_pidns: bool = False,
     view: dict[str, Any] | None = None,
+    probed_view: bool = False,
 ) -> int:
     """Turn a fresh fork of the fork-server into a step process; returns the socket's fd.
 
@@ -120,7 +121,10 @@ def lock_down(
             )
             private_mount = True
         except OSError:
-            pass
+            if view is not None and probed_view:
+                # The fork-server's probe hid the host this way: a child that cannot must
+                # not run with less than /readyz reports.
+                raise
     if not private_mount:
         # No mount namespace (not root, no bubblewrap, or UNSANDBOXED): a directory of our
         # own instead — never the shared /tmp itself, which the cleanup empties.

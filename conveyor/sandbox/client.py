@@ -269,6 +269,11 @@ class Sandbox:
             self.stats["starts"] += 1
             self._drop_uid = bool(probe.get("uid_drop"))
             self._pidns = self._will_use_pidns(probe)
+            # A kernel (or container) that refuses children a network namespace of their
+            # own: spawn them without one rather than lose their private mounts too.
+            self._limits_wire["network_namespace"] = bool(
+                self.config.limits.network_namespace and probe.get("child_network_namespace")
+            )
             self._free_uids = int(probe["uids"]) if self._drop_uid and "uids" in probe else None
             self._exhausted = False
             self._slots = [_Slot(i) for i in range(max(self.config.slots, 1))]

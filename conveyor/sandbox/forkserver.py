@@ -71,6 +71,7 @@ class ForkServer:
         base = int(config.get("uid_base", 60_000))
         self._free_uids = list(range(base + int(config.get("uid_count", 1000)) - 1, base - 1, -1))
         self._pid_namespace = False
+        self._view_ok = False
         self._pidns_fd = -1
         self.reader = BlockingReader(ctl, max_frame=1 << 20)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -186,6 +187,7 @@ class ForkServer:
         failed = self.prewarm()
         probe = self.probe()
         self._pid_namespace = bool(probe["pid_namespace"])
+        self._view_ok = bool(probe["host_view_hardened"])
         gc.collect()
         gc.freeze()
         send_frame(self.ctl, {"op": "hello", "probe": probe, "prewarm_failed": failed})
@@ -285,7 +287,13 @@ class ForkServer:
                 # Detach (not close) so no finaliser can later close a reused descriptor.
                 os.close(ours.detach())
                 fd = lock_down(
-                    theirs.detach(), uid, limits, locked=locked, own_pidns=pidns, view=self.view
+                    theirs.detach(),
+                    uid,
+                    limits,
+                    locked=locked,
+                    own_pidns=pidns,
+                    view=self.view,
+                    probed_view=self._view_ok,
                 )
             except BaseException as exc:
                 with contextlib.suppress(BaseException):
