@@ -168,6 +168,7 @@ class Scheduler:
         self.lease_ms = lease_ms
         self.poll_s = poll_s
         self._outage = Outage("redis", "schedule_lease")
+        self._refresh_outage = Outage("postgres", "schedule_refresh")
         self.refresh_s = refresh_s
         self.lease_key = lease_key or k.scheduler_lease()
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -330,9 +331,11 @@ class Scheduler:
                     await self._refresh()
             except Exception as exc:
                 # Fire from the flows already known; read them again after refresh_s.
-                log.warning("schedule refresh failed", error=repr(exc))
+                self._refresh_outage.failed(exc)  # one line per outage
                 self._refreshed_at = time.monotonic()
                 ok = False
+            else:
+                self._refresh_outage.ok()
         now = self.clock()
         due = []
         for fid, entry in self._entries.items():

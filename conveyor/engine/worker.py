@@ -18,8 +18,10 @@ from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import structlog
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from conveyor import metrics
 from conveyor.api.health import SANDBOX_REPORT
@@ -33,13 +35,15 @@ from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.ssrf import SsrfPolicy, create_http_session
 from conveyor.engine.status import RunStatus
 from conveyor.logging import bind_run
-from conveyor.queue import Consumer, Job, Producer, QueueConfig, QueueName
+from conveyor.queue import Consumer, Job, Producer, QueueConfig, QueueName, QueueUnavailable
 from conveyor.queue import keys as qkeys
 from conveyor.queue.admin import QueueAdmin
+from conveyor.queue.errors import is_unavailable
 from conveyor.sandbox.client import Sandbox
 from conveyor.sandbox.config import SandboxConfig
 from conveyor.settings import Settings
 from conveyor.store import runs as run_store
+from conveyor.store.db import CONNECTION_ERRORS
 from conveyor.store.runs import RunWriter, StepRow, Transition
 from conveyor.store.secrets import SecretBox, load_secrets
 
@@ -123,6 +127,7 @@ class RunWorker:
             self.handle,
             self.queue_config,
             on_dead=self.on_dead,
+            transient=backend_down,
             concurrency=settings.worker_concurrency,
         )
 
@@ -276,6 +281,24 @@ class RunWorker:
         handed back to the queue (another worker resumes them from their checkpoints)."""
         await self.consumer.close(timeout_s=float(self.settings.worker_drain_seconds))
         await self.producer.close()
+
+
+#: PostgreSQL errors meaning "the server is away" (connection lost, shutting down, starting).
+_PG_DOWN = (
+    *CONNECTION_ERRORS,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+
+def backend_down(exc: BaseException) -> str | None:
+    """The backend whose outage ``exc`` reports (the job is retried without spending a
+    delivery), or ``None`` for a real failure."""
+    if isinstance(exc, QueueUnavailable) or (isinstance(exc, RedisError) and is_unavailable(exc)):
+        return "redis"
+    if isinstance(exc, _PG_DOWN):
+        return "postgres"
+    return None
 
 
 def _as_record(row: Mapping[str, Any]) -> StepRecord:

@@ -67,6 +67,10 @@ def _reraise_if_cancelling(exc: BaseException | None = None) -> None:
         raise asyncio.CancelledError from exc
 
 
+def _redis_down(exc: BaseException) -> str | None:
+    return "redis" if isinstance(exc, RedisError | OSError) and is_unavailable(exc) else None
+
+
 def default_consumer_name() -> str:
     """``host:pid``: stable across restarts of a container (same host name, same pid), so a
     restarted worker takes back its own pending entries at once; readable on the board."""
@@ -96,6 +100,9 @@ class Consumer:
     :param on_dead: ``async def on_dead(job, error)`` called before a job is dead-lettered (the
         engine marks the run ``INTERNAL_ERROR``); if it raises, the error is logged and the
         entry is dead-lettered all the same (nothing stays pending forever).
+    :param transient: ``transient(exc)`` names the backend (``"redis"``, ``"postgres"``) when
+        a handler's exception means a backend is down rather than the job is bad; such jobs
+        are retried without spending a delivery. Default: Redis connection errors only.
     :param queues: queues to serve, in priority order; default ``sync`` then ``runs``.
     :param name: consumer name; default ``host:pid`` (leased in Redis while the process lives;
         if another live process holds it, a random suffix is added). A stable name lets a
@@ -114,6 +121,7 @@ class Consumer:
         config: QueueConfig | None = None,
         *,
         on_dead: DeadHandler | None = None,
+        transient: Callable[[BaseException], str | None] | None = None,
         queues: Sequence[str] = k.PRIORITY,
         name: str | None = None,
         concurrency: int | None = None,
@@ -122,6 +130,7 @@ class Consumer:
         self.handler = handler
         self.config = config or QueueConfig()
         self.on_dead = on_dead
+        self.transient = transient or _redis_down
         self.name = name or default_consumer_name()
         #: Default names are leased so two live processes never share one.
         self._lease_name = name is None
@@ -490,6 +499,9 @@ class Consumer:
         else:
             self.processed += 1
             self._queue_ack(s, job, started)
+            for name, outage in self._outages.items():
+                if name.startswith("run:"):
+                    outage.ok()
         finally:
             s.inflight.pop(job.entry_id, None)
             self._running -= 1
@@ -514,20 +526,32 @@ class Consumer:
 
     async def _handle_failure(self, s: _Stream, job: Job, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
-        log.warning(
-            "queue.job_failed", queue=job.queue, job_id=job.id, attempt=job.attempt, error=error
-        )
-        if job.attempt >= self.config.max_deliveries:
-            await self._dead_letter(s, job, error)
-            return
-        due = now_ms() + int(self.config.backoff_s(job.attempt) * 1000)
+        backend = self.transient(exc)
+        attempt = job.attempt
+        if backend is not None:
+            # A backend outage is nobody's fault: retried (one log line per outage) without
+            # spending a delivery, so a long outage never dead-letters healthy runs. The
+            # attempt stays >= 1 so the redelivery is not a first one (it resumes from the
+            # checkpoints).
+            outage = self._outages.setdefault(f"run:{backend}", Outage(backend, "run"))
+            delay_s = min(max(0.5, outage.failed(exc)), self.config.backoff_cap_s)
+            attempt = max(1, job.attempt - 1)
+        else:
+            log.warning(
+                "queue.job_failed", queue=job.queue, job_id=job.id, attempt=attempt, error=error
+            )
+            if job.attempt >= self.config.max_deliveries:
+                await self._dead_letter(s, job, error)
+                return
+            delay_s = self.config.backoff_s(job.attempt)
+        due = now_ms() + int(delay_s * 1000)
         sk = s.keys
         self._next_due.clear()  # promote on the next housekeeping round, not after a poll
         try:
             await RETRY(
                 self.redis,
                 [sk.stream, sk.index, sk.count, sk.delayed, sk.delayed_payload, sk.delayed_meta],
-                [k.GROUP, job.entry_id, job.id, due, job.raw, job.attempt, job.enqueued_ms, error],
+                [k.GROUP, job.entry_id, job.id, due, job.raw, attempt, job.enqueued_ms, error],
             )
         except (RedisError, OSError) as rexc:
             _reraise_if_cancelling(rexc)

