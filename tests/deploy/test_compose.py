@@ -5,7 +5,8 @@ Strategy 2 (``configs/docker-compose.split.yml``): nginx, two APP and two WORKER
 Each test copies ``configs/`` to a temporary directory, fills in the env files, and brings the
 stack up under a project name of its own with nginx published on a free loopback port only.
 Redis, PostgreSQL and nginx are Debian stand-ins built from ``configs/container/<service>/``
-(once; they stay in podman's store), selected through the compose files' image variables.
+(when missing or changed; they stay in podman's store), selected through the compose files'
+image variables.
 Then: a sync webhook through nginx answers the flow's body (code step in the sandbox, respond),
 async webhooks stream in, one container is killed mid-load (``podman kill``), and every run
 that was accepted (202) must reach a terminal state. The stack is removed in every case.
