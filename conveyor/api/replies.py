@@ -101,7 +101,9 @@ class ReplyHub:
                 break
             gap = self._gap_future()
             wakers: set[asyncio.Future[Any]] = {waiter, gap}
-            await asyncio.wait(wakers, timeout=min(remaining, STORE_POLL_S))
+            await asyncio.wait(
+                wakers, timeout=min(remaining, STORE_POLL_S), return_when=asyncio.FIRST_COMPLETED
+            )
             if waiter.done() or deadline - loop.time() <= 0:
                 break
             try:
@@ -123,20 +125,25 @@ class ReplyHub:
     async def _listen(self) -> None:
         # Reconnect forever: a Redis restart must not leave sync webhooks deaf.
         outage = Outage("redis", "replies", base_s=0.1, cap_s=2.0)
+        subscribed = False
         while True:
             raise_if_cancelling()
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            # Subscribe confirmations are kept: redis-py may reconnect and resubscribe on its
+            # own, and a second confirmation is the only sign that replies may have been lost.
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=False)
             try:
                 await pubsub.subscribe(self.channel)
-                self._ready.set()
-                if outage.down:
-                    outage.ok()
-                    if self._gap is not None and not self._gap.done():
-                        self._gap.set_result(None)
                 async for message in pubsub.listen():
                     raise_if_cancelling()
-                    if message.get("type") == "message":
+                    kind = message.get("type")
+                    if kind == "message":
                         self._deliver(message["data"])
+                    elif kind == "subscribe":
+                        outage.ok()
+                        if subscribed:
+                            self._signal_gap()
+                        subscribed = True
+                        self._ready.set()
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
@@ -146,6 +153,10 @@ class ReplyHub:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
                 await asyncio.sleep(delay)
+
+    def _signal_gap(self) -> None:
+        if self._gap is not None and not self._gap.done():
+            self._gap.set_result(None)
 
     def _deliver(self, data: bytes) -> None:
         try:

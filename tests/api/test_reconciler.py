@@ -9,7 +9,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from conveyor.engine.reconciler import Reconciler, resume_job_id
-from conveyor.queue import Producer, QueueConfig
+from conveyor.queue import Consumer, Job, Location, Producer, QueueConfig
 from conveyor.queue.admin import QueueAdmin
 from conveyor.store import runs as run_store
 from conveyor.store.db import Database
@@ -129,4 +129,33 @@ async def test_retention_deletes_old_finished_runs_only(
     assert await rec.apply_retention() == 1
     left = {r["id"] for r in await run_store.list_runs(db, limit=10)}
     assert left == {old_live, recent_done}
+    await writer.close()
+
+
+async def test_run_of_a_dead_lettered_job_ends_internal_error(
+    make_client: Any, db: Database, redis: aioredis.Redis
+) -> None:
+    """A job dead-lettered while its run could not be ended (PostgreSQL was down for on_dead)
+    is not run again: the reconciler ends the run INTERNAL_ERROR."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = (await (await client.post("/api/v1/flows", json=FLOW)).json())["id"]
+    rid = (await (await client.post(f"/api/v1/webhooks/{fid}", json={})).json())["run_id"]
+    config = QueueConfig(max_deliveries=1)
+
+    async def explode(job: Job) -> None:
+        raise RuntimeError("bug")
+
+    async def on_dead(job: Job, error: str) -> None:
+        raise ConnectionError("postgres down")
+
+    await Consumer(redis, explode, config, on_dead=on_dead).drain()
+    assert (await QueueAdmin(redis, config).locate("runs", [rid]))[rid] is Location.DEAD
+    writer = RunWriter(db)
+    rec = Reconciler(
+        writer, Producer(redis, config), QueueAdmin(redis, config), flow_timeout_s=600, grace_s=0
+    )
+    assert (await rec.run_once())["requeued"] == 0
+    row = await run_store.get_run(db, uuid.UUID(rid))
+    assert row["status"] == "INTERNAL_ERROR" and "dead-lettered" in row["error"]["message"]
+    assert (await QueueAdmin(redis, config).locate("runs", [rid]))[rid] is Location.DEAD
     await writer.close()
