@@ -12,7 +12,7 @@
 # the cache is never required. DEBIAN_MIRROR overrides the mirror. See configs/README.md.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-# shellcheck source=setup-podman.sh
+# shellcheck source-path=SCRIPTDIR source=setup-podman.sh
 . "$here/setup-podman.sh"
 
 BASE_IMAGE="${BASE_IMAGE:-docker.io/library/debian:bookworm-slim}"
@@ -52,7 +52,8 @@ if [ "$refresh" = 1 ] || [ ! -s "$tarball" ]; then
     exit 1
   fi
   root="$(mktemp -d "$cache/rootfs.XXXXXX")"
-  trap 'rm -rf "$root" "$tarball.tmp"' EXIT
+  partial="$(mktemp "$cache/rootfs-tar.XXXXXX")"
+  trap 'rm -rf "$root" "$partial"' EXIT
   url="${DEBIAN_MIRROR:-$(mirror)}"
   echo "base.sh: debootstrap --variant=minbase $SUITE from $url" >&2
   debootstrap --variant=minbase "$SUITE" "$root" "$url" >"$cache/debootstrap.log" 2>&1 || {
@@ -110,8 +111,9 @@ CFG
          "$root"/tmp/* "$root"/root/.bash_history
   : >"$root/etc/resolv.conf"
   echo "debian" >"$root/etc/hostname"
-  tar --numeric-owner --xattrs -C "$root" -cf "$tarball.tmp" .
-  mv "$tarball.tmp" "$tarball"
+  tar --numeric-owner --xattrs -C "$root" -cf "$partial" .
+  chmod 0644 "$partial"
+  mv "$partial" "$tarball"
   rm -rf "$root"
   trap - EXIT
 fi

@@ -10,7 +10,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
-# shellcheck source=setup-podman.sh
+# shellcheck source-path=SCRIPTDIR source=setup-podman.sh
 . "$here/setup-podman.sh"
 "$here/base.sh"
 
