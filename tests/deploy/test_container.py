@@ -93,9 +93,11 @@ class Container:
     def __init__(self, image: str, redis_url: str, postgres_url: str, **env: str) -> None:
         self.name = f"cvtest-ctr-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.port = free_port()
+        # A WORKER serves /healthz, /readyz and /metrics on AP_METRICS_PORT, and no API.
+        listen = "AP_METRICS_PORT" if env.get("AP_CONTAINER_TYPE") == "WORKER" else "AP_PORT"
         self.base = f"http://127.0.0.1:{self.port}"
         self.env = {
-            "AP_PORT": str(self.port),
+            listen: str(self.port),
             "AP_REDIS_URL": redis_url,
             "AP_POSTGRES_URL": postgres_url,
             "AP_API_KEY": API_KEY,
@@ -309,5 +311,26 @@ async def test_sigterm_drains_and_exits_zero(
         finally:
             await conn.close()
         assert final == "SUCCEEDED", container.logs()
+    finally:
+        container.remove()
+
+
+async def test_worker_container(
+    conveyor_image: str, servers: tuple[str, str], database: str
+) -> None:
+    """A WORKER container: /readyz on AP_METRICS_PORT, full isolation, HEALTHCHECK passes."""
+    container = Container(
+        conveyor_image, _redis_url(servers[0]), database, AP_CONTAINER_TYPE="WORKER"
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = await container.wait_ready(http)
+            async with http.get(f"{container.base}/metrics") as r:
+                assert r.status == 200 and "conveyor_" in await r.text()
+        assert body["checks"]["sandbox"]["isolation"] == "full", body
+        proc = podman("healthcheck", "run", container.name, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert podman("stop", "-t", str(STOP_GRACE_S), container.name).returncode == 0
+        assert container.inspect()["State"]["ExitCode"] == 0, container.logs()
     finally:
         container.remove()
