@@ -496,6 +496,30 @@ async def test_idempotency_and_request_data(server: TestClient[Any, Any]) -> Non
     assert record["trigger"]["headers"]["authorization"] == "***"
 
 
+async def test_step_records_are_as_documented(server: TestClient[Any, Any]) -> None:
+    """A code step's prints are its logs; loop steps record parent and iteration, and a
+    branch inside a loop records the loop's index."""
+    fid = await ensure(server, "code")
+    lines = [{"price": 1, "qty": 1}, {"price": 2, "qty": 1}]
+    resp = await server.post(f"/api/v1/webhooks/{fid}", json={"lines": lines})
+    record = await run_record(server, resp.headers["x-run-id"])
+    assert step(record, "total")["logs"] == "lines: 2\n"
+    fid = await ensure(server, "loop")
+    items: list[dict[str, Any]] = [{"sku": "a", "qty": 20}, {"sku": "b", "qty": 1}]
+    resp = await server.post(f"/api/v1/webhooks/{fid}", json={"lines": items})
+    record = await run_record(server, resp.headers["x-run-id"])
+    placed = [(s["name"], s["parent"], s["iteration"]) for s in record["steps"]]
+    assert placed == [
+        ("line", "each", 0),
+        ("bulk", "each", 0),
+        ("discount", "bulk", 0),
+        ("line", "each", 1),
+        ("bulk", "each", 1),
+        ("each", None, None),
+        ("reply", None, None),
+    ]
+
+
 async def test_schedule_example_is_accepted(server: TestClient[Any, Any]) -> None:
     """The schedule example is stored with its trigger (not waited on)."""
     resp = await server.post(
