@@ -21,8 +21,8 @@
 
 ARG BASE_IMAGE=debian:bookworm-slim
 
-# ---------------------------------------------------------------- build: the venv
-FROM ${BASE_IMAGE} AS build
+# ---------------------------------------------------------------- deps: the venv
+FROM ${BASE_IMAGE} AS deps
 # Where pip must use another index or trust another CA (a TLS-intercepting proxy), pass them:
 #   --build-arg PIP_INDEX_URL=… --secret id=pip_cert,src=<CA bundle> --build-arg PIP_CERT=/run/secrets/pip_cert
 # (configs/container/build.sh passes the host's). The secret is mounted for the pip steps only.
@@ -37,16 +37,25 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/venv
 WORKDIR /src
-# Dependencies first (a layer that only setup.cfg invalidates), all binary wheels: no compilers.
+# The dependencies (only setup.cfg invalidates this stage), all binary wheels: no compilers.
 COPY setup.cfg ./
 RUN --mount=type=secret,id=pip_cert \
     python3 -c "import configparser as c; p = c.ConfigParser(); p.read('setup.cfg'); print(p['options']['install_requires'])" > requirements.txt \
- && /opt/venv/bin/pip install --only-binary=:all: -r requirements.txt
+ && /opt/venv/bin/pip install --only-binary=:all: -r requirements.txt \
+ && /opt/venv/bin/pip check
+
+# ---------------------------------------------------------------- build: Conveyor itself
+FROM deps AS build
+# Build args are per stage: the same pip settings as above.
+ARG PIP_INDEX_URL
+ARG PIP_CERT
 COPY pyproject.toml README.md ./
 COPY conveyor ./conveyor
+# Into a prefix of its own, laid out like the venv: the runtime stage copies it over the venv
+# as a small layer of its own, so a code change leaves the dependency layer cached.
 RUN --mount=type=secret,id=pip_cert \
-    /opt/venv/bin/pip install --no-deps . \
- && /opt/venv/bin/pip check
+    /opt/venv/bin/pip install --no-deps --no-warn-script-location --prefix=/opt/pkg . \
+ && PYTHONPATH="$(echo /opt/pkg/lib/python3*/site-packages)" /opt/venv/bin/python -c "import conveyor.cli, conveyor.store.db"
 
 # ---------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE}
@@ -59,7 +68,8 @@ LABEL org.opencontainers.image.title="conveyor" \
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 bubblewrap tini ca-certificates \
  && rm -rf /var/lib/apt/lists/* /var/log/apt/* /var/log/dpkg.log
-COPY --from=build /opt/venv /opt/venv
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=build /opt/pkg/ /opt/venv/
 RUN groupadd --system --gid 10001 conveyor \
  && useradd --system --uid 10001 --gid conveyor --home-dir /var/lib/conveyor \
             --shell /usr/sbin/nologin conveyor \
