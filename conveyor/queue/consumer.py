@@ -7,8 +7,11 @@ long-lived worker coroutine per slot; their acknowledgements are coalesced into 
 per shard (:mod:`conveyor.queue.acks`), sent only after the handler returned (so after the
 run's final state is committed). A handler that raises is an
 internal error: the entry is retried with exponential backoff through the delayed set and
-dead-lettered after ``max_deliveries``. Heartbeats keep in-flight entries from looking idle;
-entries idle past the visibility timeout (their worker died) are reclaimed by any live worker.
+dead-lettered after ``max_deliveries``; a handler failing because a backend is down spends no
+delivery. Heartbeats keep in-flight entries from looking idle; a consumer silent past the
+visibility timeout (its worker died or hung) is taken over by any live worker within a second,
+and a consumer that closes hands back what it could not finish. Every retry loop backs off with
+jitter and logs once per outage (:mod:`conveyor.backoff`).
 """
 
 from __future__ import annotations
@@ -204,7 +207,8 @@ class Consumer:
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Stop fetching, let running handlers finish (cancel them after ``timeout_s``), flush
-        acknowledgements. Unstarted or cancelled entries stay pending for another worker."""
+        acknowledgements, then hand entries still held back to the stream for another worker
+        (a redelivery: the engine resumes from the checkpoints)."""
         self._close_timeout_s = timeout_s
         self._stop.set()
         self._slot.set()
