@@ -229,9 +229,6 @@ class Settings:
         values["db_type"] = p.enum("AP_DB_TYPE", DbType, default=default_db)
         values["queue_shards"] = p.integer("AP_QUEUE_SHARDS", minimum=1, maximum=1024)
         values["queue_max_length"] = p.integer("AP_QUEUE_MAX_LENGTH", minimum=1)
-        for name in (
-            "AP_REDIS_FAILED_JOB_RETENTION_DAYS",
-            "AP_REDIS_FAILED_JOB_RETENTION_MAX_COUNT",
         values["queue_visibility_timeout_seconds"] = p.integer(
             "AP_QUEUE_VISIBILITY_TIMEOUT_SECONDS", minimum=2, maximum=3600
         )
@@ -242,6 +239,9 @@ class Settings:
             "AP_WORKER_DRAIN_SECONDS", minimum=0, maximum=3600
         )
         values["redis_key_prefix"] = p.key_prefix("AP_REDIS_KEY_PREFIX")
+        for name in (
+            "AP_REDIS_FAILED_JOB_RETENTION_DAYS",
+            "AP_REDIS_FAILED_JOB_RETENTION_MAX_COUNT",
             "AP_REDIS_COMPLETED_JOB_RETENTION_MAX_COUNT",
             "AP_EXECUTION_DATA_RETENTION_DAYS",
             "AP_PIECES_CACHE_MAX_ENTRIES",
@@ -257,9 +257,7 @@ class Settings:
         values["encryption_key"] = p.encryption_key("AP_ENCRYPTION_KEY")
         values["execution_mode"] = p.execution_mode("AP_EXECUTION_MODE")
         values["sandbox_memory_limit_kb"] = p.integer("AP_SANDBOX_MEMORY_LIMIT", minimum=16_384)
-        values["sandbox_allow_partial_isolation"] = p.boolean(
-            "AP_SANDBOX_ALLOW_PARTIAL_ISOLATION"
-        )
+        values["sandbox_allow_partial_isolation"] = p.boolean("AP_SANDBOX_ALLOW_PARTIAL_ISOLATION")
         for name in (
             "AP_FLOW_TIMEOUT_SECONDS",
             "AP_TRIGGER_TIMEOUT_SECONDS",
@@ -283,16 +281,16 @@ class Settings:
         return settings
 
     def _check_consistency(self) -> None:
-        if self.redis_type is RedisType.EMBEDDED and self.redis_url:
-            raise SettingsError(
-                "AP_REDIS_TYPE=EMBEDDED conflicts with AP_REDIS_URL: unset one of them"
-            )
         if 2 * self.worker_heartbeat_seconds > self.queue_visibility_timeout_seconds:
             # Fewer than two beats per timeout: one late beat would let live work be taken over.
             raise SettingsError(
                 f"AP_WORKER_HEARTBEAT_SECONDS={self.worker_heartbeat_seconds} is invalid: at "
                 "most half of AP_QUEUE_VISIBILITY_TIMEOUT_SECONDS "
                 f"({self.queue_visibility_timeout_seconds})"
+            )
+        if self.redis_type is RedisType.EMBEDDED and self.redis_url:
+            raise SettingsError(
+                "AP_REDIS_TYPE=EMBEDDED conflicts with AP_REDIS_URL: unset one of them"
             )
         if self.redis_type in (RedisType.STANDALONE, RedisType.CLUSTER) and not self.redis_url:
             raise SettingsError(
@@ -488,10 +486,6 @@ class _Parser:
     def optional_text(self, name: str) -> str | None:
         return self.raw(name)
 
-    def host(self, name: str) -> str:
-        def cast(v: str) -> str:
-            bare = v.strip("[]")
-            try:
     def key_prefix(self, name: str) -> str:
         def cast(v: str) -> str:
             # No braces: the prefix sits outside every key's {hash tag}.
@@ -502,6 +496,10 @@ class _Parser:
         allowed = "expected 1-64 characters of A-Z a-z 0-9 _ . : - (starting alphanumeric)"
         return self._cast(name, allowed, cast, _default_for(name))
 
+    def host(self, name: str) -> str:
+        def cast(v: str) -> str:
+            bare = v.strip("[]")
+            try:
                 ipaddress.ip_address(bare)
                 return bare
             except ValueError:
