@@ -6,9 +6,10 @@ heartbeats, housekeeping, the board's sampler, the reconciler, the scheduler) ke
 next delay — exponential from ``base_s`` up to ``cap_s``, drawn uniformly from the upper half
 of that range so many processes that lost Redis together do not reconnect in lock-step — and
 counts the error in ``conveyor_backend_errors_total{backend,op}``. Only two lines are logged
-per outage: one when the first error arrives, one (with the duration and error count) when an
-operation succeeds again. A loop that retried at full speed while Redis was down used to take a
-whole core and write thousands of lines a second; with this it sleeps and stays silent.
+per outage and process, whichever loop notices: one when the backend's first error arrives,
+one (with the duration) when any operation on it succeeds again. A loop that retried at full
+speed while Redis was down used to take a whole core and write thousands of lines a second;
+with this it sleeps and stays silent.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import time
 import structlog
 
 log = structlog.get_logger(__name__)
+
+#: backend → ``time.monotonic()`` of this process's first error of the current outage.
+_DOWN: dict[str, float] = {}
 
 
 def jittered(delay_s: float) -> float:
@@ -59,6 +63,8 @@ class Outage:
         if self.since is None:
             self.since = time.monotonic()
             self._delay = self.base_s
+        if self.backend not in _DOWN:
+            _DOWN[self.backend] = time.monotonic()
             log.warning(
                 "backend.unavailable", backend=self.backend, op=self.op, error=str(exc)[:500]
             )
@@ -67,16 +73,17 @@ class Outage:
         return delay
 
     def ok(self) -> None:
-        """Record a success; logs the end of an outage once."""
+        """Record a success; logs the end of an outage once per process."""
         if self.since is None:
             return
-        log.warning(
-            "backend.recovered",
-            backend=self.backend,
-            op=self.op,
-            down_s=round(time.monotonic() - self.since, 1),
-            errors=self.errors,
-        )
+        began = _DOWN.pop(self.backend, None)
+        if began is not None:
+            log.warning(
+                "backend.recovered",
+                backend=self.backend,
+                op=self.op,
+                down_s=round(time.monotonic() - began, 1),
+            )
         self.since = None
         self.errors = 0
         self._delay = self.base_s

@@ -22,9 +22,11 @@ from typing import Any
 import aiohttp
 import asyncpg
 import psutil
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from conveyor.engine.status import TERMINAL
+from conveyor.queue import QueueAdmin, QueueConfig
 from tests.processes import conveyor_env, free_port
 
 TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
@@ -245,6 +247,15 @@ async def check_invariants(
         await conn.close()
     assert len(runs) == len(run_ids)
     assert {r["status"] for r in runs} == {"SUCCEEDED"}, [dict(r) for r in runs]
+    # Acknowledgements held back by an outage go out on the batcher's next retry.
+    done: list[str] = []
+
+    async def acknowledged() -> bool:
+        done[:] = await completed_jobs(deployment.redis_url)
+        return set(run_ids) <= set(done)
+
+    await until(acknowledged, 30, "every run's job acknowledged")
+    assert len(done) == len(set(done)), "a job completed twice in the queue's log"
     assert twice == [], [dict(r) for r in twice]
     assert steps == 2 * len(run_ids)
     for r in runs:
@@ -252,6 +263,24 @@ async def check_invariants(
         assert 1 <= calls <= max(1, r["attempt"]), (str(r["id"]), calls, r["attempt"])
     await deployment.kill_all()
     assert await deployment.leftovers() == []
+
+
+async def completed_jobs(redis_url: str) -> list[str]:
+    """Every job id in the queue's completed log (each acknowledgement logs one)."""
+    client = aioredis.Redis.from_url(redis_url)
+    admin = QueueAdmin(client, QueueConfig(completed_retention_max_count=100_000))
+    ids: list[str] = []
+    try:
+        for queue in ("runs", "sync"):
+            cursor = None
+            while True:
+                page, cursor = await admin.list_jobs(queue, "completed", limit=1000, cursor=cursor)
+                ids += [j.id for j in page]
+                if cursor is None or not page:
+                    break
+    finally:
+        await client.aclose()
+    return ids
 
 
 def cpu_share(role: Role, window_s: float) -> Callable[[], Any]:
