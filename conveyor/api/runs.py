@@ -6,6 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from conveyor.api import operations
@@ -98,9 +99,11 @@ async def retry_run(request: web.Request) -> web.Response:
     run_id = _run_id(request)
     raw = await request.read()
     try:
-        body = await request.json() if raw else {}
-    except ValueError:
+        body = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError:
         raise ApiError(400, "BAD_REQUEST", "body must be JSON") from None
+    if not isinstance(body, dict | None):
+        raise ApiError(400, "BAD_REQUEST", 'body must be a JSON object {"strategy": ...}')
     strategy = (body or {}).get("strategy", "FROM_FAILED_STEP")
     row = await operations.retry_run(request.app, run_id, str(strategy))
     return json_response(run_json(row), status=202)

@@ -352,6 +352,7 @@ async def webhook_sync(request: web.Request) -> web.Response:
             )
             # The caller retries after Retry-After; with the same key it must get a new run.
             await run_store.release_idempotency_key(app[DB], rid)
+            await _forget_signature(request)  # and the signature may be sent again
             raise _redis_unavailable(run_id) from exc
         timeout_s = app[SETTINGS].webhook_timeout_seconds
         try:

@@ -196,3 +196,13 @@ async def test_deep_manual_run_body_is_4xx(make_client: Any, depth: int) -> None
     assert resp.status in (400, 422), await resp.text()
     ok = await client.post(f"/api/v1/flows/{fid}/run", data="[" * 100 + "]" * 100)
     assert ok.status == 202
+
+
+async def test_retry_body_that_is_not_an_object_is_400(make_client: Any) -> None:
+    """Found by the fuzzer: a retry body that is a list, or nests 3000 deep, is a 400."""
+    client: Client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = (await (await client.post("/api/v1/flows", json=HOOK)).json())["id"]
+    run_id = (await (await client.post(f"/api/v1/webhooks/{fid}", json={})).json())["run_id"]
+    for body in ("[[]]", "[" * 3000 + "]" * 3000, '"FROM_FAILED_STEP"'):
+        resp = await client.post(f"/api/v1/flow-runs/{run_id}/retry", data=body)
+        assert (await _error(resp, 400))["code"] == "BAD_REQUEST"
