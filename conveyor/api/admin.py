@@ -113,7 +113,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         return {}
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # json.loads recurses: a deep body is not JSON to us
         raise ApiError(400, "BAD_REQUEST", "body must be JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "BAD_REQUEST", "body must be a JSON object")

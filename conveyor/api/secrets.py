@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import orjson
 from aiohttp import web
 
 from conveyor.api.errors import ApiError, json_response
@@ -23,8 +24,8 @@ def _name(request: web.Request) -> str:
 async def put_secret(request: web.Request) -> web.Response:
     name = _name(request)
     try:
-        body = await request.json()
-    except ValueError:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
         raise ApiError(400, "BAD_REQUEST", 'body must be JSON {"value": "..."}') from None
     value = body.get("value") if isinstance(body, dict) else None
     if not isinstance(value, str):

@@ -402,6 +402,7 @@ PATH_ROUTES = [
     ("GET", "/api/v1/queues/{}/jobs"),
     ("DELETE", "/api/v1/queues/runs/jobs/{}"),
     ("PUT", "/api/v1/secrets/{}"),
+    ("POST", "/api/v1/queues/{}/clean"),
     ("POST", "/api/v1/flows/{}/run"),
     ("GET", "/admin/runs/{}"),
     ("GET", "/admin/queues/{}"),
@@ -434,6 +435,8 @@ async def test_path_segments_and_bodies_never_5xx(
     method, template = route
     if "{}/run" in template and segment.startswith("0"):
         segment = FLOW_IDS["fuzz-hook"]
+    elif "queues/{}/clean" in template and segment.startswith("0"):
+        segment = "runs"
     path = template.format(quote(segment, safe=""))
     await _call(
         fuzz_client,

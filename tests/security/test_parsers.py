@@ -206,3 +206,12 @@ async def test_retry_body_that_is_not_an_object_is_400(make_client: Any) -> None
     for body in ("[[]]", "[" * 3000 + "]" * 3000, '"FROM_FAILED_STEP"'):
         resp = await client.post(f"/api/v1/flow-runs/{run_id}/retry", data=body)
         assert (await _error(resp, 400))["code"] == "BAD_REQUEST"
+
+
+async def test_deep_json_bodies_of_other_routes_are_400(make_client: Any) -> None:
+    """Secrets and queue admin bodies nested 100k deep are a 400, not a RecursionError 500."""
+    client: Client = await make_client(AP_CONTAINER_TYPE="APP")
+    deep = "[" * 100_000 + "]" * 100_000
+    for method, path in (("PUT", "/api/v1/secrets/DEEP"), ("POST", "/api/v1/queues/runs/clean")):
+        resp = await client.request(method, path, data=deep)
+        assert (await _error(resp, 400))["code"] == "BAD_REQUEST", path
