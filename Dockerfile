@@ -15,7 +15,7 @@
 # unprivileged user namespaces and an unmasked /proc, which Docker's defaults refuse:
 #   docker run --security-opt seccomp=configs/seccomp/conveyor-worker.json \
 #              --security-opt systempaths=unconfined --security-opt apparmor=unconfined ...
-# (podman: seccomp=… unmask=ALL apparmor=unconfined; see configs/README.md, "Sandbox
+# (podman: seccomp=… unmask=/proc/* [apparmor=unconfined]; see configs/README.md, "Sandbox
 # requirements"; the compose files and the Helm chart set them).
 # Without them a worker with external Redis/PostgreSQL refuses to start and says why.
 
