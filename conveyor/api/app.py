@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 
 from conveyor import metrics
-from conveyor.api import flows, openapi, runs, secrets, webhooks
+from conveyor.api import docs, flows, openapi, runs, secrets, webhooks
 from conveyor.api.admin import add_admin_routes
 from conveyor.api.auth import api_key_middleware
 from conveyor.api.errors import error_middleware
@@ -115,6 +115,7 @@ def add_api_routes(app: web.Application) -> None:
     r.add_post("/api/v1/flow-runs/{id}/retry", runs.retry_run)
     r.add_post("/api/v1/flow-runs/{id}/cancel", runs.cancel_run)
     r.add_get("/api/v1/openapi.json", openapi.openapi)
+    docs.add_docs_routes(r)
 
 
 def create_app(
