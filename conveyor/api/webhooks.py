@@ -35,6 +35,7 @@ from conveyor.api.keys import (
     SETTINGS,
 )
 from conveyor.api.replies import stored_final
+from conveyor.backoff import Outage
 from conveyor.engine.status import TERMINAL, RunStatus
 from conveyor.ids import uuid7
 from conveyor.queue import QueueFull, QueueName, QueueUnavailable
@@ -44,6 +45,8 @@ from conveyor.store.db import CONNECTION_ERRORS
 from conveyor.store.secrets import load_secrets
 
 log = structlog.get_logger(__name__)
+#: Redis as seen by async ingest (the run is already committed when enqueueing fails).
+_INGEST_OUTAGE = Outage("redis", "ingest")
 
 #: Triggers smaller than this travel inside the job, saving the worker a read.
 INLINE_TRIGGER_BYTES = 16 * 1024
@@ -318,9 +321,11 @@ async def webhook_async(request: web.Request) -> web.Response:
         return early
     try:
         await _enqueue(request, QueueName.RUNS, job)
+        _INGEST_OUTAGE.ok()
     except QueueUnavailable as exc:
-        # The run is committed: the reconciler will enqueue it once Redis is back.
-        log.warning("redis unavailable at ingest, run left to the reconciler", error=str(exc))
+        # The run is committed: the reconciler will enqueue it once Redis is back. Logged
+        # once per outage (and counted), not once per webhook of a failover window.
+        _INGEST_OUTAGE.failed(exc)
     run_id = job["run_id"]
     return json_response(
         {"run_id": run_id, "status": RunStatus.QUEUED.value},

@@ -19,12 +19,6 @@ WEBHOOKS = 100
 
 @pytest.mark.timeout(60)
 @pytest.mark.usefixtures("db")
-@pytest.mark.xfail(
-    strict=True,
-    reason="conveyor/api/webhooks.py webhook_async logs 'redis unavailable at ingest, run left "
-    "to the reconciler' once per webhook (92 lines in a 2.3 s Sentinel failover at 40/s), "
-    "not once per outage like the other Redis paths",
-)
 async def test_ingest_logs_a_redis_outage_once(
     stack: Stack, ha_dir: Path, postgres_url: str
 ) -> None:
