@@ -12,10 +12,11 @@ from typing import Any
 
 import orjson
 
+from conveyor.errors import ConveyorError
 from conveyor.settings import Settings
 
 
-class ApiClientError(Exception):
+class ApiClientError(ConveyorError):
     """The API answered an error (``status``, ``code``, ``message``) or could not be reached."""
 
     def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from conveyor.errors import BackendUnavailable, ConveyorError
 from conveyor.settings import Settings
 
 PG_SYSTEM_USER = "conveyor"
@@ -40,8 +41,12 @@ PG_DATABASE = "conveyor"
 _PR_SET_PDEATHSIG = 1
 
 
-class EmbeddedError(RuntimeError):
+class EmbeddedError(BackendUnavailable, RuntimeError):
     """An embedded server could not be started; the message says which and why."""
+
+    def __init__(self, message: str) -> None:
+        ConveyorError.__init__(self, message)  # the message names the server already
+        self.backend = "embedded"
 
 
 def _pdeathsig(sig: int) -> None:

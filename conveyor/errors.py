@@ -1,22 +1,48 @@
 """The root of Conveyor's exceptions, split by who is at fault.
 
+Every exception Conveyor raises on purpose is a :class:`ConveyorError`; private control-flow
+exceptions (a name starting with ``_``) are the only others. The tree below is the real class
+hierarchy (``tests/test_errors.py`` checks it); a class's module is in brackets when it is not
+this one, and ``+ X`` names a second base.
+
 ::
 
     ConveyorError
-    ├── ConfigError            misuse: a bad setting or call (SettingsError)
-    ├── FlowValidationError    a bad flow document; carries paths (engine.errors.FlowInvalid)
-    ├── NotFound               the named flow, run, job or secret does not exist
-    ├── Conflict               the change clashes with existing state (duplicate name)
-    ├── BackendUnavailable     Redis or PostgreSQL is down: 503, retry later
-    ├── StepFailed             user code or a remote failed (engine.errors.StepFailed)
-    │   └── SandboxLimitExceeded
-    └── InternalError          our bug
+    ├── ConfigError              misuse: a bad setting or call (+ ValueError)
+    │   ├── SettingsError        an AP_* variable is invalid [settings]
+    │   └── SandboxUnavailable   this host cannot isolate code as asked [sandbox.isolation]
+    ├── FlowValidationError      a bad flow document; ``details`` carry the paths
+    │   ├── FlowInvalid          every problem validation found [engine.errors]
+    │   └── TemplateSyntaxError  a ``{{...}}`` that is not a path (+ ValueError) [engine.templating]
+    ├── NotFound                 the named flow, run, job or secret does not exist
+    ├── Conflict                 the change clashes with existing state (duplicate name)
+    │   └── RunEnded             the run ended elsewhere (a cancel) while it ran [engine.worker]
+    ├── BackendUnavailable       Redis or PostgreSQL is down: 503, retry later
+    │   └── EmbeddedError        an embedded server did not start (+ RuntimeError) [embedded]
+    ├── StepFailed               user code or a remote failed [engine.errors]
+    │   ├── SandboxLimitExceeded the code step hit its time or memory limit [engine.errors]
+    │   ├── SsrfRefused          the http step's target is forbidden [engine.errors]
+    │   ├── TemplateError        a template did not resolve against the run [engine.templating]
+    │   └── ConditionError       a condition could not be evaluated [engine.conditions]
+    ├── InternalError            our bug, or our infrastructure broke
+    │   ├── StepInternalError    the sandbox failed under a step [engine.errors]
+    │   └── ProtocolError        a sandbox peer sent a malformed frame [sandbox.protocol]
+    ├── QueueError               the job queue's errors [queue.errors]
+    │   ├── QueueFull            backlog at its cap: 429 [queue.errors]
+    │   ├── QueueUnavailable     Redis down or read-only (+ BackendUnavailable) [queue.errors]
+    │   ├── JobNotFound          no such job (+ NotFound, KeyError) [queue.errors]
+    │   └── UndecodablePayload   a stream entry that is not a job (+ ValueError) [queue.job]
+    ├── ApiError                 an HTTP answer decided by a handler [api.errors]
+    └── ApiClientError           the API answered the CLI an error [client]
 
 The API maps this tree to JSON ``{"error": {"code", "message"}}`` in one middleware
-(:mod:`conveyor.api.errors`).
+(:mod:`conveyor.api.errors`): ``code`` is the class's, the HTTP status comes from its branch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypedDict
 
 
 class ConveyorError(Exception):
@@ -31,6 +57,28 @@ class ConveyorError(Exception):
 
 class ConfigError(ConveyorError, ValueError):
     code = "CONFIG_ERROR"
+
+
+class ErrorDetail(TypedDict):
+    """One validation problem: where (``steps[3].then[0].input.url``) and what."""
+
+    path: str
+    message: str
+
+
+class FlowValidationError(ConveyorError):
+    """A flow document is wrong; ``details`` lists every problem (``path`` + ``message``).
+
+    The API answers 422 ``{"error": {"code": "FLOW_INVALID", "message", "details"}}``.
+    """
+
+    code = "FLOW_INVALID"
+
+    def __init__(self, message: str, details: Sequence[ErrorDetail] | None = None) -> None:
+        super().__init__(message)
+        self.details: list[ErrorDetail] = (
+            list(details) if details is not None else [{"path": "", "message": message}]
+        )
 
 
 class NotFound(ConveyorError):

@@ -1,8 +1,12 @@
 """JSON errors for every failure: ``{"error": {"code", "message"}}``, never a traceback.
 
-Handlers raise :class:`ApiError` (or aiohttp's ``HTTPException``); the middleware renders both
-as JSON, and turns anything unexpected into a 500 with a generic message while the traceback
-goes to the log only.
+This is the one place the error tree of :mod:`conveyor.errors` becomes HTTP. Services raise
+domain errors (``NotFound``, ``FlowValidationError``, ``QueueFull``, …): :func:`to_api_error`
+gives each its status from the branch it is on (:data:`STATUS`) and its ``code`` from the
+class. Handlers may raise :class:`ApiError` for answers only HTTP knows about (a bad header, a
+415), and aiohttp's ``HTTPException`` is rendered the same way. Anything unexpected, and any
+``ConveyorError`` without a status (``StepFailed``, ``InternalError``), is a 500 with a generic
+message while the traceback goes to the log only.
 """
 
 from __future__ import annotations
@@ -14,7 +18,14 @@ import orjson
 import structlog
 from aiohttp import web
 
-from conveyor.errors import BackendUnavailable, ConfigError, Conflict, ConveyorError, NotFound
+from conveyor.errors import (
+    BackendUnavailable,
+    ConfigError,
+    Conflict,
+    ConveyorError,
+    FlowValidationError,
+    NotFound,
+)
 from conveyor.queue.errors import QueueFull, QueueUnavailable
 from conveyor.store.db import CONNECTION_ERRORS
 
@@ -23,7 +34,7 @@ log = structlog.get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class ApiError(Exception):
+class ApiError(ConveyorError):
     """An error answer: HTTP ``status``, a stable ``code``, a human ``message``, optional
     ``details`` (list of ``{path, message}``), ``headers`` and ``extra`` top-level fields."""
 
@@ -40,7 +51,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.code = code
-        self.message = message
         self.details = details
         self.headers = headers or {}
         self.extra = extra or {}
@@ -65,22 +75,37 @@ def json_response(
     )
 
 
-_DOMAIN_STATUS: dict[type[ConveyorError], int] = {
-    QueueFull: 429,
-    NotFound: 404,
-    Conflict: 409,
-    BackendUnavailable: 503,
-    ConfigError: 400,
+#: HTTP status and ``Retry-After`` seconds of each branch of the error tree; a class takes
+#: the entry of its nearest listed ancestor (``JobNotFound`` → ``NotFound``), unlisted → 500.
+STATUS: dict[type[ConveyorError], tuple[int, str | None]] = {
+    QueueFull: (429, str(QueueFull.retry_after_s)),
+    QueueUnavailable: (503, "1"),
+    BackendUnavailable: (503, "5"),
+    FlowValidationError: (422, None),
+    NotFound: (404, None),
+    Conflict: (409, None),
+    ConfigError: (400, None),
 }
 
 
-def _from_domain(exc: ConveyorError) -> ApiError:
-    status = next((s for t, s in _DOMAIN_STATUS.items() if isinstance(exc, t)), 500)
-    headers = {"Retry-After": "5" if status == 503 else "1"} if status in (429, 503) else None
-    message = exc.message if status != 500 else "internal server error"
+def to_api_error(exc: ConveyorError) -> ApiError:
+    """The HTTP answer for a domain error (an :class:`ApiError` is its own answer)."""
+    if isinstance(exc, ApiError):
+        return exc
+    status, retry_after = next((STATUS[t] for t in type(exc).__mro__ if t in STATUS), (500, None))
+    headers = {"Retry-After": retry_after} if retry_after else None
     if status == 500:
-        log.error("internal error", error=repr(exc))
-    return ApiError(status, exc.code, message, headers=headers)
+        log.error("internal error", error=repr(exc), exc_info=exc)
+        return ApiError(500, "INTERNAL_ERROR", "internal server error")
+    if isinstance(exc, BackendUnavailable):
+        # The driver's text names hosts and ports: the caller only needs "retry".
+        return ApiError(
+            status, exc.code, f"{exc.backend} unavailable, retry later", headers=headers
+        )
+    details = None
+    if isinstance(exc, FlowValidationError):
+        details = [{"path": d["path"], "message": d["message"]} for d in exc.details]
+    return ApiError(status, exc.code, exc.message, details=details, headers=headers)
 
 
 _HTTP_CODES = {
@@ -103,14 +128,8 @@ _HTTP_CODES = {
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as exc:
-        return exc.response()
-    except QueueUnavailable:
-        return ApiError(
-            503, "UNAVAILABLE", "Redis unavailable, retry later", headers={"Retry-After": "1"}
-        ).response()
     except ConveyorError as exc:
-        return _from_domain(exc).response()
+        return to_api_error(exc).response()
     except CONNECTION_ERRORS as exc:
         log.warning("backend unreachable", path=request.path, error=repr(exc))
         return ApiError(

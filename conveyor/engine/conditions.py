@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from conveyor.engine.errors import StepFailed
 from conveyor.engine.templating import Renderer, TemplateError, compile_value
 
 UNARY_OPS: Final = frozenset({"exists", "not_exists", "is_true", "is_false"})
@@ -26,7 +27,7 @@ MAX_PATTERN_LEN: Final = 1000
 MAX_MATCH_SUBJECT: Final = 100_000
 
 
-class ConditionError(Exception):
+class ConditionError(StepFailed):
     """A condition could not be evaluated (e.g. ``gt`` on a non-number): the step fails."""
 
 

@@ -23,6 +23,9 @@ from urllib.parse import quote, quote_plus
 
 import orjson
 
+from conveyor.engine.errors import StepFailed
+from conveyor.errors import FlowValidationError
+
 #: Roots that are not step names.
 TRIGGER: Final = "trigger"
 RUN: Final = "run"
@@ -48,11 +51,11 @@ _SEGMENT_RE: Final = re.compile(
 Segment = str | int
 
 
-class TemplateSyntaxError(ValueError):
+class TemplateSyntaxError(FlowValidationError, ValueError):
     """A ``{{...}}`` whose content is not a plain path (raised while compiling)."""
 
 
-class TemplateError(Exception):
+class TemplateError(StepFailed):
     """A template could not be resolved against the run's data (the step fails)."""
 
 

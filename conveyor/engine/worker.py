@@ -34,6 +34,7 @@ from conveyor.engine.registry import FlowRegistry
 from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.ssrf import SsrfPolicy, create_http_session
 from conveyor.engine.status import RunStatus
+from conveyor.errors import Conflict
 from conveyor.logging import bind_run
 from conveyor.queue import Consumer, Job, Producer, QueueConfig, QueueName, QueueUnavailable
 from conveyor.queue import keys as qkeys
@@ -52,7 +53,7 @@ log = structlog.get_logger(__name__)
 WORKER = web.AppKey("worker", object)
 
 
-class RunEnded(Exception):
+class RunEnded(Conflict):
     """The run reached a final state elsewhere (a cancel) while this worker executed it."""
 
 

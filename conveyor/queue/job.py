@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from conveyor.queue.errors import QueueError
+
 #: Stream entry field names (one byte each: they are repeated in every entry).
 F_ID = b"i"
 F_PAYLOAD = b"p"
@@ -44,7 +46,7 @@ class Location(StrEnum):
 LIVE = frozenset({Location.STREAM, Location.DELAYED})
 
 
-class UndecodablePayload(ValueError):
+class UndecodablePayload(QueueError, ValueError):
     """A stream entry whose payload is not JSON (or whose fields are mangled).
 
     ``job`` carries whatever could be read, so the entry can still be dead-lettered by id.

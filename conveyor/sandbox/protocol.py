@@ -27,6 +27,8 @@ from typing import Any
 
 import orjson
 
+from conveyor.errors import InternalError
+
 _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
 #: Largest frame either side accepts; a bigger length prefix is a protocol error, so a
@@ -36,7 +38,7 @@ DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 MAX_FDS = 4
 
 
-class ProtocolError(Exception):
+class ProtocolError(InternalError):
     """The peer sent something that is not a well-formed frame (too large, not JSON)."""
 
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from conveyor.engine.context import RunEnv
-from conveyor.engine.errors import StepFailed, StepInternalError
+from conveyor.engine.errors import SandboxLimitExceeded, StepFailed, StepInternalError
 from conveyor.engine.flow import Step
 from conveyor.engine.status import StepStatus
 
@@ -59,4 +59,5 @@ async def code(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
     message = _error_text(result.error)
     if step_status is StepStatus.TIMEOUT and not result.error:
         message = f"code step timed out after {timeout_s:g} s"
-    raise StepFailed(message, status=step_status, logs=logs)
+    limit = step_status in (StepStatus.TIMEOUT, StepStatus.MEMORY_LIMIT_EXCEEDED)
+    raise (SandboxLimitExceeded if limit else StepFailed)(message, status=step_status, logs=logs)
