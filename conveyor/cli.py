@@ -3,7 +3,17 @@
 Settings are parsed once here; a bad value prints one line naming the variable, the value and
 what is allowed, and exits with code 2 — never a traceback. ``flows``, ``runs`` and
 ``secrets`` talk to a running Conveyor over its HTTP API (``--url``, default from
-``AP_HOST``/``AP_PORT``), so they work the same against a laptop and a cluster.
+``AP_HOST``/``AP_PORT``), so they work the same against a laptop and a cluster. Flows are
+named by their name (or id); every listing takes ``--json`` for scripts.
+
+Exit codes, the same for every command (the README's CLI table lists them):
+
+- 0: done; for ``flows run --sync`` and ``runs follow``, the run SUCCEEDED.
+- 1: the API refused the request, or the followed run ended in another terminal status.
+- 2: usage or configuration: bad arguments, a bad ``AP_*`` setting, an unreadable or invalid
+  file, ``--data`` that is not JSON.
+- 3: not found: no flow with that name or id, no run with that id.
+- 4: the API cannot be reached.
 """
 
 from __future__ import annotations
@@ -11,8 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import orjson
@@ -20,7 +33,18 @@ import yaml
 
 from conveyor import __version__
 from conveyor.client import ApiClient, ApiClientError
+from conveyor.engine.status import TERMINAL, RunStatus
 from conveyor.settings import Settings, SettingsError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_UNREACHABLE = 4
+
+
+class NotFound(Exception):
+    """No flow or run answers to the name or id given (exit code 3)."""
 
 
 def _settings() -> Settings:
@@ -69,7 +93,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return asyncio.run(_migrate())
     except OSError as exc:
         print(f"conveyor: cannot reach PostgreSQL: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_UNREACHABLE
     finally:
         embedded.stop()
 
@@ -91,7 +115,7 @@ def cmd_flows_apply(args: argparse.Namespace) -> int:
         raw = path.read_bytes()
     except OSError as exc:
         print(f"conveyor: cannot read {path}: {exc.strerror}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     is_yaml = path.suffix.lower() in (".yaml", ".yml")
     ctype = "application/yaml" if is_yaml else "application/json"
     try:
@@ -100,7 +124,7 @@ def cmd_flows_apply(args: argparse.Namespace) -> int:
         print(
             f"conveyor: {path} is not valid {'YAML' if is_yaml else 'JSON'}: {exc}", file=sys.stderr
         )
-        return 2
+        return EXIT_USAGE
     name = doc.get("name") if isinstance(doc, dict) else None
     client = _client(args)
     existing = client.request("GET", f"/api/v1/flows?name={quote(str(name or ''))}")["data"]
@@ -125,8 +149,41 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _print_json(value: Any) -> None:
+    print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+
+
+def _find_flow(client: ApiClient, ref: str) -> dict[str, Any]:
+    """The flow named ``ref`` (or with id ``ref``); :class:`NotFound` if there is none."""
+    try:
+        uuid.UUID(ref)
+    except ValueError:
+        found = client.request("GET", f"/api/v1/flows?name={quote(ref)}")["data"]
+        if not found:
+            raise NotFound(f"no flow named {ref!r}") from None
+        flow: dict[str, Any] = found[0]
+        return flow
+    try:
+        by_id: dict[str, Any] = client.request("GET", f"/api/v1/flows/{quote(ref)}")
+    except ApiClientError as exc:
+        if exc.status == 404:
+            raise NotFound(f"no flow with id {ref}") from None
+        raise
+    return by_id
+
+
+def _run_ref(ref: str) -> str:
+    try:
+        return str(uuid.UUID(ref))
+    except ValueError:
+        raise NotFound(f"no run with id {ref!r} (run ids are UUIDs)") from None
+
+
 def cmd_flows_list(args: argparse.Namespace) -> int:
-    data = _client(args).request("GET", "/api/v1/flows?limit=200")["data"]
+    data = list(_client(args).paged("/api/v1/flows"))
+    if args.json:
+        _print_json(data)
+        return 0
     rows = [
         [
             f["id"],
@@ -141,17 +198,77 @@ def cmd_flows_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flows_run(args: argparse.Namespace) -> int:
+    """Start a run of flow NAME with ``--data`` as its trigger body; ``--sync`` follows it."""
+    body: bytes | None = None
+    if args.data is not None:
+        try:
+            orjson.loads(args.data)
+        except orjson.JSONDecodeError as exc:
+            print(f"conveyor: --data is not valid JSON: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        body = args.data.encode()
+    client = _client(args)
+    flow = _find_flow(client, args.name)
+    started = client.request(
+        "POST",
+        f"/api/v1/flows/{flow['id']}/run",
+        data=body,
+        content_type="application/json" if body is not None else None,
+    )
+    run_id = started["run_id"]
+    if not args.sync:
+        if args.json:
+            _print_json(started)
+        else:
+            print(f"run {run_id} {started['status']} (flow {flow['name']!r})")
+        return EXIT_OK
+    return _follow(client, run_id, args.interval, args.json, quiet=not args.json)
+
+
+def _set_enabled(args: argparse.Namespace, enabled: bool) -> int:
+    client = _client(args)
+    flow = _find_flow(client, args.name)
+    action = "enable" if enabled else "disable"
+    client.request("POST", f"/api/v1/flows/{flow['id']}/{action}")
+    print(f"flow {flow['name']!r} {action}d")
+    return EXIT_OK
+
+
+def cmd_flows_enable(args: argparse.Namespace) -> int:
+    return _set_enabled(args, True)
+
+
+def cmd_flows_disable(args: argparse.Namespace) -> int:
+    return _set_enabled(args, False)
+
+
+def cmd_flows_delete(args: argparse.Namespace) -> int:
+    client = _client(args)
+    flow = _find_flow(client, args.name)
+    client.request("DELETE", f"/api/v1/flows/{flow['id']}")
+    print(f"flow {flow['name']!r} deleted")
+    return EXIT_OK
+
+
 def cmd_runs_list(args: argparse.Namespace) -> int:
+    client = _client(args)
     query = [f"limit={args.limit}"]
     if args.flow:
-        query.append(f"flow_id={quote(args.flow)}")
+        query.append(f"flow_id={_find_flow(client, args.flow)['id']}")
     if args.status:
-        query.append(f"status={quote(args.status)}")
-    data = _client(args).request("GET", "/api/v1/flow-runs?" + "&".join(query))["data"]
+        query.append(f"status={args.status}")
+    data = client.request("GET", "/api/v1/flow-runs?" + "&".join(query))["data"]
+    names = {f["id"]: f["name"] for f in client.paged("/api/v1/flows")} if data else {}
+    for run in data:
+        run["flow_name"] = names.get(run["flow_id"])
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
     rows = [
         [
             r["id"],
-            r["flow_id"],
+            r["flow_name"] or f"(deleted) {r['flow_id']}",
             str(r["flow_version"]),
             r["status"],
             r["created_at"] or "",
@@ -160,7 +277,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
         for r in data
     ]
     print(_table(rows, ["ID", "FLOW", "VERSION", "STATUS", "CREATED", "MS"]))
-    return 0
+    return EXIT_OK
 
 
 def _short(value: object, width: int = 60) -> str:
@@ -169,8 +286,15 @@ def _short(value: object, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _run_exit(run: dict[str, Any]) -> int:
+    return EXIT_OK if run["status"] == "SUCCEEDED" else EXIT_FAILED
+
+
 def cmd_runs_show(args: argparse.Namespace) -> int:
-    run = _client(args).request("GET", f"/api/v1/flow-runs/{quote(args.id)}")
+    run = _client(args).request("GET", f"/api/v1/flow-runs/{_run_ref(args.id)}")
+    if args.json:
+        _print_json(run)
+        return EXIT_OK
     print(
         f"run {run['id']}  flow {run['flow_id']} v{run['flow_version']}  {run['status']}"
         f"  attempt {run['attempt']}  {run['duration_ms'] or 0:.1f} ms"
@@ -188,7 +312,86 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         for s in run["steps"]
     ]
     print(_table(rows, ["STEP", "TYPE", "STATUS", "MS", "OUTPUT / ERROR"]))
-    return 0
+    return EXIT_OK
+
+
+def _follow(client: ApiClient, run_id: str, interval_s: float, as_json: bool, quiet: bool) -> int:
+    """Poll the run until it is terminal, printing each change of status and each step
+    recorded (as JSON lines with ``as_json``; only the outcome with ``quiet``)."""
+    seen: set[tuple[Any, ...]] = set()
+    status = None
+    while True:
+        run = client.request("GET", f"/api/v1/flow-runs/{run_id}")
+        terminal = run["status"] in TERMINAL
+        for step in run["steps"]:
+            key = (step["name"], step["parent"], step["iteration"], step["attempt"], step["status"])
+            if key in seen:
+                continue
+            seen.add(key)
+            if as_json and not terminal:
+                print(orjson.dumps({"step": step}).decode(), flush=True)
+            elif not quiet:
+                where = f"{step['parent']}[{step['iteration']}]." if step["parent"] else ""
+                print(
+                    f"  step {where}{step['name']}  {step['status']}"
+                    f"  {step['duration_ms'] or 0:.1f} ms",
+                    flush=True,
+                )
+        if as_json and terminal:
+            print(orjson.dumps(run).decode(), flush=True)
+            return _run_exit(run)
+        if run["status"] != status:
+            status = run["status"]
+            if as_json:
+                print(orjson.dumps({"status": status}).decode(), flush=True)
+            elif not quiet or terminal:
+                print(f"run {run_id} {status}", flush=True)
+        if terminal:
+            if not as_json:
+                if run["error"] is not None:
+                    print(f"error: {_short(run['error'], 500)}")
+                elif run["output"] is not None:
+                    print(orjson.dumps(run["output"]).decode())
+            return _run_exit(run)
+        time.sleep(interval_s)
+
+
+def cmd_runs_follow(args: argparse.Namespace) -> int:
+    """Print the run's status and steps as they happen; exit when it is terminal."""
+    return _follow(_client(args), _run_ref(args.id), args.interval, args.json, quiet=False)
+
+
+def cmd_runs_retry(args: argparse.Namespace) -> int:
+    client = _client(args)
+    run_id = _run_ref(args.id)
+    run = client.request(
+        "POST", f"/api/v1/flow-runs/{run_id}/retry", json={"strategy": args.strategy}
+    )
+    if args.follow:
+        return _follow(client, run_id, args.interval, args.json, quiet=False)
+    if args.json:
+        _print_json(run)
+    else:
+        print(f"run {run['id']} {run['status']} (attempt {run['attempt']})")
+    return EXIT_OK
+
+
+def cmd_runs_cancel(args: argparse.Namespace) -> int:
+    run = _client(args).request("POST", f"/api/v1/flow-runs/{_run_ref(args.id)}/cancel")
+    if args.json:
+        _print_json(run)
+    else:
+        print(f"run {run['id']} {run['status']}")
+    return EXIT_OK
+
+
+def cmd_secrets_list(args: argparse.Namespace) -> int:
+    data = _client(args).request("GET", "/api/v1/secrets")["data"]
+    if args.json:
+        _print_json(data)
+    else:
+        print("\n".join(s["name"] if isinstance(s, dict) else str(s) for s in data))
+    return EXIT_OK
 
 
 def cmd_secrets_set(args: argparse.Namespace) -> int:
@@ -218,22 +421,68 @@ def build_parser() -> argparse.ArgumentParser:
     )
     api = argparse.ArgumentParser(add_help=False)
     api.add_argument("--url", help="API base URL (default http://AP_HOST:AP_PORT)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    poll = argparse.ArgumentParser(add_help=False)
+    poll.add_argument(
+        "--interval", type=float, default=0.5, help="seconds between polls (default 0.5)"
+    )
 
     flows = sub.add_parser("flows", help="manage flows").add_subparsers(dest="sub", required=True)
     apply = flows.add_parser("apply", parents=[api], help="create a flow or save a new version")
     apply.add_argument("file", help="flow document (.json, .yaml or .yml)")
     apply.set_defaults(func=cmd_flows_apply)
-    flows.add_parser("list", parents=[api], help="list flows").set_defaults(func=cmd_flows_list)
+    flows.add_parser("list", parents=[api, as_json], help="list flows").set_defaults(
+        func=cmd_flows_list
+    )
+    frun = flows.add_parser(
+        "run", parents=[api, as_json, poll], help="start a run of flow NAME (name or id)"
+    )
+    frun.add_argument("name")
+    frun.add_argument("--data", help="trigger body, a JSON document")
+    frun.add_argument(
+        "--sync", action="store_true", help="wait for the run to end; exit 1 unless it succeeded"
+    )
+    frun.set_defaults(func=cmd_flows_run)
+    for verb, func, what in (
+        ("enable", cmd_flows_enable, "enable flow NAME (its triggers fire again)"),
+        ("disable", cmd_flows_disable, "disable flow NAME (webhooks refused, schedule stops)"),
+        ("delete", cmd_flows_delete, "delete flow NAME"),
+    ):
+        verb_parser = flows.add_parser(verb, parents=[api], help=what)
+        verb_parser.add_argument("name", help="flow name or id")
+        verb_parser.set_defaults(func=func)
 
     runs = sub.add_parser("runs", help="inspect runs").add_subparsers(dest="sub", required=True)
-    rlist = runs.add_parser("list", parents=[api], help="list runs, newest first")
-    rlist.add_argument("--flow", help="flow id")
-    rlist.add_argument("--status", help="run status, e.g. FAILED")
-    rlist.add_argument("--limit", type=int, default=50)
+    rlist = runs.add_parser("list", parents=[api, as_json], help="list runs, newest first")
+    rlist.add_argument("--flow", help="flow name or id")
+    rlist.add_argument("--status", choices=list(RunStatus.__members__), help="run status")
+    rlist.add_argument("--limit", type=int, default=50, help="1-200 (default 50)")
     rlist.set_defaults(func=cmd_runs_list)
-    show = runs.add_parser("show", parents=[api], help="a run and its step log")
+    show = runs.add_parser("show", parents=[api, as_json], help="a run and its step log")
     show.add_argument("id")
     show.set_defaults(func=cmd_runs_show)
+    follow = runs.add_parser(
+        "follow",
+        parents=[api, as_json, poll],
+        help="print a run's status and steps live until it ends; exit 1 unless it succeeded",
+    )
+    follow.add_argument("id")
+    follow.set_defaults(func=cmd_runs_follow)
+    retry = runs.add_parser("retry", parents=[api, as_json, poll], help="retry a finished run")
+    retry.add_argument("id")
+    retry.add_argument(
+        "--strategy",
+        choices=["FROM_FAILED_STEP", "ON_LATEST_VERSION"],
+        default="FROM_FAILED_STEP",
+    )
+    retry.add_argument("--follow", action="store_true", help="then follow it like runs follow")
+    retry.set_defaults(func=cmd_runs_retry)
+    cancel = runs.add_parser(
+        "cancel", parents=[api, as_json], help="cancel a queued, running or paused run"
+    )
+    cancel.add_argument("id")
+    cancel.set_defaults(func=cmd_runs_cancel)
 
     secrets = sub.add_parser("secrets", help="manage secrets").add_subparsers(
         dest="sub", required=True
@@ -241,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     sset = secrets.add_parser("set", parents=[api], help="set NAME to the value read from stdin")
     sset.add_argument("name")
     sset.set_defaults(func=cmd_secrets_set)
+    secrets.add_parser("list", parents=[api, as_json], help="list secret names").set_defaults(
+        func=cmd_secrets_list
+    )
     return parser
 
 
@@ -248,11 +500,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+    except NotFound as exc:
+        print(f"conveyor: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
     except ApiClientError as exc:
         print(f"conveyor: {exc}", file=sys.stderr)
         for detail in exc.details or []:
             print(f"  {detail.get('path')}: {detail.get('message')}", file=sys.stderr)
-        return 1
+        if exc.status == 0:
+            return EXIT_UNREACHABLE
+        return EXIT_NOT_FOUND if exc.status == 404 else EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
     return code
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -83,3 +85,15 @@ class ApiClient:
         except OSError as exc:
             raise ApiClientError(0, "UNREACHABLE", f"{self.base_url}: {exc}") from None
         return orjson.loads(raw) if raw else None
+
+    def paged(self, path: str) -> Iterator[dict[str, Any]]:
+        """Every item of a listing, following ``next_cursor`` page by page (200 a page)."""
+        sep = "&" if "?" in path else "?"
+        cursor: str | None = None
+        while True:
+            query = f"{sep}limit=200" + (f"&cursor={quote(cursor)}" if cursor else "")
+            page = self.request("GET", path + query)
+            yield from page["data"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
