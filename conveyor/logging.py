@@ -1,5 +1,12 @@
 """structlog set-up: JSON lines rendered by orjson, or a pretty console with ``AP_LOG_PRETTY``.
 
+Every line a process writes to stderr is one structured record, whoever logs it: structlog
+loggers, the standard-library loggers of our modules and of libraries (asyncio, aiohttp …),
+``warnings`` and uncaught exceptions all go through the same renderer. The only exceptions are
+the documented one-line start-up errors (``conveyor: …``, exit code 2) printed before logging
+is set up or instead of starting. ``AP_LOG_PRETTY=true`` renders the same records for humans
+(colours only when stderr is a terminal).
+
 Every line carries ``role`` and ``pid``; ``flow_id`` and ``run_id`` are bound with
 :func:`bind_run` through contextvars, so everything logged while a run executes carries them
 without threading a logger through every call.
@@ -10,8 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 
 import orjson
@@ -31,23 +40,46 @@ def _orjson_dumps(obj: Any, default: Any = None) -> str:
     return orjson.dumps(obj, default=default or str).decode()
 
 
+def _renderer(pretty: bool) -> Any:
+    if pretty:
+        return structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    return structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+
+
+def _log_uncaught(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    """``sys.excepthook``: an uncaught exception is one structured record, not a raw traceback."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    structlog.get_logger("conveyor").critical("uncaught exception", exc_info=(exc_type, exc, tb))
+
+
+def _log_thread_uncaught(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is None:
+        return
+    structlog.get_logger("conveyor").critical(
+        "uncaught exception in thread",
+        thread=args.thread.name if args.thread else None,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
+
+
 def configure(settings: Settings, role: str | None = None) -> None:
-    """Configure structlog (and stdlib logging of libraries) for this process."""
+    """Configure structlog, and route stdlib logging, warnings and uncaught exceptions
+    through the same renderer, for this process."""
     level = _LEVELS[settings.log_level.value]
-    processors: list[Any] = [
+    renderer = _renderer(settings.log_pretty)
+    shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.StackInfoRenderer(),
-        structlog.processors.format_exc_info,
     ]
-    renderer: Any
-    if settings.log_pretty:
-        renderer = structlog.dev.ConsoleRenderer()
-    else:
-        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+    # The pretty renderer formats tracebacks itself; JSON needs them as a string field.
+    exc: list[Any] = [] if settings.log_pretty else [structlog.processors.format_exc_info]
     structlog.configure(
-        processors=[*processors, renderer],
+        processors=[*shared, structlog.processors.StackInfoRenderer(), *exc, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
@@ -56,7 +88,27 @@ def configure(settings: Settings, role: str | None = None) -> None:
     structlog.contextvars.bind_contextvars(
         role=role or settings.container_type.value, pid=os.getpid()
     )
-    logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                *exc,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    # Libraries are heard from at WARNING and above; our own stdlib loggers at the set level.
+    root.setLevel(max(level, logging.WARNING))
+    logging.getLogger("conveyor").setLevel(level)
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_thread_uncaught
 
 
 @contextmanager
