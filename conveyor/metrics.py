@@ -382,7 +382,7 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
 # --------------------------------------------------------------------------- scaling rules
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One scaling threshold of the seed (DESIGN §7)."""
+    """One scaling threshold of the seed."""
 
     rule: str
     label: str

@@ -3,7 +3,7 @@
 Nothing else in Conveyor reads ``os.environ``. :meth:`Settings.from_env` casts strictly and
 raises :class:`SettingsError` naming the variable, the value and what is allowed; the CLI turns
 that into one line on stderr and exit code 2. Defaults that depend on other variables
-(``AP_DB_TYPE``, ``AP_REDIS_TYPE``, ``AP_CONFIG_PATH``) follow DESIGN §2.
+(``AP_DB_TYPE``, ``AP_REDIS_TYPE``, ``AP_CONFIG_PATH``) are described in docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _var(name: str, **kwargs: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
-    """The effective configuration of one Conveyor process (DESIGN §2 lists every variable).
+    """The effective configuration of one Conveyor process (docs/configuration.md lists every variable).
 
     Build it with :meth:`from_env`; the constructor performs no validation of its own.
     Durations carry their unit in the name (``*_seconds``, ``*_ms``), so do sizes (``*_mb``).
@@ -327,7 +327,7 @@ class Settings:
             )
         if not self.embedded_postgres and not self.encryption_key:
             # A shared database is shared by several containers: a key generated per container
-            # would make one container's secrets unreadable to the others (DESIGN §2: the key
+            # would make one container's secrets unreadable to the others (the key
             # is generated for the embedded default only).
             raise SettingsError(
                 "AP_ENCRYPTION_KEY is required with an external PostgreSQL: set the same 32 or "

@@ -1,4 +1,4 @@
-"""Prometheus metrics: DESIGN §7 names on /metrics in every role, route labels, observations,
+"""Prometheus metrics: the conveyor_* names on /metrics in every role, route labels, observations,
 multiprocess mode, and the alert rules file."""
 
 from __future__ import annotations

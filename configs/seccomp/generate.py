@@ -2,7 +2,7 @@
 
 Docker's and containerd's default profiles refuse ``clone``/``unshare`` with namespace flags,
 ``mount``, ``umount2``, ``pivot_root`` and ``setns`` unless the container holds CAP_SYS_ADMIN —
-exactly what bubblewrap needs to build the sandbox of code steps (DESIGN §6) as a non-root user
+exactly what bubblewrap needs to build the sandbox of code steps as a non-root user
 in a user namespace. This profile allows those without any capability and refuses, with EPERM,
 the syscalls a workflow worker never needs and that have a record of container escapes or
 kernel exploits (modules, kexec, bpf, perf, keyrings, io_uring, ptrace, handles, clocks …).

@@ -1,6 +1,6 @@
 """Webhook ingest: a durable run for every accepted request, answered 202 or synchronously.
 
-Order matters for "a 2xx means durable" (DESIGN §5): the run row is committed to PostgreSQL
+Order matters for "a 2xx means durable": the run row is committed to PostgreSQL
 (group commit across concurrent webhooks) *before* the job is added to Redis and before the
 caller hears 2xx. If Redis is down after the commit, an async webhook still answers 202 — the
 reconciler enqueues the run from PostgreSQL later; a sync webhook cancels its run and answers
@@ -426,7 +426,7 @@ def respond_headers(raw: Any) -> tuple[dict[str, str], str | None]:
 
 
 def sync_response(run_id: str, message: dict[str, Any]) -> web.Response:
-    """Turn a worker's reply into the HTTP answer (DESIGN §4, sync webhooks)."""
+    """Turn a worker's reply into the HTTP answer (sync webhooks: docs/flows.md, Triggers)."""
     headers = {"x-run-id": run_id}
     if message.get("kind") == "respond":
         status = int(message.get("status") or 200)

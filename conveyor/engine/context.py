@@ -64,7 +64,7 @@ class CheckpointSink(Protocol):
 
 
 class SandboxResultLike(Protocol):
-    """The shape of ``SandboxResult`` (DESIGN §6) as the engine reads it.
+    """The shape of ``conveyor.sandbox.outcome.SandboxResult`` as the engine reads it.
 
     ``status``: ``SUCCEEDED`` (``ok`` accepted), ``FAILED``, ``TIMEOUT`` or
     ``MEMORY_LIMIT_EXCEEDED``; ``output``: what ``run()`` returned; ``error``: text (or
@@ -84,7 +84,7 @@ class SandboxResultLike(Protocol):
 
 
 class Sandbox(Protocol):
-    """Runs a code step's ``run(input)`` somewhere isolated (DESIGN §6)."""
+    """Runs a code step's ``run(input)`` somewhere isolated (the sandbox)."""
 
     async def run_code(
         self,

@@ -1,4 +1,4 @@
-"""Conveyor's in-house job queue on Redis Streams (DESIGN §5).
+"""Conveyor's in-house job queue on Redis Streams.
 
 :class:`Producer` enqueues (coalesced, durable, capped), :class:`Consumer` runs handlers with
 batched acknowledgements, heartbeats, reclaim, retries with backoff and a dead-letter stream;

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class QueueConfig:
-    """Queue parameters (DESIGN §5).
+    """Queue parameters (the ``AP_QUEUE_*`` settings of docs/configuration.md).
 
     :param shards: streams per queue (``AP_QUEUE_SHARDS``), default 1.
     :param max_length: backlog cap per queue, waiting + delayed entries

@@ -1,4 +1,4 @@
-"""Sandboxed execution of ``code`` steps: isolated, limited, warm (DESIGN §6).
+"""Sandboxed execution of ``code`` steps: isolated, limited, warm.
 
 The engine calls :meth:`Sandbox.run_code`; the flow validator calls :func:`validate_code`;
 ``/readyz`` shows :attr:`Sandbox.isolation`. The pieces, one module per concept:

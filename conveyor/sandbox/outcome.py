@@ -1,6 +1,6 @@
 """How an execution ended: :class:`SandboxStatus`, :class:`SandboxResult`, exit mapping.
 
-The statuses are the engine's step/run status names (DESIGN §4), so the engine stores them
+The statuses are the engine's step/run status names, so the engine stores them
 as they are. :func:`explain_exit` is the mapping for a child that died without answering:
 killed by the worker for its wall time or SIGXCPU → ``TIMEOUT``; killed by the kernel
 (SIGKILL not ours) or aborted (SIGABRT, what an allocation failure in C code ends in) →

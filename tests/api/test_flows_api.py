@@ -131,7 +131,7 @@ async def test_openapi_lists_every_route(client: TestClient[Any, Any]) -> None:
         assert method in spec["paths"][path]
     ids = [op["operationId"] for ops in spec["paths"].values() for op in ops.values()]
     assert len(ids) == len(set(ids))
-    # DESIGN §4's routes, spelled out here rather than derived from the router.
+    # The documented API routes, spelled out here rather than derived from the router.
     design = {
         ("post", "/api/v1/webhooks/{flow_id}"),
         ("get", "/api/v1/webhooks/{flow_id}/sync"),

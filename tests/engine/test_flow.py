@@ -53,7 +53,7 @@ def t(name: str, **input: Any) -> dict[str, Any]:
 
 
 def test_design_example_parses_and_round_trips() -> None:
-    """The DESIGN §3 example is valid and to_document() parses back to the same document."""
+    """The reference example flow is valid and to_document() parses back to the same document."""
     flow = parse_flow(DESIGN_EXAMPLE)
     assert isinstance(flow, Flow)
     assert [s.name for s in flow.steps] == ["parse", "score", "route", "reply"]
@@ -148,7 +148,7 @@ def test_duplicate_names_across_nesting() -> None:
 
 
 def test_reference_to_unknown_step_in_nested_path() -> None:
-    """The DESIGN example error: steps[3].then[0].input.url refers to unknown "pars"."""
+    """The reference example's error: steps[3].then[0].input.url refers to unknown "pars"."""
     branch = {
         "name": "route",
         "type": "branch",

@@ -8,7 +8,7 @@ from conveyor.queue import keys as k
 
 
 def test_stream_key_matches_the_contract() -> None:
-    """The stream of shard 0 of runs is conveyor:{runs:0}:stream (DESIGN §5)."""
+    """The stream of shard 0 of runs is conveyor:{runs:0}:stream."""
     assert k.ShardKeys("runs", 0).stream == b"conveyor:{runs:0}:stream"
 
 

@@ -1,4 +1,4 @@
--- Flows, their immutable versions, runs, per-step logs and encrypted secrets (DESIGN §3, §4).
+-- Flows, their immutable versions, runs, per-step logs and encrypted secrets.
 
 CREATE TABLE flows (
     id              uuid PRIMARY KEY,
