@@ -5,8 +5,10 @@ and a :class:`~conveyor.engine.context.RunContext`, and returns a
 :class:`~conveyor.engine.context.RunOutcome`. Each finished step becomes a
 :class:`~conveyor.engine.context.StepRecord` sent to the injected checkpoint sink; a
 redelivered run passes the records it already has and completed steps are skipped with their
-outputs restored (durable execution). Failures stop the walk by raising ``_Stop`` carrying
-the outcome, so nested branches and loops unwind without status plumbing.
+outputs restored (durable execution). Failures stop the walk by raising ``Stop`` carrying
+the outcome, so nested branches and loops unwind without status plumbing. What a step does is its
+type's :class:`~conveyor.engine.spec.StepSpec`: a leaf *piece* run here with retries and a
+timeout, or a walk function (branch, loop, delay) that steers the walk through this run.
 
 Restoring inside loops is keyed by (step name, iteration of the innermost loop); that key is
 unique only one loop deep, so a loop nested in a loop is restored as a whole once it has
@@ -19,11 +21,8 @@ import asyncio
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from conveyor.engine.conditions import ConditionError
 from conveyor.engine.context import (
     RespondCallback,
     RunContext,
@@ -35,44 +34,15 @@ from conveyor.engine.context import (
 )
 from conveyor.engine.errors import StepFailed, StepInternalError
 from conveyor.engine.flow import Flow, Step
-from conveyor.engine.pieces import PIECES
+from conveyor.engine.spec import At, Piece, Stop, Where, now
 from conveyor.engine.status import RunStatus, StepStatus
-from conveyor.engine.templating import LOOP, RUN, SECRETS, TRIGGER, TemplateError, redact
+from conveyor.engine.templating import RUN, SECRETS, TRIGGER, TemplateError, redact
 
 _RUN_STATUS = {
     StepStatus.FAILED: RunStatus.FAILED,
     StepStatus.TIMEOUT: RunStatus.TIMEOUT,
     StepStatus.MEMORY_LIMIT_EXCEEDED: RunStatus.MEMORY_LIMIT_EXCEEDED,
 }
-#: Extra wall time a code step gets beyond its own timeout so the sandbox, which enforces
-#: the timeout itself, can report TIMEOUT with the logs before we cancel the call.
-_CODE_GRACE_S = 2.0
-
-
-class _Stop(Exception):
-    """Unwinds the walk: the run failed (not continued) or paused."""
-
-    def __init__(self, outcome: RunOutcome) -> None:
-        super().__init__(outcome.status)
-        self.outcome = outcome
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass(slots=True)
-class _At:
-    """Where and when a step runs: its record's parent/iteration and its start times."""
-
-    parent: str | None
-    iteration: int | None
-    started: datetime
-    t0: float
-
-    @classmethod
-    def start(cls, parent: str | None, iteration: int | None) -> _At:
-        return cls(parent, iteration, _now(), time.perf_counter())
 
 
 class Executor:
@@ -123,7 +93,19 @@ class _Run:
         self.timeout_s = services.flow_timeout_s
         self.last_output: Any = None
         # The step in flight, so a flow timeout can be recorded against it.
-        self.current: tuple[Step, _At] | None = None
+        self.current: tuple[Step, At] | None = None
+
+    # --- the walker side walk functions see (conveyor.engine.spec.Walker) ------------------
+
+    def start(self, step: Step, where: Where) -> At:
+        """Start timing ``step`` and make it the step a flow timeout is recorded against."""
+        at = At(where.parent, where.iteration, now(), time.perf_counter())
+        self.current = (step, at)
+        return at
+
+    def track(self, step: Step, at: At) -> None:
+        """Make ``step`` the step in flight again (after its children ran)."""
+        self.current = (step, at)
 
     # --- entry ----------------------------------------------------------------------------
 
@@ -133,7 +115,7 @@ class _Run:
         try:
             async with limit:
                 await self.run_steps(self.flow.steps, self.scope, None, None, 0)
-        except _Stop as stop:
+        except Stop as stop:
             return stop.outcome
         except TimeoutError:
             if not limit.expired():
@@ -173,40 +155,32 @@ class _Run:
         for step in steps:
             rec = done.get((step.name, iteration)) if done and depth <= 1 else None
             if rec is not None and rec["status"] != StepStatus.PAUSED:
-                await self.restore(step, rec, scope, iteration, depth)
+                await self.restore(step, rec, scope, Where(parent, iteration, depth))
                 continue
-            typ = step.type
-            if typ == "branch":
-                await self.branch(step, scope, parent, iteration, depth)
-            elif typ == "loop":
-                await self.loop(step, scope, parent, iteration, depth)
-            elif typ == "delay":
-                await self.delay(step, scope, parent, iteration, depth, paused=rec)
+            where = Where(parent, iteration, depth, paused=rec)
+            spec = step.spec
+            if spec.walk is not None:
+                await spec.walk(self, step, scope, where)
             else:
-                await self.leaf(step, scope, parent, iteration)
+                assert spec.piece is not None
+                await self.leaf(step, spec.piece, scope, where)
 
     async def restore(
         self,
         step: Step,
         rec: StepRecord,
         scope: dict[str, Any],
-        iteration: int | None,
-        depth: int,
+        where: Where,
     ) -> None:
         if rec["status"] != StepStatus.SUCCEEDED:
             if step.continue_on_failure:
                 return
-            raise _Stop(self.failure(step, StepStatus(rec["status"]), rec["error"] or "failed"))
+            raise Stop(self.failure(step, StepStatus(rec["status"]), rec["error"] or "failed"))
         output = rec["output"]
         scope[step.name] = output
         self.last_output = output
-        if step.type == "branch":
-            taken = isinstance(output, dict) and output.get("branch") == "then"
-            arm = step.then if taken else step.else_
-            await self.run_steps(arm, scope, step.name, iteration or 0, depth)
-        elif step.type == "respond" and self.env.on_respond is not None:
-            # The caller may still be waiting after a redelivery; a duplicate is ignored.
-            await self.env.on_respond(output["status"], output["headers"], output["body"])
+        if step.spec.restore is not None:
+            await step.spec.restore(self, step, output, scope, where)
 
     # --- records --------------------------------------------------------------------------
 
@@ -229,7 +203,7 @@ class _Run:
         self,
         step: Step,
         status: StepStatus,
-        at: _At,
+        at: At,
         *,
         input: Any = None,
         output: Any = None,
@@ -264,7 +238,7 @@ class _Run:
         self,
         step: Step,
         exc: StepFailed,
-        at: _At,
+        at: At,
         *,
         input: Any = None,
         attempt: int = 1,
@@ -281,14 +255,14 @@ class _Run:
             attempt=attempt,
         )
         if not step.continue_on_failure:
-            raise _Stop(self.failure(step, exc.status, exc.message))
+            raise Stop(self.failure(step, exc.status, exc.message))
 
     async def succeeded(
         self,
         step: Step,
         scope: dict[str, Any],
         output: Any,
-        at: _At,
+        at: At,
         *,
         input: Any = None,
         logs: str = "",
@@ -308,21 +282,18 @@ class _Run:
 
     # --- step kinds -----------------------------------------------------------------------
 
-    async def leaf(
-        self, step: Step, scope: dict[str, Any], parent: str | None, iteration: int | None
-    ) -> None:
-        at = _At.start(parent, iteration)
-        self.current = (step, at)
+    async def leaf(self, step: Step, piece: Piece, scope: dict[str, Any], where: Where) -> None:
+        """Run a leaf step's piece: render its input, retry, time out, record."""
+        at = self.start(step, where)
         try:
             inp = step.input_r.render(scope)
         except TemplateError as exc:
             await self.failed(step, StepFailed(str(exc)), at)
             return
-        piece = PIECES[step.type]
         attempts, backoff = step.retry.attempts, step.retry.backoff_s
         timeout = step.timeout_s
-        if timeout is not None and step.type == "code":
-            timeout += _CODE_GRACE_S
+        if timeout is not None:
+            timeout += step.spec.timeout_grace_s
         fail = StepFailed("not run")
         for attempt in range(1, attempts + 1):
             try:
@@ -332,7 +303,7 @@ class _Run:
                 fail = exc
             except StepInternalError as exc:
                 await self.record(step, StepStatus.FAILED, at, input=inp, error=str(exc))
-                raise _Stop(
+                raise Stop(
                     RunOutcome(
                         RunStatus.INTERNAL_ERROR,
                         error={"step": step.name, "message": self.redact(str(exc))},
@@ -350,129 +321,3 @@ class _Run:
             if attempt < attempts and backoff > 0:
                 await asyncio.sleep(min(backoff * 2 ** (attempt - 1), 300.0))
         await self.failed(step, fail, at, input=inp, attempt=attempts)
-
-    async def branch(
-        self,
-        step: Step,
-        scope: dict[str, Any],
-        parent: str | None,
-        iteration: int | None,
-        depth: int,
-    ) -> None:
-        at = _At.start(parent, iteration)
-        self.current = (step, at)
-        assert step.when_c is not None
-        try:
-            taken = step.when_c.evaluate(scope)
-        except (TemplateError, ConditionError) as exc:
-            await self.failed(step, StepFailed(str(exc)), at)
-            return
-        arm = "then" if taken else "else"
-        await self.succeeded(step, scope, {"branch": arm}, at)
-        steps = step.then if taken else step.else_
-        await self.run_steps(steps, scope, step.name, iteration or 0, depth)
-
-    async def loop(
-        self,
-        step: Step,
-        scope: dict[str, Any],
-        parent: str | None,
-        iteration: int | None,
-        depth: int,
-    ) -> None:
-        at = _At.start(parent, iteration)
-        self.current = (step, at)
-        assert step.items_r is not None
-        try:
-            items = step.items_r.render(scope)
-        except TemplateError as exc:
-            await self.failed(step, StepFailed(str(exc)), at)
-            return
-        if not isinstance(items, list | tuple):
-            kind = type(items).__name__ if items is not None else "null"
-            await self.failed(step, StepFailed(f"loop items must be a list, got {kind}"), at)
-            return
-        limit = self.services.max_loop_iterations
-        if len(items) > limit:
-            msg = f"loop over {len(items)} items exceeds the limit of {limit}"
-            await self.failed(step, StepFailed(msg), at)
-            return
-        names = step.iteration_names
-        results: list[dict[str, Any]] = []
-        index = 0
-        try:
-            async with asyncio.timeout(step.timeout_s) if step.timeout_s else nullcontext():
-                for index, item in enumerate(items):
-                    child = dict(scope)
-                    child[LOOP] = {"item": item, "index": index}
-                    await self.run_steps(step.steps, child, step.name, index, depth + 1)
-                    results.append({n: child[n] for n in names if n in child})
-        except _Stop as stop:
-            if stop.outcome.status is RunStatus.PAUSED:
-                raise
-            err = stop.outcome.error
-            inner = f'step "{err["step"]}": {err["message"]}' if err else "failed"
-            await self.record(step, StepStatus.FAILED, at, error=f"iteration {index}: {inner}")
-            if not step.continue_on_failure:
-                raise
-            return
-        except TimeoutError:
-            timed_out = StepFailed(
-                f"loop timed out after {step.timeout_s:g} s", status=StepStatus.TIMEOUT
-            )
-            await self.failed(step, timed_out, at)
-            return
-        self.current = (step, at)
-        await self.succeeded(step, scope, results, at)
-
-    async def delay(
-        self,
-        step: Step,
-        scope: dict[str, Any],
-        parent: str | None,
-        iteration: int | None,
-        depth: int,
-        *,
-        paused: StepRecord | None,
-    ) -> None:
-        at = _At.start(parent, iteration)
-        self.current = (step, at)
-        if paused is not None:
-            resume_at = datetime.fromisoformat(paused["output"]["resume_at"])
-            # Woken early (a clock skew or an eager reconciler): pause again, same deadline.
-            if at.started + timedelta(seconds=0.5) < resume_at:
-                raise _Stop(RunOutcome(RunStatus.PAUSED, resume_at=resume_at))
-            out = {"resumed_at": at.started.isoformat()}
-            at.started = paused["started_at"]
-            await self.succeeded(step, scope, out, at, input=paused["input"])
-            return
-        try:
-            inp = step.input_r.render(scope)
-            seconds = float(inp["seconds"])
-            if not 0 <= seconds < 10**9:
-                raise ValueError
-        except TemplateError as exc:
-            await self.failed(step, StepFailed(str(exc)), at)
-            return
-        except (TypeError, ValueError, KeyError):
-            msg = "delay seconds must be a number ≥ 0"
-            await self.failed(step, StepFailed(msg), at)
-            return
-        if seconds < self.services.pause_threshold_s:
-            await asyncio.sleep(seconds)
-            out = {"resumed_at": _now().isoformat()}
-            await self.succeeded(step, scope, out, at, input=inp)
-            return
-        if depth > 1:
-            msg = "delays of 5 s or more cannot pause a run inside a nested loop"
-            await self.failed(step, StepFailed(msg), at, input=inp)
-            return
-        resume_at = at.started + timedelta(seconds=seconds)
-        await self.record(
-            step,
-            StepStatus.PAUSED,
-            at,
-            input=inp,
-            output={"resume_at": resume_at.isoformat()},
-        )
-        raise _Stop(RunOutcome(RunStatus.PAUSED, resume_at=resume_at))

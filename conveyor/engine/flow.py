@@ -1,6 +1,6 @@
 """The flow model: parse a flow document, validate it completely, compile it once.
 
-:func:`parse_flow` turns a JSON/YAML document (DESIGN §3) into a frozen :class:`Flow` whose
+:func:`parse_flow` turns a JSON/YAML document (docs/flows.md) into a frozen :class:`Flow` whose
 steps carry their templates and branch conditions pre-compiled, so the executor never parses
 or validates anything per run — callers cache one ``Flow`` per flow version. Validation
 collects *every* problem with its path (``steps[3].then[0].input.url``) before raising one
@@ -10,7 +10,6 @@ collects *every* problem with its path (``steps[3].then[0].input.url``) before r
 
 from __future__ import annotations
 
-import ast
 import re
 import zoneinfo
 from collections.abc import Mapping
@@ -21,9 +20,11 @@ import orjson
 import yaml
 from croniter import croniter
 
-from conveyor.engine.conditions import Condition, check_condition, compile_condition
+from conveyor.engine import pieces  # registers the built-in step types
+from conveyor.engine.conditions import Condition
 from conveyor.engine.errors import ErrorDetail, FlowInvalid
 from conveyor.engine.references import check_references
+from conveyor.engine.spec import REGISTRY, Registry, StepSpec, is_number
 from conveyor.engine.templating import (
     RESERVED_ROOTS,
     Renderer,
@@ -33,36 +34,19 @@ from conveyor.engine.templating import (
     walk_strings,
 )
 
-STEP_TYPES: Final = ("transform", "code", "http", "branch", "loop", "delay", "respond")
+#: The registered step type names, in the order error messages list them.
+STEP_TYPES: Final = pieces.REGISTRY.names()
 TRIGGER_TYPES: Final = ("webhook", "schedule", "manual")
 NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_FLOW_NAME: Final = 200
 MAX_RETRY_ATTEMPTS: Final = 10
 MAX_BACKOFF_S: Final = 300.0
 MAX_STEP_TIMEOUT_S: Final = 86_400.0
-MAX_CODE_CHARS: Final = 1_000_000
 #: Keys the API adds to a flow it returns; accepted and ignored so GET → edit → PUT works.
 SERVER_FIELDS: Final = frozenset(
     {"id", "version", "enabled", "webhook_url", "sync_webhook_url", "created_at", "updated_at"}
 )
 _COMMON_KEYS: Final = frozenset({"name", "type", "retry", "continue_on_failure", "timeout_s"})
-_TYPE_KEYS: Final[dict[str, frozenset[str]]] = {
-    "transform": frozenset({"input"}),
-    "code": frozenset({"input", "code"}),
-    "http": frozenset({"input"}),
-    "branch": frozenset({"when", "then", "else"}),
-    "loop": frozenset({"items", "steps"}),
-    "delay": frozenset({"input"}),
-    "respond": frozenset({"input"}),
-}
-_INPUT_KEYS: Final[dict[str, frozenset[str]]] = {
-    "http": frozenset(
-        {"method", "url", "headers", "query", "json", "body", "timeout_s", "fail_on_error"}
-    ),
-    "delay": frozenset({"seconds"}),
-    "respond": frozenset({"status", "headers", "body"}),
-}
-HTTP_METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,16 +92,19 @@ class Trigger:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Step:
-    """One validated, compiled step. ``raw`` is the document it came from (for round trips).
+    """One validated, compiled step. ``raw`` is the document it came from (for round trips);
+    ``spec`` is its type's :class:`~conveyor.engine.spec.StepSpec`.
 
     Compiled members: ``input_r`` (input renderer), ``when_c`` (branch condition),
-    ``items_r`` (loop items renderer); nested steps in ``then``/``else_``/``steps``.
+    ``items_r`` (loop items renderer); nested steps in ``then``/``else_``/``steps`` (the
+    spec's arms say which).
     """
 
     name: str
     type: str
     raw: Mapping[str, Any] = field(repr=False)
     input_r: Renderer = field(repr=False)
+    spec: StepSpec = field(repr=False)
     code: str | None = None
     when_c: Condition | None = field(default=None, repr=False)
     then: tuple[Step, ...] = ()
@@ -130,15 +117,14 @@ class Step:
     #: For loops: names whose outputs make up one iteration's ``{inner_step: output}``
     #: (direct children and steps in their branch arms; nested loops' insides excluded).
     iteration_names: tuple[str, ...] = ()
+    #: Whatever else a step type's compile hook keeps (for types the fields above do not fit).
+    compiled: Any = field(default=None, repr=False)
 
     def to_document(self) -> dict[str, Any]:
         """The step as a JSON-ready mapping (nested steps included)."""
         doc: dict[str, Any] = dict(self.raw)
-        if self.type == "branch":
-            doc["then"] = [s.to_document() for s in self.then]
-            doc["else"] = [s.to_document() for s in self.else_]
-        elif self.type == "loop":
-            doc["steps"] = [s.to_document() for s in self.steps]
+        for arm in self.spec.arms:
+            doc[arm.key] = [s.to_document() for s in getattr(self, arm.attr)]
         # A deep copy: compiled constants share objects with the stored document.
         copy: dict[str, Any] = orjson.loads(orjson.dumps(doc))
         return copy
@@ -258,10 +244,11 @@ def _depth_ok(value: Any, limit: int) -> bool:
     return True
 
 
-def parse_flow(document: Any) -> Flow:
+def parse_flow(document: Any, *, registry: Registry = REGISTRY) -> Flow:
     """Validate ``document`` (a mapping, or JSON/YAML text) and return the compiled flow.
 
-    Raises :class:`FlowInvalid` listing every problem with its path.
+    Raises :class:`FlowInvalid` listing every problem with its path. ``registry`` holds the
+    step types the document may use (the built-in ones by default).
     """
     if isinstance(document, str | bytes):
         document = load_document(document)
@@ -281,16 +268,16 @@ def parse_flow(document: Any) -> Flow:
         raise FlowInvalid(
             [{"path": p, "message": "contains a NUL character"} for p in _nul_paths(document, "")]
         )
-    v = _Validator()
+    v = _Validator(registry)
     v.check_document(document)
     errors = v.errors
     secret_names: set[str] = set()
     if isinstance(document, Mapping):
-        ref_errors, secret_names = check_references(document)
+        ref_errors, secret_names = check_references(document, registry)
         errors = errors + ref_errors
     if errors:
         raise FlowInvalid(errors)
-    steps = tuple(_build_step(s) for s in document["steps"])
+    steps = tuple(_build_step(s, registry) for s in document["steps"])
     trig = document["trigger"]
     trigger = Trigger(
         type=trig["type"],
@@ -308,53 +295,39 @@ def parse_flow(document: Any) -> Flow:
     )
 
 
-def _build_step(raw: Mapping[str, Any]) -> Step:
+def _build_step(raw: Mapping[str, Any], registry: Registry) -> Step:
     retry_doc = raw.get("retry") or {}
     retry = Retry(
         attempts=int(retry_doc.get("attempts", 1)), backoff_s=float(retry_doc.get("backoff_s", 0))
     )
-    typ = raw["type"]
+    spec = registry[raw["type"]]
+    children = {
+        arm.attr: tuple(_build_step(s, registry) for s in raw.get(arm.key) or ())
+        for arm in spec.arms
+    }
+    # The arms' lists and what the type compiles become Step fields of the same names.
+    fields: dict[str, Any] = dict(children)
+    if spec.compile is not None:
+        fields.update(spec.compile(raw, children))
     timeout = raw.get("timeout_s")
     return Step(
         name=raw["name"],
-        type=typ,
+        type=raw["type"],
         raw=raw,
         input_r=compile_value(raw.get("input", {})),
-        code=raw.get("code"),
-        when_c=compile_condition(raw["when"]) if typ == "branch" else None,
-        then=tuple(_build_step(s) for s in raw.get("then") or ()),
-        else_=tuple(_build_step(s) for s in raw.get("else") or ()),
-        items_r=compile_value(raw["items"]) if typ == "loop" else None,
-        steps=tuple(_build_step(s) for s in raw.get("steps") or ()),
+        spec=spec,
         retry=retry,
         continue_on_failure=bool(raw.get("continue_on_failure", False)),
         timeout_s=float(timeout) if timeout is not None else None,
-        iteration_names=tuple(_iteration_names(raw.get("steps") or ())) if typ == "loop" else (),
+        **fields,
     )
-
-
-def _iteration_names(steps: Any) -> list[str]:
-    names: list[str] = []
-    for s in steps:
-        names.append(s["name"])
-        if s["type"] == "branch":
-            names += _iteration_names(s.get("then") or ())
-            names += _iteration_names(s.get("else") or ())
-    return names
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _is_template(v: Any) -> bool:
-    return isinstance(v, str) and "{{" in v
 
 
 class _Validator:
     """Structural checks; collects errors instead of stopping at the first one."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
         self.errors: list[ErrorDetail] = []
         self.names: dict[str, str] = {}
 
@@ -453,7 +426,28 @@ class _Validator:
         if not isinstance(step, Mapping):
             self.err(p, "a step must be an object")
             return
-        name = step.get("name")
+        self.check_name(step.get("name"), p)
+        typ = step.get("type")
+        spec = self.registry.get(typ)
+        if spec is None:
+            known = ", ".join(self.registry.names())
+            self.err(f"{p}.type", f"unknown step type {typ!r}; expected one of {known}")
+            return
+        allowed = _COMMON_KEYS | spec.keys
+        for key in step:
+            if key not in allowed:
+                self.err(f"{p}.{key}", f"unknown key for a {typ} step")
+        self.check_common(step, p)
+        self.check_input(spec, step, p)
+        if spec.check is not None:
+            spec.check(self, step, p)
+        for arm in spec.arms:
+            if arm.key in step:
+                self.check_steps(step[arm.key], f"{p}.{arm.key}")
+            elif arm.required:
+                self.err(f"{p}.{arm.key}", f"is required for a {typ} step")
+
+    def check_name(self, name: Any, p: str) -> None:
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             self.err(f"{p}.name", "is required and must match [A-Za-z_][A-Za-z0-9_]*")
         elif name in RESERVED_ROOTS:
@@ -464,44 +458,18 @@ class _Validator:
             )
         else:
             self.names[name] = p
-        typ = step.get("type")
-        if typ not in _TYPE_KEYS:
-            self.err(
-                f"{p}.type", f"unknown step type {typ!r}; expected one of {', '.join(STEP_TYPES)}"
-            )
-            return
-        allowed = _COMMON_KEYS | _TYPE_KEYS[typ]
-        for key in step:
-            if key not in allowed:
-                self.err(f"{p}.{key}", f"unknown key for a {typ} step")
-        self.check_common(step, p)
+
+    def check_input(self, spec: StepSpec, step: Mapping[str, Any], p: str) -> None:
         if "input" in step and not isinstance(step["input"], Mapping):
             self.err(f"{p}.input", "must be an object")
-        elif typ in _INPUT_KEYS:
-            self.check_input(typ, step.get("input") or {}, f"{p}.input")
+        elif spec.input_keys is not None:
+            inp = step.get("input") or {}
+            for key in inp:
+                if key not in spec.input_keys:
+                    self.err(f"{p}.input.{key}", f"unknown input for a {spec.type} step")
+            if spec.check_input is not None:
+                spec.check_input(self, inp, f"{p}.input")
         self.check_syntax(step.get("input"), f"{p}.input")
-        if typ == "code":
-            self.check_code(step.get("code"), f"{p}.code")
-        elif typ == "branch":
-            if "when" not in step:
-                self.err(f"{p}.when", "is required for a branch step")
-            else:
-                for path, msg in check_condition(step["when"], f"{p}.when"):
-                    self.err(path, msg)
-                self.check_syntax(step["when"], f"{p}.when")
-            self.check_steps(step.get("then", []), f"{p}.then")
-            self.check_steps(step.get("else", []), f"{p}.else")
-        elif typ == "loop":
-            items = step.get("items")
-            if items is None:
-                self.err(f"{p}.items", "is required: a template yielding a list, or a list")
-            elif not isinstance(items, list) and not _is_template(items):
-                self.err(f"{p}.items", "must be a list or a template yielding a list")
-            self.check_syntax(items, f"{p}.items")
-            if "steps" not in step:
-                self.err(f"{p}.steps", "is required for a loop step")
-            else:
-                self.check_steps(step["steps"], f"{p}.steps")
 
     def check_common(self, step: Mapping[str, Any], p: str) -> None:
         retry = step.get("retry")
@@ -520,86 +488,16 @@ class _Validator:
                 ):
                     self.err(f"{p}.retry.attempts", f"must be an integer 1–{MAX_RETRY_ATTEMPTS}")
                 back = retry.get("backoff_s", 0)
-                if not _is_number(back) or not 0 <= back <= MAX_BACKOFF_S:
+                if not is_number(back) or not 0 <= back <= MAX_BACKOFF_S:
                     self.err(f"{p}.retry.backoff_s", f"must be a number 0–{MAX_BACKOFF_S:g}")
         cof = step.get("continue_on_failure", False)
         if not isinstance(cof, bool):
             self.err(f"{p}.continue_on_failure", "must be true or false")
         t = step.get("timeout_s")
-        if t is not None and (not _is_number(t) or not 0 < t <= MAX_STEP_TIMEOUT_S):
+        if t is not None and (not is_number(t) or not 0 < t <= MAX_STEP_TIMEOUT_S):
             self.err(
                 f"{p}.timeout_s", f"must be a number of seconds, 0 < t ≤ {MAX_STEP_TIMEOUT_S:g}"
             )
-
-    def check_input(self, typ: str, inp: Mapping[str, Any], p: str) -> None:
-        for key in inp:
-            if key not in _INPUT_KEYS[typ]:
-                self.err(f"{p}.{key}", f"unknown input for a {typ} step")
-        if typ == "http":
-            url = inp.get("url")
-            if url is None:
-                self.err(f"{p}.url", "is required")
-            elif not isinstance(url, str):
-                self.err(f"{p}.url", "must be text")
-            elif not url.startswith("{{") and not re.match(r"(?i)https?://", url):
-                self.err(f"{p}.url", "must be an http:// or https:// URL")
-            method = inp.get("method", "GET")
-            if not _is_template(method) and (
-                not isinstance(method, str) or method.upper() not in HTTP_METHODS
-            ):
-                self.err(f"{p}.method", f"must be one of {', '.join(sorted(HTTP_METHODS))}")
-            if "json" in inp and "body" in inp:
-                self.err(f"{p}.body", "give either json or body, not both")
-            for key in ("headers", "query"):
-                val = inp.get(key)
-                if val is not None and not isinstance(val, Mapping) and not _is_template(val):
-                    self.err(f"{p}.{key}", "must be an object")
-            t = inp.get("timeout_s")
-            if t is not None and not _is_template(t) and (not _is_number(t) or t <= 0):
-                self.err(f"{p}.timeout_s", "must be a positive number of seconds")
-            f = inp.get("fail_on_error")
-            if f is not None and not isinstance(f, bool) and not _is_template(f):
-                self.err(f"{p}.fail_on_error", "must be true or false")
-        elif typ == "delay":
-            sec = inp.get("seconds")
-            if sec is None:
-                self.err(f"{p}.seconds", "is required")
-            elif not _is_template(sec) and (not _is_number(sec) or sec < 0):
-                self.err(f"{p}.seconds", "must be a number of seconds ≥ 0")
-        elif typ == "respond":
-            st = inp.get("status", 200)
-            if not _is_template(st) and (
-                not isinstance(st, int) or isinstance(st, bool) or not 100 <= st <= 599
-            ):
-                self.err(f"{p}.status", "must be an HTTP status 100–599")
-            h = inp.get("headers")
-            if h is not None and not isinstance(h, Mapping) and not _is_template(h):
-                self.err(f"{p}.headers", "must be an object")
-
-    def check_code(self, code: Any, p: str) -> None:
-        if not isinstance(code, str) or not code.strip():
-            self.err(p, "is required: Python source defining run(input)")
-            return
-        if len(code) > MAX_CODE_CHARS:
-            self.err(p, f"is longer than {MAX_CODE_CHARS} characters")
-            return
-        # Parse only, never execute: the worker must not run user code outside the sandbox.
-        try:
-            tree = ast.parse(code, filename="<step>", mode="exec")
-            # Bytecode compilation (still no execution) catches what the parser lets through,
-            # e.g. `return` or `await` outside a function.
-            compile(tree, "<step>", "exec", dont_inherit=True)
-        except SyntaxError as exc:
-            self.err(p, f"does not compile: {exc.msg} (line {exc.lineno})")
-            return
-        except (ValueError, RecursionError, MemoryError) as exc:
-            self.err(p, f"does not compile: {type(exc).__name__}: {exc}")
-            return
-        if not any(
-            isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == "run"
-            for n in tree.body
-        ):
-            self.err(p, "must define a top-level function run(input) (def or async def)")
 
     def check_syntax(self, value: Any, path: str) -> None:
         for p, text in walk_strings(value, path):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.engine.errors import ErrorDetail
+from conveyor.engine.spec import Registry
 from conveyor.engine.templating import (
     LOOP,
     LOOP_KEYS,
@@ -33,36 +34,46 @@ from conveyor.engine.templating import (
 
 @dataclass(frozen=True, slots=True)
 class _Place:
-    """Where a step sits: pre-order position and its chain of (container, arm) ancestors."""
+    """Where a step sits: pre-order position and its chain of ancestors, each as
+    (container, arm key, whether that arm is a loop body)."""
 
     order: int
-    chain: tuple[tuple[str, str], ...]
+    chain: Chain
 
 
-def _children(step: Mapping[str, Any]) -> Iterator[tuple[str, list[Any]]]:
-    for arm in ("then", "else", "steps"):
+Chain = tuple[tuple[str, str, bool], ...]
+
+
+def _children(
+    step: Mapping[str, Any], arms: dict[str, bool]
+) -> Iterator[tuple[str, bool, list[Any]]]:
+    # Every arm key any type uses, whatever this step's type: a malformed document is still
+    # indexed as far as it goes.
+    for arm, iterates in arms.items():
         kids = step.get(arm)
         if isinstance(kids, list):
-            yield arm, kids
+            yield arm, iterates, kids
 
 
-def _index(steps: list[Any], chain: tuple[tuple[str, str], ...], out: dict[str, _Place]) -> None:
+def _index(steps: list[Any], chain: Chain, arms: dict[str, bool], out: dict[str, _Place]) -> None:
     for step in steps:
         if not isinstance(step, Mapping):
             continue
         name = step.get("name")
         if isinstance(name, str) and name not in out:
             out[name] = _Place(len(out), chain)
-        for arm, kids in _children(step):
-            _index(kids, (*chain, (str(name), arm)), out)
+        for arm, iterates, kids in _children(step, arms):
+            _index(kids, (*chain, (str(name), arm, iterates)), arms, out)
 
 
-def check_references(doc: Mapping[str, Any]) -> tuple[list[ErrorDetail], set[str]]:
+def check_references(
+    doc: Mapping[str, Any], registry: Registry
+) -> tuple[list[ErrorDetail], set[str]]:
     """Return the reference errors and the set of secret names the flow uses."""
-    checker = _Checker()
+    checker = _Checker(registry)
     steps = doc.get("steps")
     if isinstance(steps, list):
-        _index(steps, (), checker.places)
+        _index(steps, (), registry.arm_keys(), checker.places)
         checker.walk(steps, "steps", set(), (), 0)
     trig = doc.get("trigger")
     if isinstance(trig, Mapping) and isinstance(trig.get("secret"), str):
@@ -73,7 +84,9 @@ def check_references(doc: Mapping[str, Any]) -> tuple[list[ErrorDetail], set[str
 
 
 class _Checker:
-    def __init__(self) -> None:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.template_keys = registry.template_keys()
         self.places: dict[str, _Place] = {}
         self.errors: list[ErrorDetail] = []
         self.secrets: set[str] = set()
@@ -89,7 +102,7 @@ class _Checker:
         steps: list[Any],
         path: str,
         visible: set[str],
-        chain: tuple[tuple[str, str], ...],
+        chain: Chain,
         loop_depth: int,
     ) -> set[str]:
         """Check ``steps``; return the names they add for steps that follow them."""
@@ -100,7 +113,7 @@ class _Checker:
             p = f"{path}[{i}]"
             name = step.get("name")
             name = name if isinstance(name, str) else ""
-            for key in ("input", "when", "items"):
+            for key in self.template_keys:
                 if key in step:
                     self.check_value(
                         step[key],
@@ -110,22 +123,19 @@ class _Checker:
                         current=name,
                         loop_depth=loop_depth,
                     )
-            typ = step.get("type")
-            if typ == "branch":
-                # The branch record (its chosen arm) exists before its arms run.
-                inner = visible | {name}
-                for arm in ("then", "else"):
-                    kids = step.get(arm)
-                    if isinstance(kids, list):
-                        added |= self.walk(
-                            kids, f"{p}.{arm}", set(inner), (*chain, (name, arm)), loop_depth
-                        )
-            elif typ == "loop":
-                kids = step.get("steps")
-                if isinstance(kids, list):
-                    self.walk(
-                        kids, f"{p}.steps", set(visible), (*chain, (name, "steps")), loop_depth + 1
-                    )
+            spec = self.registry.get(step.get("type"))
+            for arm in spec.arms if spec is not None else ():
+                kids = step.get(arm.key)
+                if not isinstance(kids, list):
+                    continue
+                inner = (*chain, (name, arm.key, arm.iterates))
+                if arm.iterates:
+                    # A loop body: its names stay inside (the loop's output is what follows).
+                    self.walk(kids, f"{p}.{arm.key}", set(visible), inner, loop_depth + 1)
+                else:
+                    # The step's own record (a branch's chosen arm) exists before its arms run.
+                    kid_visible = visible | {name}
+                    added |= self.walk(kids, f"{p}.{arm.key}", kid_visible, inner, loop_depth)
             added.add(name)
             visible |= added
         return added
@@ -136,7 +146,7 @@ class _Checker:
         path: str,
         visible: set[str],
         *,
-        chain: tuple[tuple[str, str], ...],
+        chain: Chain,
         current: str,
         loop_depth: int,
     ) -> None:
@@ -152,7 +162,7 @@ class _Checker:
         self,
         ref: Ref,
         visible: set[str],
-        chain: tuple[tuple[str, str], ...],
+        chain: Chain,
         current: str,
         loop_depth: int,
     ) -> str | None:
@@ -184,20 +194,20 @@ class _Checker:
             return f'template refers to unknown step "{root}"'
         if root == current:
             return f'step "{root}" cannot refer to its own output'
-        names_in_chain = [n for n, _ in chain]
+        names_in_chain = [n for n, _, _ in chain]
         if root in names_in_chain:
             return (
                 f'template refers to enclosing loop "{root}", whose output exists only after '
                 "it finishes; use {{loop.item}} / {{loop.index}}"
             )
         target_chain = place.chain
-        for (a_name, a_arm), (b_name, b_arm) in zip(chain, target_chain, strict=False):
+        for (a_name, a_arm, _), (b_name, b_arm, _) in zip(chain, target_chain, strict=False):
             if a_name != b_name:
                 break
             if a_arm != b_arm:
                 return f'template refers to step "{root}" in the other arm of branch "{a_name}"'
-        for anc, arm in target_chain:
-            if arm == "steps" and anc not in names_in_chain:
+        for anc, _, iterates in target_chain:
+            if iterates and anc not in names_in_chain:
                 return (
                     f'template refers to step "{root}" inside loop "{anc}"; its outputs are '
                     f"in the loop's output, e.g. {{{{{anc}[0].{root}}}}}"

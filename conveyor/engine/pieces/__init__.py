@@ -1,28 +1,19 @@
-"""Pieces: the leaf step types (transform, http, code, respond) behind one signature.
+"""The built-in step types, one module each, registered here in the order users see them.
 
-A piece is ``async def piece(env, step, input) -> (output, logs)``; it raises
-:class:`~conveyor.engine.errors.StepFailed` for failures the user should see. Control-flow
-types (branch, loop, delay) live in the executor because they steer the walk itself.
+Each module defines a :class:`~conveyor.engine.spec.StepSpec` named ``SPEC``: leaf types
+(transform, code, http, respond) give a *piece* — ``async def piece(env, step, input) ->
+(output, logs)`` raising :class:`~conveyor.engine.errors.StepFailed` for failures the user
+should see — and control-flow types (branch, loop, delay) a walk function, because they
+steer the walk itself. Adding a type is one module plus one line below
+(docs/architecture.md, "Adding a step type").
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from conveyor.engine.pieces import branch, code, delay, http, loop, respond, transform
+from conveyor.engine.spec import REGISTRY, Piece
 
-from conveyor.engine.context import RunEnv
-from conveyor.engine.flow import Step
-from conveyor.engine.pieces.basic import respond, transform
-from conveyor.engine.pieces.code import code
-from conveyor.engine.pieces.http import http
+for _module in (transform, code, http, branch, loop, delay, respond):
+    REGISTRY.register(_module.SPEC)
 
-Piece = Callable[[RunEnv, Step, Any], Awaitable[tuple[Any, str]]]
-
-PIECES: Final[dict[str, Piece]] = {
-    "transform": transform,
-    "respond": respond,
-    "code": code,
-    "http": http,
-}
-
-__all__ = ["PIECES", "Piece"]
+__all__ = ["REGISTRY", "Piece"]

@@ -6,13 +6,22 @@ status, output, error and captured stdout/stderr, which become the step's output
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
-from conveyor.engine.context import RunEnv
 from conveyor.engine.errors import SandboxLimitExceeded, StepFailed, StepInternalError
-from conveyor.engine.flow import Step
+from conveyor.engine.spec import Checks, StepSpec, StepType
 from conveyor.engine.status import StepStatus
+
+if TYPE_CHECKING:
+    from conveyor.engine.context import RunEnv
+    from conveyor.engine.flow import Step
+
+MAX_CODE_CHARS: Final = 1_000_000
+#: Extra wall time a code step gets beyond its own timeout so the sandbox, which enforces
+#: the timeout itself, can report TIMEOUT with the logs before we cancel the call.
+CODE_GRACE_S: Final = 2.0
 
 _OK = frozenset({"SUCCEEDED", "OK", "SUCCESS"})
 _STATUS = {
@@ -21,6 +30,38 @@ _STATUS = {
     "MEMORY_LIMIT": StepStatus.MEMORY_LIMIT_EXCEEDED,
     "OOM": StepStatus.MEMORY_LIMIT_EXCEEDED,
 }
+
+
+def check(v: Checks, step: Mapping[str, Any], p: str) -> None:
+    """``code`` is Python source that compiles and defines ``run(input)``."""
+    p = f"{p}.code"
+    code = step.get("code")
+    if not isinstance(code, str) or not code.strip():
+        v.err(p, "is required: Python source defining run(input)")
+        return
+    if len(code) > MAX_CODE_CHARS:
+        v.err(p, f"is longer than {MAX_CODE_CHARS} characters")
+        return
+    # Parse only, never execute: the worker must not run user code outside the sandbox.
+    try:
+        tree = ast.parse(code, filename="<step>", mode="exec")
+        # Bytecode compilation (still no execution) catches what the parser lets through,
+        # e.g. `return` or `await` outside a function.
+        compile(tree, "<step>", "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        v.err(p, f"does not compile: {exc.msg} (line {exc.lineno})")
+        return
+    except (ValueError, RecursionError, MemoryError) as exc:
+        v.err(p, f"does not compile: {type(exc).__name__}: {exc}")
+        return
+    if not any(
+        isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == "run" for n in tree.body
+    ):
+        v.err(p, "must define a top-level function run(input) (def or async def)")
+
+
+def _compile(raw: Mapping[str, Any], children: Mapping[str, Any]) -> Mapping[str, Any]:
+    return {"code": raw.get("code")}
 
 
 def _error_text(error: Any) -> str:
@@ -61,3 +102,13 @@ async def code(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
         message = f"code step timed out after {timeout_s:g} s"
     limit = step_status in (StepStatus.TIMEOUT, StepStatus.MEMORY_LIMIT_EXCEEDED)
     raise (SandboxLimitExceeded if limit else StepFailed)(message, status=step_status, logs=logs)
+
+
+SPEC: Final = StepSpec(
+    StepType.CODE,
+    keys=frozenset({"input", "code"}),
+    check=check,
+    compile=_compile,
+    piece=code,
+    timeout_grace_s=CODE_GRACE_S,
+)

@@ -11,23 +11,56 @@ rendered input (the path, query or method may come from a secret).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 import orjson
 from yarl import URL
 
-from conveyor.engine.context import RunEnv
 from conveyor.engine.errors import StepFailed
-from conveyor.engine.flow import HTTP_METHODS, Step
+from conveyor.engine.spec import Checks, StepSpec, StepType, is_number, is_template
 
+if TYPE_CHECKING:
+    from conveyor.engine.context import RunEnv
+    from conveyor.engine.flow import Step
+
+HTTP_METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 MAX_REDIRECTS: Final = 10
 MAX_RESPONSE_BYTES: Final = 10 * 1024 * 1024
 DEFAULT_TIMEOUT_S: Final = 30.0
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 #: Headers a flow sets that survive a redirect to another origin (everything else is dropped).
 CROSS_ORIGIN_HEADERS: Final = frozenset({"accept", "accept-language", "user-agent"})
+
+
+def check_input(v: Checks, inp: Mapping[str, Any], p: str) -> None:
+    """A URL is required; literal method, headers, query, timeout and flags are checked."""
+    url = inp.get("url")
+    if url is None:
+        v.err(f"{p}.url", "is required")
+    elif not isinstance(url, str):
+        v.err(f"{p}.url", "must be text")
+    elif not url.startswith("{{") and not re.match(r"(?i)https?://", url):
+        v.err(f"{p}.url", "must be an http:// or https:// URL")
+    method = inp.get("method", "GET")
+    if not is_template(method) and (
+        not isinstance(method, str) or method.upper() not in HTTP_METHODS
+    ):
+        v.err(f"{p}.method", f"must be one of {', '.join(sorted(HTTP_METHODS))}")
+    if "json" in inp and "body" in inp:
+        v.err(f"{p}.body", "give either json or body, not both")
+    for key in ("headers", "query"):
+        val = inp.get(key)
+        if val is not None and not isinstance(val, Mapping) and not is_template(val):
+            v.err(f"{p}.{key}", "must be an object")
+    t = inp.get("timeout_s")
+    if t is not None and not is_template(t) and (not is_number(t) or t <= 0):
+        v.err(f"{p}.timeout_s", "must be a positive number of seconds")
+    f = inp.get("fail_on_error")
+    if f is not None and not isinstance(f, bool) and not is_template(f):
+        v.err(f"{p}.fail_on_error", "must be true or false")
 
 
 def _where(url: URL) -> str:
@@ -187,3 +220,13 @@ async def http(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
             raise StepFailed(f"http {method} {_where(url)} answered {resp.status}", output=output)
         return output, ""
     raise StepFailed(f"http {method}: more than {MAX_REDIRECTS} redirects")
+
+
+SPEC: Final = StepSpec(
+    StepType.HTTP,
+    input_keys=frozenset(
+        {"method", "url", "headers", "query", "json", "body", "timeout_s", "fail_on_error"}
+    ),
+    check_input=check_input,
+    piece=http,
+)
