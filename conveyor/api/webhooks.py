@@ -140,7 +140,8 @@ async def _check_signature(
         key, _, value = part.strip().partition("=")
         fields.setdefault(key, []).append(value)
     stamp = (fields.get("t") or [""])[0]
-    if not stamp.isdigit() or len(stamp) > 12 or not fields.get("v1"):
+    # isascii(): str.isdigit() also accepts digits such as '²' that int() refuses.
+    if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12 or not fields.get("v1"):
         raise ApiError(
             401, "SIGNATURE_INVALID", f"{SIGNATURE_HEADER} missing or malformed; " + _SIGNATURE_HELP
         )
@@ -157,11 +158,15 @@ async def _check_signature(
     ok = [hmac.compare_digest(v.encode(), expected.encode()) for v in fields["v1"]]
     if not any(ok):
         raise ApiError(401, "SIGNATURE_INVALID", _SIGNATURE_HELP)
-    await _seen_once(request, flow_id, expected, ttl_s=int(skew) + SIGNATURE_TOLERANCE_S + 1)
+    await _seen_once(request, expected, ttl_s=int(skew) + SIGNATURE_TOLERANCE_S + 1)
 
 
-async def _seen_once(request: web.Request, flow_id: uuid.UUID, digest: str, ttl_s: int) -> None:
+async def _seen_once(request: web.Request, digest: str, ttl_s: int) -> None:
     """Record the signature until it expires; a second request with it is a replay (409).
+
+    The marker is the digest alone, not scoped to the flow: the signature does not cover the
+    URL, so a request captured for one flow would otherwise be accepted once more by every
+    other flow sharing the secret.
 
     The marker holds the request's Idempotency-Key: a sender retrying the *same* request
     with the same key gets the idempotent answer instead of a 409. The marker is removed
@@ -169,7 +174,7 @@ async def _seen_once(request: web.Request, flow_id: uuid.UUID, digest: str, ttl_
     retry a 429 or 503 with the same signature.
     """
     prefix = request.app[SETTINGS].redis_key_prefix
-    key = queue_keys.webhook_signature(str(flow_id), digest, prefix)
+    key = queue_keys.webhook_signature(digest, prefix)
     idem = request.headers.get("Idempotency-Key", "").encode("utf-8", "surrogateescape")
     client = request.app[REDIS]
     try:

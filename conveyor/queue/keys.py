@@ -128,10 +128,10 @@ def consumer_name(name: str, prefix: str = PREFIX) -> bytes:
     return f"{prefix}:{{workers}}:consumer:{name}".encode()
 
 
-def webhook_signature(flow_id: str, digest: str, prefix: str = PREFIX) -> bytes:
+def webhook_signature(digest: str, prefix: str = PREFIX) -> bytes:
     """Marker of a timestamped webhook signature already accepted (``SET NX``, expiring with
     the signature's tolerance window): a replay of the same signed request is refused."""
-    return f"{prefix}:sig:{flow_id}:{digest}".encode()
+    return f"{prefix}:sig:{digest}".encode()
 
 
 def scheduler_lease(prefix: str = PREFIX) -> bytes:

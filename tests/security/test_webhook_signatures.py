@@ -83,13 +83,28 @@ async def test_timestamped_signature_accepted_once(make_client: Any, redis: aior
     assert again.status == 409
     assert (await again.json())["error"]["code"] == "SIGNATURE_REPLAYED"
     digest = header.partition("v1=")[2]
-    ttl = await redis.ttl(keys.webhook_signature(fid, digest))
+    ttl = await redis.ttl(keys.webhook_signature(digest))
     assert 0 < ttl <= 601
     # A new signature (new timestamp) for the same body is a new request.
     fresh = await _post(
         client, fid, body, **{"X-Conveyor-Signature": sign(body, int(time.time()) + 1)}
     )
     assert fresh.status == 202
+
+
+async def test_replay_to_another_flow_with_the_same_secret(make_client: Any) -> None:
+    """A signed request captured for one flow is refused by another flow sharing the secret."""
+    client: Client = await make_client(AP_CONTAINER_TYPE="APP")
+    first = await _signed_flow(client)
+    resp = await client.post("/api/v1/flows", json={**SIGNED, "name": "signed-too"})
+    assert resp.status == 201, await resp.text()
+    second = str((await resp.json())["id"])
+    body = b'{"order": 9}'
+    header = sign(body)
+    assert (await _post(client, first, body, **{"X-Conveyor-Signature": header})).status == 202
+    replay = await _post(client, second, body, **{"X-Conveyor-Signature": header})
+    assert replay.status == 409
+    assert (await replay.json())["error"]["code"] == "SIGNATURE_REPLAYED"
 
 
 async def test_bad_stale_and_future_signatures_refused(make_client: Any) -> None:
@@ -103,6 +118,8 @@ async def test_bad_stale_and_future_signatures_refused(make_client: Any) -> None
         "wrong secret": sign(body, secret="other"),
         "other body": sign(b'{"order": 3}'),
         "malformed": "t=abc,v1=00",
+        "unicode digits": "t=\u00b2,v1=00",
+        "arabic-indic digits": f"t={''.join(chr(0x660 + int(c)) for c in str(now))},v1=00",
         "no v1": f"t={now}",
         "stale": sign(body, now - 301),
         "future": sign(body, now + 360),
