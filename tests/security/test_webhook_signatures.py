@@ -199,10 +199,12 @@ async def test_readme_sender_examples_work(make_client: Any) -> None:
     url = str(client.make_url(f"/api/v1/webhooks/{fid}"))
     scope = {"SECRET": SECRET, "URL": url}
     await asyncio.to_thread(exec, _readme_block("python"), scope)
-    # Another flow: both examples send the same body, possibly within the same second,
-    # which on one flow would be a replay.
-    resp = await client.post("/api/v1/flows", json={**SIGNED, "name": "signed-2"})
-    url2 = str(client.make_url(f"/api/v1/webhooks/{(await resp.json())['id']}"))
+    # Both examples send the same body: signed within the same second, the second would be
+    # a replay (markers are not scoped to a flow). Let the clock move on first.
+    signed_at = int(time.time())
+    while int(time.time()) == signed_at:
+        await asyncio.sleep(0.05)
+    url2 = url
     proc = await asyncio.create_subprocess_exec(
         "bash", "-c", _readme_block("sh"),
         env={**os.environ, "SECRET": SECRET, "URL": url2},
