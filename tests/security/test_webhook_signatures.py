@@ -201,13 +201,10 @@ async def test_readme_sender_examples_work(make_client: Any) -> None:
     await asyncio.to_thread(exec, _readme_block("python"), scope)
     # Both examples send the same body: signed within the same second, the second would be
     # a replay (markers are not scoped to a flow). Let the clock move on first.
-    signed_at = int(time.time())
-    while int(time.time()) == signed_at:
-        await asyncio.sleep(0.05)
-    url2 = url
+    await asyncio.sleep(1.02 - time.time() % 1.0)
     proc = await asyncio.create_subprocess_exec(
         "bash", "-c", _readme_block("sh"),
-        env={**os.environ, "SECRET": SECRET, "URL": url2},
+        env={**os.environ, "SECRET": SECRET, "URL": url},
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, _ = await proc.communicate()
