@@ -31,7 +31,7 @@ from urllib.parse import quote
 import orjson
 import yaml
 
-from conveyor import __version__
+from conveyor import __version__, errors
 from conveyor.client import ApiClient, ApiClientError
 from conveyor.engine.status import TERMINAL, RunStatus
 from conveyor.settings import Settings, SettingsError
@@ -43,7 +43,7 @@ EXIT_NOT_FOUND = 3
 EXIT_UNREACHABLE = 4
 
 
-class NotFound(Exception):
+class NotFound(errors.NotFound):
     """No flow or run answers to the name or id given (exit code 3)."""
 
 

@@ -10,11 +10,13 @@ this one, and ``+ X`` names a second base.
     ConveyorError
     ├── ConfigError              misuse: a bad setting or call (+ ValueError)
     │   ├── SettingsError        an AP_* variable is invalid [settings]
+    │   ├── ItemInvalid          one item of a list variable is invalid [settings_kinds]
     │   └── SandboxUnavailable   this host cannot isolate code as asked [sandbox.isolation]
     ├── FlowValidationError      a bad flow document; ``details`` carry the paths
     │   ├── FlowInvalid          every problem validation found [engine.errors]
     │   └── TemplateSyntaxError  a ``{{...}}`` that is not a path (+ ValueError) [engine.templating]
     ├── NotFound                 the named flow, run, job or secret does not exist
+    │   └── NotFound             no flow or run answers the CLI's name or id (exit 3) [cli]
     ├── Conflict                 the change clashes with existing state (duplicate name)
     │   └── RunEnded             the run ended elsewhere (a cancel) while it ran [engine.worker]
     ├── BackendUnavailable       Redis or PostgreSQL is down: 503, retry later

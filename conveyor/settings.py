@@ -11,16 +11,36 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-import re
 from collections.abc import Callable, Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from conveyor.errors import ConfigError
-
-_T = TypeVar("_T")
+from conveyor.settings_kinds import (
+    BOOL,
+    COUNT,
+    PORT,
+    POSITIVE,
+    TEXT,
+    ItemInvalid,
+    Kind,
+    allow_list,
+    choice,
+    enum_of,
+    host_ports,
+    integer,
+    key_prefix,
+    url,
+    url_list,
+)
+from conveyor.settings_kinds import (
+    encryption_key as hex_key,
+)
+from conveyor.settings_kinds import (
+    host as host_name,
+)
 
 
 class SettingsError(ConfigError):
@@ -70,81 +90,280 @@ class LogLevel(StrEnum):
 #: Variables whose values ``conveyor config`` masks.
 SECRET_FIELDS = frozenset({"api_key", "encryption_key", "queue_ui_password"})
 
-_FIELD_VARS: dict[str, str] = {}
+
+def _var(
+    env: str,
+    kind: Kind,
+    default: Any,
+    help: str,
+    *,
+    derive: Callable[[Mapping[str, Any]], Any] | None = None,
+) -> Any:
+    """Declare a setting: variable ``env`` read as ``kind``; unset, it is ``default`` or, with
+    ``derive``, computed from the other settings' values (e.g. ``AP_DB_TYPE`` from the URL)."""
+    metadata = {"env": env, "kind": kind, "help": help, "derive": derive}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
-def _var(name: str, **kwargs: Any) -> Any:
-    """Declare a field bound to environment variable ``name`` (recorded in field metadata)."""
-    return dataclasses.field(metadata={"env": name}, **kwargs)
+def _postgres_from_parts(reader: _Reader) -> str | None:
+    """``AP_POSTGRES_URL`` built from ``AP_POSTGRES_HOST``/``PORT``/``DATABASE``/``USERNAME``/
+    ``PASSWORD`` (parts of that one setting, not settings of their own)."""
+    host = reader.raw("AP_POSTGRES_HOST")
+    if host is None:
+        return None
+    port = reader.read("AP_POSTGRES_PORT", PORT, 5432)
+    database = reader.raw("AP_POSTGRES_DATABASE") or "conveyor"
+    user = reader.raw("AP_POSTGRES_USERNAME") or "postgres"
+    password = reader.raw("AP_POSTGRES_PASSWORD")
+    auth = quote(user, safe="")
+    if password:
+        auth += ":" + quote(password, safe="")
+    hostpart = f"[{host}]" if ":" in host else host
+    return f"postgresql://{auth}@{hostpart}:{port}/{quote(database, safe='')}"
+
+
+def _redis_type(values: Mapping[str, Any]) -> RedisType:
+    if values["redis_sentinel_hosts"]:
+        return RedisType.SENTINEL
+    return RedisType.STANDALONE if values["redis_url"] else RedisType.EMBEDDED
+
+
+def _default_config_path(values: Mapping[str, Any]) -> Path:
+    # As root, keep data out of /root: embedded PostgreSQL runs as an unprivileged user and
+    # must be able to traverse the data dir's parents, and /root must stay 0700.
+    if os.geteuid() == 0:
+        return Path("/var/lib/conveyor")
+    return Path("~/.conveyor").expanduser()
+
+
+_SANDBOX_MODE = enum_of(ExecutionMode, legacy={"SANDBOXED": ExecutionMode.SANDBOX_PROCESS})
+_LISTS = "comma-separated host names, IPs or CIDRs"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
-    """The effective configuration of one Conveyor process (docs/configuration.md lists every variable).
+    """The effective configuration of one Conveyor process (docs/configuration.md lists every
+    variable).
 
-    Build it with :meth:`from_env`; the constructor performs no validation of its own.
-    Durations carry their unit in the name (``*_seconds``, ``*_ms``), so do sizes (``*_mb``).
+    Each field is declared once: its variable, how it is read (type and bounds), its default
+    and a line of help, in the field's metadata; :meth:`from_env` reads them all the same way.
+    The constructor performs no validation of its own. Durations carry their unit in the name
+    (``*_seconds``, ``*_ms``), so do sizes (``*_mb``, ``*_kb``).
     """
 
-    container_type: ContainerType = _var("AP_CONTAINER_TYPE", default=ContainerType.WORKER_AND_APP)
-    worker_concurrency: int = _var("AP_WORKER_CONCURRENCY", default=1)
-    pm2_enabled: bool = _var("AP_PM2_ENABLED", default=False)
-    pm2_instances: int | None = _var("AP_PM2_INSTANCES", default=None)
-    host: str = _var("AP_HOST", default="127.0.0.1")
-    port: int = _var("AP_PORT", default=8080)
-    db_type: DbType = _var("AP_DB_TYPE", default=DbType.EMBEDDED)
-    postgres_url: str | None = _var("AP_POSTGRES_URL", default=None)
-    postgres_pool_size: int = _var("AP_POSTGRES_POOL_SIZE", default=10)
-    postgres_idle_timeout_ms: int = _var("AP_POSTGRES_IDLE_TIMEOUT_MS", default=300_000)
-    postgres_read_replica_urls: tuple[str, ...] = _var("AP_POSTGRES_READ_REPLICA_URL", default=())
-    postgres_use_pgbouncer: bool = _var("AP_POSTGRES_USE_PGBOUNCER", default=False)
-    redis_type: RedisType = _var("AP_REDIS_TYPE", default=RedisType.EMBEDDED)
-    redis_url: str | None = _var("AP_REDIS_URL", default=None)
-    redis_sentinel_hosts: tuple[tuple[str, int], ...] = _var("AP_REDIS_SENTINEL_HOSTS", default=())
-    redis_sentinel_name: str = _var("AP_REDIS_SENTINEL_NAME", default="mymaster")
-    redis_sentinel_role: str = _var("AP_REDIS_SENTINEL_ROLE", default="master")
-    queue_shards: int = _var("AP_QUEUE_SHARDS", default=1)
-    queue_max_length: int = _var("AP_QUEUE_MAX_LENGTH", default=100_000)
-    queue_visibility_timeout_seconds: int = _var("AP_QUEUE_VISIBILITY_TIMEOUT_SECONDS", default=6)
-    worker_heartbeat_seconds: int = _var("AP_WORKER_HEARTBEAT_SECONDS", default=2)
-    worker_drain_seconds: int = _var("AP_WORKER_DRAIN_SECONDS", default=25)
-    redis_key_prefix: str = _var("AP_REDIS_KEY_PREFIX", default="conveyor")
-    redis_failed_job_retention_days: int = _var("AP_REDIS_FAILED_JOB_RETENTION_DAYS", default=30)
+    container_type: ContainerType = _var(
+        "AP_CONTAINER_TYPE",
+        enum_of(ContainerType),
+        ContainerType.WORKER_AND_APP,
+        "which parts this process runs: API + board, workers, or both",
+    )
+    worker_concurrency: int = _var(
+        "AP_WORKER_CONCURRENCY",
+        integer(1, 10_000),
+        1,
+        "flow runs one worker process executes at once",
+    )
+    pm2_enabled: bool = _var(
+        "AP_PM2_ENABLED", BOOL, False, "one process per CPU core sharing the port"
+    )
+    pm2_instances: int | None = _var(
+        "AP_PM2_INSTANCES", integer(1, 1024), None, "process count with AP_PM2_ENABLED"
+    )
+    host: str = _var(
+        "AP_HOST",
+        Kind(host_name, "expected an IP address or host name"),
+        "127.0.0.1",
+        "listen address of the API and board",
+    )
+    port: int = _var("AP_PORT", PORT, 8080, "HTTP port of the API and board")
+    db_type: DbType = _var(
+        "AP_DB_TYPE",
+        enum_of(DbType),
+        DbType.EMBEDDED,
+        "POSTGRES when a PostgreSQL URL is set, else EMBEDDED",
+        derive=lambda v: DbType.POSTGRES if v["postgres_url"] else DbType.EMBEDDED,
+    )
+    postgres_url: str | None = _var(
+        "AP_POSTGRES_URL",
+        url("postgres", "postgresql", fallback=_postgres_from_parts),
+        None,
+        "the PostgreSQL to use (or AP_POSTGRES_HOST/PORT/DATABASE/USERNAME/PASSWORD)",
+    )
+    postgres_pool_size: int = _var(
+        "AP_POSTGRES_POOL_SIZE", integer(1, 1000), 10, "max connections per process"
+    )
+    postgres_idle_timeout_ms: int = _var(
+        "AP_POSTGRES_IDLE_TIMEOUT_MS", COUNT, 300_000, "idle pooled connections close after"
+    )
+    postgres_read_replica_urls: tuple[str, ...] = _var(
+        "AP_POSTGRES_READ_REPLICA_URL",
+        url_list("postgres", "postgresql"),
+        (),
+        "comma-separated replica URLs listings read from",
+    )
+    postgres_use_pgbouncer: bool = _var(
+        "AP_POSTGRES_USE_PGBOUNCER", BOOL, False, "no prepared-statement cache"
+    )
+    redis_type: RedisType = _var(
+        "AP_REDIS_TYPE",
+        enum_of(RedisType),
+        RedisType.EMBEDDED,
+        "SENTINEL with sentinel hosts, STANDALONE with a URL, else EMBEDDED",
+        derive=_redis_type,
+    )
+    redis_url: str | None = _var(
+        "AP_REDIS_URL", url("redis", "rediss", "unix"), None, "the Redis to use"
+    )
+    redis_sentinel_hosts: tuple[tuple[str, int], ...] = _var(
+        "AP_REDIS_SENTINEL_HOSTS",
+        Kind(host_ports, "expected comma-separated host:port pairs"),
+        (),
+        "Sentinels as host:port,host:port",
+    )
+    redis_sentinel_name: str = _var(
+        "AP_REDIS_SENTINEL_NAME", TEXT, "mymaster", "Sentinel service name"
+    )
+    redis_sentinel_role: str = _var(
+        "AP_REDIS_SENTINEL_ROLE", choice("master", "slave"), "master", "Sentinel role to use"
+    )
+    queue_shards: int = _var("AP_QUEUE_SHARDS", integer(1, 1024), 1, "streams per queue")
+    queue_max_length: int = _var(
+        "AP_QUEUE_MAX_LENGTH", POSITIVE, 100_000, "backlog cap; above it webhooks get 429"
+    )
+    queue_visibility_timeout_seconds: int = _var(
+        "AP_QUEUE_VISIBILITY_TIMEOUT_SECONDS",
+        integer(2, 3600),
+        6,
+        "a worker silent this long loses its runs to a live worker",
+    )
+    worker_heartbeat_seconds: int = _var(
+        "AP_WORKER_HEARTBEAT_SECONDS",
+        integer(1, 1800),
+        2,
+        "how often a worker says its runs are still in hand",
+    )
+    worker_drain_seconds: int = _var(
+        "AP_WORKER_DRAIN_SECONDS",
+        integer(0, 3600),
+        25,
+        "on SIGTERM, runs still going after this long are handed back",
+    )
+    redis_key_prefix: str = _var(
+        "AP_REDIS_KEY_PREFIX",
+        Kind(key_prefix, "expected 1-64 characters of A-Z a-z 0-9 _ . : - (starting alphanumeric)"),
+        "conveyor",
+        "namespace of every Redis key and channel",
+    )
+    redis_failed_job_retention_days: int = _var(
+        "AP_REDIS_FAILED_JOB_RETENTION_DAYS", COUNT, 30, "dead-lettered jobs kept this long"
+    )
     redis_failed_job_retention_max_count: int = _var(
-        "AP_REDIS_FAILED_JOB_RETENTION_MAX_COUNT", default=100_000
+        "AP_REDIS_FAILED_JOB_RETENTION_MAX_COUNT",
+        COUNT,
+        100_000,
+        "dead-lettered jobs kept at most",
     )
     redis_completed_job_retention_max_count: int = _var(
-        "AP_REDIS_COMPLETED_JOB_RETENTION_MAX_COUNT", default=1000
+        "AP_REDIS_COMPLETED_JOB_RETENTION_MAX_COUNT",
+        COUNT,
+        1000,
+        "recent completed jobs kept for the board",
     )
-    execution_data_retention_days: int = _var("AP_EXECUTION_DATA_RETENTION_DAYS", default=30)
-    queue_ui_enabled: bool = _var("AP_QUEUE_UI_ENABLED", default=True)
-    queue_ui_username: str | None = _var("AP_QUEUE_UI_USERNAME", default=None)
-    queue_ui_password: str | None = _var("AP_QUEUE_UI_PASSWORD", default=None)
-    api_key: str | None = _var("AP_API_KEY", default=None)
-    frontend_url: str | None = _var("AP_FRONTEND_URL", default=None)
-    queue_ui_allowed_hosts: tuple[str, ...] = _var("AP_QUEUE_UI_ALLOWED_HOSTS", default=())
-    webhook_legacy_signatures: bool = _var("AP_WEBHOOK_LEGACY_SIGNATURES", default=False)
-    encryption_key: str | None = _var("AP_ENCRYPTION_KEY", default=None)
+    execution_data_retention_days: int = _var(
+        "AP_EXECUTION_DATA_RETENTION_DAYS", COUNT, 30, "run history kept in PostgreSQL"
+    )
+    queue_ui_enabled: bool = _var("AP_QUEUE_UI_ENABLED", BOOL, True, "serve the board")
+    queue_ui_username: str | None = _var(
+        "AP_QUEUE_UI_USERNAME", TEXT, None, "board basic-auth user"
+    )
+    queue_ui_password: str | None = _var(
+        "AP_QUEUE_UI_PASSWORD", TEXT, None, "board basic-auth password"
+    )
+    api_key: str | None = _var("AP_API_KEY", TEXT, None, "bearer token of /api/v1/*")
+    frontend_url: str | None = _var(
+        "AP_FRONTEND_URL", url("http", "https"), None, "the public URL of this server"
+    )
+    queue_ui_allowed_hosts: tuple[str, ...] = _var(
+        "AP_QUEUE_UI_ALLOWED_HOSTS",
+        Kind(allow_list, f"expected {_LISTS}"),
+        (),
+        "hosts the board answers to besides loopback",
+    )
+    webhook_legacy_signatures: bool = _var(
+        "AP_WEBHOOK_LEGACY_SIGNATURES", BOOL, False, "also accept untimed signatures"
+    )
+    encryption_key: str | None = _var(
+        "AP_ENCRYPTION_KEY",
+        Kind(hex_key, "expected 32 or 64 hex characters", secret=True),
+        None,
+        "key of the stored secrets (required with an external PostgreSQL)",
+    )
     execution_mode: ExecutionMode = _var(
-        "AP_EXECUTION_MODE", default=ExecutionMode.SANDBOX_CODE_ONLY
+        "AP_EXECUTION_MODE",
+        _SANDBOX_MODE,
+        ExecutionMode.SANDBOX_CODE_ONLY,
+        "what runs in the sandbox",
     )
-    sandbox_memory_limit_kb: int = _var("AP_SANDBOX_MEMORY_LIMIT", default=1_048_576)
+    sandbox_memory_limit_kb: int = _var(
+        "AP_SANDBOX_MEMORY_LIMIT",
+        integer(minimum=16_384),
+        1_048_576,
+        "KB of memory per sandboxed process",
+    )
     sandbox_allow_partial_isolation: bool = _var(
-        "AP_SANDBOX_ALLOW_PARTIAL_ISOLATION", default=False
+        "AP_SANDBOX_ALLOW_PARTIAL_ISOLATION",
+        BOOL,
+        False,
+        "run code steps without bubblewrap's full isolation",
     )
-    flow_timeout_seconds: int = _var("AP_FLOW_TIMEOUT_SECONDS", default=600)
-    trigger_timeout_seconds: int = _var("AP_TRIGGER_TIMEOUT_SECONDS", default=60)
-    webhook_timeout_seconds: int = _var("AP_WEBHOOK_TIMEOUT_SECONDS", default=30)
-    max_webhook_payload_size_mb: int = _var("AP_MAX_WEBHOOK_PAYLOAD_SIZE_MB", default=25)
-    max_flow_run_log_size_mb: int = _var("AP_MAX_FLOW_RUN_LOG_SIZE_MB", default=50)
-    pieces_cache_max_entries: int = _var("AP_PIECES_CACHE_MAX_ENTRIES", default=1000)
-    prewarm_cache_on_startup: bool = _var("AP_PREWARM_CACHE_ON_STARTUP", default=True)
-    ssrf_protection_enabled: bool = _var("AP_SSRF_PROTECTION_ENABLED", default=True)
-    ssrf_allow_list: tuple[str, ...] = _var("AP_SSRF_ALLOW_LIST", default=())
-    config_path: Path = _var("AP_CONFIG_PATH", default=Path("~/.conveyor"))
-    metrics_port: int | None = _var("AP_METRICS_PORT", default=None)
-    log_level: LogLevel = _var("AP_LOG_LEVEL", default=LogLevel.INFO)
-    log_pretty: bool = _var("AP_LOG_PRETTY", default=False)
+    flow_timeout_seconds: int = _var(
+        "AP_FLOW_TIMEOUT_SECONDS", POSITIVE, 600, "wall time of a whole run"
+    )
+    trigger_timeout_seconds: int = _var(
+        "AP_TRIGGER_TIMEOUT_SECONDS", POSITIVE, 60, "trigger processing time"
+    )
+    webhook_timeout_seconds: int = _var(
+        "AP_WEBHOOK_TIMEOUT_SECONDS", POSITIVE, 30, "how long a sync webhook waits"
+    )
+    max_webhook_payload_size_mb: int = _var(
+        "AP_MAX_WEBHOOK_PAYLOAD_SIZE_MB", POSITIVE, 25, "largest webhook body"
+    )
+    max_flow_run_log_size_mb: int = _var(
+        "AP_MAX_FLOW_RUN_LOG_SIZE_MB", POSITIVE, 50, "step-log cap per run"
+    )
+    pieces_cache_max_entries: int = _var(
+        "AP_PIECES_CACHE_MAX_ENTRIES", COUNT, 1000, "piece cache size"
+    )
+    prewarm_cache_on_startup: bool = _var(
+        "AP_PREWARM_CACHE_ON_STARTUP", BOOL, True, "import pieces into the fork-server at start"
+    )
+    ssrf_protection_enabled: bool = _var(
+        "AP_SSRF_PROTECTION_ENABLED", BOOL, True, "http steps may not reach private addresses"
+    )
+    ssrf_allow_list: tuple[str, ...] = _var(
+        "AP_SSRF_ALLOW_LIST",
+        Kind(allow_list, f"expected {_LISTS}"),
+        (),
+        "exceptions to SSRF protection",
+    )
+    config_path: Path = _var(
+        "AP_CONFIG_PATH",
+        Kind(lambda v: Path(v).expanduser(), "a path"),
+        Path("~/.conveyor"),
+        "data of the embedded servers and generated keys",
+        derive=_default_config_path,
+    )
+    metrics_port: int | None = _var(
+        "AP_METRICS_PORT",
+        PORT,
+        None,
+        "health + metrics port of a worker-only process",
+        derive=lambda v: 9090 if v["container_type"] is ContainerType.WORKER else None,
+    )
+    log_level: LogLevel = _var(
+        "AP_LOG_LEVEL", enum_of(LogLevel, lower=True), LogLevel.INFO, "log threshold"
+    )
+    log_pretty: bool = _var("AP_LOG_PRETTY", BOOL, False, "human-readable console logs")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -197,85 +416,17 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Parse ``env`` (default ``os.environ``); the first bad value raises SettingsError."""
-        src = dict(os.environ if env is None else env)
-        p = _Parser(src)
+        reader = _Reader(dict(os.environ if env is None else env))
         values: dict[str, Any] = {}
-        values["container_type"] = p.enum("AP_CONTAINER_TYPE", ContainerType)
-        values["worker_concurrency"] = p.integer("AP_WORKER_CONCURRENCY", minimum=1, maximum=10_000)
-        values["pm2_enabled"] = p.boolean("AP_PM2_ENABLED")
-        values["pm2_instances"] = p.integer("AP_PM2_INSTANCES", minimum=1, maximum=1024)
-        values["host"] = p.host("AP_HOST")
-        values["port"] = p.integer("AP_PORT", minimum=1, maximum=65535)
-        values["postgres_url"] = p.postgres_url()
-        values["postgres_pool_size"] = p.integer("AP_POSTGRES_POOL_SIZE", minimum=1, maximum=1000)
-        values["postgres_idle_timeout_ms"] = p.integer("AP_POSTGRES_IDLE_TIMEOUT_MS", minimum=0)
-        values["postgres_read_replica_urls"] = p.url_list(
-            "AP_POSTGRES_READ_REPLICA_URL", ("postgres", "postgresql")
-        )
-        values["postgres_use_pgbouncer"] = p.boolean("AP_POSTGRES_USE_PGBOUNCER")
-        values["redis_url"] = p.url("AP_REDIS_URL", ("redis", "rediss", "unix"))
-        values["redis_sentinel_hosts"] = p.host_ports("AP_REDIS_SENTINEL_HOSTS")
-        values["redis_sentinel_name"] = p.text("AP_REDIS_SENTINEL_NAME")
-        values["redis_sentinel_role"] = p.choice("AP_REDIS_SENTINEL_ROLE", ("master", "slave"))
-        if values["redis_sentinel_hosts"]:
-            default_redis = RedisType.SENTINEL
-        elif values["redis_url"]:
-            default_redis = RedisType.STANDALONE
-        else:
-            default_redis = RedisType.EMBEDDED
-        values["redis_type"] = p.enum("AP_REDIS_TYPE", RedisType, default=default_redis)
-        has_pg = bool(values["postgres_url"])
-        default_db = DbType.POSTGRES if has_pg else DbType.EMBEDDED
-        values["db_type"] = p.enum("AP_DB_TYPE", DbType, default=default_db)
-        values["queue_shards"] = p.integer("AP_QUEUE_SHARDS", minimum=1, maximum=1024)
-        values["queue_max_length"] = p.integer("AP_QUEUE_MAX_LENGTH", minimum=1)
-        values["queue_visibility_timeout_seconds"] = p.integer(
-            "AP_QUEUE_VISIBILITY_TIMEOUT_SECONDS", minimum=2, maximum=3600
-        )
-        values["worker_heartbeat_seconds"] = p.integer(
-            "AP_WORKER_HEARTBEAT_SECONDS", minimum=1, maximum=1800
-        )
-        values["worker_drain_seconds"] = p.integer(
-            "AP_WORKER_DRAIN_SECONDS", minimum=0, maximum=3600
-        )
-        values["redis_key_prefix"] = p.key_prefix("AP_REDIS_KEY_PREFIX")
-        for name in (
-            "AP_REDIS_FAILED_JOB_RETENTION_DAYS",
-            "AP_REDIS_FAILED_JOB_RETENTION_MAX_COUNT",
-            "AP_REDIS_COMPLETED_JOB_RETENTION_MAX_COUNT",
-            "AP_EXECUTION_DATA_RETENTION_DAYS",
-            "AP_PIECES_CACHE_MAX_ENTRIES",
-        ):
-            values[_field_for(name)] = p.integer(name, minimum=0)
-        values["queue_ui_enabled"] = p.boolean("AP_QUEUE_UI_ENABLED")
-        values["queue_ui_username"] = p.optional_text("AP_QUEUE_UI_USERNAME")
-        values["queue_ui_password"] = p.optional_text("AP_QUEUE_UI_PASSWORD")
-        values["api_key"] = p.optional_text("AP_API_KEY")
-        values["frontend_url"] = p.url("AP_FRONTEND_URL", ("http", "https"))
-        values["queue_ui_allowed_hosts"] = p.allow_list("AP_QUEUE_UI_ALLOWED_HOSTS")
-        values["webhook_legacy_signatures"] = p.boolean("AP_WEBHOOK_LEGACY_SIGNATURES")
-        values["encryption_key"] = p.encryption_key("AP_ENCRYPTION_KEY")
-        values["execution_mode"] = p.execution_mode("AP_EXECUTION_MODE")
-        values["sandbox_memory_limit_kb"] = p.integer("AP_SANDBOX_MEMORY_LIMIT", minimum=16_384)
-        values["sandbox_allow_partial_isolation"] = p.boolean("AP_SANDBOX_ALLOW_PARTIAL_ISOLATION")
-        for name in (
-            "AP_FLOW_TIMEOUT_SECONDS",
-            "AP_TRIGGER_TIMEOUT_SECONDS",
-            "AP_WEBHOOK_TIMEOUT_SECONDS",
-            "AP_MAX_WEBHOOK_PAYLOAD_SIZE_MB",
-            "AP_MAX_FLOW_RUN_LOG_SIZE_MB",
-        ):
-            values[_field_for(name)] = p.integer(name, minimum=1)
-        values["prewarm_cache_on_startup"] = p.boolean("AP_PREWARM_CACHE_ON_STARTUP")
-        values["ssrf_protection_enabled"] = p.boolean("AP_SSRF_PROTECTION_ENABLED")
-        values["ssrf_allow_list"] = p.allow_list("AP_SSRF_ALLOW_LIST")
-        values["config_path"] = p.path("AP_CONFIG_PATH", default=_default_config_path())
-        default_metrics = 9090 if values["container_type"] is ContainerType.WORKER else None
-        values["metrics_port"] = p.integer(
-            "AP_METRICS_PORT", minimum=1, maximum=65535, default=default_metrics
-        )
-        values["log_level"] = p.enum("AP_LOG_LEVEL", LogLevel, lower=True)
-        values["log_pretty"] = p.boolean("AP_LOG_PRETTY")
+        later = []
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if meta["derive"] is not None and reader.raw(meta["env"]) is None:
+                later.append(f)
+            else:
+                values[f.name] = reader.read(meta["env"], meta["kind"], f.default)
+        for f in later:  # defaults that depend on other settings, now all known
+            values[f.name] = f.metadata["derive"](values)
         settings = cls(**values)
         settings._check_consistency()
         return settings
@@ -315,8 +466,8 @@ class Settings:
             missing = [
                 v
                 for v, emb in (
-                    ("AP_REDIS_URL", self.embedded_redis),
-                    ("AP_POSTGRES_URL", self.embedded_postgres),
+                    (ENV["redis_url"], self.embedded_redis),
+                    (ENV["postgres_url"], self.embedded_postgres),
                 )
                 if emb
             ]
@@ -350,26 +501,8 @@ class Settings:
             )
 
 
-def _field_for(env_name: str) -> str:
-    if not _FIELD_VARS:
-        for f in dataclasses.fields(Settings):
-            _FIELD_VARS[f.metadata["env"]] = f.name
-    return _FIELD_VARS[env_name]
-
-
-def _default_for(env_name: str) -> Any:
-    for f in dataclasses.fields(Settings):
-        if f.metadata["env"] == env_name:
-            return f.default
-    raise KeyError(env_name)
-
-
-def _default_config_path() -> Path:
-    # As root, keep data out of /root: embedded PostgreSQL runs as an unprivileged user and
-    # must be able to traverse the data dir's parents, and /root must stay 0700.
-    if os.geteuid() == 0:
-        return Path("/var/lib/conveyor")
-    return Path("~/.conveyor").expanduser()
+#: ``{field name: AP_* variable}``, from the declarations above.
+ENV: dict[str, str] = {f.name: f.metadata["env"] for f in dataclasses.fields(Settings)}
 
 
 def is_loopback_host(host: str) -> bool:
@@ -390,14 +523,8 @@ def _mask_url(url: str) -> str:
     return url
 
 
-# Labels separated by dots (each dot required: an optional one makes the regex backtrack
-# exponentially on a typo such as a trailing ":8443").
-_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-_HOSTNAME = re.compile(rf"^(?=.{{1,253}}\.?$){_LABEL}(?:\.{_LABEL})*\.?$")
-
-
-class _Parser:
-    """Strict casts over one environment mapping; every error names the variable."""
+class _Reader:
+    """Reads variables of one environment mapping by their :class:`Kind`; errors name them."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
@@ -408,199 +535,17 @@ class _Parser:
             return None
         return value.strip()
 
-    def _fail(self, name: str, value: str, allowed: str) -> SettingsError:
-        return SettingsError(f"{name}={value!r} is invalid: {allowed}")
-
-    def _cast(self, name: str, allowed: str, fn: Callable[[str], _T], default: Any) -> _T:
+    def read(self, name: str, kind: Kind, default: Any) -> Any:
         value = self.raw(name)
         if value is None:
-            return default  # type: ignore[no-any-return]
+            return kind.fallback(self) if kind.fallback is not None else default
         try:
-            return fn(value)
+            return kind.cast(value)
+        except ItemInvalid as exc:
+            raise SettingsError(f"{name}={exc.item!r} is invalid: {exc.allowed}") from None
         except (ValueError, KeyError):
-            raise self._fail(name, value, allowed) from None
-
-    def integer(
-        self,
-        name: str,
-        *,
-        minimum: int | None = None,
-        maximum: int | None = None,
-        default: Any = dataclasses.MISSING,
-    ) -> Any:
-        if default is dataclasses.MISSING:
-            default = _default_for(name)
-        bounds = "an integer"
-        if minimum is not None and maximum is not None:
-            bounds = f"an integer from {minimum} to {maximum}"
-        elif minimum is not None:
-            bounds = f"an integer >= {minimum}"
-
-        def cast(v: str) -> int:
-            if not re.fullmatch(r"[+-]?\d+", v):
-                raise ValueError(v)
-            n = int(v)
-            if (minimum is not None and n < minimum) or (maximum is not None and n > maximum):
-                raise ValueError(v)
-            return n
-
-        return self._cast(name, f"expected {bounds}", cast, default)
-
-    def boolean(self, name: str) -> bool:
-        table = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-        return self._cast(
-            name, "expected true or false", lambda v: table[v.lower()], _default_for(name)
-        )
-
-    def enum(
-        self, name: str, enum: type[StrEnum], *, default: Any = None, lower: bool = False
-    ) -> Any:
-        allowed = " | ".join(m.value for m in enum)
-        dflt = _default_for(name) if default is None else default
-
-        def cast(v: str) -> StrEnum:
-            return enum(v.lower() if lower else v.upper())
-
-        return self._cast(name, f"expected one of {allowed}", cast, dflt)
-
-    def execution_mode(self, name: str) -> ExecutionMode:
-        allowed = " | ".join(m.value for m in ExecutionMode) + " (legacy SANDBOXED)"
-
-        def cast(v: str) -> ExecutionMode:
-            v = v.upper()
-            return ExecutionMode.SANDBOX_PROCESS if v == "SANDBOXED" else ExecutionMode(v)
-
-        return self._cast(name, f"expected one of {allowed}", cast, _default_for(name))
-
-    def choice(self, name: str, options: tuple[str, ...]) -> str:
-        def cast(v: str) -> str:
-            if v.lower() not in options:
-                raise ValueError(v)
-            return v.lower()
-
-        return self._cast(name, f"expected one of {' | '.join(options)}", cast, _default_for(name))
-
-    def text(self, name: str) -> str:
-        return self.raw(name) or str(_default_for(name))
-
-    def optional_text(self, name: str) -> str | None:
-        return self.raw(name)
-
-    def key_prefix(self, name: str) -> str:
-        def cast(v: str) -> str:
-            # No braces: the prefix sits outside every key's {hash tag}.
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", v):
-                raise ValueError(v)
-            return v
-
-        allowed = "expected 1-64 characters of A-Z a-z 0-9 _ . : - (starting alphanumeric)"
-        return self._cast(name, allowed, cast, _default_for(name))
-
-    def host(self, name: str) -> str:
-        def cast(v: str) -> str:
-            bare = v.strip("[]")
-            try:
-                ipaddress.ip_address(bare)
-                return bare
-            except ValueError:
-                if _HOSTNAME.match(v):
-                    return v
-                raise
-
-        return self._cast(name, "expected an IP address or host name", cast, _default_for(name))
-
-    def url(self, name: str, schemes: tuple[str, ...]) -> str | None:
-        def cast(v: str) -> str:
-            parts = urlsplit(v)
-            if parts.scheme not in schemes:
-                raise ValueError(v)
-            # A PostgreSQL URL may name a unix-socket directory in ?host= instead.
-            if parts.scheme != "unix" and not parts.hostname and "host=" not in parts.query:
-                raise ValueError(v)
-            _ = parts.port  # raises ValueError on a malformed port
-            return v
-
-        allowed = f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}"
-        return self._cast(name, allowed, cast, None)
-
-    def url_list(self, name: str, schemes: tuple[str, ...]) -> tuple[str, ...]:
-        value = self.raw(name)
-        if value is None:
-            return ()
-        out = []
-        for item in (i.strip() for i in value.split(",")):
-            if not item:
-                continue
-            single = _Parser({name: item}).url(name, schemes)
-            if single is None:
-                raise self._fail(name, value, "expected comma-separated URLs")
-            out.append(single)
-        return tuple(out)
-
-    def postgres_url(self) -> str | None:
-        url = self.url("AP_POSTGRES_URL", ("postgres", "postgresql"))
-        if url:
-            return url
-        host = self.raw("AP_POSTGRES_HOST")
-        if host is None:
-            return None
-        port = self.integer("AP_POSTGRES_PORT", minimum=1, maximum=65535, default=5432)
-        database = self.raw("AP_POSTGRES_DATABASE") or "conveyor"
-        user = self.raw("AP_POSTGRES_USERNAME") or "postgres"
-        password = self.raw("AP_POSTGRES_PASSWORD")
-        auth = quote(user, safe="")
-        if password:
-            auth += ":" + quote(password, safe="")
-        hostpart = f"[{host}]" if ":" in host else host
-        return f"postgresql://{auth}@{hostpart}:{port}/{quote(database, safe='')}"
-
-    def host_ports(self, name: str) -> tuple[tuple[str, int], ...]:
-        value = self.raw(name)
-        if value is None:
-            return ()
-        out = []
-        for item in (i.strip() for i in value.split(",")):
-            host, sep, port = item.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise self._fail(name, value, "expected comma-separated host:port pairs")
-            out.append((host.strip("[]"), int(port)))
-        return tuple(out)
-
-    def allow_list(self, name: str) -> tuple[str, ...]:
-        value = self.raw(name)
-        if value is None:
-            return ()
-        out = []
-        for item in (i.strip() for i in value.split(",")):
-            if not item:
-                continue
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                if not _HOSTNAME.match(item):
-                    raise self._fail(
-                        name, value, "expected comma-separated host names, IPs or CIDRs"
-                    ) from None
-            out.append(item.lower())
-        return tuple(out)
-
-    def encryption_key(self, name: str) -> str | None:
-        def cast(v: str) -> str:
-            if len(v) not in (32, 64) or not re.fullmatch(r"[0-9a-fA-F]+", v):
-                raise ValueError(v)
-            return v.lower()
-
-        value = self.raw(name)
-        if value is None:
-            return None
-        try:
-            return cast(value)
-        except ValueError:
-            # Never echo a secret back, even a malformed one.
-            raise SettingsError(
-                f"{name} is invalid (length {len(value)}): expected 32 or 64 hex characters"
-            ) from None
-
-    def path(self, name: str, *, default: Path) -> Path:
-        value = self.raw(name)
-        return (Path(value) if value else default).expanduser()
+            if kind.secret:  # never echo a secret back, even a malformed one
+                raise SettingsError(
+                    f"{name} is invalid (length {len(value)}): {kind.allowed}"
+                ) from None
+            raise SettingsError(f"{name}={value!r} is invalid: {kind.allowed}") from None

@@ -37,24 +37,30 @@ def _modules() -> list[Any]:
 
 
 def _exception_classes() -> dict[str, type[BaseException]]:
+    """``{"module.Name": class}`` of every exception class defined in a conveyor module."""
     found: dict[str, type[BaseException]] = {}
     for mod in _modules():
         for name, obj in vars(mod).items():
+            qualified = f"{mod.__name__}.{name}"
             if (
                 inspect.isclass(obj)
                 and issubclass(obj, BaseException)
                 and obj.__module__ == mod.__name__
-                and f"{mod.__name__}.{name}" not in _CONTROL_FLOW
+                and qualified not in _CONTROL_FLOW
             ):
-                assert name not in found or found[name] is obj, f"two exceptions named {name}"
-                found[name] = obj
+                found[qualified] = obj
     return found
 
 
-def _drawing(doc: str) -> list[tuple[str, str | None, str | None]]:
-    """(name, drawn parent, module in brackets) for each node of the ``::`` block's tree."""
+def _qualified(cls: type[BaseException]) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _drawing(doc: str, home: str) -> list[tuple[str, str | None, str]]:
+    """(class, drawn parent, line) as ``module.Name`` for each node of the ``::`` block's tree;
+    a node without ``[module]`` lives in ``home``."""
     block = doc.split("::\n", 1)[1]
-    nodes: list[tuple[str, str | None, str | None]] = []
+    nodes: list[tuple[str, str | None, str]] = []
     stack: list[str] = []
     for raw in block.splitlines():
         if not raw.strip():
@@ -70,43 +76,44 @@ def _drawing(doc: str) -> list[tuple[str, str | None, str | None]]:
         assert m, f"cannot read tree line {raw!r}"
         depth = len(m["prefix"]) // 4 + (1 if m["branch"] else 0)
         del stack[depth:]
-        parent = stack[-1] if stack else None
         mod = _MODULE.search(line)
-        nodes.append((m["name"], parent, mod["module"] if mod else None))
-        stack.append(m["name"])
+        qualified = f"conveyor.{mod['module']}.{m['name']}" if mod else f"{home}.{m['name']}"
+        nodes.append((qualified, stack[-1] if stack else None, line))
+        stack.append(qualified)
     return nodes
 
 
+def _tree() -> list[tuple[str, str | None, str]]:
+    return _drawing(errors.__doc__ or "", "conveyor.errors")
+
+
 def test_drawing_is_the_real_hierarchy() -> None:
-    """Each class in errors.py's tree has the drawn parent as first base and lives where drawn."""
+    """Each class in errors.py's tree exists where drawn, with the drawn parent as first base."""
     classes = _exception_classes()
-    drawn = _drawing(errors.__doc__ or "")
-    assert drawn[0] == ("ConveyorError", None, None)
-    for name, parent, module in drawn:
-        assert name in classes, f"{name} is drawn but no such exception exists"
-        cls = classes[name]
+    drawn = _tree()
+    assert drawn[0][:2] == ("conveyor.errors.ConveyorError", None)
+    assert len(drawn) == len({q for q, _p, _l in drawn}), "a class is drawn twice"
+    for qualified, parent, _line in drawn:
+        assert qualified in classes, f"{qualified} is drawn but no such exception exists"
         if parent is not None:
-            assert cls.__bases__[0].__name__ == parent, f"{name} is drawn under {parent}"
-        assert cls.__module__ == f"conveyor.{module or 'errors'}", f"{name} is in {cls.__module__}"
+            assert _qualified(classes[qualified].__bases__[0]) == parent, f"{qualified}"
 
 
 def test_drawing_shows_second_bases() -> None:
-    """A class with a second base says so in the drawing (``+ X``)."""
-    doc = errors.__doc__ or ""
+    """A class with a second base says so on its line (``+ X``), and only then."""
     classes = _exception_classes()
-    for name, _parent, _module in _drawing(doc):
-        line = next(ln for ln in doc.splitlines() if re.search(rf"── {name}\b|^    {name}\b", ln))
+    for qualified, _parent, line in _tree():
         more = re.search(r"\(\+ ([\w, ]+)\)", line)
         drawn_extra = more[1].split(", ") if more else []
-        assert drawn_extra == [b.__name__ for b in classes[name].__bases__[1:]], line
+        assert drawn_extra == [b.__name__ for b in classes[qualified].__bases__[1:]], line
 
 
 def test_every_public_exception_is_on_the_tree() -> None:
     """Every exception class but private control flow derives from ConveyorError and is drawn."""
     classes = _exception_classes()
-    drawn = {name for name, _p, _m in _drawing(errors.__doc__ or "")}
-    public = {n for n in classes if not n.startswith("_")}
-    outside = sorted(n for n in public if not issubclass(classes[n], errors.ConveyorError))
+    drawn = {q for q, _p, _l in _tree()}
+    public = {q for q in classes if not q.rsplit(".", 1)[1].startswith("_")}
+    outside = sorted(q for q in public if not issubclass(classes[q], errors.ConveyorError))
     assert outside == []
     assert sorted(public - drawn) == []
 
@@ -115,12 +122,15 @@ def test_every_public_exception_is_on_the_tree() -> None:
 def test_local_drawings_agree(module: str) -> None:
     """The partial trees in engine/errors.py and queue/errors.py draw real parent links."""
     classes = _exception_classes()
-    doc = importlib.import_module(module).__doc__ or ""
-    drawn = _drawing(doc)
+    by_name = {q.rsplit(".", 1)[1]: q for q in classes if q.startswith("conveyor.errors.")}
+    drawn = _drawing(importlib.import_module(module).__doc__ or "", module)
     assert len(drawn) >= 4
-    for name, parent, _module in drawn:
+    for qualified, parent, _line in drawn:
+        # Roots and parents drawn without a module may be the project-wide classes.
+        cls = classes.get(qualified) or classes[by_name[qualified.rsplit(".", 1)[1]]]
         if parent is not None:
-            assert classes[name].__bases__[0].__name__ == parent, f"{name} under {parent}"
+            parent_name = parent.rsplit(".", 1)[1]
+            assert cls.__bases__[0].__name__ == parent_name, f"{qualified} under {parent}"
 
 
 def test_old_except_sites_still_catch() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import os
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conveyor import settings as settings_module
 from conveyor.settings import (
     ContainerType,
     DbType,
@@ -153,3 +156,37 @@ def test_cli_exits_2_with_one_line(value: str) -> None:
     assert len(lines) == 1, proc.stderr
     assert "AP_CONTAINER_TYPE" in lines[0] and value in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+FIELDS = dataclasses.fields(Settings)
+
+
+def test_each_variable_is_declared_once() -> None:
+    """Every field names its variable, kind and help once; settings.py spells each name once."""
+    names = [f.metadata["env"] for f in FIELDS]
+    assert len(names) == len(set(names)) and all(n.startswith("AP_") for n in names)
+    assert all(f.metadata["kind"] is not None and f.metadata["help"] for f in FIELDS)
+    source = Path(settings_module.__file__).read_text()
+    literals = [
+        node.value
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    ]
+    assert {n: literals.count(n) for n in names} == dict.fromkeys(names, 1)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [f for f in FIELDS if f.metadata["kind"].minimum is not None],
+    ids=lambda f: f.metadata["env"],
+)
+def test_integer_bounds_come_from_the_declaration(field: dataclasses.Field[int]) -> None:
+    """An integer below its declared minimum (or above its maximum) is refused by name."""
+    kind, env = field.metadata["kind"], field.metadata["env"]
+    base = {"AP_WORKER_HEARTBEAT_SECONDS": "1"} if env != "AP_WORKER_HEARTBEAT_SECONDS" else {}
+    assert getattr(Settings.from_env({**base, env: str(kind.minimum)}), field.name) == kind.minimum
+    outside = [kind.minimum - 1] + ([kind.maximum + 1] if kind.maximum is not None else [])
+    for value in outside:
+        with pytest.raises(SettingsError) as info:
+            Settings.from_env({**base, env: str(value)})
+        assert str(info.value).startswith(f"{env}='{value}' is invalid: expected an integer")
