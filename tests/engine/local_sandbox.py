@@ -63,7 +63,7 @@ out.flush()
 
 @dataclass(frozen=True, slots=True)
 class SandboxResult:
-    """Result of one code execution (a ``SandboxResult`` look-alike); ``status`` is a StepStatus value."""
+    """A ``SandboxResult`` look-alike; ``status`` is a StepStatus value."""
 
     status: str
     output: Any = None
