@@ -98,6 +98,8 @@ class Container:
         self.base = f"http://127.0.0.1:{self.port}"
         self.env = {
             listen: str(self.port),
+            # Host networking: the image's 0.0.0.0 would listen on every host interface.
+            "AP_HOST": "127.0.0.1",
             "AP_REDIS_URL": redis_url,
             "AP_POSTGRES_URL": postgres_url,
             "AP_API_KEY": API_KEY,
