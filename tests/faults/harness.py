@@ -10,6 +10,7 @@ is killed and its redelivery shows up as a second call of the same key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 import time
@@ -27,6 +28,7 @@ from aiohttp import web
 
 from conveyor.engine.status import TERMINAL
 from conveyor.queue import QueueAdmin, QueueConfig
+from tests.polling import eventually
 from tests.processes import conveyor_env, free_port
 
 TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
@@ -148,43 +150,33 @@ class Deployment:
     async def leftovers(self, grace_s: float = 10.0) -> list[int]:
         """Pids of any started process (or a child it had once ready) still alive after
         ``grace_s`` (children see their parent die a moment later)."""
-        end = time.monotonic() + grace_s
-        while True:
-            alive = [r.pid for r in self.roles if r.proc.returncode is None]
-            alive += [pid for pid in self._children if _running(pid)]
-            if not alive or time.monotonic() > end:
-                return alive
-            await asyncio.sleep(0.1)
+
+        def alive() -> list[int]:
+            pids = [r.pid for r in self.roles if r.proc.returncode is None]
+            return pids + [pid for pid in self._children if _running(pid)]
+
+        with contextlib.suppress(AssertionError):
+            await eventually(lambda: not alive(), timeout_s=grace_s, interval_s=0.1)
+        return alive()
 
 
 async def wait_ready(role: Role, timeout_s: float = 60.0) -> None:
     """Until ``/readyz`` on the role's port answers 200."""
-    end = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as http:
-        while time.monotonic() < end:
+
+        async def ready() -> bool:
             if role.proc.returncode is not None:
                 raise AssertionError(f"conveyor exited: {role.log.read_text()[-2000:]}")
             try:
                 async with http.get(f"http://127.0.0.1:{role.port}/readyz") as r:
-                    if r.status == 200:
-                        return
+                    return r.status == 200
             except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"not ready within {timeout_s} s: {role.log.read_text()[-2000:]}")
+                return False
 
-
-async def until(condition: Callable[[], Any], timeout_s: float, what: str) -> None:
-    end = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > end:
-            raise AssertionError(f"{what}: not within {timeout_s} s")
-        await asyncio.sleep(0.1)
+        try:
+            await eventually(ready, timeout_s=timeout_s, interval_s=0.1, what="/readyz 200")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {role.log.read_text()[-2000:]}") from None
 
 
 async def create_flow(app: Role, document: dict[str, Any]) -> str:
@@ -254,7 +246,9 @@ async def check_invariants(
         done[:] = await completed_jobs(deployment.redis_url)
         return set(run_ids) <= set(done)
 
-    await until(acknowledged, 30, "every run's job acknowledged")
+    await eventually(
+        acknowledged, timeout_s=30, interval_s=0.1, what="every run's job acknowledged"
+    )
     assert len(done) == len(set(done)), "a job completed twice in the queue's log"
     assert twice == [], [dict(r) for r in twice]
     assert steps == 2 * len(run_ids)

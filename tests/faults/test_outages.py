@@ -24,8 +24,8 @@ from tests.faults.harness import (
     create_flow,
     flow,
     post_runs,
-    until,
 )
+from tests.polling import eventually
 from tests.queue.servers import RedisServer
 
 #: Generous behaviour bounds (not speed): a spinning loop takes a whole core and thousands of
@@ -63,7 +63,9 @@ async def test_redis_down_then_up(
     flow_id = await create_flow(app, flow(endpoint, 2.0))
     run_ids = await post_runs(app, flow_id, 4)
     sync = asyncio.ensure_future(_sync_calls(app.port, flow_id, 2))
-    await until(lambda: endpoint.first_calls(1) == 6, 30, "six runs mid-step")
+    await eventually(
+        lambda: endpoint.first_calls(1) == 6, timeout_s=30, interval_s=0.1, what="six runs mid-step"
+    )
     private_redis.kill()
     share, lines = await _idle_while_down(worker)
     print(f"\nworker while Redis is down: {share:.1%} of a core, {lines} log lines")
@@ -74,7 +76,12 @@ async def test_redis_down_then_up(
     assert sorted(answers, key=str) == [(200, {"n": 100}), (200, {"n": 101})]
     run_ids += [k.split(":")[0] for k in endpoint.calls if k.split(":")[0] not in run_ids]
     assert len(run_ids) == 6
-    await until(lambda: all_terminal(deployment.postgres_url, run_ids), 40, "runs terminal")
+    await eventually(
+        lambda: all_terminal(deployment.postgres_url, run_ids),
+        timeout_s=40,
+        interval_s=0.1,
+        what="runs terminal",
+    )
     await check_invariants(deployment.postgres_url, run_ids, endpoint, deployment)
 
 
@@ -107,14 +114,24 @@ async def test_postgres_down_then_up(
         worker = await deployment.start("WORKER")
         flow_id = await create_flow(app, flow(endpoint, 2.0))
         run_ids = await post_runs(app, flow_id, 4)
-        await until(lambda: endpoint.first_calls(1) == 4, 30, "four runs mid-step")
+        await eventually(
+            lambda: endpoint.first_calls(1) == 4,
+            timeout_s=30,
+            interval_s=0.1,
+            what="four runs mid-step",
+        )
         private_postgres.stop()
         share, lines = await _idle_while_down(worker)
         print(f"\nworker while PostgreSQL is down: {share:.1%} of a core, {lines} log lines")
         assert share < MAX_CPU_SHARE
         assert lines < MAX_LOG_LINES
         private_postgres.start()
-        await until(lambda: all_terminal(deployment.postgres_url, run_ids), 60, "runs terminal")
+        await eventually(
+            lambda: all_terminal(deployment.postgres_url, run_ids),
+            timeout_s=60,
+            interval_s=0.1,
+            what="runs terminal",
+        )
         await check_invariants(deployment.postgres_url, run_ids, endpoint, deployment)
     finally:
         await deployment.kill_all()

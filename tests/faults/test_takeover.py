@@ -19,8 +19,8 @@ from tests.faults.harness import (
     create_flow,
     flow,
     post_runs,
-    until,
 )
+from tests.polling import eventually
 
 #: The first call of each run's http step is held this long: the run is surely mid-step when
 #: its worker goes, and only a redelivery (which is answered at once) lets it finish.
@@ -45,19 +45,34 @@ async def test_kill9_worker_runs_resume_within_10s(
     flow_id = await create_flow(app, flow(endpoint, HOLD_S))
     run_ids = await post_runs(app, flow_id, 3)
     sync = asyncio.ensure_future(_sync_call(app.port, flow_id))
-    await until(lambda: endpoint.first_calls(1) == 4, 30, "victim holds 4 runs")
+    await eventually(
+        lambda: endpoint.first_calls(1) == 4,
+        timeout_s=30,
+        interval_s=0.1,
+        what="victim holds 4 runs",
+    )
     await deployment.start("WORKER")
     victim.proc.send_signal(signal.SIGKILL)
     killed = time.monotonic()
     await victim.proc.wait()
-    await until(lambda: endpoint.first_calls(2) == 4, 30, "every run redelivered")
+    await eventually(
+        lambda: endpoint.first_calls(2) == 4,
+        timeout_s=30,
+        interval_s=0.1,
+        what="every run redelivered",
+    )
     takeover = max(times[1] for times in endpoint.calls.values()) - killed
     print(f"\ntakeover after SIGKILL: {takeover:.2f} s")
     assert takeover <= 10.0
     status, body = await asyncio.wait_for(sync, 30)
     assert status == 200 and body == {"n": 99}
     run_ids.append(next(k.split(":")[0] for k in endpoint.calls if k.split(":")[0] not in run_ids))
-    await until(lambda: all_terminal(deployment.postgres_url, run_ids), 30, "runs terminal")
+    await eventually(
+        lambda: all_terminal(deployment.postgres_url, run_ids),
+        timeout_s=30,
+        interval_s=0.1,
+        what="runs terminal",
+    )
     await check_invariants(deployment.postgres_url, run_ids, endpoint, deployment)
 
 
@@ -72,14 +87,29 @@ async def test_sigterm_past_drain_hands_runs_back_within_2s(
     leaving = await deployment.start("WORKER", AP_WORKER_DRAIN_SECONDS=str(int(drain_s)))
     flow_id = await create_flow(app, flow(endpoint, HOLD_S))
     run_ids = await post_runs(app, flow_id, 4)
-    await until(lambda: endpoint.first_calls(1) == 4, 30, "leaving worker holds 4 runs")
+    await eventually(
+        lambda: endpoint.first_calls(1) == 4,
+        timeout_s=30,
+        interval_s=0.1,
+        what="leaving worker holds 4 runs",
+    )
     await deployment.start("WORKER")
     leaving.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + drain_s
-    await until(lambda: endpoint.first_calls(2) == 4, 30, "every run redelivered")
+    await eventually(
+        lambda: endpoint.first_calls(2) == 4,
+        timeout_s=30,
+        interval_s=0.1,
+        what="every run redelivered",
+    )
     handback = max(times[1] for times in endpoint.calls.values()) - deadline
     print(f"\nresumed after the drain deadline: {handback:.2f} s")
     assert handback <= 2.0
     assert await asyncio.wait_for(leaving.proc.wait(), 30) == 0
-    await until(lambda: all_terminal(deployment.postgres_url, run_ids), 30, "runs terminal")
+    await eventually(
+        lambda: all_terminal(deployment.postgres_url, run_ids),
+        timeout_s=30,
+        interval_s=0.1,
+        what="runs terminal",
+    )
     await check_invariants(deployment.postgres_url, run_ids, endpoint, deployment)

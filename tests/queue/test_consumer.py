@@ -21,9 +21,12 @@ class Recorder:
         self.running = 0
         self.max_running = 0
         self.dead: list[tuple[str, str]] = []
+        #: Set once the first job reaches this handler.
+        self.started = asyncio.Event()
 
     async def __call__(self, job: Job) -> None:
         self.jobs.append(job)
+        self.started.set()
         self.running += 1
         self.max_running = max(self.max_running, self.running)
         try:
@@ -226,7 +229,7 @@ async def test_heartbeat_keeps_a_long_job_from_being_stolen(
     rec = Recorder(sleep_s=2.5)
     thief = Recorder()
     first = asyncio.ensure_future(Consumer(redis, rec, beat, name="owner").drain())
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(rec.started.wait(), 10)  # the owner holds the job: now the thief
     second = Consumer(redis, thief, beat, name="thief")
     await asyncio.wait_for(second.drain(wait_pending=True), 20)
     await first

@@ -12,18 +12,12 @@ import redis.asyncio as aioredis
 from conveyor.queue import Consumer, Job, Producer, QueueAdmin, QueueConfig
 from conveyor.queue import keys as k
 from conveyor.queue.consumer import default_consumer_name
+from tests.polling import eventually
 
 
 def no_scan(cfg: QueueConfig) -> QueueConfig:
     """``cfg`` with the pending-list scan effectively off: only the takeover path claims."""
     return dataclasses.replace(cfg, reclaim_interval_s=3600)
-
-
-async def until(condition: object, timeout_s: float) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < end, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_silent_consumer_is_taken_over(redis: aioredis.Redis, cfg: QueueConfig) -> None:
@@ -39,7 +33,7 @@ async def test_silent_consumer_is_taken_over(redis: aioredis.Redis, cfg: QueueCo
         seen.append(job)
 
     async with Consumer(redis, handler, no_scan(cfg)):
-        await until(lambda: len(seen) == 5, 15)
+        await eventually(lambda: len(seen) == 5, timeout_s=15)
     assert sorted(j.id for j in seen) == [f"t{i}" for i in range(5)]
     assert {j.attempt for j in seen} == {2}
     pending = await redis.xpending_range(sk.stream, k.GROUP, "-", "+", 10, b"ghost")
@@ -60,7 +54,7 @@ async def test_live_consumer_keeps_its_entries(redis: aioredis.Redis, cfg: Queue
         runs.append((job.id, job.attempt))
 
     async with Consumer(redis, slow, slow_cfg, name="busy"):
-        await until(lambda: runs, 5)
+        await eventually(lambda: runs, timeout_s=5)
         async with Consumer(redis, other, slow_cfg, name="idle"):
             await asyncio.sleep(3 * slow_cfg.visibility_timeout_s)
     assert runs == [("long", 1)]
@@ -85,11 +79,11 @@ async def test_close_hands_back_unfinished_entries(redis: aioredis.Redis, cfg: Q
 
     leaving = Consumer(redis, stuck, slow_cfg, name="leaving", concurrency=2)
     await leaving.start()
-    await until(lambda: len(started) == 2, 5)
+    await eventually(lambda: len(started) == 2, timeout_s=5)
     async with Consumer(redis, rescuer, slow_cfg, name="staying", concurrency=4):
         await leaving.close(timeout_s=0.1)
         closed = time.monotonic()
-        await until(lambda: len(rescued) == 3, 5)
+        await eventually(lambda: len(rescued) == 3, timeout_s=5)
         assert time.monotonic() - closed < 2
     assert sorted(j.id for j in rescued) == ["h0", "h1", "h2"]
     assert sorted(j.attempt for j in rescued if j.id in started) == [2, 2]
@@ -145,3 +139,120 @@ async def test_key_prefixes_isolate_deployments(redis: aioredis.Redis, cfg: Queu
     assert seen == {"blue": ["b1"], "green": ["g1"]}
     keys = await redis.keys("*")
     assert keys and all(key.startswith((b"blue:", b"green:")) for key in keys)
+
+
+async def _wait(condition: object, timeout_s: float) -> None:
+    """Until ``condition()`` holds (a failure after ``timeout_s``; never a speed assertion)."""
+    end = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < end, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_pause_stops_only_its_own_deployments_consumers(
+    redis: aioredis.Redis, cfg: QueueConfig
+) -> None:
+    """Two deployments on one Redis database with running consumers: pausing one (or the
+    default prefix) stops only that deployment's consumer; resuming lets it finish."""
+    blue = dataclasses.replace(cfg, key_prefix="blue")
+    green = dataclasses.replace(cfg, key_prefix="green")
+    seen: dict[str, list[str]] = {"blue": [], "green": []}
+
+    def recorder(name: str) -> object:
+        async def handler(job: Job) -> None:
+            seen[name].append(job.id)
+
+        return handler
+
+    await QueueAdmin(redis, green).pause("runs")
+    await QueueAdmin(redis, QueueConfig()).pause("runs")  # the default prefix: neither of them
+    async with (
+        Consumer(redis, recorder("blue"), blue, name="blue-w"),  # type: ignore[arg-type]
+        Consumer(redis, recorder("green"), green, name="green-w"),  # type: ignore[arg-type]
+    ):
+        await Producer(redis, blue).enqueue("runs", {}, job_id="b1")
+        await Producer(redis, green).enqueue("runs", {}, job_id="g1")
+        await _wait(lambda: seen["blue"] == ["b1"], 10)
+        # Many pause polls later the paused deployment's consumer has still taken nothing.
+        await asyncio.sleep(20 * green.pause_poll_s)
+        assert seen["green"] == []
+        assert (await QueueAdmin(redis, green).stats("runs")).waiting == 1
+        await QueueAdmin(redis, green).resume("runs")
+        await _wait(lambda: seen["green"] == ["g1"], 10)
+    assert seen == {"blue": ["b1"], "green": ["g1"]}
+
+
+async def test_lapsed_name_lease_is_taken_again(redis: aioredis.Redis, cfg: QueueConfig) -> None:
+    """A default-name lease that lapsed (Redis away past the visibility timeout) is taken
+    again by its holder at the next heartbeat, so no other process can start under it."""
+
+    async def handler(job: Job) -> None:
+        return None
+
+    consumer = Consumer(redis, handler, cfg)
+    await consumer.start()
+    try:
+        lease = k.consumer_name(consumer.name, cfg.key_prefix)
+        token = await redis.get(lease)
+        assert token
+        await redis.delete(lease)  # what expiry does during a long outage
+        await _wait(lambda: consumer._leased is not None, 1)
+        for _ in range(100):
+            if await redis.get(lease) == token:
+                break
+            await asyncio.sleep(cfg.heartbeat_s / 3)
+        assert await redis.get(lease) == token
+    finally:
+        await consumer.close()
+    assert await redis.get(lease) is None
+
+
+async def test_taken_over_delivery_is_fenced(redis: aioredis.Redis, cfg: QueueConfig) -> None:
+    """A delivery claimed by another consumer while its handler runs (its worker was cut off)
+    is fenced: the handler's ownership check raises before it writes, and the entry is
+    neither retried nor acknowledged (it stays with its new owner)."""
+    producer = Producer(redis, cfg)
+    await producer.enqueue("runs", {}, job_id="f1")
+    (sk,) = cfg.shard_keys("runs")
+    go = asyncio.Event()
+    outcome: list[str] = []
+
+    async def handler(job: Job) -> None:
+        await go.wait()
+        try:
+            await job.ensure_owned()
+        except Exception as exc:
+            outcome.append(type(exc).__name__)
+            raise
+        outcome.append("wrote")
+
+    async with Consumer(redis, handler, no_scan(cfg), name="cut-off") as consumer:
+        await _wait(lambda: consumer.busy == 1, 5)
+        # Another worker takes the entry over, as after this one's silence.
+        (entry,) = await redis.xpending_range(sk.stream, k.GROUP, "-", "+", 10)
+        await redis.xclaim(sk.stream, k.GROUP, "rescuer", 0, [entry["message_id"]])
+        await _wait(lambda: all(j.lost for s in consumer._streams for j in s.inflight.values()), 5)
+        go.set()
+        await _wait(lambda: outcome and consumer.busy == 0, 5)
+    assert outcome == ["_EntryLost"]
+    assert consumer.processed == 0 and consumer.failed == 0
+    (entry,) = await redis.xpending_range(sk.stream, k.GROUP, "-", "+", 10)
+    assert entry["consumer"] == b"rescuer"
+    assert (await redis.zcard(sk.delayed)) == 0
+
+
+async def test_owned_delivery_passes_the_fence(redis: aioredis.Redis, cfg: QueueConfig) -> None:
+    """A handler that outlives several visibility timeouts still owns its delivery (the
+    heartbeat confirms it): the ownership check returns and the job is acknowledged."""
+    checks: list[str] = []
+
+    async def handler(job: Job) -> None:
+        for _ in range(3):
+            await asyncio.sleep(cfg.visibility_timeout_s)
+            await job.ensure_owned()
+            checks.append(job.id)
+
+    await Producer(redis, cfg).enqueue("runs", {}, job_id="o1")
+    async with Consumer(redis, handler, cfg, name="owner") as consumer:
+        await _wait(lambda: consumer.processed == 1, 15)
+    assert checks == ["o1"] * 3

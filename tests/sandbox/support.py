@@ -10,8 +10,9 @@ process, however it detached, survives its step.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -128,3 +129,26 @@ async def assert_no_strays(sb: Sandbox) -> None:
         except psutil.NoSuchProcess:
             continue
     assert strays == [], f"processes left behind: {strays}"
+
+
+def runs_sleep(pids: Iterable[int]) -> bool:
+    """Whether one of ``pids`` is a ``sleep`` process (the marker a test step starts)."""
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).cmdline()[:1] == ["sleep"]:
+                return True
+    return False
+
+
+def descendants(pid: int | None) -> list[int]:
+    """Pids of every process below ``pid`` (none once it is gone)."""
+    try:
+        return [c.pid for c in psutil.Process(pid or 0).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def step_in_flight(sb: Sandbox) -> bool:
+    """A step's request is with its child process, set up and running it (the worker
+    awaits the answer)."""
+    return any(s.child is not None and s.child.waiter is not None for s in sb._slots)

@@ -18,7 +18,8 @@ from conveyor.sandbox import Limits, Sandbox, SandboxConfig, SandboxStatus, Sand
 from conveyor.sandbox.isolation import Isolation, assess, bwrap_launcher
 from conveyor.sandbox.limits import uid_processes
 from conveyor.settings import ExecutionMode, Settings
-from tests.sandbox.support import config, make_sandbox, needs_bwrap, run
+from tests.polling import eventually
+from tests.sandbox.support import config, make_sandbox, needs_bwrap, run, runs_sleep, step_in_flight
 
 HOST_HAS_NETWORK = any(name != "lo" for _, name in socket.if_nameindex())
 FULL_PROBE = {
@@ -181,10 +182,11 @@ async def test_direct_mode_fork_server_death_leaves_nothing() -> None:
         if not sb.probe.get("uid_drop"):
             pytest.skip("needs root (per-child uids)")
         task = asyncio.create_task(run(sb, code, timeout_s=30))
-        for _ in range(100):
-            await asyncio.sleep(0.05)
-            if uid_processes(sb.uid_base, sb.uid_base + sb.uid_count):
-                break
+        # Killed once the detached grandchild exists: the uid sweep must find it.
+        await eventually(
+            lambda: runs_sleep(uid_processes(sb.uid_base, sb.uid_base + sb.uid_count)),
+            timeout_s=10,
+        )
         assert sb.server_pid is not None
         os.kill(sb.server_pid, signal.SIGKILL)
         result = await asyncio.wait_for(task, 15)
@@ -197,9 +199,10 @@ async def test_step_process_dies_with_fork_server() -> None:
     code = "import time\ndef run(input):\n    time.sleep(60)\n"
     async with make_sandbox(launcher="direct", slots=1, spares=0) as sb:
         task = asyncio.create_task(run(sb, code, timeout_s=30))
-        await asyncio.sleep(0.5)
         assert sb.server_pid is not None
-        children = psutil.Process(sb.server_pid).children()
+        server = psutil.Process(sb.server_pid)
+        await eventually(lambda: step_in_flight(sb), timeout_s=10, what="step running")
+        children = server.children()
         assert children
         sb._drop_uid = False  # disable the uid sweep: prove PR_SET_PDEATHSIG on its own
         os.kill(sb.server_pid, signal.SIGKILL)
