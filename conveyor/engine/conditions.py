@@ -164,34 +164,37 @@ def check_condition(when: Any, path: str) -> list[tuple[str, str]]:
         p = f"{path}.{mode}[{i}]"
         if isinstance(item, Mapping) and set(item) & {"all", "any"}:
             errors.extend(check_condition(item, p))
-            continue
-        if not isinstance(item, Mapping):
+        elif not isinstance(item, Mapping):
             errors.append((p, "must be an object {left, op, right}"))
-            continue
-        extra = set(item) - {"left", "op", "right"}
-        for k in sorted(extra, key=str):
-            errors.append((f"{p}.{k}", "unknown key"))
-        if "left" not in item:
-            errors.append((f"{p}.left", "is required"))
-        op = item.get("op")
-        if op not in OPS:
-            errors.append(
-                (f"{p}.op", f"unknown operator {op!r}; expected one of {', '.join(sorted(OPS))}")
-            )
-            continue
-        if op in UNARY_OPS and "right" in item:
-            errors.append((f"{p}.right", f"operator {op} takes no right operand"))
-        if op in BINARY_OPS and "right" not in item:
-            errors.append((f"{p}.right", f"operator {op} needs a right operand"))
-        right = item.get("right")
-        if op == "matches" and isinstance(right, str) and "{{" not in right:
-            if len(right) > MAX_PATTERN_LEN:
-                errors.append((f"{p}.right", "regular expression longer than 1000 chars"))
-            else:
-                try:
-                    re.compile(right)
-                except re.error as exc:
-                    errors.append((f"{p}.right", f"invalid regular expression: {exc}"))
+        else:
+            errors.extend(_check_compare(item, p))
+    return errors
+
+
+def _check_compare(item: Mapping[str, Any], p: str) -> list[tuple[str, str]]:
+    """Problems of one ``{left, op, right}`` comparison at path ``p``."""
+    errors = [
+        (f"{p}.{k}", "unknown key") for k in sorted(set(item) - {"left", "op", "right"}, key=str)
+    ]
+    if "left" not in item:
+        errors.append((f"{p}.left", "is required"))
+    op = item.get("op")
+    if op not in OPS:
+        message = f"unknown operator {op!r}; expected one of {', '.join(sorted(OPS))}"
+        return [*errors, (f"{p}.op", message)]
+    if op in UNARY_OPS and "right" in item:
+        errors.append((f"{p}.right", f"operator {op} takes no right operand"))
+    if op in BINARY_OPS and "right" not in item:
+        errors.append((f"{p}.right", f"operator {op} needs a right operand"))
+    right = item.get("right")
+    if op == "matches" and isinstance(right, str) and "{{" not in right:
+        if len(right) > MAX_PATTERN_LEN:
+            errors.append((f"{p}.right", "regular expression longer than 1000 chars"))
+        else:
+            try:
+                re.compile(right)
+            except re.error as exc:
+                errors.append((f"{p}.right", f"invalid regular expression: {exc}"))
     return errors
 
 

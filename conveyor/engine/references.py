@@ -42,6 +42,12 @@ class _Place:
 
 
 Chain = tuple[tuple[str, str, bool], ...]
+#: Reserved roots whose first segment must be one of these keys (``secrets`` is checked apart).
+_ROOT_KEYS: dict[str, tuple[str, ...]] = {
+    TRIGGER: TRIGGER_KEYS,
+    RUN: RUN_KEYS,
+    LOOP: LOOP_KEYS,
+}
 
 
 def _children(
@@ -166,29 +172,32 @@ class _Checker:
         current: str,
         loop_depth: int,
     ) -> str | None:
+        if ref.root == SECRETS or ref.root in _ROOT_KEYS:
+            return self.root_problem(ref, loop_depth)
+        if ref.root in visible:
+            return None
+        return self.step_problem(ref.root, chain, current)
+
+    def root_problem(self, ref: Ref, loop_depth: int) -> str | None:
+        """What is wrong with a reference to ``trigger``, ``run``, ``secrets`` or ``loop``."""
         root, segs = ref.root, ref.segments
         first = segs[0] if segs else None
-        if root == TRIGGER:
-            if first is not None and first not in TRIGGER_KEYS:
-                return f"trigger has no {first!r}; use one of {', '.join(TRIGGER_KEYS)}"
-            return None
-        if root == RUN:
-            if first is not None and first not in RUN_KEYS:
-                return f"run has no {first!r}; use one of {', '.join(RUN_KEYS)}"
-            return None
         if root == SECRETS:
             if not isinstance(first, str) or len(segs) != 1:
                 return "secrets must be referenced one at a time: {{secrets.NAME}}"
             self.secrets.add(first)
             return None
+        if root == LOOP and loop_depth == 0:
+            return "loop is only available inside a loop's steps"
+        keys = _ROOT_KEYS[root]
+        if first is None or first in keys:
+            return None
         if root == LOOP:
-            if loop_depth == 0:
-                return "loop is only available inside a loop's steps"
-            if first is not None and first not in LOOP_KEYS:
-                return f"loop has no {first!r}; use loop.item or loop.index"
-            return None
-        if root in visible:
-            return None
+            return f"loop has no {first!r}; use loop.item or loop.index"
+        return f"{root} has no {first!r}; use one of {', '.join(keys)}"
+
+    def step_problem(self, root: str, chain: Chain, current: str) -> str | None:
+        """Why a step that is not visible here cannot be referenced."""
         place = self.places.get(root)
         if place is None:
             return f'template refers to unknown step "{root}"'
@@ -200,13 +209,12 @@ class _Checker:
                 f'template refers to enclosing loop "{root}", whose output exists only after '
                 "it finishes; use {{loop.item}} / {{loop.index}}"
             )
-        target_chain = place.chain
-        for (a_name, a_arm, _), (b_name, b_arm, _) in zip(chain, target_chain, strict=False):
+        for (a_name, a_arm, _), (b_name, b_arm, _) in zip(chain, place.chain, strict=False):
             if a_name != b_name:
                 break
             if a_arm != b_arm:
                 return f'template refers to step "{root}" in the other arm of branch "{a_name}"'
-        for anc, _, iterates in target_chain:
+        for anc, _, iterates in place.chain:
             if iterates and anc not in names_in_chain:
                 return (
                     f'template refers to step "{root}" inside loop "{anc}"; its outputs are '

@@ -65,19 +65,22 @@ def _describe(root: str, segments: tuple[Segment, ...]) -> str:
     return root + "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in segments)
 
 
+#: How error messages name a value's kind; first match wins (a bool is not "a number").
+_KINDS: Final[tuple[tuple[Any, str], ...]] = (
+    (bool, "a boolean"),
+    (int | float, "a number"),
+    (str, "a string"),
+    (list | tuple, "a list"),
+    (Mapping, "an object"),
+)
+
+
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if isinstance(value, Mapping):
-        return "an object"
+    for kind, name in _KINDS:
+        if isinstance(value, kind):
+            return name
     return type(value).__name__
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
@@ -126,84 +127,118 @@ def _same_origin(a: URL, b: URL) -> bool:
         return False
 
 
-async def http(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
-    """Send the request; output ``{status, headers (lower-cased), body (JSON parsed)}``."""
-    session = env.services.http
-    if session is None:
-        raise StepFailed("no HTTP client is configured for http steps")
-    policy = env.services.ssrf
-    method = str(input.get("method", "GET")).upper()
-    if method not in HTTP_METHODS:
-        # Not echoed: a templated method may be a secret (or anything a caller sent).
-        raise StepFailed(f"http method must be one of {', '.join(sorted(HTTP_METHODS))}")
-    url_text = input.get("url")
-    if not isinstance(url_text, str):
-        raise StepFailed("http url must be text")
-    try:
-        url = URL(url_text)
-    except ValueError:
-        raise StepFailed("http url is not a valid URL") from None
-    headers = _str_map(input.get("headers"), "headers")
-    own_key = f"{env.ctx.run_id}:{step.name}"
-    if not any(k.lower() == "idempotency-key" for k in headers):
-        headers["Idempotency-Key"] = own_key
-    query = _str_map(input.get("query"), "query")
-    data: bytes | None = None
+def _payload(input: Any, headers: dict[str, str]) -> bytes | None:
+    """The request body from ``json`` or ``body`` (non-text bodies are sent as JSON)."""
     if "json" in input:
-        data = orjson.dumps(input["json"])
         headers.setdefault("Content-Type", "application/json")
-    elif input.get("body") is not None:
-        body = input["body"]
-        if isinstance(body, str):
-            data = body.encode()
-        else:
-            data = orjson.dumps(body)
-            headers.setdefault("Content-Type", "application/json")
+        return orjson.dumps(input["json"])
+    body = input.get("body")
+    if body is None:
+        return None
+    if isinstance(body, str):
+        return body.encode()
+    headers.setdefault("Content-Type", "application/json")
+    return orjson.dumps(body)
+
+
+def _timeout_s(input: Any) -> float:
     try:
         timeout_s = float(input.get("timeout_s") or DEFAULT_TIMEOUT_S)
     except (TypeError, ValueError):
         raise StepFailed("http timeout_s must be a number of seconds") from None
     if not 0 < timeout_s < float("inf"):
         raise StepFailed("http timeout_s must be a positive number of seconds")
+    return timeout_s
+
+
+@dataclass(slots=True)
+class _Request:
+    """The request as it stands at the current hop (redirects change it)."""
+
+    method: str
+    url: URL
+    headers: dict[str, str]
+    query: dict[str, str]
+    data: bytes | None
+    #: The ``Idempotency-Key`` we add (``{run_id}:{step}``), kept across origins.
+    own_key: str
+    timeout_s: float
+
+    @classmethod
+    def from_input(cls, env: RunEnv, step: Step, input: Any) -> _Request:
+        method = str(input.get("method", "GET")).upper()
+        if method not in HTTP_METHODS:
+            # Not echoed: a templated method may be a secret (or anything a caller sent).
+            raise StepFailed(f"http method must be one of {', '.join(sorted(HTTP_METHODS))}")
+        url_text = input.get("url")
+        if not isinstance(url_text, str):
+            raise StepFailed("http url must be text")
+        try:
+            url = URL(url_text)
+        except ValueError:
+            raise StepFailed("http url is not a valid URL") from None
+        headers = _str_map(input.get("headers"), "headers")
+        own_key = f"{env.ctx.run_id}:{step.name}"
+        if not any(k.lower() == "idempotency-key" for k in headers):
+            headers["Idempotency-Key"] = own_key
+        query = _str_map(input.get("query"), "query")
+        data = _payload(input, headers)
+        return cls(method, url, headers, query, data, own_key, _timeout_s(input))
+
+    def where(self) -> str:
+        """``METHOD origin`` for error messages."""
+        return f"{self.method} {_where(self.url)}"
+
+    def follow(self, status: int, location: str) -> None:
+        """Turn this request into the one a redirect to ``location`` asks for."""
+        try:
+            nxt = self.url.join(URL(location))
+        except ValueError:
+            raise StepFailed(f"http {self.where()} redirected to an invalid Location") from None
+        if status == 303 or (status in (301, 302) and self.method == "POST"):
+            self.method, self.data = "GET", None
+            self.headers = {k: v for k, v in self.headers.items() if k.lower() != "content-type"}
+        if not _same_origin(nxt, self.url):
+            # The flow's headers and body were meant for the first origin only;
+            # 307/308 keep the method, but the body stays behind too.
+            self.headers = {
+                k: v
+                for k, v in self.headers.items()
+                if k.lower() in CROSS_ORIGIN_HEADERS
+                or (k.lower() == "idempotency-key" and v == self.own_key)
+            }
+            self.data = None
+        self.url, self.query = nxt, {}
+
+
+async def http(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
+    """Send the request; output ``{status, headers (lower-cased), body (JSON parsed)}``."""
+    session = env.services.http
+    if session is None:
+        raise StepFailed("no HTTP client is configured for http steps")
+    policy = env.services.ssrf
+    req = _Request.from_input(env, step, input)
     fail_on_error = input.get("fail_on_error", True) not in (False, "false")
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    timeout = aiohttp.ClientTimeout(total=req.timeout_s)
 
     for _hop in range(MAX_REDIRECTS + 1):
+        url = req.url
         if url.scheme not in ("http", "https") or not url.host:
             raise StepFailed("http url must be http:// or https:// with a host")
         if policy is not None:
             policy.check_url_host(url.host)
         try:
             async with session.request(
-                method,
-                url.update_query(query) if query else url,
-                headers=headers,
-                data=data,
+                req.method,
+                url.update_query(req.query) if req.query else url,
+                headers=req.headers,
+                data=req.data,
                 allow_redirects=False,
                 timeout=timeout,
             ) as resp:
                 location = resp.headers.get("Location")
                 if resp.status in _REDIRECTS and location:
-                    try:
-                        nxt = url.join(URL(location))
-                    except ValueError:
-                        raise StepFailed(
-                            f"http {method} {_where(url)} redirected to an invalid Location"
-                        ) from None
-                    if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
-                        method, data = "GET", None
-                        headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-                    if not _same_origin(nxt, url):
-                        # The flow's headers and body were meant for the first origin only;
-                        # 307/308 keep the method, but the body stays behind too.
-                        headers = {
-                            k: v
-                            for k, v in headers.items()
-                            if k.lower() in CROSS_ORIGIN_HEADERS
-                            or (k.lower() == "idempotency-key" and v == own_key)
-                        }
-                        data = None
-                    url, query = nxt, {}
+                    req.follow(resp.status, location)
                     continue
                 output = {
                     "status": resp.status,
@@ -211,15 +246,13 @@ async def http(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
                     "body": await _read_body(resp),
                 }
         except TimeoutError:
-            raise StepFailed(
-                f"http {method} {_where(url)} timed out after {timeout_s:g} s"
-            ) from None
+            raise StepFailed(f"http {req.where()} timed out after {req.timeout_s:g} s") from None
         except aiohttp.ClientError as exc:
-            raise StepFailed(f"http {method} {_where(url)} failed: {_client_error(exc)}") from None
+            raise StepFailed(f"http {req.where()} failed: {_client_error(exc)}") from None
         if fail_on_error and not 200 <= resp.status < 300:
-            raise StepFailed(f"http {method} {_where(url)} answered {resp.status}", output=output)
+            raise StepFailed(f"http {req.where()} answered {resp.status}", output=output)
         return output, ""
-    raise StepFailed(f"http {method}: more than {MAX_REDIRECTS} redirects")
+    raise StepFailed(f"http {req.method}: more than {MAX_REDIRECTS} redirects")
 
 
 SPEC: Final = StepSpec(
