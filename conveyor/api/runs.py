@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -14,49 +14,13 @@ from conveyor.api.errors import ApiError, json_response
 from conveyor.api.flows import page_args
 from conveyor.api.keys import DB
 from conveyor.engine.status import RunStatus
+from conveyor.records import RunView, StepRecord
 from conveyor.store import runs as run_store
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
-def run_json(row: dict[str, Any], steps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    started, finished = row.get("started_at"), row.get("finished_at")
-    duration = (finished - started).total_seconds() * 1000 if started and finished else None
-    out = {
-        "id": str(row["id"]),
-        "flow_id": str(row["flow_id"]),
-        "flow_version": row["flow_version"],
-        "status": row["status"],
-        "trigger": row["trigger"],
-        "output": row["output"],
-        "error": row["error"],
-        "attempt": row["attempt"],
-        "created_at": _iso(row["created_at"]),
-        "started_at": _iso(started),
-        "finished_at": _iso(finished),
-        "duration_ms": round(duration, 3) if duration is not None else None,
-    }
-    if steps is not None:
-        out["steps"] = [
-            {
-                "name": s["name"],
-                "type": s["type"],
-                "status": s["status"],
-                "input": s["input"],
-                "output": s["output"],
-                "error": s["error"],
-                "logs": s["logs"],
-                "started_at": _iso(s["started_at"]),
-                "duration_ms": s["duration_ms"],
-                "attempt": s["attempt"],
-                "parent": s["parent"],
-                "iteration": s["iteration"],
-            }
-            for s in steps
-        ]
-    return out
+def run_json(row: Mapping[str, Any], steps: Sequence[StepRecord] | None = None) -> dict[str, Any]:
+    """The API's JSON object of a run row (with its step log when ``steps`` is given)."""
+    return RunView.of(row, steps).to_json()
 
 
 def _run_id(request: web.Request) -> uuid.UUID:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from conveyor.records import StepRecord
 
 #: Sparklines cover the last 15 minutes (the queue history's length at 10-s samples).
 SPARK_WINDOW_S = 900.0
@@ -54,6 +57,46 @@ def per_second(samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         for s in samples
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineStep:
+    """A step record on the run page's timeline: ``depth`` is its nesting inside loops and
+    branches, ``offset``/``width`` its duration bar in percent of the run's span."""
+
+    step: StepRecord
+    depth: int
+    offset: float
+    width: float
+
+
+def timeline(steps: Sequence[StepRecord]) -> list[TimelineStep]:
+    """The run's step records placed on a timeline (in execution order)."""
+    starts = [s.started_at.timestamp() for s in steps if s.started_at]
+    origin = min(starts, default=0.0)
+    ends = [
+        s.started_at.timestamp() + float(s.duration_ms or 0) / 1000 for s in steps if s.started_at
+    ]
+    span = max(max(ends, default=origin) - origin, 0.001)
+    parents = {s.name: s.parent for s in steps}
+    out = []
+    for s in steps:
+        depth, parent = 0, s.parent
+        while parent and depth < 10:
+            depth += 1
+            parent = parents.get(parent)
+        start = s.started_at.timestamp() if s.started_at else origin
+        offset = (start - origin) / span * 100
+        width = float(s.duration_ms or 0) / 1000 / span * 100
+        out.append(
+            TimelineStep(
+                s,
+                depth,
+                offset=round(min(offset, 99.5), 2),
+                width=round(max(0.5, min(width, 100 - offset)), 2),
+            )
+        )
+    return out
 
 
 def fmt_seconds(value: Any) -> str:

@@ -2,8 +2,9 @@
 
 The worker builds one :class:`Services` per process (checkpoint sink, sandbox, HTTP session,
 limits) and one :class:`RunContext` per run; the executor returns a :class:`RunOutcome` and
-streams :class:`StepRecord` checkpoints to the sink as steps finish. The sink and sandbox are
-Protocols so Postgres batching and the isolated sandbox live outside the engine.
+streams :class:`~conveyor.records.StepRecord` checkpoints to the sink as steps finish. The
+sink and sandbox are Protocols so Postgres batching and the isolated sandbox live outside the
+engine.
 """
 
 from __future__ import annotations
@@ -14,34 +15,25 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from conveyor.engine.status import RunStatus
+from conveyor.records import StepRecord
+
+__all__ = [
+    "CheckpointSink",
+    "RespondCallback",
+    "RunContext",
+    "RunEnv",
+    "RunError",
+    "RunOutcome",
+    "Sandbox",
+    "SandboxResultLike",
+    "Services",
+    "StepRecord",  # defined in conveyor.records, re-exported for the engine's callers
+]
 
 if TYPE_CHECKING:
     import aiohttp
 
     from conveyor.engine.ssrf import SsrfPolicy
-
-
-class StepRecord(TypedDict):
-    """One finished step, as stored and as shown in ``GET /api/v1/flow-runs/{id}``.
-
-    ``status`` is a :class:`~conveyor.engine.status.StepStatus` value; ``input``/``output``/
-    ``logs`` are already redacted; ``attempt`` counts tries of this step (1 = first);
-    ``parent`` is the enclosing loop/branch name (``None`` at top level) and ``iteration``
-    the 0-based iteration of the innermost enclosing loop (0 in a branch outside loops).
-    """
-
-    name: str
-    type: str
-    status: str
-    input: Any
-    output: Any
-    error: str | None
-    logs: str
-    started_at: datetime
-    duration_ms: int
-    attempt: int
-    parent: str | None
-    iteration: int | None
 
 
 class RunError(TypedDict):
@@ -124,6 +116,14 @@ class RunContext:
     #: Wall-time budget for this call; ``None`` uses ``Services.flow_timeout_s``. A resumed
     #: or redelivered run may pass what is left of AP_FLOW_TIMEOUT_SECONDS.
     timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        # Checkpoints may arrive in their JSON shape (a test, an embedding caller): the
+        # executor reads typed records only.
+        if any(not isinstance(r, StepRecord) for r in self.checkpoints):
+            object.__setattr__(
+                self, "checkpoints", tuple(StepRecord.of(r) for r in self.checkpoints)
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,7 +87,7 @@ class _Run:
             SECRETS: ctx.secrets,
         }
         self.done: dict[tuple[str, int | None], StepRecord] = {
-            (r["name"], r["iteration"]): r for r in ctx.checkpoints
+            (r.name, r.iteration): r for r in ctx.checkpoints
         }
         self.log_budget = services.max_log_bytes
         self.timeout_s = services.flow_timeout_s
@@ -154,7 +154,7 @@ class _Run:
         done = self.done
         for step in steps:
             rec = done.get((step.name, iteration)) if done and depth <= 1 else None
-            if rec is not None and rec["status"] != StepStatus.PAUSED:
+            if rec is not None and rec.status != StepStatus.PAUSED:
                 await self.restore(step, rec, scope, Where(parent, iteration, depth))
                 continue
             where = Where(parent, iteration, depth, paused=rec)
@@ -172,11 +172,11 @@ class _Run:
         scope: dict[str, Any],
         where: Where,
     ) -> None:
-        if rec["status"] != StepStatus.SUCCEEDED:
+        if rec.status != StepStatus.SUCCEEDED:
             if step.continue_on_failure:
                 return
-            raise Stop(self.failure(step, StepStatus(rec["status"]), rec["error"] or "failed"))
-        output = rec["output"]
+            raise Stop(self.failure(step, StepStatus(rec.status), rec.error or "failed"))
+        output = rec.output
         scope[step.name] = output
         self.last_output = output
         if step.spec.restore is not None:
@@ -214,20 +214,20 @@ class _Run:
         if self.secret_values:
             input, output, logs = self.redact(input), self.redact(output), self.redact(logs)
             error = self.redact(error)
-        record: StepRecord = {
-            "name": step.name,
-            "type": step.type,
-            "status": status.value,
-            "input": input,
-            "output": output,
-            "error": error,
-            "logs": self.cap_logs(logs),
-            "started_at": at.started,
-            "duration_ms": int((time.perf_counter() - at.t0) * 1000),
-            "attempt": attempt,
-            "parent": at.parent,
-            "iteration": at.iteration,
-        }
+        record = StepRecord(
+            name=step.name,
+            type=step.type,
+            status=status.value,
+            input=input,
+            output=output,
+            error=error,
+            logs=self.cap_logs(logs),
+            started_at=at.started,
+            duration_ms=int((time.perf_counter() - at.t0) * 1000),
+            attempt=attempt,
+            parent=at.parent,
+            iteration=at.iteration,
+        )
         await self.services.sink.step_finished(self.ctx.run_id, record)
 
     def failure(self, step: Step, status: StepStatus, message: str) -> RunOutcome:

@@ -449,7 +449,7 @@ async def test_redelivery_inside_a_loop(sink: MemorySink) -> None:
     first = MemorySink()
     await run(first, loop)
     kept = [r for r in first.records if r["name"] == "x" and r["iteration"] == 0]
-    kept[0]["output"] = {"v": "restored"}
+    kept[0] = {**kept[0], "output": {"v": "restored"}}  # records are frozen: a changed copy
     out = await run(sink, loop, checkpoints=kept)
     assert out.status is RunStatus.SUCCEEDED
     assert [r["iteration"] for r in sink.by_name("x")] == [1]

@@ -45,13 +45,13 @@ async def walk(run: Walker, step: Step, scope: dict[str, Any], where: Where) -> 
     """Sleep, pause the run, or finish a paused delay whose time has come."""
     at = run.start(step, where)
     if where.paused is not None:
-        resume_at = datetime.fromisoformat(where.paused["output"]["resume_at"])
+        resume_at = datetime.fromisoformat(where.paused.output["resume_at"])
         # Woken early (a clock skew or an eager reconciler): pause again, same deadline.
         if at.started + timedelta(seconds=0.5) < resume_at:
             raise Stop(RunOutcome(RunStatus.PAUSED, resume_at=resume_at))
         out = {"resumed_at": at.started.isoformat()}
-        at.started = where.paused["started_at"]
-        await run.succeeded(step, scope, out, at, input=where.paused["input"])
+        at.started = where.paused.started_at or at.started
+        await run.succeeded(step, scope, out, at, input=where.paused.input)
         return
     try:
         inp = step.input_r.render(scope)
