@@ -28,9 +28,8 @@ import structlog
 from aiohttp import web
 
 from conveyor import metrics
-from conveyor.api.keys import REDIS, SETTINGS
 from conveyor.backoff import Outage
-from conveyor.engine.worker import WORKER
+from conveyor.keys import REDIS, SETTINGS, WORKER
 from conveyor.queue import keys as k
 
 log = structlog.get_logger(__name__)

@@ -1,8 +1,8 @@
-"""Prometheus metrics (DESIGN §7) and the scaling rules evaluated over them.
+"""Prometheus metrics and the scaling rules evaluated over them.
 
 Metric names are the contract: ``conveyor_queue_*`` gauges are refreshed from the queue's own
 stats when ``/metrics`` is scraped (at most every :data:`REFRESH_EVERY_S`), per-process gauges
-(busy slots, pool sizes) every few seconds by :func:`metrics_ctx`; histograms and counters are
+(busy slots, pool sizes) every few seconds by :mod:`conveyor.app`; histograms and counters are
 observed where things happen — :func:`observe_run` and :func:`observe_step` by the worker, the
 HTTP middleware for every request (and for webhook rejections, by status).
 
@@ -13,6 +13,9 @@ each process's values in files there and ``/metrics`` merges every process's thr
 
 :func:`evaluate_scaling` holds the seed's thresholds; ``GET /api/v1/scaling``, the board's
 banners and ``configs/prometheus/alerts.yml`` say the same thing.
+
+This module is a leaf (it imports no other ``conveyor`` module): anything may record into it,
+and the HTTP side (``/metrics`` in :mod:`conveyor.api.health`) hands it the readings.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,10 +41,6 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as prom_mp
-
-from conveyor.api.health import SANDBOX_REPORT
-from conveyor.api.keys import DB, REDIS, SETTINGS
-from conveyor.queue import QueueAdmin, QueueConfig, Sampler
 
 log = structlog.get_logger(__name__)
 
@@ -275,43 +274,36 @@ def _children(route: str, method: str, status: int) -> _Children:
 
 # --------------------------------------------------------------------------- refresh
 @dataclass
-class _State:
+class RefreshState:
+    """When the queue gauges were last read (a scrape reads them at most every
+    :data:`REFRESH_EVERY_S`), and the lock that keeps concurrent scrapes to one reading."""
+
     queues_at: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-
-METRICS_STATE: web.AppKey[_State] = web.AppKey("metrics_state")
-SAMPLER: web.AppKey[Sampler] = web.AppKey("sampler")
-
-
-async def refresh_queues(app: web.Application) -> None:
-    """Set the queue gauges (and the server-wide DB gauges) from fresh readings."""
-    state = app[METRICS_STATE]
-    async with state.lock:
-        if time.monotonic() - state.queues_at < REFRESH_EVERY_S:
-            return
-        admin = QueueAdmin(app[REDIS], QueueConfig.from_settings(app[SETTINGS]))
-        for st in await admin.all_stats():
-            QUEUE_WAITING.labels(st.queue).set(st.waiting)
-            QUEUE_ACTIVE.labels(st.queue).set(st.active)
-            QUEUE_DELAYED.labels(st.queue).set(st.delayed)
-            QUEUE_DEAD.labels(st.queue).set(st.dead)
-            QUEUE_OLDEST_WAIT.labels(st.queue).set(st.oldest_wait_s)
-        active, limit = await app[DB].server_connections()
-        DB_ACTIVE.set(active)
-        DB_MAX.set(limit)
-        state.queues_at = time.monotonic()
+    def due(self) -> bool:
+        return time.monotonic() - self.queues_at >= REFRESH_EVERY_S
 
 
-def refresh_process(app: web.Application) -> None:
-    """Set this process's gauges: worker slots and connection pool."""
-    from conveyor.engine.worker import WORKER  # noqa: PLC0415 (it imports this module)
+def set_queue_gauges(stats: Iterable[Any], db_active: int, db_max: int) -> None:
+    """Set the queue gauges from ``QueueAdmin.all_stats()`` and the server-wide DB gauges."""
+    for st in stats:
+        QUEUE_WAITING.labels(st.queue).set(st.waiting)
+        QUEUE_ACTIVE.labels(st.queue).set(st.active)
+        QUEUE_DELAYED.labels(st.queue).set(st.delayed)
+        QUEUE_DEAD.labels(st.queue).set(st.dead)
+        QUEUE_OLDEST_WAIT.labels(st.queue).set(st.oldest_wait_s)
+    DB_ACTIVE.set(db_active)
+    DB_MAX.set(db_max)
 
-    consumer = getattr(app.get(WORKER), "consumer", None)
+
+def set_process_gauges(
+    consumer: Any, sandbox: Mapping[str, Any] | None, pool: Mapping[str, int] | None
+) -> None:
+    """Set this process's gauges: worker slots, sandbox report, connection pool."""
     if consumer is not None:
         WORKER_BUSY.set(int(consumer.busy))
         WORKER_CONCURRENCY.set(int(consumer.concurrency))
-    sandbox = app.get(SANDBOX_REPORT)
     if sandbox:
         SANDBOX_READY.set(1 if sandbox.get("ok") else 0)
         SANDBOX_FREE_UIDS.set(int(sandbox.get("free_uids", 0)))
@@ -320,9 +312,7 @@ def refresh_process(app: web.Application) -> None:
             if total > _SANDBOX_SEEN.get(event, 0):
                 SANDBOX_EVENTS.labels(event).inc(total - _SANDBOX_SEEN.get(event, 0))
             _SANDBOX_SEEN[event] = total
-    db = app.get(DB)
-    if db is not None:
-        pool = db.pool_stats()
+    if pool is not None:
         DB_POOL_SIZE.set(pool["size"])
         DB_POOL_IN_USE.set(pool["in_use"])
 
@@ -337,46 +327,19 @@ def registry() -> CollectorRegistry:
     return merged
 
 
+#: ``Content-Type`` of :func:`exposition`.
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def exposition() -> bytes:
+    """The text ``/metrics`` answers with."""
+    return generate_latest(registry())
+
+
 def mark_process_dead(pid: int) -> None:
     """For a supervisor: drop the ``live*`` gauge values of a child that exited."""
     with contextlib.suppress(ValueError, KeyError):
         prom_mp.mark_process_dead(pid)  # type: ignore[no-untyped-call]
-
-
-async def metrics_handler(request: web.Request) -> web.Response:
-    """Prometheus metrics of this process (of every process in multiprocess mode)."""
-    app = request.app
-    refresh_process(app)
-    try:
-        await asyncio.wait_for(refresh_queues(app), 2.0)
-    except Exception as exc:
-        # A scrape still answers with the last values when Redis or PostgreSQL is away.
-        log.warning("metrics.refresh_failed", error=repr(exc))
-    body = generate_latest(registry())
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx of every role: the board's history sampler and per-process gauges."""
-    app[METRICS_STATE] = _State()
-    sampler = Sampler(app[REDIS], QueueConfig.from_settings(app[SETTINGS]))
-    await sampler.start()
-    app[SAMPLER] = sampler
-
-    async def loop() -> None:
-        while True:
-            with contextlib.suppress(Exception):
-                refresh_process(app)
-            await asyncio.sleep(PROCESS_REFRESH_S)
-
-    task = asyncio.get_running_loop().create_task(loop())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await sampler.close()
 
 
 # --------------------------------------------------------------------------- scaling rules

@@ -2,7 +2,7 @@
 
 ``run(settings)`` is what ``conveyor up`` calls. It starts whatever the settings leave embedded
 (from the main thread: the servers' parent-death signal is bound to the thread that forks
-them), installs uvloop, serves :func:`conveyor.api.app.create_app` until SIGINT or SIGTERM, then
+them), installs uvloop, serves :func:`conveyor.app.create_app` until SIGINT or SIGTERM, then
 shuts down in reverse order — the listener stops accepting, in-flight requests and runs drain,
 pools close — and only then stops the embedded servers, so nothing is cut off mid-write.
 """
@@ -18,7 +18,7 @@ import uvloop
 from aiohttp import web
 
 from conveyor import logging as conveyor_logging
-from conveyor.api.app import ServiceFactory, create_app
+from conveyor.app import ServiceFactory, create_app
 from conveyor.embedded import EmbeddedError, EmbeddedServers
 from conveyor.errors import ConfigError
 from conveyor.settings import Settings

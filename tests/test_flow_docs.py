@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from conveyor.api.app import create_app
+from conveyor.app import create_app
 from conveyor.engine.conditions import OPS, UNARY_OPS, ConditionError, compile_condition
 from conveyor.engine.errors import FlowInvalid
 from conveyor.engine.flow import STEP_TYPES, Trigger, load_document, parse_flow

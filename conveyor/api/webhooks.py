@@ -34,8 +34,8 @@ from conveyor.api.keys import (
     SECRET_BOX,
     SETTINGS,
 )
-from conveyor.api.replies import stored_final
 from conveyor.backoff import Outage
+from conveyor.engine.replies import stored_final
 from conveyor.engine.status import TERMINAL, RunStatus
 from conveyor.ids import uuid7
 from conveyor.queue import QueueFull, QueueName, QueueUnavailable
@@ -367,7 +367,7 @@ async def webhook_sync(request: web.Request) -> web.Response:
         timeout_s = app[SETTINGS].webhook_timeout_seconds
         try:
             # Pub/sub is at most once: a reply lost in a reconnect must not turn a finished
-            # run into a 408. PostgreSQL knows (conveyor.api.replies).
+            # run into a 408. PostgreSQL knows (conveyor.engine.replies).
             found = await hub.wait(waiter, timeout_s, lambda: stored_final(app[DB], run_id))
         except CONNECTION_ERRORS:
             raise ApiError(

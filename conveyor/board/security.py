@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from conveyor.api.keys import SETTINGS
+from conveyor.keys import SETTINGS
 from conveyor.settings import Settings, is_loopback_host
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

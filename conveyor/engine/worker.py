@@ -20,17 +20,14 @@ from typing import Any
 
 import asyncpg
 import structlog
-from aiohttp import web
 from redis.exceptions import RedisError
 
 from conveyor import metrics
-from conveyor.api.health import SANDBOX_REPORT
-from conveyor.api.keys import REDIS, REGISTRY, RUN_WRITER, SECRET_BOX, SETTINGS
-from conveyor.api.replies import publish_reply
 from conveyor.engine.context import RunContext, RunOutcome, Services, StepRecord
 from conveyor.engine.executor import Executor
 from conveyor.engine.reconciler import Reconciler, resume_job_id
 from conveyor.engine.registry import FlowRegistry
+from conveyor.engine.replies import publish_reply
 from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.ssrf import SsrfPolicy, create_http_session
 from conveyor.engine.status import RunStatus
@@ -49,8 +46,6 @@ from conveyor.store.runs import RunWriter, StepRow, Transition
 from conveyor.store.secrets import SecretBox, load_secrets
 
 log = structlog.get_logger(__name__)
-
-WORKER = web.AppKey("worker", object)
 
 
 class RunEnded(Conflict):
@@ -234,7 +229,7 @@ class RunWorker:
         if not reply:
             return
         # Committed: from here on nothing may fail the job. The reply is transport; a caller
-        # that misses it reads the stored result (conveyor.api.replies).
+        # that misses it reads the stored result (conveyor.engine.replies).
         if stored:
             await self._final(reply, run_id, outcome.status.value, outcome.output, error)
             return
@@ -319,31 +314,38 @@ def _as_record(row: Mapping[str, Any]) -> StepRecord:
     )
 
 
-async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx of the worker role: sandbox, HTTP session, consumer (in that order)."""
-    settings = app[SETTINGS]
+@contextlib.asynccontextmanager
+async def worker_role(
+    settings: Settings,
+    *,
+    writer: RunWriter,
+    registry: FlowRegistry,
+    box: SecretBox,
+    redis: Any,
+) -> AsyncIterator[tuple[RunWorker, dict[str, Any]]]:
+    """The worker role's services, started in this order and closed in reverse: sandbox, HTTP
+    session, consumer, reconciler, scheduler. Yields the worker and the sandbox's isolation
+    report (a dict the sandbox keeps current; readiness and metrics read it)."""
     sandbox = Sandbox(SandboxConfig.from_settings(settings))
     await sandbox.start()
-    app[SANDBOX_REPORT] = sandbox.isolation
     policy = SsrfPolicy(
         enabled=settings.ssrf_protection_enabled, allow_list=settings.ssrf_allow_list
     )
     http = create_http_session(policy)
     worker = RunWorker(
         settings,
-        writer=app[RUN_WRITER],
-        registry=app[REGISTRY],
-        box=app[SECRET_BOX],
-        redis=app[REDIS],
+        writer=writer,
+        registry=registry,
+        box=box,
+        redis=redis,
         sandbox=sandbox,
         http=http,
     )
     await worker.start()
-    app[WORKER] = worker
     reconciler = Reconciler(
         worker.writer,
         worker.producer,
-        QueueAdmin(app[REDIS], worker.queue_config),
+        QueueAdmin(redis, worker.queue_config),
         flow_timeout_s=float(settings.flow_timeout_seconds),
         retention_days=settings.execution_data_retention_days,
     )
@@ -352,13 +354,13 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
         worker.writer.db,
         worker.writer,
         worker.producer,
-        app[REDIS],
+        redis,
         trigger_timeout_s=float(settings.trigger_timeout_seconds),
         lease_key=qkeys.scheduler_lease(settings.redis_key_prefix),
     )
     await scheduler.start()
     try:
-        yield
+        yield worker, sandbox.isolation
     finally:
         await scheduler.close()
         await reconciler.close()

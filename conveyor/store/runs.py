@@ -18,8 +18,8 @@ from typing import Any
 import asyncpg
 import orjson
 
-from conveyor.engine.status import IN_FLIGHT, TERMINAL, RunStatus
 from conveyor.errors import NotFound
+from conveyor.status import IN_FLIGHT, TERMINAL, RunStatus
 from conveyor.store.batch import Batcher
 from conveyor.store.db import CONNECTION_ERRORS, Database
 

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
-from conveyor.api.app import ServiceFactory, create_app
+from conveyor.app import ServiceFactory, create_app
 from conveyor.settings import Settings
 from conveyor.store.db import Database
 

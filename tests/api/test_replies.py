@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from conveyor.api import replies
-from conveyor.api.replies import ReplyHub, publish_reply
+from conveyor.engine import replies
+from conveyor.engine.replies import ReplyHub, publish_reply
 from tests.queue.servers import RedisServer
 
 

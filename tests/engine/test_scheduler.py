@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
-from conveyor.api.app import create_app
+from conveyor.app import create_app
 from conveyor.engine.flow import Trigger, load_document, parse_flow
 from conveyor.engine.schedule import next_fire, tick_id
 from conveyor.engine.scheduler import Scheduler, latest_tick

@@ -27,9 +27,9 @@ from redis.exceptions import RedisError
 from conveyor import metrics
 from conveyor.aio import raise_if_cancelling
 from conveyor.backoff import Outage, jittered
-from conveyor.engine.status import TERMINAL
 from conveyor.ids import uuid7
 from conveyor.queue import keys as qkeys
+from conveyor.status import TERMINAL
 from conveyor.store import runs as run_store
 
 log = structlog.get_logger(__name__)
