@@ -407,6 +407,8 @@ class Kill:
     held_entries: int = 0
     held_runs: list[str] = field(default_factory=list)
     takeover_s: float | None = None
+    #: (seconds after the kill, entries still pending on the dead consumer) at each change.
+    pending_timeline: list[tuple[float, int]] = field(default_factory=list)
     held_terminal_s: float | None = None
     replacement_ready_s: float | None = None
 
@@ -415,9 +417,15 @@ async def watch_takeover(
     kill: Kill, killed_at: float, r: aioredis.Redis, pool: asyncpg.Pool, bound_s: float = 120
 ) -> None:
     consumer = consumer_name(kill.pid)
+    last = kill.held_entries
     while time.monotonic() - killed_at < bound_s:
-        if kill.takeover_s is None and not await held_entries(r, consumer):
-            kill.takeover_s = round(time.monotonic() - killed_at, 2)
+        if kill.takeover_s is None:
+            left = sum(len(v) for v in (await held_entries(r, consumer)).values())
+            if left != last:
+                kill.pending_timeline.append((round(time.monotonic() - killed_at, 2), left))
+                last = left
+            if not left:
+                kill.takeover_s = round(time.monotonic() - killed_at, 2)
         if kill.held_terminal_s is None:
             n = await pool.fetchval(
                 "SELECT count(*) FROM runs WHERE id = ANY($1::uuid[]) AND status = ANY($2)",
@@ -739,11 +747,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await admin.close()
     # Warnings and errors the processes logged (takeovers, lost entries), by event.
     events: Counter[str] = Counter()
+    took_over: list[dict[str, Any]] = []
     for path in cluster.workdir.glob("*.log"):
         for line in path.read_bytes().splitlines():
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 doc = orjson.loads(line)
                 events[f"{doc.get('level', '?')} {doc.get('event', '?')}"] += 1
+                if doc.get("event") == "queue.took_over":
+                    took_over.append({"log": path.stem, **doc})
     shutil.rmtree(cluster.workdir, ignore_errors=True)
     return {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -798,6 +809,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "takeover_s": kl.takeover_s,
                 "held_terminal_s": kl.held_terminal_s,
                 "replacement_ready_s": kl.replacement_ready_s,
+                "pending_timeline": kl.pending_timeline,
             }
             for kl in kills
         ],
@@ -810,6 +822,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "end": round(redis_mem_end / 2**20, 2),
         },
         "log_events": dict(events.most_common(30)),
+        "took_over_events": sorted(took_over, key=lambda d: str(d.get("timestamp", ""))),
         "progress": progress,
     }
 
@@ -842,6 +855,9 @@ def print_table(res: dict[str, Any], out: Path) -> None:
             f"| {i} | {kl['at_s']:.0f} | {kl['worker']} | {kl['held_entries']} | "
             f"**{kl['takeover_s']}** | {kl['held_terminal_s']} |"
         )
+    for i, kl in enumerate(res["kills"], 1):
+        steps = ", ".join(f"{t} s: {n}" for t, n in kl["pending_timeline"])
+        print(f"kill {i} entries left on the dead consumer: {steps}")
     print()
     print("| process | restarts | RSS start MB | RSS end MB | tree end MB | tree max MB |")
     print("|---|---:|---:|---:|---:|---:|")
