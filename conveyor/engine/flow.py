@@ -376,18 +376,21 @@ class _Validator:
         if typ == "webhook" and "secret" in trig:
             self.check_trigger_secret(trig["secret"])
         if typ == "schedule":
-            cron = trig.get("cron")
-            if not isinstance(cron, str) or not cron.strip():
-                self.err("trigger.cron", "is required for a schedule trigger")
-            elif not croniter.is_valid(cron):
-                self.err("trigger.cron", f"invalid cron expression {cron!r}")
-            tz = trig.get("timezone", "UTC")
-            try:
-                if not isinstance(tz, str):
-                    raise ValueError
-                zoneinfo.ZoneInfo(tz)
-            except (ValueError, zoneinfo.ZoneInfoNotFoundError):
-                self.err("trigger.timezone", f"unknown time zone {tz!r}")
+            self.check_schedule(trig)
+
+    def check_schedule(self, trig: Mapping[str, Any]) -> None:
+        cron = trig.get("cron")
+        if not isinstance(cron, str) or not cron.strip():
+            self.err("trigger.cron", "is required for a schedule trigger")
+        elif not croniter.is_valid(cron):
+            self.err("trigger.cron", f"invalid cron expression {cron!r}")
+        tz = trig.get("timezone", "UTC")
+        try:
+            if not isinstance(tz, str):
+                raise ValueError
+            zoneinfo.ZoneInfo(tz)
+        except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+            self.err("trigger.timezone", f"unknown time zone {tz!r}")
 
     def check_trigger_secret(self, secret: Any) -> None:
         if not isinstance(secret, str) or not secret:
