@@ -116,9 +116,7 @@ def lock_down(
     if locked:
         try:
             owner = uid if uid is not None else os.getuid()
-            lim.private_tmp(
-                owner, limits, network=limits.network_namespace, view=view, own_pidns=own_pidns
-            )
+            lim.private_tmp(owner, limits, network=limits.network_namespace, view=view)
             private_mount = True
         except OSError:
             if view is not None and probed_view:

@@ -2,11 +2,11 @@
 
 Launchers are tried strongest first: **bubblewrap** (network, PID, IPC and UTS namespaces,
 a read-only private filesystem view holding only ``/usr``, the Python install and the
-``conveyor`` package), then **unshare** (network and PID namespaces; the host's filesystem,
-made read-only in every child's mount namespace, with private tmpfs over the world-writable
-directories and ``/run``, and the host's unix sockets masked — see :func:`host_view`), then
-**direct** (rlimits, uid and private ``/tmp``; the network is reachable). What is in force is
-not assumed from the launcher: the fork-server probes it from inside (interfaces, pid,
+``conveyor`` package), then **unshare** (network and PID namespaces; every child builds a
+private read-only root like bubblewrap's, holding only ``/usr``, the Python install and the
+package — see :func:`host_view`), then **direct** (rlimits and uid; as root also that
+private root, a network and a PID namespace per child). What is in force is not assumed
+from the launcher: the fork-server probes it from inside (interfaces, pid,
 whether it can mount, drop uid, and give a child its own network namespace) and
 :func:`assess` turns that probe into the report. Whether code steps may run with what was
 found is the policy of :class:`~conveyor.sandbox.config.SandboxConfig` (see
@@ -43,19 +43,6 @@ _CAPS = (
 #: Where bubblewrap binds the sandbox's cgroup directories: under ``/tmp``, which every
 #: child's private ``/tmp`` covers, so no step sees them.
 CGROUP_VIEW = "/tmp/.conveyor-cgroup"
-#: Directories the host lets anyone write to (where present): each child gets a private
-#: tmpfs over them; everything else of the host is read-only to it.
-WORLD_WRITABLE = (
-    "/tmp",
-    "/var/tmp",
-    "/dev/shm",
-    "/dev/mqueue",
-    "/run/lock",
-    "/run/shm",
-    "/var/lock",
-    "/var/crash",
-    "/var/metrics",
-)
 
 
 class Isolation(enum.StrEnum):
@@ -233,55 +220,53 @@ def _listening_unix_sockets() -> list[str]:
     return sorted(out)
 
 
+def _under(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
 def host_view(hide: tuple[str, ...] = ()) -> dict[str, Any]:
-    """How a child without bubblewrap hides the host (see ``limits.private_tmp``).
+    """The private root a child without bubblewrap builds (see ``limits.private_tmp``).
 
-    ``tmpfs``: the world-writable directories and ``/run`` (its service sockets and pid
-    files); ``hide``: ``hide`` (the config directory with the embedded servers' data,
-    sockets and keys) and the cgroup tree; ``sockets``: every other unix socket this host
-    listens on, masked with ``/dev/null``.
+    Like bubblewrap's view, not the host's: an empty tmpfs as ``/`` holding, read-only,
+    only ``binds`` (``/usr``, the real ``/bin``, ``/lib*`` directories, the Python
+    install and the ``conveyor`` package, each at its own path), ``files``
+    (``/etc/ld.so.cache``, ``/etc/localtime``), ``symlinks`` (``/bin -> usr/bin`` on
+    merged-/usr hosts), a minimal ``/dev``, a fresh ``/proc`` and private tmpfs on ``/tmp``
+    and ``/dev/shm``. Nothing else of the host exists for the step: home directories,
+    ``/etc``, ``/var``, ``/run``, ``/srv``, the worker's checkout and working directory,
+    the config directory, and every unix socket created there, now or later.
+
+    ``hide``: directories to cover with an empty tmpfs should one lie under an exposed
+    path (the config directory inside the Python install, say); ``sockets``: unix sockets
+    listening under an exposed path when the sandbox starts, covered with ``/dev/null``.
     """
-    tmpfs = ["/run"]
-    for path in WORLD_WRITABLE:
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        if os.path.isdir(path) and not os.path.islink(path) and st.st_mode & 0o002:
-            tmpfs.append(path)
-    needed = [str(package_dir()), *python_paths()]
-    hidden = [
-        p
-        for p in (*hide, "/sys/fs/cgroup")
-        if p and os.path.isdir(p) and not any(n == p or n.startswith(p + "/") for n in needed)
-    ]
+    binds: list[tuple[str, str]] = []
+    symlinks: list[tuple[str, str]] = []
+    roots = ["/usr"]
+    for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        host = f"/{top}"
+        if os.path.islink(host):
+            symlinks.append((os.readlink(host), host))
+        elif os.path.isdir(host):
+            roots.append(host)
+    for path in (str(package_dir()), *python_paths()):
+        if not _under(path, roots):
+            roots.append(path)
+    # Shortest first; a path inside another is already visible through it.
+    for path in sorted({os.path.realpath(r) for r in roots}, key=len):
+        if not _under(path, [dest for _src, dest in binds]):
+            binds.append((path, path))
+    exposed = [dest for _src, dest in binds]
+    files = [p for p in ("/etc/ld.so.cache", "/etc/localtime") if os.path.isfile(p)]
+    hidden = [p for p in hide if p and os.path.isdir(p) and _under(os.path.realpath(p), exposed)]
+    sockets = [s for s in _listening_unix_sockets() if _under(s, exposed)]
     return {
-        "tmpfs": sorted(set(tmpfs)),
-        "hide": sorted(set(hidden)),
-        "sockets": _listening_unix_sockets(),
-        "expose": _closed_ancestors(needed),
+        "binds": binds,
+        "symlinks": symlinks,
+        "files": files,
+        "hide": sorted({os.path.realpath(p) for p in hidden}),
+        "sockets": sockets,
     }
-
-
-def _closed_ancestors(needed: list[str]) -> list[tuple[str, list[str]]]:
-    """``(top, paths)``: the first ancestor of each needed path that others cannot enter
-    (``/root`` when Python lives under it), with the needed paths below it. A child that
-    drops to its own uid gets an empty tmpfs over ``top`` with just those paths bound back,
-    so it can import the standard library without seeing the rest (like bubblewrap)."""
-    out: dict[str, list[str]] = {}
-    for path in needed:
-        parts = Path(path).parts
-        for i in range(2, len(parts) + 1):
-            top = str(Path(*parts[:i]))
-            try:
-                closed = not os.stat(top).st_mode & 0o001
-            except OSError:
-                break
-            if closed:
-                if top != path:
-                    out.setdefault(top, []).append(path)
-                break
-    return sorted(out.items())
 
 
 def assess(
@@ -312,7 +297,7 @@ def assess(
     if launcher == "bwrap":
         parts.append("read-only private filesystem")
     elif probe.get("host_view_hardened"):
-        parts.append("read-only host filesystem, private tmpfs over world-writable directories")
+        parts.append("read-only private filesystem per child")
     if child_netns:
         parts.append("per-child network namespace")
     if probe.get("uid_drop"):
@@ -332,7 +317,7 @@ def assess(
         and bool(probe.get("private_tmp"))
     )
     # Safe without bubblewrap: the step has no network (the fork-server's namespace or its
-    # own), sees the host read-only with private tmpfs, and no host process (a PID
+    # own), sees a private read-only root (not the host's), and no host process (a PID
     # namespace with its own /proc: the fork-server's, or the child's own).
     safe = full or (
         launcher != "bwrap"

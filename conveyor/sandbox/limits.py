@@ -12,8 +12,10 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import errno
 import fcntl
 import os
+import platform
 import resource
 import signal
 import socket
@@ -43,6 +45,17 @@ _AT_FDCWD = -100
 _AT_RECURSIVE = 0x8000
 #: mount_setattr(2): the same number on x86_64 and aarch64 (the generic syscall table).
 _SYS_MOUNT_SETATTR = 442
+#: pivot_root(2) by architecture (x86_64 has its own table; the others the generic one).
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+_MNT_DETACH = 2
+#: The device nodes a step's private /dev holds (bound from the host's).
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+_DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -127,7 +140,6 @@ def private_tmp(
     *,
     network: bool,
     view: dict[str, Any] | None = None,
-    own_pidns: bool = False,
 ) -> None:
     """Mount and IPC namespaces of the child's own, fresh tmpfs on ``/tmp`` and ``/dev/shm``.
 
@@ -135,14 +147,9 @@ def private_tmp(
     share a writable directory. Requires ``CAP_SYS_ADMIN``, which the fork-server holds
     inside bubblewrap and drops for the child right after.
 
-    ``view`` is for launchers without bubblewrap, where the child would otherwise see the
-    host's filesystem: the whole tree is made read-only (``mount_setattr``, recursive),
-    each of ``view["tmpfs"]`` (the host's world-writable directories: ``/var/tmp``,
-    ``/run/lock``, …) gets a private tmpfs, each of ``view["hide"]`` (``/run`` with the
-    host's service sockets, the config directory) an empty read-only tmpfs, each socket of
-    ``view["sockets"]`` (unix sockets the host listens on elsewhere) ``/dev/null`` bound
-    over it, and — in a PID namespace of its own — ``/proc`` is mounted afresh, so the
-    host's processes are not listed.
+    ``view`` (:func:`~conveyor.sandbox.isolation.host_view`) is for launchers without
+    bubblewrap, where the child would otherwise see the host's filesystem: the child builds
+    a root of its own instead (:func:`_private_root`) and pivots into it.
     """
     # Own SysV IPC / POSIX mqueue namespace too: shared-memory segments would otherwise
     # outlive the child and be readable by whichever flow gets its uid next.
@@ -150,20 +157,19 @@ def private_tmp(
     # Without MS_PRIVATE our mounts could propagate back into the fork-server's view.
     mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     if view is not None:
-        _read_only_tree("/")
-    opts = f"size={limits.tmp_kb}k,nr_inodes=4096,mode=0700,uid={uid},gid={uid}"
-    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
-    if os.path.isdir("/dev/shm"):
-        mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
-    if view is not None:
-        _hide_host(uid, limits, view, own_pidns=own_pidns)
+        _private_root(uid, limits, view)
+    else:
+        opts = f"size={limits.tmp_kb}k,nr_inodes=4096,mode=0700,uid={uid},gid={uid}"
+        mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
+        if os.path.isdir("/dev/shm"):
+            mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
     if network:
         # A new network namespace starts with ``lo`` down; up it so loopback inside the
         # step behaves normally (and still reaches nothing but the step itself).
         _loopback_up()
 
 
-def _read_only_tree(path: str) -> None:
+def _read_only_tree(path: str, *, recursive: bool = True) -> None:
     class _Attr(ctypes.Structure):
         _fields_ = (
             ("attr_set", ctypes.c_uint64),
@@ -177,37 +183,98 @@ def _read_only_tree(path: str) -> None:
         _SYS_MOUNT_SETATTR,
         _AT_FDCWD,
         path.encode(),
-        _AT_RECURSIVE,
+        _AT_RECURSIVE if recursive else 0,
         ctypes.byref(attr),
         ctypes.sizeof(attr),
     )
     _check(ret, f"mount_setattr {path} read-only")
 
 
-def _hide_host(uid: int, limits: Limits, view: dict[str, Any], *, own_pidns: bool) -> None:
-    for top, paths in view.get("expose") or ():
-        # Opened before the tmpfs covers them; bound back through /proc/self/fd.
-        fds = [os.open(p, os.O_PATH | os.O_CLOEXEC) for p in paths]
-        mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,nr_inodes=1024,mode=0755")
-        for path, fd in zip(paths, fds, strict=True):
-            os.makedirs(path, mode=0o755, exist_ok=True)
-            mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC, None)
-            os.close(fd)
-        _read_only_tree(top)
-    opts = f"size={limits.tmp_kb}k,nr_inodes=4096,mode=0700,uid={uid},gid={uid}"
-    for path in view.get("tmpfs") or ():
-        if os.path.isdir(path) and not os.path.islink(path) and path not in ("/tmp", "/dev/shm"):
-            mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+def _pivot_root() -> None:
+    """Make the current directory ``/`` and detach the old root (``pivot_root(".", ".")``)."""
+    nr = _SYS_PIVOT_ROOT.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"pivot_root: unknown syscall on {platform.machine()}")
+    _check(_libc.syscall(nr, b".", b"."), "pivot_root")
+    # The old root is now stacked on the new one at "/": detach it, with everything below.
+    _check(_libc.umount2(b".", _MNT_DETACH), "umount old root")
+    os.chdir("/")
+
+
+def _private_root(uid: int, limits: Limits, view: dict[str, Any]) -> None:
+    """Build a read-only root holding only what a step needs, and pivot into it.
+
+    An empty tmpfs (on ``/tmp`` of our own mount namespace, the staging point) gets a
+    private writable tmpfs on ``/tmp`` and ``/dev/shm``, the host paths of
+    ``view["binds"]`` bound read-only at their own paths (after ``/tmp``, so a checkout
+    under the host's ``/tmp`` stays visible), the files of ``view["files"]``, the symlinks
+    of ``view["symlinks"]``, a read-only ``/dev`` with only ``null``, ``zero``, ``full``,
+    ``random`` and ``urandom``, and a fresh ``/proc`` of our PID namespace;
+    ``view["hide"]`` (config directories under an exposed path) get an empty tmpfs and
+    ``view["sockets"]`` (unix sockets under an exposed path) ``/dev/null``. Then the old
+    root is detached: the host's home directories, ``/etc``, ``/var``, ``/run``, ``/srv``,
+    working directories and every unix socket in them, now or later, do not exist for the
+    step, whatever its uid may read on the host.
+    """
+    binds = [(os.open(src, os.O_PATH | os.O_CLOEXEC), dest) for src, dest in view["binds"]]
+    files = [(os.open(p, os.O_PATH | os.O_CLOEXEC), p) for p in view.get("files") or ()]
+    devices = [
+        (os.open(f"/dev/{name}", os.O_PATH | os.O_CLOEXEC), name)
+        for name in _DEVICES
+        if os.path.exists(f"/dev/{name}")
+    ]
+    old_umask = os.umask(0o022)
+    root = "/tmp"
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=256k,nr_inodes=1024,mode=0755")
+    private = f"size={limits.tmp_kb}k,nr_inodes=4096,mode=0700,uid={uid},gid={uid}"
+    os.mkdir(root + "/tmp", 0o755)
+    mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, private)
+    read_only = [root + "/dev"]
+    for fd, dest in binds:
+        os.makedirs(root + dest, mode=0o755, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", root + dest, None, MS_BIND | MS_REC, None)
+        read_only.append(root + dest)
+    for target, link in view.get("symlinks") or ():
+        os.makedirs(os.path.dirname(root + link), mode=0o755, exist_ok=True)
+        os.symlink(target, root + link)
+    for fd, path in files:
+        os.makedirs(os.path.dirname(root + path), mode=0o755, exist_ok=True)
+        os.close(os.open(root + path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+        mount(f"/proc/self/fd/{fd}", root + path, None, MS_BIND, None)
+        read_only.append(root + path)
+    dev = root + "/dev"
+    os.mkdir(dev, 0o755)
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=16k,nr_inodes=64,mode=0755")
+    for fd, name in devices:
+        os.close(os.open(f"{dev}/{name}", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
+        mount(f"/proc/self/fd/{fd}", f"{dev}/{name}", None, MS_BIND, None)
+    for name, target in _DEV_LINKS:
+        os.symlink(target, f"{dev}/{name}")
+    os.mkdir(f"{dev}/shm", 0o755)
+    for fd, _ in (*binds, *files, *devices):
+        os.close(fd)
     for path in view.get("hide") or ():
-        if os.path.isdir(path) and not os.path.islink(path):
-            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
+        with contextlib.suppress(OSError):  # gone since the worker looked
+            flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+            mount("tmpfs", root + path, "tmpfs", flags, "size=4k")
     for path in view.get("sockets") or ():
         with contextlib.suppress(OSError):  # gone, or under a directory hidden above
-            if os.path.exists(path) and not os.path.isdir(path):
-                mount("/dev/null", path, None, MS_BIND, None)
-    if own_pidns:
-        # We are init of a new PID namespace: a fresh /proc lists only our own processes.
-        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+            if os.path.exists(root + path) and not os.path.isdir(root + path):
+                mount("/dev/null", root + path, None, MS_BIND, None)
+    os.mkdir(root + "/proc", 0o755)
+    # Mounted while the host's /proc is still visible (the kernel asks for that in a user
+    # namespace); it shows our PID namespace: the child's own, or the fork-server's.
+    mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    # Read-only: the new root itself (not recursively: /tmp and /dev/shm stay writable),
+    # each bound host path with everything below it, and /dev (the nodes stay usable).
+    _read_only_tree(root, recursive=False)
+    for path in read_only:
+        _read_only_tree(path)
+    mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, private)
+    os.chdir(root)
+    _pivot_root()
+    os.chdir("/tmp")
+    os.umask(old_umask)
 
 
 def _loopback_up() -> None:

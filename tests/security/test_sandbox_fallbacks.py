@@ -3,10 +3,12 @@
 The fallbacks (forced here with ``launcher="unshare"`` / ``"direct"``, or by a ``PATH``
 without ``bwrap``) must not let a step reach the host: no network (Redis, PostgreSQL,
 Conveyor's own port on loopback, the host's unix sockets), no host processes in ``/proc``,
-no write that outlives the step, no view of the config directory. Where a fallback cannot
-promise that (no namespaces at all), the embedded default refuses code steps, and
-production roles refuse anything but bubblewrap unless ``AP_SANDBOX_ALLOW_PARTIAL_ISOLATION``
-accepts the risk.
+no write that outlives the step, no view of the config directory, and nothing of the host's
+filesystem the worker's user could read (home directories, ``/etc``, other checkouts): the
+step gets a private root like bubblewrap's with only ``/usr``, Python and the package.
+Where a fallback cannot promise that (no namespaces at all), the embedded default refuses
+code steps, and production roles refuse anything but bubblewrap unless
+``AP_SANDBOX_ALLOW_PARTIAL_ISOLATION`` accepts the risk.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 import structlog.testing
 
 from conveyor.sandbox import Limits, Sandbox, SandboxConfig, SandboxStatus, SandboxUnavailable
+from conveyor.sandbox.isolation import host_view, package_dir, python_paths
 from conveyor.settings import Settings
 from tests.sandbox.support import make_sandbox, run
 
@@ -146,8 +149,11 @@ async def test_fallbacks_keep_the_step_off_the_host(
     # Private tmpfs where the host lets anyone write; read-only everywhere else.
     for d in WRITABLE:
         assert not os.path.exists(os.path.join(d, canary)), d  # noqa: ASYNC240 - a stat
-    assert out["writes"]["/var/tmp"] == "written" and out["writes"]["/tmp"] == "written"
-    assert out["writes"]["/etc"] != "written" and out["writes"]["/var/lib"] != "written"
+    # A private root like bubblewrap's: /tmp and /dev/shm are the step's own (checked above:
+    # nothing reached the host's); /var, /etc, /run, /root do not exist or are read-only.
+    assert out["writes"]["/tmp"] == "written" and out["writes"]["/dev/shm"] == "written"
+    private = ("/tmp", "/dev/shm")
+    assert all(out["writes"][d] != "written" for d in WRITABLE if d not in private), out["writes"]
 
 
 async def test_unsafe_fallback_refuses_code_steps_in_the_embedded_default() -> None:
@@ -221,5 +227,189 @@ async def test_embedded_default_without_bubblewrap_runs_code_steps(
     ) as sb:
         assert sb.launcher is not None and sb.launcher.name == "unshare"
         assert sb.health()["code_steps"] == "enabled"
-        result = await run(sb, "def run(input):\n    return input * 2\n", 21)
-    assert result.output == 42
+        result = await run(sb, _STDLIB, 21)
+    assert result.status is SandboxStatus.SUCCEEDED, result.error
+    out = result.output
+    assert out["double"] == 42 and out["paris"] == "+0100" and out["sha"] == 64
+    assert out["sqlite"] == 1 and out["tmp"].startswith("/tmp/")
+
+
+# Modules the fork-server did not import before forking: read from the private root's
+# copy of the Python install after the pivot; tz data from /usr/share/zoneinfo or tzdata.
+_STDLIB = """
+import datetime, hashlib, sqlite3, tempfile, zoneinfo, xml.dom.minidom, email.mime.text
+def run(input):
+    paris = datetime.datetime(2026, 1, 1, tzinfo=zoneinfo.ZoneInfo("Europe/Paris"))
+    con = sqlite3.connect(":memory:")
+    with tempfile.NamedTemporaryFile() as fh:
+        tmp = fh.name
+    return {
+        "double": input * 2,
+        "paris": paris.strftime("%z"),
+        "sha": len(hashlib.sha256(b"x").hexdigest()),
+        "sqlite": con.execute("select 1").fetchone()[0],
+        "tmp": tmp,
+    }
+"""
+
+
+def _forced(launcher: str) -> None:
+    """Skip (or fail in CI) when ``launcher`` cannot be tested on this host."""
+    if launcher == "unshare" and shutil.which("unshare") is None:
+        if os.environ.get("CONVEYOR_CI"):
+            pytest.fail("util-linux unshare is missing on the CI machine")
+        pytest.skip("util-linux unshare is not installed")
+
+
+@pytest.fixture
+def host_secrets() -> Iterator[dict[str, str]]:
+    """Files the worker's user can read (0644 in 0755 directories), outside /tmp and /run."""
+    base = Path("/var/lib") / f"conveyor-test-{uuid.uuid4().hex[:8]}"
+    home = base / "home"
+    files = {
+        "ssh": home / ".ssh" / "id_ed25519",
+        "aws": home / ".aws" / "credentials",
+        "env": base / "other-project" / ".env",
+    }
+    for path in files.values():
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        path.write_text(f"secret-{uuid.uuid4().hex}\n")
+        path.chmod(0o644)
+    for d in (base, home):
+        d.chmod(0o755)
+    yield {k: str(v) for k, v in files.items()}
+    shutil.rmtree(base, ignore_errors=True)
+
+
+_READ = """
+import os
+def run(input):
+    out = {}
+    for name, path in input["paths"].items():
+        try:
+            with open(path) as fh:
+                out[name] = fh.read()
+        except OSError as exc:
+            out[name] = type(exc).__name__
+    out["/"] = sorted(os.listdir("/"))
+    out["/dev"] = sorted(os.listdir("/dev"))
+    return out
+"""
+
+
+@pytest.mark.parametrize("launcher", ["unshare", "direct"])
+async def test_fallbacks_hide_what_the_worker_user_can_read(
+    launcher: str, host_secrets: dict[str, str]
+) -> None:
+    """Keys, credentials, env files, /etc/passwd, the checkout: absent from the step's root."""
+    _forced(launcher)
+    checkout = package_dir().parent
+    paths = {
+        **host_secrets,
+        "passwd": "/etc/passwd",
+        "hosts": "/etc/hosts",
+        "setup": str(checkout / "setup.cfg"),
+        "cwd": os.path.join(os.getcwd(), "x"),
+        "proc1": "/proc/1/environ",
+    }
+    for name in host_secrets:
+        assert Path(paths[name]).read_text().startswith("secret-")  # noqa: ASYNC240
+    async with make_sandbox(launcher=launcher, slots=1) as sb:
+        if launcher == "direct" and not sb.report.safe:
+            pytest.skip("direct fallback without namespaces (not root): refused by policy")
+        result = await run(sb, _READ, {"paths": paths})
+    assert result.status is SandboxStatus.SUCCEEDED, result.error
+    out = result.output
+    leaked = {k: v for k, v in out.items() if k in paths and v != "FileNotFoundError"}
+    # /proc/1 is the step's own PID namespace's init (the fork-server or itself), never
+    # the host's; its environment is the clean one if readable at all.
+    assert set(leaked) <= {"proc1"}, leaked
+    assert "AP_" not in leaked.get("proc1", "")
+    # Only what a Python step needs (the rest of / is an empty read-only tmpfs).
+    top = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "dev", "proc", "tmp"}
+    extra = set(out["/"]) - top
+    needed = {p.split("/")[1] for p in (str(package_dir()), *python_paths())}
+    assert extra <= needed, out["/"]
+    assert set(out["/"]) >= {"usr", "dev", "proc", "tmp"}
+    assert set(out["/dev"]) <= {
+        "null",
+        "zero",
+        "full",
+        "random",
+        "urandom",
+        "shm",
+        "fd",
+        "stdin",
+        "stdout",
+        "stderr",
+    }, out["/dev"]
+
+
+@pytest.mark.parametrize("launcher", ["unshare", "direct"])
+async def test_socket_created_after_start_is_unreachable(launcher: str) -> None:
+    """A unix socket a host service opens after the sandbox started: no step connects to it."""
+    _forced(launcher)
+    code = """
+import socket
+def run(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(2)
+    try:
+        s.connect(path)
+        return "connected"
+    except OSError as exc:
+        return type(exc).__name__
+    finally:
+        s.close()
+"""
+    base = Path("/var/lib") / f"conveyor-test-{uuid.uuid4().hex[:8]}"
+    async with make_sandbox(launcher=launcher, slots=1) as sb:
+        if launcher == "direct" and not sb.report.safe:
+            pytest.skip("direct fallback without namespaces (not root): refused by policy")
+        # The fork-server and its spare children exist already; now the service starts.
+        base.mkdir(mode=0o755)
+        srv = socket.socket(socket.AF_UNIX)
+        try:
+            path = str(base / "late.sock")
+            srv.bind(path)
+            os.chmod(path, 0o777)
+            srv.listen(4)
+            probe = socket.socket(socket.AF_UNIX)
+            probe.connect(path)  # the host itself reaches it
+            probe.close()
+            result = await run(sb, code, path)
+        finally:
+            srv.close()
+            shutil.rmtree(base, ignore_errors=True)
+    assert result.status is SandboxStatus.SUCCEEDED, result.error
+    assert result.output == "FileNotFoundError"
+
+
+def test_host_view_exposes_only_what_python_needs(tmp_path: Path) -> None:
+    """The private root's plan: /usr, Python, the package; config dirs elsewhere need no mask."""
+    outside = tmp_path / "conveyor-home"
+    outside.mkdir()
+    view = host_view((str(outside),))
+    exposed = [dest for _src, dest in view["binds"]]
+    assert "/usr" in exposed and str(package_dir()) in {*exposed, *python_paths()}
+    assert all(src == dest for src, dest in view["binds"])
+    assert not any(p in ("/", "/etc", "/home", "/root", "/var", "/run") for p in exposed)
+    assert set(view["files"]) <= {"/etc/ld.so.cache", "/etc/localtime"}
+    assert view["hide"] == []  # not under an exposed path: absent from the root anyway
+
+
+@needs_unshare
+async def test_config_dir_under_an_exposed_path_is_masked() -> None:
+    """A config directory inside the exposed package directory is an empty directory."""
+    inside = package_dir() / f".conveyor-test-{uuid.uuid4().hex[:8]}"
+    inside.mkdir()
+    try:
+        (inside / "encryption.key").write_text("k" * 64)
+        assert str(inside) in host_view((str(inside),))["hide"]
+        code = "import os\ndef run(path):\n    return sorted(os.listdir(path))\n"
+        async with make_sandbox(launcher="unshare", slots=1, hide=(str(inside),)) as sb:
+            result = await run(sb, code, str(inside))
+    finally:
+        shutil.rmtree(inside, ignore_errors=True)
+    assert result.status is SandboxStatus.SUCCEEDED, result.error
+    assert result.output == []
