@@ -15,6 +15,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+Errors = tuple[type[BaseException], ...]
+
+
+def _give_up(what: str, timeout_s: float, last: BaseException | None) -> AssertionError:
+    tail = f" (last error: {last!r})" if last is not None else ""
+    return AssertionError(f"{what} not reached within {timeout_s} s{tail}")
 
 
 async def eventually(
@@ -23,19 +29,30 @@ async def eventually(
     timeout_s: float = 20.0,
     interval_s: float = 0.02,
     what: str = "condition",
+    ignore: Errors = (),
 ) -> T:
     """Call ``check`` (a function or coroutine function) every ``interval_s`` seconds until
     it returns something truthy, and return that; raise :class:`AssertionError` naming
-    ``what`` after ``timeout_s`` seconds. Exceptions from ``check`` propagate."""
+    ``what`` after ``timeout_s`` seconds.
+
+    Exceptions of the ``ignore`` types count as "not yet" (a server still starting); any
+    other exception, and an ``AssertionError`` always, ends the wait at once.
+    """
     deadline = time.monotonic() + timeout_s
+    last: BaseException | None = None
     while True:
-        value: Any = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value  # type: ignore[no-any-return]
+        try:
+            value: Any = check()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value  # type: ignore[no-any-return]
+        except AssertionError:
+            raise
+        except ignore as exc:
+            last = exc
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout_s} s")
+            raise _give_up(what, timeout_s, last)
         await asyncio.sleep(interval_s)
 
 
@@ -45,13 +62,20 @@ def eventually_sync(
     timeout_s: float = 20.0,
     interval_s: float = 0.05,
     what: str = "condition",
+    ignore: Errors = (),
 ) -> T:
-    """The blocking twin of :func:`eventually`, for tests without an event loop."""
+    """The blocking twin of :func:`eventually`, for code without an event loop."""
     deadline = time.monotonic() + timeout_s
+    last: BaseException | None = None
     while True:
-        value = check()
-        if value:
-            return value
+        try:
+            value = check()
+            if value:
+                return value
+        except AssertionError:
+            raise
+        except ignore as exc:
+            last = exc
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout_s} s")
+            raise _give_up(what, timeout_s, last)
         time.sleep(interval_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ import redis.asyncio as aioredis
 
 from conveyor.embedded import EmbeddedServers, ensure_encryption_key
 from conveyor.settings import Settings
+from tests.polling import eventually_sync
 from tests.processes import free_port
 
 pytestmark = pytest.mark.embedded
@@ -48,12 +50,9 @@ def _servers_under(path: Path) -> list[psutil.Process]:
 
 
 def _wait_gone(path: Path, timeout_s: float = 10.0) -> list[psutil.Process]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        left = _servers_under(path)
-        if not left:
-            return []
-        time.sleep(0.1)
+    """The servers still running under ``path`` once they are gone or ``timeout_s`` passed."""
+    with contextlib.suppress(AssertionError):
+        eventually_sync(lambda: not _servers_under(path), timeout_s=timeout_s, interval_s=0.1)
     return _servers_under(path)
 
 
@@ -126,16 +125,14 @@ def _start_up(config_dir: Path, port: int) -> subprocess.Popen[bytes]:
 
 def _ready_within(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> float:
     started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
+
+    def ready() -> bool:
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return time.monotonic() - started
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"/readyz not 200 within {timeout_s} s")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+            return bool(r.status == 200)
+
+    eventually_sync(ready, timeout_s=timeout_s, what="/readyz 200", ignore=(OSError,))
+    return time.monotonic() - started
 
 
 def test_conveyor_up_ready_then_ctrl_c_leaves_nothing(config_dir: Path) -> None:

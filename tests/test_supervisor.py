@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from typing import Any
 
 import psutil
 
+from tests.polling import eventually_sync
 from tests.processes import free_port
 
 
@@ -42,15 +42,6 @@ def _merged_concurrency(port: int) -> float:
     return float(line.split()[1])
 
 
-def _wait(cond: Any, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 async def test_cluster_restarts_dead_child_and_drains(
     db: Any, postgres_url: str, redis_url: str
 ) -> None:
@@ -75,17 +66,22 @@ async def test_cluster_restarts_dead_child_and_drains(
         stderr=subprocess.PIPE,
     )
     try:
-        assert _wait(lambda: _ready(port) and len(_children(proc)) == 2), "cluster not ready"
+        wait = {"timeout_s": 20.0, "interval_s": 0.1}
+        eventually_sync(
+            lambda: _ready(port) and len(_children(proc)) == 2, what="cluster ready", **wait
+        )
         first = _children(proc)
         victim = sorted(first)[0]
         os.kill(victim, signal.SIGKILL)
-        assert _wait(
-            lambda: len(_children(proc) - {victim}) == 2 and victim not in _children(proc)
-        ), "dead child not replaced"
-        assert _wait(lambda: _ready(port))
+        eventually_sync(
+            lambda: len(_children(proc) - {victim}) == 2 and victim not in _children(proc),
+            what="dead child replaced",
+            **wait,
+        )
+        eventually_sync(lambda: _ready(port), what="ready again", **wait)
         kids = _children(proc)
         # One /metrics merges every child: two live children with one slot each.
-        assert _wait(lambda: _merged_concurrency(port) == 2.0), _merged_concurrency(port)
+        eventually_sync(lambda: _merged_concurrency(port) == 2.0, what="concurrency 2", **wait)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)

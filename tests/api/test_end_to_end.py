@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any
 
@@ -11,6 +10,7 @@ from aiohttp.test_utils import TestClient
 
 from conveyor.queue import Consumer, Job, QueueConfig
 from conveyor.store.db import Database
+from tests.polling import eventually
 
 ORDER = {
     "name": "order-alert",
@@ -67,13 +67,7 @@ async def test_sync_webhook_answers_with_respond_step(make_client: Any) -> None:
     assert await resp.json() == {"big": True}
     assert resp.headers["x-tier"] == "yes"
     run_id = resp.headers["x-run-id"]
-    detail: dict[str, Any] = {}
-    for _ in range(100):
-        detail = await (await client.get(f"/api/v1/flow-runs/{run_id}")).json()
-        if detail["status"] == "SUCCEEDED":
-            break
-        await asyncio.sleep(0.05)
-    assert detail["status"] == "SUCCEEDED"
+    detail = await _wait_status(client, run_id, "SUCCEEDED")
     names = [s["name"] for s in detail["steps"]]
     assert names == ["parse", "score", "route", "vip", "reply"]
     vip = next(s for s in detail["steps"] if s["name"] == "vip")
@@ -170,12 +164,7 @@ async def test_sync_timeout_408_run_goes_on(make_client: Any) -> None:
     assert resp.status == 408
     body = await resp.json()
     assert body["error"]["code"] == "WEBHOOK_TIMEOUT" and body["run_id"]
-    for _ in range(100):
-        run = await (await client.get(f"/api/v1/flow-runs/{body['run_id']}")).json()
-        if run["status"] == "SUCCEEDED":
-            break
-        await asyncio.sleep(0.05)
-    assert run["status"] == "SUCCEEDED"
+    await _wait_status(client, body["run_id"], "SUCCEEDED")
 
 
 async def test_async_runs_listed_with_filters(make_client: Any) -> None:
@@ -191,15 +180,15 @@ async def test_async_runs_listed_with_filters(make_client: Any) -> None:
     for n in range(5):
         r = await client.post(f"/api/v1/webhooks/{fid}", json={"n": n})
         ids.append((await r.json())["run_id"])
-    for _ in range(200):
-        page = await (
-            await client.get(f"/api/v1/flow-runs?flow_id={fid}&status=SUCCEEDED&limit=2")
-        ).json()
+
+    async def all_succeeded() -> dict[str, Any] | None:
         done = await (await client.get(f"/api/v1/flow-runs?flow_id={fid}&status=SUCCEEDED")).json()
-        if len(done["data"]) == 5:
-            break
-        await asyncio.sleep(0.05)
-    assert len(done["data"]) == 5
+        return done if len(done["data"]) == 5 else None
+
+    done = await eventually(all_succeeded, timeout_s=10, interval_s=0.05, what="5 runs SUCCEEDED")
+    page = await (
+        await client.get(f"/api/v1/flow-runs?flow_id={fid}&status=SUCCEEDED&limit=2")
+    ).json()
     assert [r["id"] for r in done["data"]] == list(reversed(ids))
     assert len(page["data"]) == 2 and page["next_cursor"]
     assert (await client.get("/api/v1/flow-runs?status=NOPE")).status == 400
@@ -207,23 +196,21 @@ async def test_async_runs_listed_with_filters(make_client: Any) -> None:
 
 async def _wait_runs_queue_idle(client: TestClient[Any, Any]) -> None:
     """Wait until the runs queue holds nothing waiting or in flight (its jobs acknowledged)."""
-    for _ in range(200):
+
+    async def idle() -> bool:
         data = (await (await client.get("/api/v1/queues")).json())["data"]
         runs_q = next(q for q in data if q["queue"] == "runs")
-        if runs_q["waiting"] == 0 and runs_q["active"] == 0:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"runs queue not idle: {runs_q}")
+        return runs_q["waiting"] == 0 and runs_q["active"] == 0
+
+    await eventually(idle, timeout_s=10, interval_s=0.05, what="runs queue idle")
 
 
 async def _wait_status(client: TestClient[Any, Any], run_id: str, *want: str) -> dict[str, Any]:
-    run: dict[str, Any] = {}
-    for _ in range(200):
-        run = await (await client.get(f"/api/v1/flow-runs/{run_id}")).json()
-        if run["status"] in want:
-            return run
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"run stayed {run.get('status')}")
+    async def reached() -> dict[str, Any] | None:
+        run: dict[str, Any] = await (await client.get(f"/api/v1/flow-runs/{run_id}")).json()
+        return run if run["status"] in want else None
+
+    return await eventually(reached, timeout_s=10, interval_s=0.05, what=f"run {want}")
 
 
 async def test_retry_from_failed_step_keeps_earlier_steps(make_client: Any) -> None:

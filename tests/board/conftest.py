@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 
 from aiohttp.test_utils import TestClient
 
 from tests.api.conftest import make_client, make_settings
+from tests.polling import eventually
 
 __all__ = ["make_client", "make_settings"]
 
@@ -68,14 +68,18 @@ async def wait_status(
     client: Client, run_id: str, *statuses: str, timeout_s: float = 15
 ) -> dict[str, Any]:
     """Poll the API until the run reaches one of ``statuses``."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
     run: dict[str, Any] = {}
-    while asyncio.get_running_loop().time() < deadline:
-        run = await (await client.get(f"/api/v1/flow-runs/{run_id}")).json()
-        if run.get("status") in statuses:
-            return run
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"run {run_id} stuck in {run.get('status')}, wanted {statuses}")
+
+    async def reached() -> dict[str, Any] | None:
+        run.update(await (await client.get(f"/api/v1/flow-runs/{run_id}")).json())
+        return dict(run) if run.get("status") in statuses else None
+
+    try:
+        return await eventually(reached, timeout_s=timeout_s, interval_s=0.05)
+    except AssertionError:
+        raise AssertionError(
+            f"run {run_id} stuck in {run.get('status')}, wanted {statuses}"
+        ) from None
 
 
 async def csrf(client: Client, path: str = "/admin/queues") -> str:

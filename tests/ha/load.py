@@ -20,6 +20,7 @@ import aiohttp
 import asyncpg
 
 from conveyor.engine.status import TERMINAL
+from tests.polling import eventually
 
 TERMINAL_VALUES = [s.value for s in TERMINAL]
 STEPS = ("echo", "pause")
@@ -54,16 +55,20 @@ class Conveyor:
                 sys.executable, "-m", "conveyor", "up", env=self.env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
             )  # fmt: skip
-        deadline = time.monotonic() + timeout_s
         async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline and self.proc.returncode is None:
-                try:
-                    async with http.get(f"{self.base}/readyz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+
+            async def ready() -> bool:
+                assert self.proc is not None and self.proc.returncode is None, "exited"
+                async with http.get(f"{self.base}/readyz") as r:
+                    return r.status == 200
+
+            try:
+                await eventually(
+                    ready, timeout_s=timeout_s, interval_s=0.1, ignore=(aiohttp.ClientError,)
+                )
+                return
+            except AssertionError:
+                pass
         await self.kill()
         raise AssertionError(f"conveyor up did not become ready:\n{self.tail()}")
 
@@ -168,21 +173,26 @@ async def wait_terminal(
     of terminal runs and how long it took (raises with the counts on timeout)."""
     start = time.monotonic()
     conn = await asyncpg.connect(postgres_url)
+    counts = [0, 0]
+
+    async def settled() -> bool:
+        counts[:] = await conn.fetchrow(
+            """SELECT count(*), count(*) FILTER (WHERE status = ANY($2::text[]))
+               FROM runs WHERE flow_id = $1::uuid""",
+            flow_id,
+            TERMINAL_VALUES,
+        )
+        return counts[0] >= accepted and counts[1] == counts[0]
+
     try:
-        while True:
-            total, done = await conn.fetchrow(
-                """SELECT count(*), count(*) FILTER (WHERE status = ANY($2::text[]))
-                   FROM runs WHERE flow_id = $1::uuid""",
-                flow_id,
-                TERMINAL_VALUES,
-            )
-            if total >= accepted and done == total:
-                return int(done), time.monotonic() - start
-            if time.monotonic() - start > timeout_s:
-                raise AssertionError(
-                    f"after {timeout_s} s: {done}/{total} runs terminal, {accepted} accepted"
-                )
-            await asyncio.sleep(0.25)
+        try:
+            await eventually(settled, timeout_s=timeout_s, interval_s=0.25)
+        except AssertionError:
+            total, done = counts
+            raise AssertionError(
+                f"after {timeout_s} s: {done}/{total} runs terminal, {accepted} accepted"
+            ) from None
+        return int(counts[1]), time.monotonic() - start
     finally:
         await conn.close()
 

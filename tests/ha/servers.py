@@ -19,7 +19,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -27,6 +26,7 @@ from typing import NoReturn
 import pytest
 import redis
 
+from tests.polling import eventually_sync
 from tests.queue.servers import free_port
 
 PG_USER = "postgres"
@@ -148,23 +148,6 @@ class Process:
             return ""
 
 
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``check`` until true or raise after ``timeout_s``; errors count as "not yet",
-    except an ``AssertionError``, which ends the wait at once."""
-    deadline = time.monotonic() + timeout_s
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except AssertionError:
-            raise
-        except Exception as exc:
-            last = exc
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last error: {last!r})")
-
-
 # --- Redis --------------------------------------------------------------------------------
 
 
@@ -211,7 +194,12 @@ class RedisNode:
         ]  # fmt: skip
         self.process = Process(argv, self.directory / "redis.log")
         self.process.start()
-        wait_for(lambda: _answers(self.process, self.client), 10, f"redis {self.name}")
+        eventually_sync(
+            lambda: _answers(self.process, self.client),
+            timeout_s=10,
+            what=f"redis {self.name}",
+            ignore=(Exception,),
+        )
 
     def kill(self) -> None:
         if self.process is not None:
@@ -246,7 +234,12 @@ class SentinelNode:
         argv = [redis_server_binary(), str(conf), "--sentinel"]
         self.process = Process(argv, self.directory / "sentinel.log")
         self.process.start()
-        wait_for(lambda: _answers(self.process, self.client), 10, "a sentinel")
+        eventually_sync(
+            lambda: _answers(self.process, self.client),
+            timeout_s=10,
+            what="a sentinel",
+            ignore=(Exception,),
+        )
 
     def master_port(self) -> int:
         with self.client() as c:
@@ -272,7 +265,12 @@ def start_sentinel_group(
     master.start()
     replica = RedisNode(root, "replica", "--replicaof", "127.0.0.1", str(master.port))
     replica.start()
-    wait_for(lambda: replication_up(replica), 15, "the replica to sync")
+    eventually_sync(
+        lambda: replication_up(replica),
+        timeout_s=15,
+        what="the replica to sync",
+        ignore=(Exception,),
+    )
     group = [SentinelNode(root, i, master, name) for i in range(sentinels)]
     for s in group:
         s.start()
@@ -287,7 +285,12 @@ def start_sentinel_group(
 
     # Sentinels find each other through the master's hello channel (every 2 s); a failover
     # needs a majority of them to vote.
-    wait_for(settled, 30, "the sentinels to discover each other and the replica")
+    eventually_sync(
+        settled,
+        timeout_s=30,
+        what="the sentinels to discover each other and the replica",
+        ignore=(Exception,),
+    )
     return master, replica, group
 
 
@@ -353,7 +356,12 @@ def start_cluster(root: Path, masters: int = 3) -> list[RedisNode]:
                 return False
         return True
 
-    wait_for(ready, 30, "the cluster to be ok on every node with replicas in sync")
+    eventually_sync(
+        ready,
+        timeout_s=30,
+        what="the cluster to be ok on every node with replicas in sync",
+        ignore=(Exception,),
+    )
     return nodes
 
 
@@ -426,7 +434,12 @@ class Postgres:
             probe = ["-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER, "-q"]
             return subprocess.run([isready, *probe], check=False, timeout=5).returncode == 0
 
-        wait_for(ready, 30, f"PostgreSQL {self.name} to accept connections")
+        eventually_sync(
+            ready,
+            timeout_s=30,
+            what=f"PostgreSQL {self.name} to accept connections",
+            ignore=(Exception,),
+        )
 
     def kill(self, *, crash: bool = False) -> None:
         """Immediate shutdown (the postmaster cleans up), or with ``crash`` SIGKILL of the
@@ -492,7 +505,9 @@ class PgBouncer:
             probe = ["-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER, "-q"]
             return subprocess.run([isready, *probe], check=False, timeout=5).returncode == 0
 
-        wait_for(ready, 15, "PgBouncer to accept connections")
+        eventually_sync(
+            ready, timeout_s=15, what="PgBouncer to accept connections", ignore=(Exception,)
+        )
 
     def show(self, what: str) -> list[dict[str, str]]:
         """``SHOW <what>`` on the admin console (simple protocol only, hence psql)."""

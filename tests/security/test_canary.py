@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from tests.conftest import throwaway_database
+from tests.polling import eventually
 from tests.processes import conveyor_env, free_port
 
 CANARY = f"Canary-{uuid.uuid4().hex[:12]}/x+y"
@@ -144,17 +146,19 @@ FLOWS: list[dict[str, Any]] = [
 
 async def _wait_ready(port: int, proc: asyncio.subprocess.Process) -> None:
     async with aiohttp.ClientSession() as http:
-        for _ in range(400):
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if proc.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
-    raise AssertionError("conveyor up did not become ready")
+
+        async def ready() -> bool:
+            assert proc.returncode is None, "conveyor up exited"
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                return r.status == 200
+
+        await eventually(
+            ready,
+            timeout_s=20,
+            interval_s=0.05,
+            what="conveyor up ready",
+            ignore=(aiohttp.ClientError,),
+        )
 
 
 async def _dump_postgres(url: str) -> str:
@@ -276,11 +280,15 @@ async def _exercise(base: str, echo: str) -> dict[str, str]:
             pages[f"sync {fid}"] = await r.text()
             runs.append(r.headers["x-run-id"])
         for run_id in runs:
-            for _ in range(200):
-                run = await (await http.get(f"/api/v1/flow-runs/{run_id}")).json()
-                if run["status"] not in ("QUEUED", "RUNNING"):
-                    break
-                await asyncio.sleep(0.1)
+            run: dict[str, Any] = {}
+
+            async def settled(run_id: str = run_id, run: dict[str, Any] = run) -> bool:
+                run.update(await (await http.get(f"/api/v1/flow-runs/{run_id}")).json())
+                return run["status"] not in ("QUEUED", "RUNNING")
+
+            # Scanned as it is after the wait, settled or not (the canary is in any state).
+            with contextlib.suppress(AssertionError):
+                await eventually(settled, timeout_s=20, interval_s=0.1)
             pages[f"api run {run_id}"] = orjson_dumps(run)
             for path in (f"/admin/runs/{run_id}", f"/admin/api/runs/{run_id}"):
                 pages[path] = await (await http.get(path)).text()
