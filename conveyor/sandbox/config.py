@@ -67,7 +67,9 @@ class SandboxConfig:
             (the ``unshare`` fallback) is impossible (the embedded default).
         cgroups: a cgroup per child where the host lets us write one (else rlimits only).
         hide: host directories children of a fallback launcher must not see (the config
-            directory: embedded servers' data, sockets, keys).
+            directory: embedded servers' data, sockets, keys). Their private root holds
+            nothing of the host but ``/usr``, Python and the package anyway; these are
+            masked in case one lies under such a path.
         slots: concurrent executions (``AP_WORKER_CONCURRENCY``).
         limits: per-child limits, see :class:`~conveyor.sandbox.limits.Limits`.
         max_timeout_s: upper bound for any ``timeout_s`` (``AP_FLOW_TIMEOUT_SECONDS``).

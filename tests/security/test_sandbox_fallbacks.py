@@ -13,9 +13,11 @@ code steps, and production roles refuse anything but bubblewrap unless
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -282,6 +284,7 @@ def host_secrets() -> Iterator[dict[str, str]]:
 
 
 _READ = """
+import json
 import os
 def run(input):
     out = {}
@@ -351,6 +354,7 @@ async def test_socket_created_after_start_is_unreachable(launcher: str) -> None:
     _forced(launcher)
     code = """
 import socket
+import subprocess
 def run(path):
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(2)
@@ -413,3 +417,110 @@ async def test_config_dir_under_an_exposed_path_is_masked() -> None:
         shutil.rmtree(inside, ignore_errors=True)
     assert result.status is SandboxStatus.SUCCEEDED, result.error
     assert result.output == []
+
+
+_NON_ROOT = """
+import importlib.util, json, os, sys
+spec = importlib.util.spec_from_file_location("limits_copy", sys.argv[1])
+lim = importlib.util.module_from_spec(spec)
+sys.modules["limits_copy"] = lim
+spec.loader.exec_module(lim)
+view, paths = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+lim.unshare(lim.CLONE_NEWPID)  # as the fork-server does for a child without a uid of its own
+pid = os.fork()
+if pid == 0:
+    lim.private_tmp(os.getuid(), lim.Limits(), network=True, view=view)
+    lim.drop_capabilities()
+    out = {"/": sorted(os.listdir("/")), "procs": [p for p in os.listdir("/proc") if p.isdigit()]}
+    for name, path in paths.items():
+        try:
+            with open(path) as fh:
+                out[name] = fh.read()
+        except OSError as exc:
+            out[name] = type(exc).__name__
+    import sqlite3, xml.dom.minidom  # the standard library, read after the pivot
+    with open("/tmp/scratch", "w") as fh:
+        out["tmp"] = fh.write("x")
+    print(json.dumps(out), flush=True)
+    os._exit(0)
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_non_root_user_namespace_hides_what_the_worker_user_reads(
+    host_secrets: dict[str, str],
+) -> None:
+    """Not root (``unshare --map-root-user``): the step keeps the worker's uid, reads nothing."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become another user (this run itself is the non-root case)")
+    tools = {t: shutil.which(t) for t in ("setpriv", "unshare")}
+    python = "/usr/bin/python3"  # the worker's venv may sit where the other user cannot read
+    missing = [t for t, p in tools.items() if p is None] + (
+        [] if os.path.exists(python) else [python]
+    )
+    if missing:
+        if os.environ.get("CONVEYOR_CI"):
+            pytest.fail(f"missing on the CI machine: {missing}")
+        pytest.skip(f"not installed: {missing}")
+    nobody = 65534
+    for path in host_secrets.values():
+        probe = subprocess.run(
+            [
+                str(tools["setpriv"]),
+                f"--reuid={nobody}",
+                f"--regid={nobody}",
+                "--clear-groups",
+                "cat",
+                path,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert probe.stdout.startswith("secret-"), probe.stderr  # the worker's user can read it
+    base = Path(host_secrets["ssh"]).parents[2]
+    script, limits_copy = base / "probe.py", base / "limits.py"
+    script.write_text(_NON_ROOT)
+    shutil.copyfile(package_dir() / "sandbox" / "limits.py", limits_copy)
+    for f in (script, limits_copy):
+        f.chmod(0o644)
+    full = host_view()
+    view = {
+        **full,
+        "binds": [(s, d) for s, d in full["binds"] if d == "/usr" or d.startswith("/lib")],
+    }
+    paths = {**host_secrets, "passwd": "/etc/passwd", "script": str(script)}
+    proc = subprocess.run(
+        [
+            str(tools["setpriv"]),
+            f"--reuid={nobody}",
+            f"--regid={nobody}",
+            "--clear-groups",
+            str(tools["unshare"]),
+            "--map-root-user",
+            "--net",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
+            python,
+            "-I",
+            str(script),
+            str(limits_copy),
+            json.dumps(view),
+            json.dumps(paths),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd="/",
+    )
+    if proc.returncode != 0 and "unshare failed" in proc.stderr:
+        pytest.skip(f"no unprivileged user namespaces here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    leaked = {k: v for k, v in out.items() if k in paths and v != "FileNotFoundError"}
+    assert leaked == {}, leaked
+    assert out["tmp"] == 1 and out["procs"] == ["1"], out
+    assert not {"var", "home", "srv", "root", "run"} & set(out["/"]), out["/"]
