@@ -41,7 +41,6 @@ from conveyor.sandbox.client import Sandbox
 from conveyor.sandbox.config import SandboxConfig
 from conveyor.settings import Settings
 from conveyor.store import runs as run_store
-from conveyor.store.db import CONNECTION_ERRORS
 from conveyor.store.runs import RunWriter, StepRow, Transition
 from conveyor.store.secrets import SecretBox, load_secrets
 
@@ -55,14 +54,19 @@ class RunEnded(Conflict):
 class _Sink:
     """Checkpoint sink of one run: numbers its steps after those already stored."""
 
-    def __init__(self, writer: RunWriter, first_seq: int) -> None:
+    def __init__(self, writer: RunWriter, first_seq: int, job: Job | None = None) -> None:
         self.writer = writer
         self.seq = first_seq
+        self.job = job
 
     async def step_finished(self, run_id: str, record: StepRecord) -> None:
         seq = self.seq
         self.seq += 1
         metrics.observe_step(record["type"], record["duration_ms"])
+        if self.job is not None:
+            # Fenced: a delivery another worker took over (this one was cut off from Redis)
+            # stops here instead of checkpointing the same step twice.
+            await self.job.ensure_owned()
         if not await self.writer.add_step(StepRow(uuid.UUID(run_id), seq, dict(record))):
             # Canceled (or timed out) meanwhile: stop before the next step runs.
             raise RunEnded(f"run {run_id} ended while step {record['name']!r} ran")
@@ -192,7 +196,7 @@ class RunWorker:
                     },
                 )
 
-        self.sinks.sinks[run_id] = _Sink(self.writer, first_seq)
+        self.sinks.sinks[run_id] = _Sink(self.writer, first_seq, job)
         try:
             outcome = await self.executor.run(flow, ctx, on_respond=on_respond)
         finally:
@@ -279,12 +283,35 @@ class RunWorker:
         await self.producer.close()
 
 
-#: PostgreSQL errors meaning "the server is away" (connection lost, shutting down, starting).
+#: PostgreSQL errors meaning "the server is away" (connection lost, shutting down, starting,
+#: out of connection slots).
 _PG_DOWN = (
-    *CONNECTION_ERRORS,
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
 )
+
+
+def _pg_down(exc: BaseException) -> bool:
+    """A PostgreSQL connection failure: an asyncpg connection error, or an ``OSError`` /
+    ``TimeoutError`` raised inside asyncpg (connecting, reading its socket: refused, reset, a
+    unix socket gone). Not any ``OSError``: a sandbox's ``TimeoutError`` or a
+    ``BrokenPipeError`` elsewhere, or an asyncpg ``InterfaceError`` (misuse), is the job's
+    own failure and spends a delivery."""
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 8:
+        if isinstance(cur, _PG_DOWN):
+            return True
+        if isinstance(cur, OSError | TimeoutError):
+            tb = cur.__traceback__
+            while tb is not None:
+                if "/asyncpg/" in tb.tb_frame.f_code.co_filename.replace("\\", "/"):
+                    return True
+                tb = tb.tb_next
+        cur = cur.__cause__
+        seen += 1
+    return False
 
 
 def backend_down(exc: BaseException) -> str | None:
@@ -292,7 +319,7 @@ def backend_down(exc: BaseException) -> str | None:
     delivery), or ``None`` for a real failure."""
     if isinstance(exc, QueueUnavailable) or (isinstance(exc, RedisError) and is_unavailable(exc)):
         return "redis"
-    if isinstance(exc, _PG_DOWN):
+    if _pg_down(exc):
         return "postgres"
     return None
 

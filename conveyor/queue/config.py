@@ -32,6 +32,10 @@ class QueueConfig:
     :param heartbeat_s: in-flight entries are touched this often (``AP_WORKER_HEARTBEAT_SECONDS``),
         default 2.
     :param max_deliveries: deliveries before an entry is dead-lettered, default 5.
+    :param transient_retry_max_s: how long a job failing because a backend is down is retried
+        without spending a delivery, counted from its first such failure; after that each
+        failure spends one, so a job misjudged as "backend down" still reaches the dead
+        letters. Default 600.
     :param backoff_base_s: first retry delay, doubled per attempt, default 1.
     :param backoff_cap_s: longest retry delay, default 300.
     :param backoff_jitter: relative jitter of a retry delay (0.2 = ±20 %), default 0.2.
@@ -60,6 +64,7 @@ class QueueConfig:
     visibility_timeout_s: float = 6.0
     heartbeat_s: float = 2.0
     max_deliveries: int = 5
+    transient_retry_max_s: float = 600.0
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 300.0
     backoff_jitter: float = 0.2
@@ -80,6 +85,8 @@ class QueueConfig:
             raise ValueError("shards, max_length and concurrency must be >= 1")
         if self.max_deliveries < 1:
             raise ValueError("max_deliveries must be >= 1")
+        if self.transient_retry_max_s < 0:
+            raise ValueError("transient_retry_max_s must be >= 0")
         if self.heartbeat_s >= self.visibility_timeout_s:
             # A heartbeat slower than the visibility timeout lets live work be stolen.
             raise ValueError("heartbeat_s must be shorter than visibility_timeout_s")
@@ -122,6 +129,24 @@ class QueueConfig:
         if self.reclaim_interval_s is not None:
             return self.reclaim_interval_s
         return self.visibility_timeout_s * 2.5
+
+    @property
+    def takeover_guard_s(self) -> float:
+        """How long a consumer that saw Redis fail must then reach it without a failure before
+        it claims other consumers' entries (plus the Redis client's longest retry pause, added
+        by the consumer). During an outage every consumer's idle time grows, live or not; once
+        Redis answers again a live consumer touches its entries within a heartbeat (its loop
+        does not back off; a touch already waiting in the client's retry pause goes out when
+        that pause ends). A visibility timeout plus a heartbeat covers that with room to spare:
+        the allowance a live consumer has between two beats in normal operation."""
+        return self.visibility_timeout_s + self.heartbeat_s
+
+    @property
+    def ownership_margin_s(self) -> float:
+        """A delivery touched this recently is surely still this consumer's: nobody may
+        claim it before it is a visibility timeout idle, and a heartbeat is left for the write
+        the check guards."""
+        return self.visibility_timeout_s - self.heartbeat_s
 
     @property
     def takeover_every_s(self) -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import socket
 import time
@@ -38,7 +39,7 @@ from conveyor.queue import maintenance
 from conveyor.queue.acks import AckBatcher
 from conveyor.queue.config import QueueConfig
 from conveyor.queue.errors import is_unavailable
-from conveyor.queue.job import Job, UndecodablePayload, decode_entry, now_ms
+from conveyor.queue.job import Job, UndecodablePayload, _EntryLost, decode_entry, now_ms
 from conveyor.queue.scripts import (
     CLAIM,
     DEAD,
@@ -60,6 +61,9 @@ DeadHandler = Callable[[Job, str], Awaitable[None]]
 MAX_ERROR_CHARS = 2000
 #: Consumers silent this long with nothing pending are removed from the group.
 FORGET_CONSUMER_MS = 3_600_000
+#: Prefix of the stored error of a job retried because a backend was down: when its first
+#: such failure was (epoch ms), so the no-delivery retries are capped in wall time.
+_TRANSIENT = re.compile(r"^\[backend down since (\d+)\] ")
 
 
 def _reraise_if_cancelling(exc: BaseException | None = None) -> None:
@@ -72,6 +76,21 @@ def _reraise_if_cancelling(exc: BaseException | None = None) -> None:
 
 def _redis_down(exc: BaseException) -> str | None:
     return "redis" if isinstance(exc, RedisError | OSError) and is_unavailable(exc) else None
+
+
+def _retry_pause_s(redis: Any) -> float:
+    """The longest pause the Redis client's own retry makes between two attempts of one
+    command (redis-py's default: 1 s): a live consumer's heartbeat may sit in it when Redis
+    comes back. 1 s when the client does not say."""
+    try:
+        backoff = redis.get_retry()._backoff
+    except Exception:
+        return 1.0
+    for attr in ("_cap", "_backoff"):  # exponential kinds, constant
+        value = getattr(backoff, attr, None)
+        if isinstance(value, int | float):
+            return float(value)
+    return 1.0
 
 
 def default_consumer_name() -> str:
@@ -154,6 +173,14 @@ class Consumer:
         #: Side tasks (dead-lettering) that must finish before shutdown.
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused: frozenset[str] = frozenset()
+        #: Since when (monotonic) this process has reached Redis without a failure; None while
+        #: it fails. Takeover waits for ``config.takeover_guard_s`` of it.
+        self._healthy_since: float | None = None
+        #: Whether this process ever saw Redis fail (a fresh one trusts idle times at once).
+        self._saw_outage = False
+        self._guard_s = self.config.takeover_guard_s + _retry_pause_s(redis)
+        #: Set (and replaced) after every heartbeat round; ownership checks wait on it.
+        self._beat = asyncio.Event()
         self._slot = asyncio.Event()
         self._acks = AckBatcher(redis, self.config.completed_retention_max_count)
         self._stop = asyncio.Event()
@@ -280,11 +307,13 @@ class Consumer:
                 for s in self._streams:
                     await self._claim(s, min_idle_ms=0, count=10_000, owner=self.name)
                 outage.ok()
+                self._redis_ok()
                 return
             except (RedisError, OSError) as exc:
                 _reraise_if_cancelling(exc)
                 if not is_unavailable(exc):
                     raise
+                self._redis_failed()
                 await self._sleep(outage.failed(exc))
 
     async def _shutdown(self) -> None:
@@ -367,10 +396,13 @@ class Consumer:
                         continue
                     got = await self._fetch_blocking(streams, free)
                 outage.ok()
+                self._redis_ok()
             except (RedisError, OSError) as exc:
                 _reraise_if_cancelling(exc)
                 if not is_unavailable(exc) and not outage.down:
                     log.exception("queue.fetch_failed")
+                if is_unavailable(exc):
+                    self._redis_failed()
                 await self._sleep(outage.failed(exc))
                 continue
             if got:
@@ -447,6 +479,8 @@ class Consumer:
                 s.inflight[exc.job.entry_id] = exc.job
                 self._spawn(self._dead_letter(s, exc.job, exc.reason))
                 continue
+            job.fence = self._ensure_owned
+            job.confirmed = time.monotonic()
             s.inflight[job.entry_id] = job
             if deliveries > 1 and job.attempt > self.config.max_deliveries:
                 error = (
@@ -490,6 +524,8 @@ class Consumer:
     async def _execute(self, s: _Stream, job: Job) -> None:
         started = time.time()
         try:
+            if job.lost:
+                raise _EntryLost(job.entry_id)  # taken over while buffered
             await self.handler(job)
         except asyncio.CancelledError:
             # Shutdown deadline: left pending, another worker picks it up after the timeout.
@@ -498,9 +534,17 @@ class Consumer:
             # Cancelled mid-handler but surfaced as another error: still a shutdown, so the
             # entry stays pending (no retry is spent on it).
             raise_if_cancelling()
+            if job.lost:
+                # Fenced: the entry is another consumer's now; neither retry nor acknowledge
+                # it (XACK ignores the owner: it would end the new owner's delivery).
+                log.warning("queue.fenced", queue=job.queue, job_id=job.id, error=repr(exc))
+                return
             self.failed += 1
             await self._handle_failure(s, job, exc)
         else:
+            if job.lost:
+                log.warning("queue.fenced", queue=job.queue, job_id=job.id, error=None)
+                return
             self.processed += 1
             self._queue_ack(s, job, started)
             for name, outage in self._outages.items():
@@ -536,7 +580,14 @@ class Consumer:
             # A backend outage is nobody's fault: retried (one log line per outage) without
             # spending a delivery, so a long outage never dead-letters healthy runs. The
             # attempt stays >= 1 so the redelivery is not a first one (it resumes from the
-            # checkpoints).
+            # checkpoints). Capped in wall time from the first such failure (kept in the
+            # stored error): a job misjudged as "backend down" still reaches the dead letters.
+            found = _TRANSIENT.match(job.last_error or "")
+            since = int(found[1]) if found else now_ms()
+            error = f"[backend down since {since}] {error}"[:MAX_ERROR_CHARS]
+            if now_ms() - since > self.config.transient_retry_max_s * 1000:
+                backend = None
+        if backend is not None:
             outage = self._outages.setdefault(f"run:{backend}", Outage(backend, "run"))
             delay_s = min(max(0.5, outage.failed(exc)), self.config.backoff_cap_s)
             attempt = max(1, job.attempt - 1)
@@ -605,38 +656,98 @@ class Consumer:
         while True:
             _reraise_if_cancelling()
             await asyncio.sleep(self.config.heartbeat_s)
-            if self._leased is not None:
+            await self._beat_once()
+
+    async def _beat_once(self) -> None:
+        """Renew the name lease and touch every held entry; mark the ones taken over as lost
+        (their handlers are fenced) and confirm the others' ownership."""
+        if self._leased is not None:
+            await self._renew_name()
+        for s in self._streams:
+            ids = list(s.inflight)
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                # Taken before the call: Redis resets the entries' idle time after it.
+                started = time.monotonic()
                 try:
-                    kept = await RENEW_NAME(
-                        self.redis,
-                        [self._leased],
-                        [self._lease_token, self.config.visibility_timeout_ms],
-                    )
+                    lost = await TOUCH(self.redis, [s.keys.stream], [k.GROUP, self._name_b, *chunk])
                 except (RedisError, OSError) as exc:
                     _reraise_if_cancelling(exc)
-                    kept = True  # counted by the touch below, which fails the same way
-                if not kept:
-                    log.error("queue.name_lease_lost", consumer=self.name)
-            for s in self._streams:
-                ids = list(s.inflight)
-                for i in range(0, len(ids), 500):
-                    try:
-                        lost = await TOUCH(
-                            self.redis, [s.keys.stream], [k.GROUP, self._name_b, *ids[i : i + 500]]
-                        )
-                    except (RedisError, OSError) as exc:
-                        _reraise_if_cancelling(exc)
-                        self._outages["touch"].failed(exc)
-                        break
-                    self._outages["touch"].ok()
-                    # Entries acknowledged while the touch was in flight are not lost.
-                    lost = [x for x in lost if x.decode() in s.inflight]
-                    if lost:
-                        log.warning(
-                            "queue.entries_lost",
-                            stream=s.keys.stream.decode(),
-                            entries=[x.decode() for x in lost],
-                        )
+                    self._outages["touch"].failed(exc)
+                    self._redis_failed()
+                    break
+                self._outages["touch"].ok()
+                self._redis_ok()
+                gone = {x.decode() for x in lost}
+                for eid in chunk:
+                    job = s.inflight.get(eid)
+                    if job is None:
+                        continue  # acknowledged while the touch was in flight: not lost
+                    if eid in gone:
+                        job.lost = True
+                    else:
+                        job.confirmed = max(job.confirmed, started)
+                # Entries acknowledged while the touch was in flight are not lost.
+                lost = [x for x in lost if x.decode() in s.inflight]
+                if lost:
+                    log.warning(
+                        "queue.entries_lost",
+                        stream=s.keys.stream.decode(),
+                        entries=[x.decode() for x in lost],
+                    )
+        beat, self._beat = self._beat, asyncio.Event()
+        beat.set()
+
+    async def _renew_name(self) -> None:
+        """Extend the name lease; if it lapsed (Redis was away past the visibility timeout),
+        take it again at once so no other process can start under this name and claim its
+        entries as its own."""
+        assert self._leased is not None
+        ttl = self.config.visibility_timeout_ms
+        try:
+            kept = await RENEW_NAME(self.redis, [self._leased], [self._lease_token, ttl])
+            if not kept:
+                kept = await self.redis.set(self._leased, self._lease_token, nx=True, px=ttl)
+                if kept:
+                    log.warning("queue.name_lease_retaken", consumer=self.name)
+        except (RedisError, OSError) as exc:
+            _reraise_if_cancelling(exc)
+            return  # counted by the touch, which fails the same way
+        if not kept:
+            # Another process holds the name now; the touch reports what it took.
+            log.error("queue.name_lease_lost", consumer=self.name)
+
+    def _redis_ok(self) -> None:
+        if self._healthy_since is None:
+            self._healthy_since = time.monotonic()
+
+    def _redis_failed(self) -> None:
+        self._healthy_since = None
+        self._saw_outage = True
+
+    def _may_take_over(self) -> bool:
+        """Whether other consumers' idle times mean anything yet (see
+        :attr:`QueueConfig.takeover_guard_s`): not while this process has not reached Redis
+        continuously for the guard, as after an outage every live consumer looks silent."""
+        since = self._healthy_since
+        if since is None:
+            return False
+        # A process that never saw Redis fail has nothing to wait for: the idle times it reads
+        # are real (so a worker started just before another is killed takes over in time).
+        return not self._saw_outage or time.monotonic() - since >= self._guard_s
+
+    async def _ensure_owned(self, job: Job) -> None:
+        """The fence behind :meth:`Job.ensure_owned`."""
+        margin = self.config.ownership_margin_s
+        while True:
+            if job.lost:
+                raise _EntryLost(job.entry_id)
+            if time.monotonic() - job.confirmed < margin:
+                return
+            # Not confirmed lately (Redis unreachable): wait for a heartbeat that says.
+            beat = self._beat
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(beat.wait(), self.config.heartbeat_s)
 
     async def _claim(self, s: _Stream, *, min_idle_ms: int, count: int, owner: str = "") -> int:
         claimed, lost = await CLAIM(
@@ -665,6 +776,8 @@ class Consumer:
         cut off): found from the group's consumer list, so no scan of the pending list."""
         taken = 0
         idle_ms = self.config.visibility_timeout_ms
+        if not self._may_take_over():
+            return 0
         for s in self._streams:
             if s.queue in self._paused:
                 continue
@@ -687,6 +800,8 @@ class Consumer:
         return taken
 
     async def _reclaim(self) -> None:
+        if not self._may_take_over():
+            return
         for s in self._streams:
             # Even with every slot busy take a few: a dead worker's entries must not wait
             # behind a backlog that new fetches keep refilling (buffered entries are
@@ -698,7 +813,8 @@ class Consumer:
 
     # ------------------------------------------------------------------ housekeeping
     async def _refresh_paused(self) -> None:
-        flags = [await self.redis.exists(k.paused(q)) for q in self._queues]
+        prefix = self.config.key_prefix
+        flags = [await self.redis.exists(k.paused(q, prefix)) for q in self._queues]
         self._paused = frozenset(q for q, f in zip(self._queues, flags, strict=True) if f)
 
     async def _housekeep_once(self, *, reclaim: bool) -> None:
@@ -745,11 +861,14 @@ class Consumer:
                             self.redis, s.keys, FORGET_CONSUMER_MS
                         )
                 outage.ok()
+                self._redis_ok()
             except Exception as exc:
                 # Housekeeping must outlive any one bad round (a bug here would otherwise stop
                 # promotion and reclaim for the life of the process).
                 _reraise_if_cancelling(exc)
-                if not is_unavailable(exc) and not outage.down:
+                if is_unavailable(exc):
+                    self._redis_failed()
+                elif not outage.down:
                     log.exception("queue.maintenance_failed")
                 wait = max(tick, outage.failed(exc))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import Any
 
@@ -84,6 +85,29 @@ class Job:
     last_error: str | None = None
     raw: bytes = b""
     entry_ms: int = 0
+    #: Set by the consumer's heartbeat when another consumer took this delivery over (this
+    #: process was cut off from Redis past the visibility timeout): the run is fenced.
+    lost: bool = dataclasses.field(default=False, compare=False, repr=False)
+    #: Monotonic time from which the consumer knows this delivery was still its own.
+    confirmed: float = dataclasses.field(default=0.0, compare=False, repr=False)
+    #: The consumer's ownership check (see :meth:`ensure_owned`); ``None`` outside a consumer.
+    fence: Callable[[Job], Awaitable[None]] | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
+
+    async def ensure_owned(self) -> None:
+        """Return while this delivery is surely still this process's; raise if another
+        consumer took it over. Handlers call it before each durable write (a checkpoint): while
+        the consumer cannot confirm ownership (Redis unreachable for most of the visibility
+        timeout) it waits, so a run taken over elsewhere never writes a second checkpoint."""
+        if self.fence is not None:
+            await self.fence(self)
+        elif self.lost:
+            raise _EntryLost(self.entry_id)
+
+
+class _EntryLost(Exception):
+    """The delivery was taken over by another consumer: stop before writing anything."""
 
 
 @dataclasses.dataclass(slots=True)

@@ -13,6 +13,8 @@ from conveyor.queue import Consumer, Job, Producer, QueueAdmin, QueueConfig
 from conveyor.queue import keys as k
 from conveyor.queue.consumer import default_consumer_name
 from tests.polling import eventually
+from tests.queue.proxy import TcpProxy
+from tests.queue.servers import RedisServer
 
 
 def no_scan(cfg: QueueConfig) -> QueueConfig:
@@ -256,3 +258,44 @@ async def test_owned_delivery_passes_the_fence(redis: aioredis.Redis, cfg: Queue
     async with Consumer(redis, handler, cfg, name="owner") as consumer:
         await _wait(lambda: consumer.processed == 1, 15)
     assert checks == ["o1"] * 3
+
+
+async def test_outage_past_visibility_takes_no_live_entry(
+    redis_server: RedisServer, cfg: QueueConfig
+) -> None:
+    """Redis unreachable longer than the visibility timeout (a partition: the server and its
+    clock run on) while two live consumers hold entries: once it is back neither takes the
+    other's entries over (every consumer looked silent meanwhile); each job runs once."""
+    two = dataclasses.replace(cfg, concurrency=2)
+    calls: dict[str, int] = {}
+    release = asyncio.Event()
+
+    async def handler(job: Job) -> None:
+        calls[job.id] = calls.get(job.id, 0) + 1
+        await release.wait()
+        await job.ensure_owned()
+
+    proxy = TcpProxy(redis_server.port)
+    await proxy.start()
+    client = aioredis.Redis.from_url(proxy.url(), decode_responses=False)
+    try:
+        async with (
+            Consumer(client, handler, two, name="left") as left,
+            Consumer(client, handler, two, name="right") as right,
+        ):
+            for i in range(4):
+                await Producer(client, two).enqueue("runs", {}, job_id=f"o{i}")
+            await _wait(lambda: left.busy == 2 and right.busy == 2, 10)
+            await proxy.cut()
+            await asyncio.sleep(3 * two.visibility_timeout_s)
+            await proxy.restore()
+            # Without the guard a takeover comes within a tick of Redis answering again.
+            await asyncio.sleep(3 * (two.visibility_timeout_s + two.heartbeat_s))
+            assert calls == {f"o{i}": 1 for i in range(4)}
+            release.set()
+            await _wait(lambda: left.processed + right.processed == 4, 15)
+    finally:
+        await client.aclose()
+        await proxy.close()
+    assert calls == {f"o{i}": 1 for i in range(4)}
+    assert left.failed == right.failed == 0
