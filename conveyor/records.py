@@ -82,9 +82,10 @@ class StepRecord(Mapping[str, Any]):
         out["started_at"] = _iso(self.started_at)
         return out
 
-    # Read-only mapping view over the JSON keys (``seq`` is read as an attribute).
+    # Read-only mapping view over the JSON keys; ``seq`` is readable by key too, though
+    # not one of the keys (it is not part of the JSON shape).
     def __getitem__(self, key: str) -> Any:
-        if key not in STEP_KEYS:
+        if key not in _STEP_FIELDS:
             raise KeyError(key)
         return getattr(self, key)
 

@@ -13,7 +13,6 @@ import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import aiohttp_jinja2
@@ -30,12 +29,13 @@ from conveyor.api.admin import (
 from conveyor.api.errors import ApiError, json_response
 from conveyor.api.flows import flow_json, page_args
 from conveyor.api.runs import run_json
-from conveyor.board.present import per_second, sparkline
+from conveyor.board.present import per_second, sparkline, timeline
 from conveyor.board.security import csrf_token
 from conveyor.engine.status import IN_FLIGHT, TERMINAL, RunStatus
 from conveyor.errors import NotFound
 from conveyor.keys import DB, REDIS, SANDBOX_REPORT, SETTINGS
 from conveyor.queue import JobState
+from conveyor.records import RunView
 from conveyor.store import flows as flow_store
 from conveyor.store import runs as run_store
 
@@ -169,43 +169,6 @@ async def runs_data(request: web.Request) -> Context:
     }
 
 
-def _timeline(run: Context) -> list[Context]:
-    """Each step with ``offset``/``width`` (percent of the run's span) for its duration bar,
-    and ``depth`` (nesting inside loops and branches)."""
-    steps: list[Context] = run.get("steps") or []
-    starts = [_ts(s["started_at"]) for s in steps if s.get("started_at")]
-    origin = min(starts) if starts else 0.0
-    ends = [
-        _ts(s["started_at"]) + float(s.get("duration_ms") or 0) / 1000
-        for s in steps
-        if s.get("started_at")
-    ]
-    span = max(max(ends, default=origin) - origin, 0.001)
-    parents = {s["name"]: s.get("parent") for s in steps}
-    out = []
-    for s in steps:
-        depth, parent = 0, s.get("parent")
-        while parent and depth < 10:
-            depth += 1
-            parent = parents.get(parent)
-        start = _ts(s["started_at"]) if s.get("started_at") else origin
-        offset = (start - origin) / span * 100
-        width = float(s.get("duration_ms") or 0) / 1000 / span * 100
-        out.append(
-            {
-                **s,
-                "depth": depth,
-                "offset": round(min(offset, 99.5), 2),
-                "width": round(max(0.5, min(width, 100 - offset)), 2),
-            }
-        )
-    return out
-
-
-def _ts(value: Any) -> float:
-    return datetime.fromisoformat(value).timestamp() if isinstance(value, str) else 0.0
-
-
 async def run_data(request: web.Request) -> Context:
     try:
         run_id = uuid.UUID(request.match_info["id"])
@@ -213,7 +176,8 @@ async def run_data(request: web.Request) -> Context:
         raise ApiError(404, "NOT_FOUND", "no such run") from None
     db = root(request)[DB]
     row = await run_store.get_run(db, run_id)
-    run = run_json(row, await run_store.get_steps(db, run_id))
+    view = RunView.of(row, await run_store.get_steps(db, run_id))
+    run = view.to_json()
     try:
         flow_name: str | None = (await flow_store.get_flow(db, row["flow_id"])).name
     except NotFound:
@@ -222,7 +186,7 @@ async def run_data(request: web.Request) -> Context:
         "title": f"Run {run['id']}",
         "run": run,
         "flow_name": flow_name,
-        "steps": _timeline(run),
+        "steps": timeline(view.steps or ()),
         "finished": run["status"] in {s.value for s in TERMINAL},
         "in_flight": run["status"] in {s.value for s in IN_FLIGHT},
         "live": {"run": {k: v for k, v in run.items() if k != "trigger"}},

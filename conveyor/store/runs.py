@@ -19,6 +19,7 @@ import asyncpg
 import orjson
 
 from conveyor.errors import NotFound
+from conveyor.records import StepRecord
 from conveyor.status import IN_FLIGHT, TERMINAL, RunStatus
 from conveyor.store.batch import Batcher
 from conveyor.store.db import CONNECTION_ERRORS, Database
@@ -157,11 +158,16 @@ RETURNING run_id, seq
 
 @dataclass(frozen=True, slots=True)
 class StepRow:
-    """One step record to store; ``seq`` orders the steps of a run."""
+    """One step record to store; ``seq`` orders the steps of a run (a JSON-shaped mapping
+    is accepted for ``record`` and read as a :class:`~conveyor.records.StepRecord`)."""
 
     run_id: uuid.UUID
     seq: int
-    record: dict[str, Any]
+    record: StepRecord
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.record, StepRecord):
+            object.__setattr__(self, "record", StepRecord.of(self.record))
 
 
 class RunWriter:
@@ -283,18 +289,18 @@ class RunWriter:
                 _STEPS,
                 [r.run_id for r in rows],
                 [r.seq for r in rows],
-                [x["name"] for x in recs],
-                [x["type"] for x in recs],
-                [x["status"] for x in recs],
-                [_json(x.get("input")) for x in recs],
-                [_json(x.get("output")) for x in recs],
-                [_json(x.get("error")) for x in recs],
-                [_text(x.get("logs")) or "" for x in recs],
-                [x.get("parent") for x in recs],
-                [x.get("iteration") for x in recs],
-                [x.get("attempt", 1) for x in recs],
-                [x.get("started_at") for x in recs],
-                [x.get("duration_ms") for x in recs],
+                [x.name for x in recs],
+                [x.type for x in recs],
+                [x.status for x in recs],
+                [_json(x.input) for x in recs],
+                [_json(x.output) for x in recs],
+                [_json(x.error) for x in recs],
+                [_text(x.logs) or "" for x in recs],
+                [x.parent for x in recs],
+                [x.iteration for x in recs],
+                [x.attempt for x in recs],
+                [x.started_at for x in recs],
+                [x.duration_ms for x in recs],
                 _TERMINAL,
             )
         kept = {(r["run_id"], r["seq"]) for r in stored}
@@ -317,7 +323,8 @@ async def get_run(db: Database, run_id: uuid.UUID) -> dict[str, Any]:
     return dict(row)
 
 
-async def get_steps(db: Database, run_id: uuid.UUID) -> list[dict[str, Any]]:
+async def get_steps(db: Database, run_id: uuid.UUID) -> list[StepRecord]:
+    """The run's step records in execution order (each with its ``seq``)."""
     async with db.writer() as conn:
         rows = await conn.fetch(
             """SELECT seq, name, type, status, input, output, error, logs, started_at,
@@ -325,7 +332,7 @@ async def get_steps(db: Database, run_id: uuid.UUID) -> list[dict[str, Any]]:
                FROM step_runs WHERE run_id = $1 ORDER BY seq""",
             run_id,
         )
-    return [dict(r) for r in rows]
+    return [StepRecord.of(dict(r)) for r in rows]
 
 
 async def list_runs(
