@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from tests.polling import eventually
 from tests.processes import free_port
 from tests.test_cli_examples import Server, server
 
@@ -56,11 +57,10 @@ async def cli_json(server: Server, *args: str) -> Any:
 
 
 async def wait_for_status(server: Server, run_id: str, status: str) -> None:
-    for _ in range(200):
-        if (await cli_json(server, "runs", "show", run_id))["status"] == status:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"run {run_id} never reached {status}")
+    async def reached() -> bool:
+        return bool((await cli_json(server, "runs", "show", run_id))["status"] == status)
+
+    await eventually(reached, timeout_s=10, interval_s=0.05, what=f"run {run_id} {status}")
 
 
 async def test_run_by_name_sync_and_list_with_names(server: Server, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from conveyor.store import flows as flow_store
 from conveyor.store.db import Database
 from conveyor.store.runs import NewRun, RunWriter
 from tests.api.conftest import make_settings
+from tests.polling import eventually
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 EVERY_SECOND = "* * * * * *"  # croniter's optional sixth field is seconds
@@ -324,15 +325,6 @@ async def test_firing_gives_up_after_trigger_timeout_and_never_doubles(
 
 
 # --------------------------------------------------------------------- real loop, real clock
-async def _wait_for(check: Callable[[], Awaitable[bool]], bound_s: float = 60.0) -> None:
-    """Poll ``check`` until true; the bound only keeps a broken build from hanging."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + bound_s
-    while not await check():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.1)
-
-
 async def test_per_second_cron_runs_succeed_in_a_live_worker(
     db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str
 ) -> None:
@@ -350,7 +342,7 @@ async def test_per_second_cron_runs_succeed_in_a_live_worker(
             runs = (await resp.json())["data"]
             return sum(r["status"] == "SUCCEEDED" for r in runs) >= 2
 
-        await _wait_for(two_succeeded)
+        await eventually(two_succeeded, timeout_s=60, interval_s=0.1)
         runs = (await (await client.get("/api/v1/flow-runs", params={"flow_id": fid})).json())[
             "data"
         ]
@@ -382,7 +374,7 @@ async def test_two_running_schedulers_fire_each_tick_once(
         async def three_ticks() -> bool:
             return len(await _runs(db, fid)) >= 3
 
-        await _wait_for(three_ticks)
+        await eventually(three_ticks, timeout_s=60, interval_s=0.1)
     finally:
         for s in scheds:
             await s.close()

@@ -143,14 +143,6 @@ async def test_key_prefixes_isolate_deployments(redis: aioredis.Redis, cfg: Queu
     assert keys and all(key.startswith((b"blue:", b"green:")) for key in keys)
 
 
-async def _wait(condition: object, timeout_s: float) -> None:
-    """Until ``condition()`` holds (a failure after ``timeout_s``; never a speed assertion)."""
-    end = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < end, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_pause_stops_only_its_own_deployments_consumers(
     redis: aioredis.Redis, cfg: QueueConfig
 ) -> None:
@@ -174,13 +166,13 @@ async def test_pause_stops_only_its_own_deployments_consumers(
     ):
         await Producer(redis, blue).enqueue("runs", {}, job_id="b1")
         await Producer(redis, green).enqueue("runs", {}, job_id="g1")
-        await _wait(lambda: seen["blue"] == ["b1"], 10)
+        await eventually(lambda: seen["blue"] == ["b1"], timeout_s=10)
         # Many pause polls later the paused deployment's consumer has still taken nothing.
         await asyncio.sleep(20 * green.pause_poll_s)
         assert seen["green"] == []
         assert (await QueueAdmin(redis, green).stats("runs")).waiting == 1
         await QueueAdmin(redis, green).resume("runs")
-        await _wait(lambda: seen["green"] == ["g1"], 10)
+        await eventually(lambda: seen["green"] == ["g1"], timeout_s=10)
     assert seen == {"blue": ["b1"], "green": ["g1"]}
 
 
@@ -198,7 +190,7 @@ async def test_lapsed_name_lease_is_taken_again(redis: aioredis.Redis, cfg: Queu
         token = await redis.get(lease)
         assert token
         await redis.delete(lease)  # what expiry does during a long outage
-        await _wait(lambda: consumer._leased is not None, 1)
+        await eventually(lambda: consumer._leased is not None, timeout_s=1)
         for _ in range(100):
             if await redis.get(lease) == token:
                 break
@@ -229,13 +221,15 @@ async def test_taken_over_delivery_is_fenced(redis: aioredis.Redis, cfg: QueueCo
         outcome.append("wrote")
 
     async with Consumer(redis, handler, no_scan(cfg), name="cut-off") as consumer:
-        await _wait(lambda: consumer.busy == 1, 5)
+        await eventually(lambda: consumer.busy == 1, timeout_s=5)
         # Another worker takes the entry over, as after this one's silence.
         (entry,) = await redis.xpending_range(sk.stream, k.GROUP, "-", "+", 10)
         await redis.xclaim(sk.stream, k.GROUP, "rescuer", 0, [entry["message_id"]])
-        await _wait(lambda: all(j.lost for s in consumer._streams for j in s.inflight.values()), 5)
+        await eventually(
+            lambda: all(j.lost for s in consumer._streams for j in s.inflight.values()), timeout_s=5
+        )
         go.set()
-        await _wait(lambda: outcome and consumer.busy == 0, 5)
+        await eventually(lambda: outcome and consumer.busy == 0, timeout_s=5)
     assert outcome == ["_EntryLost"]
     assert consumer.processed == 0 and consumer.failed == 0
     (entry,) = await redis.xpending_range(sk.stream, k.GROUP, "-", "+", 10)
@@ -256,7 +250,7 @@ async def test_owned_delivery_passes_the_fence(redis: aioredis.Redis, cfg: Queue
 
     await Producer(redis, cfg).enqueue("runs", {}, job_id="o1")
     async with Consumer(redis, handler, cfg, name="owner") as consumer:
-        await _wait(lambda: consumer.processed == 1, 15)
+        await eventually(lambda: consumer.processed == 1, timeout_s=15)
     assert checks == ["o1"] * 3
 
 
@@ -285,7 +279,7 @@ async def test_outage_past_visibility_takes_no_live_entry(
         ):
             for i in range(4):
                 await Producer(client, two).enqueue("runs", {}, job_id=f"o{i}")
-            await _wait(lambda: left.busy == 2 and right.busy == 2, 10)
+            await eventually(lambda: left.busy == 2 and right.busy == 2, timeout_s=10)
             await proxy.cut()
             await asyncio.sleep(3 * two.visibility_timeout_s)
             await proxy.restore()
@@ -293,7 +287,7 @@ async def test_outage_past_visibility_takes_no_live_entry(
             await asyncio.sleep(3 * (two.visibility_timeout_s + two.heartbeat_s))
             assert calls == {f"o{i}": 1 for i in range(4)}
             release.set()
-            await _wait(lambda: left.processed + right.processed == 4, 15)
+            await eventually(lambda: left.processed + right.processed == 4, timeout_s=15)
     finally:
         await client.aclose()
         await proxy.close()
