@@ -37,6 +37,7 @@ from conveyor.engine.scheduler import scheduled_trigger
 from conveyor.engine.templating import render
 from conveyor.store.db import Database, PoolOptions
 from tests.api.conftest import make_settings
+from tests.polling import eventually
 from tests.processes import free_port
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "flows.md"
@@ -383,12 +384,16 @@ async def create(server: TestClient[Any, Any], name: str) -> str:
 async def run_record(server: TestClient[Any, Any], run_id: str, done: Any = None) -> dict[str, Any]:
     """The run's record once ``done(record)`` holds (default: the run ended), within 15 s."""
     record: dict[str, Any] = {}
-    for _ in range(300):
-        record = await (await server.get(f"/api/v1/flow-runs/{run_id}")).json()
-        if done(record) if done else record["status"] not in ("QUEUED", "RUNNING", "PAUSED"):
-            return record
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"run {run_id} did not get there: {record}")
+
+    async def there() -> dict[str, Any] | None:
+        record.update(await (await server.get(f"/api/v1/flow-runs/{run_id}")).json())
+        ok = done(record) if done else record["status"] not in ("QUEUED", "RUNNING", "PAUSED")
+        return dict(record) if ok else None
+
+    try:
+        return await eventually(there, timeout_s=15, interval_s=0.05)
+    except AssertionError:
+        raise AssertionError(f"run {run_id} did not get there: {record}") from None
 
 
 async def ensure(server: TestClient[Any, Any], name: str) -> str:

@@ -3,7 +3,6 @@ multiprocess mode, and the alert rules file."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.metrics import RULES, evaluate_scaling
 from tests.api.conftest import make_client  # noqa: F401  (fixture)
+from tests.polling import eventually
 
 ROOT = Path(__file__).parents[1]
 FLOW = {
@@ -107,11 +107,12 @@ async def test_worker_role_observes_runs_and_steps(make_client: Any) -> None:  #
     before = samples(await _scrape(client))
     fid = (await (await client.post("/api/v1/flows", json=FLOW)).json())["id"]
     assert (await client.post(f"/api/v1/webhooks/{fid}/sync", json={"x": 1})).status == 200
-    for _ in range(100):
+
+    async def counted() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
         after = samples(await _scrape(client))
-        if after.get(ok, 0) > before.get(ok, 0):
-            break
-        await asyncio.sleep(0.05)
+        return after if after.get(ok, 0) > before.get(ok, 0) else None
+
+    after = await eventually(counted, timeout_s=5, interval_s=0.05, what="run counted")
     assert after[ok] == before.get(ok, 0) + 1
     assert after[step] >= before.get(step, 0) + 1 and after[wait] >= before.get(wait, 0) + 1
     assert after[("conveyor_worker_concurrency", ())] >= 1
