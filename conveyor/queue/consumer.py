@@ -61,6 +61,10 @@ DeadHandler = Callable[[Job, str], Awaitable[None]]
 MAX_ERROR_CHARS = 2000
 #: Consumers silent this long with nothing pending are removed from the group.
 FORGET_CONSUMER_MS = 3_600_000
+#: Longest time shutdown spends, after the drain, flushing acknowledgements and handing entries
+#: back (milliseconds when Redis answers; what does not get out stays pending, and the
+#: takeover returns it): a worker stops within ``AP_WORKER_DRAIN_SECONDS`` + this + 1 s.
+HANDOFF_S = 4.0
 #: Prefix of the stored error of a job retried because a backend was down: when its first
 #: such failure was (epoch ms), so the no-delivery retries are capped in wall time.
 _TRANSIENT = re.compile(r"^\[backend down since (\d+)\] ")
@@ -244,8 +248,9 @@ class Consumer:
         if self._main is not None:
             main, self._main = self._main, None
             try:
-                # Handlers get timeout_s, acknowledgements 10 s more; then we stop waiting.
-                await asyncio.wait_for(asyncio.shield(main), timeout_s + 15)
+                # Handlers get timeout_s, acknowledgements and hand-back HANDOFF_S + 1 s more;
+                # past that (a bug) we stop waiting.
+                await asyncio.wait_for(asyncio.shield(main), timeout_s + HANDOFF_S + 5)
             except TimeoutError:
                 log.error("queue.close_timeout", consumer=self.name)
                 main.cancel()
@@ -332,16 +337,22 @@ class Consumer:
         self._idle.clear()
         self._buffer.clear()
         self._running = 0
-        await self._acks.flush_until_done(deadline_s=10.0)
-        if held:
-            await self._release(held)
+        try:
+            # Bounded as a whole: with Redis away each call could sit in the client's retries.
+            async with asyncio.timeout(HANDOFF_S):
+                await self._acks.flush_until_done(deadline_s=HANDOFF_S)
+                if held:
+                    await self._release(held)
+        except TimeoutError:
+            log.warning("queue.handoff_timeout", consumer=self.name, held=len(held))
         for t in self._background:
             t.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background = []
         if self._leased is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await DROP_NAME(self.redis, [self._leased], [self._lease_token])
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await DROP_NAME(self.redis, [self._leased], [self._lease_token])
             self._leased = None
 
     async def _release(self, held: list[tuple[_Stream, list[str]]]) -> None:

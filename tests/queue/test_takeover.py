@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from conveyor.queue import Consumer, Job, Producer, QueueAdmin, QueueConfig
 from conveyor.queue import keys as k
-from conveyor.queue.consumer import default_consumer_name
+from conveyor.queue.consumer import HANDOFF_S, default_consumer_name
 from tests.polling import eventually
 from tests.queue.proxy import TcpProxy
 from tests.queue.servers import RedisServer
@@ -293,3 +293,38 @@ async def test_outage_past_visibility_takes_no_live_entry(
         await proxy.close()
     assert calls == {f"o{i}": 1 for i in range(4)}
     assert left.failed == right.failed == 0
+
+
+async def test_close_is_bounded_while_redis_is_away(
+    redis_server: RedisServer, cfg: QueueConfig
+) -> None:
+    """Shutdown with Redis unreachable (an acknowledgement and the hand-back cannot go out)
+    ends within the drain plus HANDOFF_S and a second, so drain + that fits the orchestrator's
+    kill grace; what could not go out stays pending for the takeover."""
+    proxy = TcpProxy(redis_server.port)
+    await proxy.start()
+    client = aioredis.Redis.from_url(proxy.url(), decode_responses=False)
+    finish, stuck = asyncio.Event(), asyncio.Event()
+
+    async def handler(job: Job) -> None:
+        await (stuck if job.id == "stuck" else finish).wait()
+
+    consumer = Consumer(client, handler, cfg, name="leaving", concurrency=2)
+    try:
+        await Producer(client, cfg).enqueue("runs", {}, job_id="quick")
+        await Producer(client, cfg).enqueue("runs", {}, job_id="stuck")
+        await consumer.start()
+        await eventually(lambda: consumer.busy == 2, timeout_s=10)
+        await proxy.cut()
+        finish.set()  # its acknowledgement now cannot go out
+        await eventually(lambda: consumer.processed == 1, timeout_s=10)
+        began = time.monotonic()
+        await consumer.close(timeout_s=0.2)
+        assert time.monotonic() - began < 0.2 + HANDOFF_S + 1 + 1  # one second of slack
+        await proxy.restore()
+        (sk,) = cfg.shard_keys("runs")
+        pending = await client.xpending(sk.stream, k.GROUP)
+        assert pending["pending"] == 2  # both stay for the takeover (the run resumes)
+    finally:
+        await client.aclose()
+        await proxy.close()
