@@ -31,6 +31,7 @@ from conveyor.board import setup_board
 from conveyor.connections import create_redis
 from conveyor.engine.registry import FlowRegistry
 from conveyor.engine.replies import ReplyHub
+from conveyor.engine.submit import Submitter
 from conveyor.engine.worker import worker_role
 from conveyor.heartbeat import heartbeat_ctx
 from conveyor.keys import (
@@ -44,6 +45,7 @@ from conveyor.keys import (
     SECRET_BOX,
     SETTINGS,
     STATE,
+    SUBMITTER,
     WORKER,
     ProcessState,
 )
@@ -84,6 +86,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     client = create_redis(app[SETTINGS])
     app[REDIS] = client
     app[PRODUCER] = Producer(client, QueueConfig.from_settings(app[SETTINGS]))
+    app[SUBMITTER] = Submitter(app[RUN_WRITER], app[PRODUCER])
     yield
     await app[PRODUCER].close()
     await client.aclose()

@@ -19,6 +19,8 @@ import time
 
 import structlog
 
+from conveyor import metrics
+
 log = structlog.get_logger(__name__)
 
 #: backend → ``time.monotonic()`` of this process's first error of the current outage.
@@ -90,7 +92,4 @@ class Outage:
 
 
 def _count(backend: str, op: str) -> None:
-    # Imported here: conveyor.metrics imports the queue package, which imports this module.
-    from conveyor import metrics  # noqa: PLC0415 - import cycle (see above)
-
     metrics.BACKEND_ERRORS.labels(backend, op).inc()

@@ -19,6 +19,7 @@ from conveyor.store.db import Database
 if TYPE_CHECKING:
     from conveyor.engine.registry import FlowRegistry
     from conveyor.engine.replies import ReplyHub
+    from conveyor.engine.submit import Submitter
     from conveyor.engine.worker import RunWorker
     from conveyor.queue import Producer
     from conveyor.store.runs import RunWriter
@@ -41,6 +42,8 @@ RUN_WRITER: web.AppKey[RunWriter] = web.AppKey("run_writer")
 REGISTRY: web.AppKey[FlowRegistry] = web.AppKey("registry")
 SECRET_BOX: web.AppKey[SecretBox] = web.AppKey("secret_box")
 REPLIES: web.AppKey[ReplyHub] = web.AppKey("replies")
+#: The one way a run is inserted and enqueued (:mod:`conveyor.engine.submit`).
+SUBMITTER: web.AppKey[Submitter] = web.AppKey("submitter")
 #: The worker role's :class:`~conveyor.engine.worker.RunWorker` (absent in an APP process).
 WORKER: web.AppKey[RunWorker] = web.AppKey("worker")
 #: The sandbox's isolation report (set by the worker role; readiness and metrics read it).

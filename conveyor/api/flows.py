@@ -18,12 +18,12 @@ from aiohttp import web
 
 from conveyor.api import operations, payloads
 from conveyor.api.errors import ApiError, json_response
-from conveyor.api.keys import DB, PRODUCER, REGISTRY, RUN_WRITER
+from conveyor.api.keys import DB, REGISTRY, SUBMITTER
 from conveyor.engine.errors import FlowInvalid
 from conveyor.engine.flow import load_document, parse_flow
 from conveyor.engine.status import RunStatus
+from conveyor.engine.submit import OnFull
 from conveyor.ids import uuid7
-from conveyor.queue import QueueFull, QueueName, QueueUnavailable
 from conveyor.store import flows as flow_store
 from conveyor.store import runs as run_store
 from conveyor.store.flows import FlowRecord
@@ -206,25 +206,12 @@ async def run_flow(request: web.Request) -> web.Response:
         )
     trigger: dict[str, Any] = {"method": "MANUAL", "headers": {}, "query": {}, "body": body}
     run_id = uuid7()
-    await request.app[RUN_WRITER].insert(
-        run_store.NewRun(run_id, flow.id, flow.version, trigger, response_status=202)
+    # A full backlog deletes the row again and raises QueueFull (429): nothing may run later
+    # behind the caller's back. Redis down: committed, the reconciler enqueues it.
+    await request.app[SUBMITTER].submit(
+        run_store.NewRun(run_id, flow.id, flow.version, trigger, response_status=202),
+        on_full=OnFull.REFUSE,
     )
-    job = {
-        "run_id": str(run_id),
-        "flow_id": str(flow.id),
-        "version": flow.version,
-        "trigger": trigger,
-    }
-    try:
-        await request.app[PRODUCER].enqueue(QueueName.RUNS.value, job, job_id=str(run_id))
-    except QueueFull:
-        # Refused, so not accepted: nothing may run later behind the caller's back.
-        await run_store.delete_run(request.app[DB], run_id)
-        raise ApiError(
-            429, "QUEUE_FULL", "backlog full, retry later", headers={"Retry-After": "1"}
-        ) from None
-    except QueueUnavailable:
-        pass  # committed: the reconciler enqueues it
     return json_response(
         {"run_id": str(run_id), "status": RunStatus.QUEUED.value},
         status=202,

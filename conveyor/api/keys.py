@@ -13,6 +13,7 @@ from conveyor.keys import (
     SECRET_BOX,
     SETTINGS,
     STATE,
+    SUBMITTER,
     WORKER,
     ProcessState,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "SECRET_BOX",
     "SETTINGS",
     "STATE",
+    "SUBMITTER",
     "WORKER",
     "ProcessState",
 ]

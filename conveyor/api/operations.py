@@ -14,10 +14,11 @@ from typing import Any
 from aiohttp import web
 
 from conveyor.api.errors import ApiError
-from conveyor.api.keys import DB, PRODUCER, REDIS, REGISTRY, RUN_WRITER, SETTINGS
+from conveyor.api.keys import DB, REDIS, REGISTRY, RUN_WRITER, SETTINGS, SUBMITTER
 from conveyor.engine.status import RunStatus
+from conveyor.engine.submit import RunJob
 from conveyor.errors import NotFound
-from conveyor.queue import QueueAdmin, QueueConfig, QueueFull, QueueName, QueueUnavailable
+from conveyor.queue import QueueAdmin, QueueConfig
 from conveyor.store import flows as flow_store
 from conveyor.store import runs as run_store
 from conveyor.store.flows import FlowRecord
@@ -43,11 +44,10 @@ async def retry_run(app: web.Application, run_id: uuid.UUID, strategy: str) -> d
         raise ApiError(
             409, "RUN_NOT_FINISHED", f"run is {result['status']}; only finished runs retry"
         )
-    job = {"run_id": str(run_id), "flow_id": str(row["flow_id"]), "version": version, "retry": True}
+    job = RunJob(run_id=str(run_id), flow_id=str(row["flow_id"]), version=version, retry=True)
     # The run is QUEUED in PostgreSQL: if Redis is down or the backlog full right now, the
     # reconciler enqueues it later, as it does for any accepted run.
-    with contextlib.suppress(QueueUnavailable, QueueFull):
-        await app[PRODUCER].enqueue(QueueName.RUNS.value, job, job_id=str(run_id))
+    await app[SUBMITTER].resubmit(job)
     return await run_store.get_run(db, run_id)
 
 

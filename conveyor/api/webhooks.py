@@ -26,19 +26,20 @@ from conveyor.api import payloads
 from conveyor.api.errors import ApiError, json_response
 from conveyor.api.keys import (
     DB,
-    PRODUCER,
     REDIS,
     REGISTRY,
     REPLIES,
     RUN_WRITER,
     SECRET_BOX,
     SETTINGS,
+    SUBMITTER,
 )
 from conveyor.backoff import Outage
 from conveyor.engine.replies import stored_final
 from conveyor.engine.status import TERMINAL, RunStatus
+from conveyor.engine.submit import OnFull, Submission
 from conveyor.ids import uuid7
-from conveyor.queue import QueueFull, QueueName, QueueUnavailable
+from conveyor.queue import QueueName
 from conveyor.queue import keys as queue_keys
 from conveyor.store import runs as run_store
 from conveyor.store.db import CONNECTION_ERRORS
@@ -245,10 +246,9 @@ def _redis_unavailable(run_id: str) -> ApiError:
     )
 
 
-async def _accept(
-    request: web.Request, *, sync: bool
-) -> tuple[web.Response | None, dict[str, Any]]:
-    """Validate and durably record the run; returns an early answer or the job to enqueue."""
+async def _accept(request: web.Request, *, sync: bool) -> tuple[run_store.NewRun, bool]:
+    """Validate the request and build its run; returns the run and whether its trigger is
+    small enough to travel inside the job."""
     app = request.app
     flow_id = _flow_id(request)
     head = await app[REGISTRY].head(flow_id)
@@ -276,62 +276,46 @@ async def _accept(
         idempotency_key=key,
         response_status=None if sync else 202,
     )
+    return new, len(raw) <= INLINE_TRIGGER_BYTES
+
+
+async def _submit(
+    request: web.Request, new: run_store.NewRun, inline: bool, reply: str | None = None
+) -> tuple[Submission, web.Response | None]:
+    """Insert and enqueue through the run submitter (a full backlog deletes the row and
+    raises ``QueueFull``: 429). Returns the submission and, for a repeat of an
+    Idempotency-Key, the first answer's status (nothing started)."""
     try:
-        inserted = await app[RUN_WRITER].insert(new)
-    except BaseException:
-        await _forget_signature(request)
-        raise
-    run_id = str(inserted.run_id)
-    if not inserted.created:
-        # A repeat of an Idempotency-Key: the first answer's status, nothing started.
-        await _same_request(request, run_id, trigger)
-        status = inserted.response_status or 202
-        return (
-            json_response(
-                {"run_id": run_id, "status": inserted.status, "idempotent_replay": True},
-                status=status,
-                headers={"x-run-id": run_id},
-            ),
-            {},
+        sub = await request.app[SUBMITTER].submit(
+            new, on_full=OnFull.REFUSE, inline_trigger=inline, reply=reply
         )
-    job: dict[str, Any] = {
-        "run_id": run_id,
-        "flow_id": str(flow_id),
-        "version": head.version,
-    }
-    if len(raw) <= INLINE_TRIGGER_BYTES:
-        job["trigger"] = trigger
-    return None, job
-
-
-async def _enqueue(request: web.Request, queue: QueueName, job: dict[str, Any]) -> None:
-    """Add the job; on a full backlog undo the insert and refuse with 429."""
-    app = request.app
-    try:
-        await app[PRODUCER].enqueue(queue.value, job, job_id=job["run_id"])
-    except QueueFull:
-        await run_store.delete_run(app[DB], uuid.UUID(job["run_id"]))
-        await _forget_signature(request)
-        raise ApiError(
-            429,
-            "QUEUE_FULL",
-            "backlog over AP_QUEUE_MAX_LENGTH, retry later",
-            headers={"Retry-After": "1"},
-        ) from None
+    except BaseException:
+        await _forget_signature(request)  # refused: the same signed request may come again
+        raise
+    if sub.created:
+        return sub, None
+    run_id = str(sub.run_id)
+    await _same_request(request, run_id, new.trigger)
+    early = json_response(
+        {"run_id": run_id, "status": sub.status, "idempotent_replay": True},
+        status=sub.response_status or 202,
+        headers={"x-run-id": run_id},
+    )
+    return sub, early
 
 
 async def webhook_async(request: web.Request) -> web.Response:
-    early, job = await _accept(request, sync=False)
+    new, inline = await _accept(request, sync=False)
+    sub, early = await _submit(request, new, inline)
     if early is not None:
         return early
-    try:
-        await _enqueue(request, QueueName.RUNS, job)
-        _INGEST_OUTAGE.ok()
-    except QueueUnavailable as exc:
+    if sub.outage is not None:
         # The run is committed: the reconciler will enqueue it once Redis is back. Logged
         # once per outage (and counted), not once per webhook of a failover window.
-        _INGEST_OUTAGE.failed(exc)
-    run_id = job["run_id"]
+        _INGEST_OUTAGE.failed(sub.outage)
+    else:
+        _INGEST_OUTAGE.ok()
+    run_id = str(sub.run_id)
     return json_response(
         {"run_id": run_id, "status": RunStatus.QUEUED.value},
         status=202,
@@ -340,19 +324,18 @@ async def webhook_async(request: web.Request) -> web.Response:
 
 
 async def webhook_sync(request: web.Request) -> web.Response:
-    early, job = await _accept(request, sync=True)
-    if early is not None:
-        return early
+    new, inline = await _accept(request, sync=True)
     app = request.app
-    run_id = job["run_id"]
     hub = app[REPLIES]
+    # Registered before the job is enqueued, so the reply cannot arrive before anyone listens.
+    run_id = str(new.id)
     waiter = hub.register(run_id)
-    job["reply"] = hub.channel
     try:
-        try:
-            await _enqueue(request, QueueName.SYNC, job)
-        except QueueUnavailable as exc:
-            rid = uuid.UUID(run_id)
+        sub, early = await _submit(request, new, inline, reply=hub.channel)
+        if early is not None:
+            return early
+        if sub.outage is not None:
+            rid = sub.run_id
             await app[RUN_WRITER].transition(
                 run_store.Transition(
                     rid,
@@ -363,7 +346,7 @@ async def webhook_sync(request: web.Request) -> web.Response:
             # The caller retries after Retry-After; with the same key it must get a new run.
             await run_store.release_idempotency_key(app[DB], rid)
             await _forget_signature(request)  # and the signature may be sent again
-            raise _redis_unavailable(run_id) from exc
+            raise _redis_unavailable(run_id) from sub.outage
         timeout_s = app[SETTINGS].webhook_timeout_seconds
         try:
             # Pub/sub is at most once: a reply lost in a reconnect must not turn a finished

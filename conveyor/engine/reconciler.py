@@ -25,7 +25,8 @@ import structlog
 from conveyor.aio import raise_if_cancelling
 from conveyor.backoff import Outage
 from conveyor.engine.status import RunStatus
-from conveyor.queue import Location, Producer, QueueFull, QueueUnavailable
+from conveyor.engine.submit import RunJob, Submitter
+from conveyor.queue import Location, Producer, QueueUnavailable
 from conveyor.queue.admin import QueueAdmin
 from conveyor.store import runs as run_store
 from conveyor.store.db import CONNECTION_ERRORS
@@ -70,6 +71,7 @@ class Reconciler:
     ) -> None:
         self.writer = writer
         self.producer = producer
+        self.submitter = Submitter(writer, producer)
         self.admin = admin
         self.flow_timeout_s = flow_timeout_s
         self.grace_s = grace_s
@@ -134,26 +136,26 @@ class Reconciler:
                         )
                     )
                     continue
-                try:
-                    await self._requeue(queue, row, now)
-                except QueueFull:
-                    continue  # the backlog is full: this run waits for the next pass
-                counts["requeued"] += 1
+                if await self._requeue(queue, row, now):
+                    counts["requeued"] += 1
 
-    async def _requeue(self, queue: str, row: dict[str, Any], now: datetime) -> None:
-        run_id = str(row["id"])
-        job: dict[str, Any] = {
-            "run_id": run_id,
-            "flow_id": str(row["flow_id"]),
-            "version": row["flow_version"],
+    async def _requeue(self, queue: str, row: dict[str, Any], now: datetime) -> bool:
+        """Enqueue ``row``'s job again; False when the backlog is full (the run waits for
+        the next pass). Redis down ends the pass (``QueueUnavailable``)."""
+        resume_at = row["resume_at"]
+        job = RunJob(
+            run_id=str(row["id"]),
+            flow_id=str(row["flow_id"]),
+            version=row["flow_version"],
             # Not fresh: the worker loads the trigger and any checkpoints from PostgreSQL.
-            "retry": True,
-        }
-        delay = 0.0
-        if row["resume_at"] is not None:
-            job["resume"] = True
-            delay = max(0.0, (row["resume_at"] - now).total_seconds())
-        await self.producer.enqueue(queue, job, job_id=_job_id(row), delay_s=delay)
+            retry=True,
+            resume=resume_at is not None,
+        )
+        delay = 0.0 if resume_at is None else max(0.0, (resume_at - now).total_seconds())
+        sub = await self.submitter.resubmit(job, queue=queue, job_id=_job_id(row), delay_s=delay)
+        if sub.outage is not None:
+            raise sub.outage
+        return sub.enqueued
 
     async def apply_retention(self) -> int:
         """Delete finished runs older than the retention (none if it is not set)."""

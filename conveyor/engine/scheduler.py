@@ -46,8 +46,9 @@ from redis.exceptions import RedisError
 from conveyor.backoff import Outage
 from conveyor.engine.flow import Trigger
 from conveyor.engine.schedule import next_fire, tick_id
+from conveyor.engine.submit import OnFull, Submitter
 from conveyor.ids import uuid7
-from conveyor.queue import Producer, QueueFull, QueueName, QueueUnavailable
+from conveyor.queue import Producer
 from conveyor.queue import keys as k
 from conveyor.queue.scripts import Script
 from conveyor.store import flows as flow_store
@@ -163,6 +164,7 @@ class Scheduler:
         self.db = db
         self.writer = writer
         self.producer = producer
+        self.submitter = Submitter(writer, producer)
         self.redis = redis
         self.trigger_timeout_s = trigger_timeout_s
         self.lease_ms = lease_ms
@@ -275,25 +277,18 @@ class Scheduler:
         payload = scheduled_trigger(trigger, tick)
         run_id = uuid7()
         async with asyncio.timeout(self.trigger_timeout_s):
-            inserted = await self.writer.insert(
-                NewRun(run_id, flow_id, version, payload, idempotency_key=key)
+            # DEFER on a full backlog: nobody is there to retry a tick, the reconciler does.
+            sub = await self.submitter.submit(
+                NewRun(run_id, flow_id, version, payload, idempotency_key=key),
+                on_full=OnFull.DEFER,
+                dedup_key=key,
             )
-            if not inserted.created:
+            if not sub.created:
                 # Fired already: its leader enqueued it, or the reconciler will.
                 return None
-            job = {
-                "run_id": str(run_id),
-                "flow_id": str(flow_id),
-                "version": version,
-                "trigger": payload,
-            }
-            try:
-                await self.producer.enqueue(
-                    QueueName.RUNS.value, job, job_id=str(run_id), dedup_key=key
-                )
-            except (QueueFull, QueueUnavailable) as exc:
-                # Committed: the reconciler enqueues it once Redis has room again.
-                log.warning("scheduled run not enqueued yet", run_id=str(run_id), error=str(exc))
+            if not sub.enqueued:
+                reason = str(sub.outage) if sub.outage else "backlog full"
+                log.warning("scheduled run not enqueued yet", run_id=str(run_id), error=reason)
         self.fired += 1
         log.info("schedule fired", flow_id=str(flow_id), run_id=str(run_id), tick=key)
         return run_id

@@ -13,6 +13,7 @@ an exception here (our bug, a database outage) makes the queue redeliver.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
@@ -31,9 +32,10 @@ from conveyor.engine.replies import publish_reply
 from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.ssrf import SsrfPolicy, create_http_session
 from conveyor.engine.status import RunStatus
+from conveyor.engine.submit import RunJob, Submitter
 from conveyor.errors import Conflict
 from conveyor.logging import bind_run
-from conveyor.queue import Consumer, Job, Producer, QueueConfig, QueueName, QueueUnavailable
+from conveyor.queue import Consumer, Job, Producer, QueueConfig, QueueUnavailable
 from conveyor.queue import keys as qkeys
 from conveyor.queue.admin import QueueAdmin
 from conveyor.queue.errors import is_unavailable
@@ -108,6 +110,7 @@ class RunWorker:
         self.redis = redis
         self.queue_config = queue_config or QueueConfig.from_settings(settings)
         self.producer = Producer(redis, self.queue_config)
+        self.submitter = Submitter(writer, self.producer)
         self.sinks = _RoutingSink()
         self.executor = Executor(
             Services(
@@ -133,25 +136,25 @@ class RunWorker:
 
     async def handle(self, job: Job) -> None:
         """Run one job's flow run to a committed end (or pause)."""
-        payload: Mapping[str, Any] = job.payload
-        run_id = str(payload["run_id"])
-        with bind_run(str(payload.get("flow_id")), run_id):
-            await self._handle(job, payload, run_id)
+        run = RunJob.from_payload(job.payload)
+        with bind_run(run.flow_id, run.run_id):
+            await self._handle(job, run)
 
-    async def _handle(self, job: Job, payload: Mapping[str, Any], run_id: str) -> None:
+    async def _handle(self, job: Job, run: RunJob) -> None:
+        run_id = run.run_id
         rid = uuid.UUID(run_id)
         started_s = metrics.job_started(job.entry_ms)
         started = await self.writer.transition(
             Transition(rid, RunStatus.RUNNING, bump_attempt=True)
         )
-        reply = payload.get("reply")
+        reply = run.reply
         if not started:
             # Canceled (or finished by an earlier delivery): nothing to run; tell a waiter.
             if reply:
                 await self._final_from_store(reply, rid)
             return
-        fresh = job.attempt == 1 and not payload.get("resume") and not payload.get("retry")
-        trigger = payload.get("trigger")
+        fresh = job.attempt == 1 and run.fresh
+        trigger = run.trigger
         checkpoints: list[StepRecord] = []
         if not fresh:
             stored = await run_store.get_steps(self.writer.db, rid)
@@ -161,8 +164,8 @@ class RunWorker:
             first_seq = 0
         if trigger is None:
             trigger = (await run_store.get_run(self.writer.db, rid))["trigger"]
-        flow_id = uuid.UUID(str(payload["flow_id"]))
-        version = int(payload["version"])
+        flow_id = uuid.UUID(run.flow_id)
+        version = run.version
         flow = await self.registry.version(flow_id, version)
         secrets = (
             await load_secrets(self.writer.db, self.box, flow.secret_names)
@@ -203,28 +206,30 @@ class RunWorker:
             self.sinks.sinks.pop(run_id, None)
         metrics.observe_run(outcome.status.value, started_s)
         # The caller already has its answer once a respond step ran: no final message.
-        await self._commit(rid, run_id, payload, outcome, None if answered else reply)
+        await self._commit(rid, run, outcome, None if answered else reply)
 
     async def _commit(
         self,
         rid: uuid.UUID,
-        run_id: str,
-        payload: Mapping[str, Any],
+        run: RunJob,
         outcome: RunOutcome,
         reply: str | None,
     ) -> None:
+        run_id = run.run_id
         if outcome.status is RunStatus.PAUSED and outcome.resume_at is not None:
             await self.writer.transition(
                 Transition(rid, RunStatus.PAUSED, resume_at=outcome.resume_at)
             )
             delay = max(0.0, (outcome.resume_at - datetime.now(UTC)).total_seconds())
-            job = {k: v for k, v in payload.items() if k != "trigger"} | {"resume": True}
-            await self.producer.enqueue(
-                QueueName.RUNS.value,
-                job,
+            # A full backlog defers the resumption to the reconciler (the run is PAUSED with
+            # its resume_at); Redis down fails the job, which is then retried.
+            sub = await self.submitter.resubmit(
+                dataclasses.replace(run, trigger=None, resume=True),
                 job_id=resume_job_id(run_id, outcome.resume_at),
                 delay_s=delay,
             )
+            if sub.outage is not None:
+                raise sub.outage
             return
         error = dict(outcome.error) if outcome.error else None
         stored = await self.writer.transition(

@@ -1,0 +1,181 @@
+"""Run submission: the one way a run gets from "accepted" to "on the queue".
+
+Every caller — webhooks (async and sync), a manual run, a retry, the scheduler, the
+reconciler — goes through :class:`Submitter`, so the order and the backlog policy cannot drift:
+
+1. **insert** the run row (group commit); a repeat of its idempotency key inserts nothing and
+   enqueues nothing — the earlier run is the answer;
+2. **enqueue** its :class:`RunJob` (the job id is the run id, so enqueueing twice adds once);
+3. **backlog full** (``AP_QUEUE_MAX_LENGTH``): :attr:`OnFull.REFUSE` when a caller is there to
+   retry (an HTTP request: the just-inserted row is deleted and :class:`~conveyor.queue.QueueFull`
+   raised, which the API answers 429 — refused work, never dropped work), :attr:`OnFull.DEFER`
+   otherwise (the row stays ``QUEUED`` and the reconciler enqueues it once there is room);
+4. **Redis down**: the row is committed, so the run is deferred to the reconciler as well; the
+   :class:`Submission` carries the error for callers that must react (a sync webhook cancels).
+
+See docs/architecture.md, "Shape and data path".
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from conveyor.queue import Producer, QueueFull, QueueName, QueueUnavailable
+from conveyor.store import runs as run_store
+from conveyor.store.runs import NewRun, RunWriter
+
+
+@dataclass(frozen=True, slots=True)
+class RunJob:
+    """The queue payload of one run.
+
+    ``run_id``, ``flow_id``, ``version``: what to run. ``trigger``: the trigger payload when it
+    travels inline (``None``: the worker reads it from PostgreSQL). ``reply``: the pub/sub
+    channel of a waiting sync request. ``retry``: not a fresh start — the worker loads the
+    trigger and any checkpoints from PostgreSQL. ``resume``: a paused run's resumption.
+    """
+
+    run_id: str
+    flow_id: str
+    version: int
+    trigger: dict[str, Any] | None = None
+    reply: str | None = None
+    retry: bool = False
+    resume: bool = False
+
+    def to_payload(self) -> dict[str, Any]:
+        """The JSON object put on the queue (unset optional fields are left out)."""
+        out: dict[str, Any] = {"run_id": self.run_id, "flow_id": self.flow_id}
+        out["version"] = self.version
+        if self.trigger is not None:
+            out["trigger"] = self.trigger
+        if self.reply:
+            out["reply"] = self.reply
+        if self.retry:
+            out["retry"] = True
+        if self.resume:
+            out["resume"] = True
+        return out
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> RunJob:
+        """Read a queued payload; ``KeyError``/``ValueError`` on a malformed one."""
+        trigger = payload.get("trigger")
+        reply = payload.get("reply")
+        return cls(
+            run_id=str(payload["run_id"]),
+            flow_id=str(payload["flow_id"]),
+            version=int(payload["version"]),
+            trigger=dict(trigger) if isinstance(trigger, Mapping) else None,
+            reply=str(reply) if reply else None,
+            retry=bool(payload.get("retry")),
+            resume=bool(payload.get("resume")),
+        )
+
+    @property
+    def fresh(self) -> bool:
+        """A first start: nothing is stored for it yet but the run row."""
+        return not (self.retry or self.resume)
+
+
+class OnFull(enum.Enum):
+    """What a full backlog does to a run the submission just inserted."""
+
+    #: Delete the row and raise ``QueueFull``: a caller is there to retry (HTTP 429).
+    REFUSE = "refuse"
+    #: Keep the row ``QUEUED``: the reconciler enqueues it once there is room.
+    DEFER = "defer"
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What a submission did. ``created`` False: an earlier run holds the idempotency key
+    (``run_id``, ``status``, ``response_status`` are that run's; nothing was enqueued).
+    ``enqueued`` False with ``created``: deferred to the reconciler — backlog full under
+    :attr:`OnFull.DEFER`, or Redis down (``outage`` holds the error)."""
+
+    run_id: uuid.UUID
+    created: bool
+    enqueued: bool
+    status: str = "QUEUED"
+    response_status: int | None = None
+    outage: QueueUnavailable | None = None
+
+
+class Submitter:
+    """Inserts and enqueues runs with one policy (see the module docstring).
+
+    Parameters: ``writer`` commits run rows, ``producer`` adds jobs to the queue.
+    """
+
+    def __init__(self, writer: RunWriter, producer: Producer) -> None:
+        self.writer = writer
+        self.producer = producer
+
+    async def submit(
+        self,
+        new: NewRun,
+        *,
+        on_full: OnFull,
+        inline_trigger: bool = True,
+        reply: str | None = None,
+        dedup_key: str | None = None,
+    ) -> Submission:
+        """Insert ``new``, then enqueue its job on ``new.queue``. ``inline_trigger`` False
+        leaves a large trigger in PostgreSQL (the worker reads it from there)."""
+        inserted = await self.writer.insert(new)
+        if not inserted.created:
+            return Submission(
+                inserted.run_id,
+                created=False,
+                enqueued=False,
+                status=inserted.status,
+                response_status=inserted.response_status,
+            )
+        job = RunJob(
+            run_id=str(inserted.run_id),
+            flow_id=str(new.flow_id),
+            version=new.flow_version,
+            trigger=new.trigger if inline_trigger else None,
+            reply=reply,
+        )
+        try:
+            await self.producer.enqueue(
+                new.queue, job.to_payload(), job_id=job.run_id, dedup_key=dedup_key
+            )
+        except QueueFull:
+            if on_full is OnFull.DEFER:
+                return Submission(inserted.run_id, created=True, enqueued=False)
+            # Refused, so not accepted: nothing may run later behind the caller's back.
+            await run_store.delete_run(self.writer.db, inserted.run_id)
+            raise
+        except QueueUnavailable as exc:
+            # Committed: the reconciler enqueues it once Redis is back.
+            return Submission(inserted.run_id, created=True, enqueued=False, outage=exc)
+        return Submission(inserted.run_id, created=True, enqueued=True)
+
+    async def resubmit(
+        self,
+        job: RunJob,
+        *,
+        queue: str = QueueName.RUNS.value,
+        job_id: str | None = None,
+        delay_s: float = 0.0,
+    ) -> Submission:
+        """Enqueue ``job`` for a run already ``QUEUED`` (or ``PAUSED``) in PostgreSQL: a
+        retry, a resumption, a reconciler pass. A full backlog or Redis down defers it to the
+        reconciler (the row is the record of it); ``outage`` says which."""
+        rid = uuid.UUID(job.run_id)
+        try:
+            await self.producer.enqueue(
+                queue, job.to_payload(), job_id=job_id or job.run_id, delay_s=delay_s
+            )
+        except QueueFull:
+            return Submission(rid, created=False, enqueued=False)
+        except QueueUnavailable as exc:
+            return Submission(rid, created=False, enqueued=False, outage=exc)
+        return Submission(rid, created=False, enqueued=True)
