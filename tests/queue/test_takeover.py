@@ -258,9 +258,10 @@ async def test_outage_past_visibility_takes_no_live_entry(
     redis_server: RedisServer, cfg: QueueConfig
 ) -> None:
     """Redis unreachable longer than the visibility timeout (a partition: the server and its
-    clock run on) while two live consumers hold entries: once it is back neither takes the
-    other's entries over (every consumer looked silent meanwhile); each job runs once."""
-    two = dataclasses.replace(cfg, concurrency=2)
+    clock run on) while a live consumer holds entries: once Redis is back another consumer
+    takes none of them over, not even when it looks right away (every consumer looked silent
+    meanwhile); each job runs once."""
+    four = dataclasses.replace(cfg, concurrency=4)
     calls: dict[str, int] = {}
     release = asyncio.Event()
 
@@ -273,26 +274,25 @@ async def test_outage_past_visibility_takes_no_live_entry(
     await proxy.start()
     client = aioredis.Redis.from_url(proxy.url(), decode_responses=False)
     try:
-        async with (
-            Consumer(client, handler, two, name="left") as left,
-            Consumer(client, handler, two, name="right") as right,
-        ):
+        async with Consumer(client, handler, four, name="owner") as owner:
             for i in range(4):
-                await Producer(client, two).enqueue("runs", {}, job_id=f"o{i}")
-            await eventually(lambda: left.busy == 2 and right.busy == 2, timeout_s=10)
-            await proxy.cut()
-            await asyncio.sleep(3 * two.visibility_timeout_s)
-            await proxy.restore()
-            # Without the guard a takeover comes within a tick of Redis answering again.
-            await asyncio.sleep(3 * (two.visibility_timeout_s + two.heartbeat_s))
-            assert calls == {f"o{i}": 1 for i in range(4)}
-            release.set()
-            await eventually(lambda: left.processed + right.processed == 4, timeout_s=15)
+                await Producer(client, four).enqueue("runs", {}, job_id=f"o{i}")
+            await eventually(lambda: owner.busy == 4, timeout_s=10)
+            async with Consumer(client, handler, four, name="other") as other:
+                await proxy.cut()
+                await asyncio.sleep(3 * four.visibility_timeout_s)
+                await proxy.restore()
+                # The earliest look possible, before the owner's first touch after the outage.
+                assert await other._take_over() == 0
+                await asyncio.sleep(3 * (four.visibility_timeout_s + four.heartbeat_s))
+                assert calls == {f"o{i}": 1 for i in range(4)}
+                release.set()
+                await eventually(lambda: owner.processed == 4, timeout_s=15)
     finally:
         await client.aclose()
         await proxy.close()
     assert calls == {f"o{i}": 1 for i in range(4)}
-    assert left.failed == right.failed == 0
+    assert owner.failed == other.processed == 0
 
 
 async def test_close_is_bounded_while_redis_is_away(
