@@ -69,7 +69,7 @@ class _Sink:
             # Fenced: a delivery another worker took over (this one was cut off from Redis)
             # stops here instead of checkpointing the same step twice.
             await self.job.ensure_owned()
-        if not await self.writer.add_step(StepRow(uuid.UUID(run_id), seq, dict(record))):
+        if not await self.writer.add_step(StepRow(uuid.UUID(run_id), seq, record)):
             # Canceled (or timed out) meanwhile: stop before the next step runs.
             raise RunEnded(f"run {run_id} ended while step {record['name']!r} ran")
 
@@ -157,9 +157,8 @@ class RunWorker:
         trigger = run.trigger
         checkpoints: list[StepRecord] = []
         if not fresh:
-            stored = await run_store.get_steps(self.writer.db, rid)
-            checkpoints = [_as_record(s) for s in stored]
-            first_seq = max((s["seq"] for s in stored), default=-1) + 1
+            checkpoints = await run_store.get_steps(self.writer.db, rid)
+            first_seq = max((s.seq or 0 for s in checkpoints), default=-1) + 1
         else:
             first_seq = 0
         if trigger is None:
@@ -327,23 +326,6 @@ def backend_down(exc: BaseException) -> str | None:
     if _pg_down(exc):
         return "postgres"
     return None
-
-
-def _as_record(row: Mapping[str, Any]) -> StepRecord:
-    return StepRecord(
-        name=row["name"],
-        type=row["type"],
-        status=row["status"],
-        input=row["input"],
-        output=row["output"],
-        error=row["error"],
-        logs=row["logs"] or "",
-        started_at=row["started_at"],
-        duration_ms=int(row["duration_ms"] or 0),
-        attempt=row["attempt"],
-        parent=row["parent"],
-        iteration=row["iteration"],
-    )
 
 
 @contextlib.asynccontextmanager
