@@ -6,9 +6,7 @@ fenced: every run ends SUCCEEDED once, no step is checkpointed twice."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from tests.faults.harness import (
     create_flow,
     post_runs,
 )
+from tests.polling import eventually
 from tests.queue.proxy import TcpProxy
 from tests.queue.servers import RedisServer
 
@@ -48,19 +47,6 @@ def _flow(endpoint: Endpoint) -> dict[str, Any]:
     }
 
 
-async def _until(condition: Callable[[], Any], timeout_s: float, what: str) -> None:
-    """Until ``condition()`` (or an awaitable it returns) is true; fails after ``timeout_s``."""
-    end = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        assert time.monotonic() < end, f"not reached in {timeout_s} s: {what}"
-        await asyncio.sleep(0.2)
-
-
 @pytest.mark.slow
 async def test_partition_past_visibility_runs_each_run_once(
     tmp_path: Path, private_redis: RedisServer, fault_db: str, endpoint: Endpoint
@@ -77,11 +63,21 @@ async def test_partition_past_visibility_runs_each_run_once(
         await deployment.start("WORKER")
         flow_id = await create_flow(app, _flow(endpoint))
         run_ids = await post_runs(app, flow_id, RUNS)
-        await _until(lambda: endpoint.first_calls(1) == RUNS, 30, "every run in its first step")
+        await eventually(
+            lambda: endpoint.first_calls(1) == RUNS,
+            timeout_s=30,
+            interval_s=0.2,
+            what="every run in its first step",
+        )
         await proxy.cut()
         await asyncio.sleep(OUTAGE_S)
         await proxy.restore()
-        await _until(lambda: all_terminal(fault_db, run_ids), 60, "every run terminal")
+        await eventually(
+            lambda: all_terminal(fault_db, run_ids),
+            timeout_s=60,
+            interval_s=0.2,
+            what="every run terminal",
+        )
         conn = await asyncpg.connect(fault_db)
         try:
             ids = [uuid.UUID(r) for r in run_ids]
@@ -108,7 +104,9 @@ async def test_partition_past_visibility_runs_each_run_once(
             done[:] = await completed_jobs(deployment.redis_url)
             return set(run_ids) <= set(done)
 
-        await _until(acknowledged, 30, "every run's job acknowledged")
+        await eventually(
+            acknowledged, timeout_s=30, interval_s=0.2, what="every run's job acknowledged"
+        )
         assert sorted(done) == sorted(run_ids), "a job completed twice, or a stranger"
         await deployment.kill_all()
         assert await deployment.leftovers() == []
