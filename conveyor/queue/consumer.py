@@ -65,6 +65,8 @@ FORGET_CONSUMER_MS = 3_600_000
 #: back (milliseconds when Redis answers; what does not get out stays pending, and the
 #: takeover returns it): a worker stops within ``AP_WORKER_DRAIN_SECONDS`` + this + 1 s.
 HANDOFF_S = 4.0
+#: Most entries one takeover call claims from one silent consumer.
+MAX_TAKEOVER_BATCH = 1000
 #: Prefix of the stored error of a job retried because a backend was down: when its first
 #: such failure was (epoch ms), so the no-delivery retries are capped in wall time.
 _TRANSIENT = re.compile(r"^\[backend down since (\d+)\] ")
@@ -801,9 +803,12 @@ class Consumer:
                 name_b = name if isinstance(name, bytes) else str(name).encode()
                 if name_b == self._name_b or int(c["pending"]) == 0 or int(c["idle"]) < idle_ms:
                     continue
-                # As many as there are free slots (and a few even when full: a dead worker's
-                # runs must not wait behind a backlog; buffered entries are heartbeated).
-                count = max(self.concurrency - self.busy, min(4, self.concurrency))
+                # All of them at once, even when every slot is busy: a dead worker's runs must
+                # not trickle over a few per round (takeover time would grow with what it
+                # held) nor wait behind a backlog. Buffered entries are heartbeated, so nothing
+                # taken here can be stolen back. One claim call is bounded all the same.
+                held = min(int(c["pending"]), MAX_TAKEOVER_BATCH)
+                count = max(self.concurrency - self.busy, held)
                 got = await self._claim(s, min_idle_ms=idle_ms, count=count, owner=name_b.decode())
                 if got:
                     log.warning("queue.took_over", consumer=name_b.decode(), entries=got)

@@ -328,3 +328,43 @@ async def test_close_is_bounded_while_redis_is_away(
     finally:
         await client.aclose()
         await proxy.close()
+
+
+async def test_dead_consumers_entries_are_taken_in_one_round(
+    redis: aioredis.Redis, cfg: QueueConfig
+) -> None:
+    """A busy survivor claims all of a dead consumer's entries at once, not a few per round
+    (takeover time must not grow with how much the dead worker held)."""
+    busy_cfg = no_scan(cfg)
+    producer = Producer(redis, busy_cfg)
+    sk = k.ShardKeys("runs", 0)
+    for i in range(12):
+        await producer.enqueue("runs", {}, job_id=f"dead{i}")
+    await redis.xreadgroup(k.GROUP, "ghost", {sk.stream: ">"}, count=12)
+    for i in range(busy_cfg.concurrency):
+        await producer.enqueue("runs", {}, job_id=f"busy{i}")
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def hold(job: Job) -> None:
+        started.append(job.id)
+        await release.wait()
+
+    async def ghost_pending() -> int:
+        summary = await redis.xpending(sk.stream, k.GROUP)
+        owners = {c["name"]: int(c["pending"]) for c in summary["consumers"]}
+        return owners.get(b"ghost", 0)
+
+    async with Consumer(redis, hold, busy_cfg, queues=["runs"]) as consumer:
+        # Every slot busy with new work before the ghost goes silent long enough.
+        await eventually(lambda: len(started) == busy_cfg.concurrency, timeout_s=10)
+        assert consumer.busy == busy_cfg.concurrency
+        seen: list[int] = []
+
+        async def first_claim() -> bool:
+            seen.append(await ghost_pending())
+            return seen[-1] < 12
+
+        await eventually(first_claim, timeout_s=15, interval_s=0.02)
+        assert seen[-1] == 0, f"the ghost's entries went {seen[0]} -> {seen[-1]} in one round"
+        release.set()
