@@ -33,8 +33,8 @@ import yaml
 
 from conveyor import __version__, errors
 from conveyor.client import ApiClient, ApiClientError
-from conveyor.engine.status import TERMINAL, RunStatus
 from conveyor.settings import Settings, SettingsError
+from conveyor.status import TERMINAL, RunStatus
 
 EXIT_OK = 0
 EXIT_FAILED = 1

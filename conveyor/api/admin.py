@@ -18,7 +18,7 @@ from conveyor import heartbeat, metrics
 from conveyor.api import operations
 from conveyor.api.errors import ApiError, json_response
 from conveyor.api.flows import limit_arg
-from conveyor.api.keys import DB, REDIS, SETTINGS
+from conveyor.keys import DB, REDIS, SETTINGS
 from conveyor.queue import (
     JobNotFound,
     JobState,

@@ -11,7 +11,7 @@ import hmac
 from aiohttp import web
 
 from conveyor.api.errors import ApiError, Handler
-from conveyor.api.keys import SETTINGS
+from conveyor.keys import SETTINGS
 
 PROTECTED_PREFIX = "/api/v1/"
 OPEN_PREFIX = "/api/v1/webhooks/"

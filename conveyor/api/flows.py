@@ -18,12 +18,12 @@ from aiohttp import web
 
 from conveyor.api import operations, payloads
 from conveyor.api.errors import ApiError, json_response
-from conveyor.api.keys import DB, REGISTRY, SUBMITTER
 from conveyor.engine.errors import FlowInvalid
 from conveyor.engine.flow import load_document, parse_flow
-from conveyor.engine.status import RunStatus
 from conveyor.engine.submit import OnFull
 from conveyor.ids import uuid7
+from conveyor.keys import DB, REGISTRY, SUBMITTER
+from conveyor.status import RunStatus
 from conveyor.store import flows as flow_store
 from conveyor.store import runs as run_store
 from conveyor.store.flows import FlowRecord

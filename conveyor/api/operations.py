@@ -14,11 +14,11 @@ from typing import Any
 from aiohttp import web
 
 from conveyor.api.errors import ApiError
-from conveyor.api.keys import DB, REDIS, REGISTRY, RUN_WRITER, SETTINGS, SUBMITTER
-from conveyor.engine.status import RunStatus
 from conveyor.engine.submit import RunJob
 from conveyor.errors import NotFound
+from conveyor.keys import DB, REDIS, REGISTRY, RUN_WRITER, SETTINGS, SUBMITTER
 from conveyor.queue import QueueAdmin, QueueConfig
+from conveyor.status import RunStatus
 from conveyor.store import flows as flow_store
 from conveyor.store import runs as run_store
 from conveyor.store.flows import FlowRecord

@@ -12,9 +12,9 @@ from aiohttp import web
 from conveyor.api import operations
 from conveyor.api.errors import ApiError, json_response
 from conveyor.api.flows import page_args
-from conveyor.api.keys import DB
-from conveyor.engine.status import RunStatus
+from conveyor.keys import DB
 from conveyor.records import RunView, StepRecord
+from conveyor.status import RunStatus
 from conveyor.store import runs as run_store
 
 

@@ -8,7 +8,7 @@ import orjson
 from aiohttp import web
 
 from conveyor.api.errors import ApiError, json_response
-from conveyor.api.keys import DB, SECRET_BOX
+from conveyor.keys import DB, SECRET_BOX
 from conveyor.store import secrets as secret_store
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")

@@ -24,7 +24,11 @@ from redis.exceptions import RedisError
 
 from conveyor.api import payloads
 from conveyor.api.errors import ApiError, json_response
-from conveyor.api.keys import (
+from conveyor.backoff import Outage
+from conveyor.engine.replies import stored_final
+from conveyor.engine.submit import OnFull, Submission
+from conveyor.ids import uuid7
+from conveyor.keys import (
     DB,
     REDIS,
     REGISTRY,
@@ -34,13 +38,9 @@ from conveyor.api.keys import (
     SETTINGS,
     SUBMITTER,
 )
-from conveyor.backoff import Outage
-from conveyor.engine.replies import stored_final
-from conveyor.engine.status import TERMINAL, RunStatus
-from conveyor.engine.submit import OnFull, Submission
-from conveyor.ids import uuid7
 from conveyor.queue import QueueName
 from conveyor.queue import keys as queue_keys
+from conveyor.status import TERMINAL, RunStatus
 from conveyor.store import runs as run_store
 from conveyor.store.db import CONNECTION_ERRORS
 from conveyor.store.secrets import load_secrets

@@ -31,11 +31,11 @@ from conveyor.api.flows import flow_json, page_args
 from conveyor.api.runs import run_json
 from conveyor.board.present import per_second, sparkline, timeline
 from conveyor.board.security import csrf_token
-from conveyor.engine.status import IN_FLIGHT, TERMINAL, RunStatus
 from conveyor.errors import NotFound
 from conveyor.keys import DB, REDIS, SANDBOX_REPORT, SETTINGS
 from conveyor.queue import JobState
 from conveyor.records import RunView
+from conveyor.status import IN_FLIGHT, TERMINAL, RunStatus
 from conveyor.store import flows as flow_store
 from conveyor.store import runs as run_store
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
-from conveyor.engine.status import RunStatus
 from conveyor.records import StepRecord
+from conveyor.status import RunStatus
 
 __all__ = [
     "CheckpointSink",

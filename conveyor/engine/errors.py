@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from conveyor.engine.status import StepStatus
 from conveyor.errors import ConveyorError, ErrorDetail, FlowValidationError, InternalError
+from conveyor.status import StepStatus
 
 __all__ = [
     "ErrorDetail",

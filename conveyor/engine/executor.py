@@ -35,8 +35,8 @@ from conveyor.engine.context import (
 from conveyor.engine.errors import StepFailed, StepInternalError
 from conveyor.engine.flow import Flow, Step
 from conveyor.engine.spec import At, Piece, Stop, Where, now
-from conveyor.engine.status import RunStatus, StepStatus
 from conveyor.engine.templating import RUN, SECRETS, TRIGGER, TemplateError, redact
+from conveyor.status import RunStatus, StepStatus
 
 _RUN_STATUS = {
     StepStatus.FAILED: RunStatus.FAILED,

@@ -24,10 +24,10 @@ import structlog
 
 from conveyor.aio import raise_if_cancelling
 from conveyor.backoff import Outage
-from conveyor.engine.status import RunStatus
 from conveyor.engine.submit import RunJob, Submitter
 from conveyor.queue import Location, Producer, QueueUnavailable
 from conveyor.queue.admin import QueueAdmin
+from conveyor.status import RunStatus
 from conveyor.store import runs as run_store
 from conveyor.store.db import CONNECTION_ERRORS
 from conveyor.store.runs import RunWriter, Transition

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from conveyor.engine.context import RunEnv, RunOutcome, Services, StepRecord
     from conveyor.engine.errors import StepFailed
     from conveyor.engine.flow import Step
-    from conveyor.engine.status import StepStatus
+    from conveyor.status import StepStatus
 
 
 class StepType(StrEnum):

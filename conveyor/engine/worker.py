@@ -31,7 +31,6 @@ from conveyor.engine.registry import FlowRegistry
 from conveyor.engine.replies import publish_reply
 from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.ssrf import SsrfPolicy, create_http_session
-from conveyor.engine.status import RunStatus
 from conveyor.engine.submit import RunJob, Submitter
 from conveyor.errors import Conflict
 from conveyor.logging import bind_run
@@ -42,6 +41,7 @@ from conveyor.queue.errors import is_unavailable
 from conveyor.sandbox.client import Sandbox
 from conveyor.sandbox.config import SandboxConfig
 from conveyor.settings import Settings
+from conveyor.status import RunStatus
 from conveyor.store import runs as run_store
 from conveyor.store.runs import RunWriter, StepRow, Transition
 from conveyor.store.secrets import SecretBox, load_secrets

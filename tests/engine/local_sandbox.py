@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import orjson
 
-from conveyor.engine.status import StepStatus
+from conveyor.status import StepStatus
 
 MAX_OUTPUT_BYTES: Final = 16 * 1024 * 1024
 

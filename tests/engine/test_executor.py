@@ -11,7 +11,7 @@ from typing import Any
 from conveyor.engine.context import RunOutcome, Services, StepRecord
 from conveyor.engine.executor import Executor
 from conveyor.engine.flow import parse_flow
-from conveyor.engine.status import TERMINAL, RunStatus, StepStatus
+from conveyor.status import TERMINAL, RunStatus, StepStatus
 from tests.engine.local_sandbox import LocalSandbox
 from tests.engine.support import MemorySink, flow_doc, make_ctx
 

@@ -17,7 +17,7 @@ from conveyor.engine.context import RunOutcome, Services
 from conveyor.engine.executor import Executor
 from conveyor.engine.flow import parse_flow
 from conveyor.engine.ssrf import SsrfPolicy, create_http_session
-from conveyor.engine.status import RunStatus
+from conveyor.status import RunStatus
 from tests.engine.support import MemorySink, StaticResolver, flow_doc, make_ctx
 
 

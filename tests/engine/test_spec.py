@@ -26,7 +26,7 @@ from conveyor.engine.spec import (
     Walker,
     Where,
 )
-from conveyor.engine.status import RunStatus, StepStatus
+from conveyor.status import RunStatus, StepStatus
 from tests.engine.support import MemorySink, flow_doc, make_ctx
 
 

@@ -26,8 +26,8 @@ import psutil
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from conveyor.engine.status import TERMINAL
 from conveyor.queue import QueueAdmin, QueueConfig
+from conveyor.status import TERMINAL
 from tests.polling import eventually
 from tests.processes import conveyor_env, free_port
 

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from conveyor.engine.status import TERMINAL
+from conveyor.status import TERMINAL
 from tests.polling import eventually
 
 TERMINAL_VALUES = [s.value for s in TERMINAL]

@@ -30,8 +30,8 @@ from conveyor.engine.context import Services
 from conveyor.engine.errors import FlowInvalid
 from conveyor.engine.executor import Executor
 from conveyor.engine.flow import STEP_TYPES, load_document, parse_flow
-from conveyor.engine.status import RunStatus
 from conveyor.engine.templating import TemplateError, TemplateSyntaxError, compile_value
+from conveyor.status import RunStatus
 from tests.api.conftest import make_client
 from tests.engine.support import MemorySink, make_ctx
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conveyor.engine.status import RunStatus
+from conveyor.status import RunStatus
 from tests.engine.support import MemorySink
 from tests.engine.test_http import Server, http, run_http, server
 

@@ -20,8 +20,8 @@ from conveyor.engine.context import Services
 from conveyor.engine.executor import Executor
 from conveyor.engine.flow import parse_flow
 from conveyor.engine.ssrf import SsrfPolicy, create_http_session
-from conveyor.engine.status import RunStatus
 from conveyor.engine.templating import redact
+from conveyor.status import RunStatus
 from conveyor.store import runs as run_store
 from conveyor.store.db import Database
 from tests.api.conftest import make_client

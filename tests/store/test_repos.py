@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from conveyor.engine.status import RunStatus
 from conveyor.errors import Conflict, InternalError, NotFound
 from conveyor.ids import uuid7
+from conveyor.status import RunStatus
 from conveyor.store import flows, runs, secrets
 from conveyor.store.db import Database
 

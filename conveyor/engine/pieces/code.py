@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.engine.errors import SandboxLimitExceeded, StepFailed, StepInternalError
 from conveyor.engine.spec import Checks, StepSpec, StepType
-from conveyor.engine.status import StepStatus
+from conveyor.status import StepStatus
 
 if TYPE_CHECKING:
     from conveyor.engine.context import RunEnv

@@ -25,8 +25,8 @@ from conveyor.engine.spec import (
     is_template,
     now,
 )
-from conveyor.engine.status import RunStatus, StepStatus
 from conveyor.engine.templating import TemplateError
+from conveyor.status import RunStatus, StepStatus
 
 if TYPE_CHECKING:
     from conveyor.engine.flow import Step

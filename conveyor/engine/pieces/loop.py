@@ -23,8 +23,8 @@ from conveyor.engine.spec import (
     Where,
     is_template,
 )
-from conveyor.engine.status import RunStatus, StepStatus
 from conveyor.engine.templating import LOOP, TemplateError, compile_value
+from conveyor.status import RunStatus, StepStatus
 
 if TYPE_CHECKING:
     from conveyor.engine.flow import Step
