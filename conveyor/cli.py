@@ -315,7 +315,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _follow(client: ApiClient, run_id: str, interval_s: float, as_json: bool, quiet: bool) -> int:
+def _follow(client: ApiClient, run_id: str, interval_s: float, as_json: bool, quiet: bool) -> int:  # noqa: PLR0912 - one loop, three output modes (json, quiet, table)
     """Poll the run until it is terminal, printing each change of status and each step
     recorded (as JSON lines with ``as_json``; only the outcome with ``quiet``)."""
     seen: set[tuple[Any, ...]] = set()

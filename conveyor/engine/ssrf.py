@@ -111,7 +111,7 @@ def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
-def forbidden_reason(ip: IPAddress) -> str | None:
+def forbidden_reason(ip: IPAddress) -> str | None:  # noqa: PLR0911 - one return per address class, read as a table
     """Why ``ip`` may not be reached (``"loopback"``, ``"private"``, …), or ``None`` when it
     is a public unicast address."""
     if isinstance(ip, ipaddress.IPv6Address):

@@ -137,7 +137,7 @@ class Producer:
             if self._pending.get(slot):
                 self._start_flush(slot)
 
-    async def _send(self, queue: str, sk: k.ShardKeys, batch: list[_Pending]) -> None:
+    async def _send(self, queue: str, sk: k.ShardKeys, batch: list[_Pending]) -> None:  # noqa: PLR0912 - one branch per Lua reply outcome
         cfg = self.config
         keys: list[bytes] = [
             sk.stream,

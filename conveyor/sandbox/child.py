@@ -79,7 +79,7 @@ class CappedLog(io.TextIOBase):
         return out
 
 
-def lock_down(
+def lock_down(  # noqa: PLR0912 - lock-down steps in kernel order
     sock_fd: int,
     uid: int | None,
     limits: lim.Limits,
@@ -255,7 +255,7 @@ class Runner:
         body = b'{"output":' + out + b"," + rest[1:]
         return len(body).to_bytes(4, "big") + body, recycle
 
-    def _cleanup(self) -> bool:
+    def _cleanup(self) -> bool:  # noqa: PLR0912 - one check per kind of leftover
         """Leave nothing of this execution behind; True when this child must not be reused."""
         dirty = False
         if len(os.listdir("/proc/self/task")) > 1:

@@ -361,7 +361,7 @@ class ForkServer:
                 return
             self._record(pid, status, usage)
 
-    def reap(self) -> None:
+    def reap(self) -> None:  # noqa: PLR0912 - three kill mechanisms, one reap
         """Collect exited children; report them only once nothing of their trees is left."""
         self._collect()
         if self._pending_cgroups and self.cgroups is not None:

@@ -269,7 +269,7 @@ def host_view(hide: tuple[str, ...] = ()) -> dict[str, Any]:
     }
 
 
-def assess(
+def assess(  # noqa: PLR0912 - one branch per probed property
     launcher: str,
     probe: dict[str, Any],
     *,

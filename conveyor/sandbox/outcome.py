@@ -42,7 +42,7 @@ class SandboxResult:
     duration_ms: float = 0.0
 
 
-def explain_exit(event: dict[str, Any], limits: Limits, limit_s: float) -> tuple[str, str]:
+def explain_exit(event: dict[str, Any], limits: Limits, limit_s: float) -> tuple[str, str]:  # noqa: PLR0911 - one return per way a child dies
     """Map how a child died to a status and message (see the module docstring)."""
     if event.get("lost"):
         return "INTERNAL_ERROR", "the sandbox fork-server stopped during the step"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 
 
-def validate_code(code: str, *, filename: str = "<step>") -> str | None:
+def validate_code(code: str, *, filename: str = "<step>") -> str | None:  # noqa: PLR0911 - one return per rule, first failure wins
     """``None`` when ``code`` is acceptable, else one line saying what is wrong and where."""
     if not isinstance(code, str) or not code.strip():
         return "code is empty: define a function run(input)"
