@@ -50,7 +50,7 @@ from conveyor.engine.submit import OnFull, Submitter
 from conveyor.ids import uuid7
 from conveyor.queue import Producer
 from conveyor.queue import keys as k
-from conveyor.queue.scripts import Script
+from conveyor.queue.scripts import DROP_LEASE, RENEW_LEASE
 from conveyor.store import flows as flow_store
 from conveyor.store.db import Database
 from conveyor.store.runs import NewRun, RunWriter
@@ -58,29 +58,6 @@ from conveyor.store.runs import NewRun, RunWriter
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], datetime]
-
-# KEYS: lease. ARGV: owner, ttl_ms. 1 when the caller owned the lease and it was extended.
-_RENEW = Script(
-    "scheduler_renew",
-    """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-""",
-)
-
-# KEYS: lease. ARGV: owner. Deletes the lease only if the caller still owns it.
-_RELEASE = Script(
-    "scheduler_release",
-    """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-""",
-)
 
 _TICK_FORMAT = "%Y%m%dT%H%M%SZ"
 
@@ -193,7 +170,7 @@ class Scheduler:
         """Extend or take the lease; ``None`` when Redis could not be asked."""
         try:
             if self._leader:
-                if await _RENEW(self.redis, [self.lease_key], [self.owner, self.lease_ms]):
+                if await RENEW_LEASE(self.redis, [self.lease_key], [self.owner, self.lease_ms]):
                     return True
                 log.warning("scheduler lease lost", owner=self.owner)
                 self._step_down()
@@ -219,7 +196,7 @@ class Scheduler:
             return
         self._step_down()
         with contextlib.suppress(RedisError, OSError):
-            await _RELEASE(self.redis, [self.lease_key], [self.owner])
+            await DROP_LEASE(self.redis, [self.lease_key], [self.owner])
 
     # ------------------------------------------------------------------------ flows
     async def _refresh(self) -> None:

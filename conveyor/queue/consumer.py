@@ -43,10 +43,10 @@ from conveyor.queue.job import Job, UndecodablePayload, _EntryLost, decode_entry
 from conveyor.queue.scripts import (
     CLAIM,
     DEAD,
-    DROP_NAME,
+    DROP_LEASE,
     FETCH,
     RELEASE,
-    RENEW_NAME,
+    RENEW_LEASE,
     RETRY,
     TOUCH,
     execute_command,
@@ -354,7 +354,7 @@ class Consumer:
         if self._leased is not None:
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(1.0):
-                    await DROP_NAME(self.redis, [self._leased], [self._lease_token])
+                    await DROP_LEASE(self.redis, [self._leased], [self._lease_token])
             self._leased = None
 
     async def _release(self, held: list[tuple[_Stream, list[str]]]) -> None:
@@ -718,7 +718,7 @@ class Consumer:
         assert self._leased is not None
         ttl = self.config.visibility_timeout_ms
         try:
-            kept = await RENEW_NAME(self.redis, [self._leased], [self._lease_token, ttl])
+            kept = await RENEW_LEASE(self.redis, [self._leased], [self._lease_token, ttl])
             if not kept:
                 kept = await self.redis.set(self._leased, self._lease_token, nx=True, px=ttl)
                 if kept:

@@ -633,9 +633,10 @@ return n
 """,
 )
 
-# KEYS: lease. ARGV: token ttl_ms. Extends a consumer-name lease only for its holder.
-RENEW_NAME = Script(
-    "renew_name",
+# KEYS: lease. ARGV: token ttl_ms. Extends a lease (a consumer name, the scheduler's
+# leadership) only for its holder: 1 when extended.
+RENEW_LEASE = Script(
+    "renew_lease",
     """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -645,9 +646,9 @@ return 0
 """,
 )
 
-# KEYS: lease. ARGV: token. Drops a consumer-name lease only for its holder.
-DROP_NAME = Script(
-    "drop_name",
+# KEYS: lease. ARGV: token. Drops a lease only for its holder.
+DROP_LEASE = Script(
+    "drop_lease",
     """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
