@@ -93,6 +93,14 @@ class Stack:
                 return left
             await asyncio.sleep(0.1)
 
+    async def close_cleanly(self) -> None:
+        """:meth:`close`, then assert every Conveyor exited 0 and no process outlived it."""
+        left = await self.close()
+        assert self.conveyors, "no conveyor up was started"
+        expected = [0] * len(self.conveyors)
+        assert self.exit_codes == expected, f"conveyor up exit codes {self.exit_codes}"
+        assert not left, f"processes left after teardown: {left}"
+
 
 @pytest.fixture
 async def stack(ha_dir: Path) -> AsyncIterator[Stack]:
