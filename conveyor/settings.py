@@ -3,7 +3,9 @@
 Nothing else in Conveyor reads ``os.environ``. :meth:`Settings.from_env` casts strictly and
 raises :class:`SettingsError` naming the variable, the value and what is allowed; the CLI turns
 that into one line on stderr and exit code 2. Defaults that depend on other variables
-(``AP_DB_TYPE``, ``AP_REDIS_TYPE``, ``AP_CONFIG_PATH``) are described in docs/configuration.md.
+(``AP_DB_TYPE``, ``AP_REDIS_TYPE``, ``AP_CONFIG_PATH``) are computed by each field's ``derive``.
+The variables table of docs/configuration.md is rendered from these declarations by
+:mod:`conveyor.settings_doc`.
 """
 
 from __future__ import annotations
@@ -98,23 +100,52 @@ def _var(
     help: str,
     *,
     derive: Callable[[Mapping[str, Any]], Any] | None = None,
+    default_doc: str | None = None,
 ) -> Any:
     """Declare a setting: variable ``env`` read as ``kind``; unset, it is ``default`` or, with
-    ``derive``, computed from the other settings' values (e.g. ``AP_DB_TYPE`` from the URL)."""
-    metadata = {"env": env, "kind": kind, "help": help, "derive": derive}
+    ``derive``, computed from the other settings' values (e.g. ``AP_DB_TYPE`` from the URL).
+
+    ``help`` is the variable's entry in docs/configuration.md (Markdown, rendered by
+    :mod:`conveyor.settings_doc`); ``default_doc`` describes the default there when the value
+    alone does not say it (derived, generated, or ``None`` meaning something)."""
+    metadata = {
+        "env": env,
+        "kind": kind,
+        "help": help,
+        "derive": derive,
+        "default_doc": default_doc,
+    }
     return dataclasses.field(default=default, metadata=metadata)
 
 
+#: The parts an unset ``AP_POSTGRES_URL`` is built from: ``{part: (variable, default)}``
+#: (``""``: none). Parts of that one setting, not settings of their own.
+POSTGRES_PARTS: dict[str, tuple[str, str]] = {
+    "host": ("AP_POSTGRES_HOST", ""),
+    "port": ("AP_POSTGRES_PORT", "5432"),
+    "database": ("AP_POSTGRES_DATABASE", "conveyor"),
+    "username": ("AP_POSTGRES_USERNAME", "postgres"),
+    "password": ("AP_POSTGRES_PASSWORD", ""),
+}
+POSTGRES_PARTS_HELP = (
+    "alternative to `AP_POSTGRES_URL`, which is then "
+    "`postgresql://USERNAME:PASSWORD@HOST:PORT/DATABASE` (user name and password quoted)"
+)
+
+
 def _postgres_from_parts(reader: _Reader) -> str | None:
-    """``AP_POSTGRES_URL`` built from ``AP_POSTGRES_HOST``/``PORT``/``DATABASE``/``USERNAME``/
-    ``PASSWORD`` (parts of that one setting, not settings of their own)."""
-    host = reader.raw("AP_POSTGRES_HOST")
-    if host is None:
+    """``AP_POSTGRES_URL`` built from :data:`POSTGRES_PARTS`, or ``None`` without a host."""
+
+    def part(name: str) -> str:
+        env, default = POSTGRES_PARTS[name]
+        return reader.raw(env) or default
+
+    host = part("host")
+    if not host:
         return None
-    port = reader.read("AP_POSTGRES_PORT", PORT, 5432)
-    database = reader.raw("AP_POSTGRES_DATABASE") or "conveyor"
-    user = reader.raw("AP_POSTGRES_USERNAME") or "postgres"
-    password = reader.raw("AP_POSTGRES_PASSWORD")
+    env, default = POSTGRES_PARTS["port"]
+    port = reader.read(env, PORT, int(default))
+    database, user, password = part("database"), part("username"), part("password")
     auth = quote(user, safe="")
     if password:
         auth += ":" + quote(password, safe="")
@@ -155,7 +186,11 @@ class Settings:
         "AP_CONTAINER_TYPE",
         enum_of(ContainerType),
         ContainerType.WORKER_AND_APP,
-        "which parts this process runs: API + board, workers, or both",
+        (
+            "`WORKER_AND_APP` (API + board + workers) | `APP` (API + board) | `WORKER` "
+            "(queue consumers, scheduler; health/metrics port only). `APP`/`WORKER` "
+            "need external Redis and PostgreSQL."
+        ),
     )
     worker_concurrency: int = _var(
         "AP_WORKER_CONCURRENCY",
@@ -167,58 +202,90 @@ class Settings:
         "AP_PM2_ENABLED", BOOL, False, "one process per CPU core sharing the port"
     )
     pm2_instances: int | None = _var(
-        "AP_PM2_INSTANCES", integer(1, 1024), None, "process count with AP_PM2_ENABLED"
+        "AP_PM2_INSTANCES",
+        integer(1, 1024),
+        None,
+        "overrides the process count of `AP_PM2_ENABLED`",
+        default_doc="number of cores",
     )
     host: str = _var(
         "AP_HOST",
         Kind(host_name, "expected an IP address or host name"),
         "127.0.0.1",
-        "listen address of the API and board",
+        (
+            "listen address of the API and board; a non-loopback address requires "
+            "`AP_API_KEY` and board credentials (or `AP_QUEUE_UI_ENABLED=false`)"
+        ),
     )
     port: int = _var("AP_PORT", PORT, 8080, "HTTP port of the API and board")
     db_type: DbType = _var(
         "AP_DB_TYPE",
         enum_of(DbType),
         DbType.EMBEDDED,
-        "POSTGRES when a PostgreSQL URL is set, else EMBEDDED",
+        "the database: an external PostgreSQL, or one Conveyor starts itself",
         derive=lambda v: DbType.POSTGRES if v["postgres_url"] else DbType.EMBEDDED,
+        default_doc=(
+            "`POSTGRES` if `AP_POSTGRES_URL` or `AP_POSTGRES_HOST` is set, else `EMBEDDED`"
+        ),
     )
     postgres_url: str | None = _var(
         "AP_POSTGRES_URL",
         url("postgres", "postgresql", fallback=_postgres_from_parts),
         None,
-        "the PostgreSQL to use (or AP_POSTGRES_HOST/PORT/DATABASE/USERNAME/PASSWORD)",
+        (
+            "the PostgreSQL to use: `postgresql://user:pass@host:port/db` (a "
+            "`?host=/socket/dir` URL works too)"
+        ),
     )
     postgres_pool_size: int = _var(
         "AP_POSTGRES_POOL_SIZE", integer(1, 1000), 10, "max connections per process"
     )
     postgres_idle_timeout_ms: int = _var(
-        "AP_POSTGRES_IDLE_TIMEOUT_MS", COUNT, 300_000, "idle pooled connections close after"
+        "AP_POSTGRES_IDLE_TIMEOUT_MS",
+        COUNT,
+        300_000,
+        "idle pooled connections are closed after this long",
     )
     postgres_read_replica_urls: tuple[str, ...] = _var(
         "AP_POSTGRES_READ_REPLICA_URL",
         url_list("postgres", "postgresql"),
         (),
-        "comma-separated replica URLs listings read from",
+        (
+            "comma-separated replica URLs; listings read there, writes never; a replica "
+            "that is down is skipped for 30 s"
+        ),
     )
     postgres_use_pgbouncer: bool = _var(
-        "AP_POSTGRES_USE_PGBOUNCER", BOOL, False, "no prepared-statement cache"
+        "AP_POSTGRES_USE_PGBOUNCER",
+        BOOL,
+        False,
+        "no prepared-statement cache (safe with transaction pooling)",
     )
     redis_type: RedisType = _var(
         "AP_REDIS_TYPE",
         enum_of(RedisType),
         RedisType.EMBEDDED,
-        "SENTINEL with sentinel hosts, STANDALONE with a URL, else EMBEDDED",
+        (
+            "the Redis deployment: one server, Sentinel-managed, a Cluster, or one "
+            "Conveyor starts itself"
+        ),
         derive=_redis_type,
+        default_doc=(
+            "`SENTINEL` if `AP_REDIS_SENTINEL_HOSTS`, `STANDALONE` if `AP_REDIS_URL`, "
+            "else `EMBEDDED`"
+        ),
     )
     redis_url: str | None = _var(
-        "AP_REDIS_URL", url("redis", "rediss", "unix"), None, "the Redis to use"
+        "AP_REDIS_URL",
+        url("redis", "rediss", "unix"),
+        None,
+        ("the Redis to use: `redis://`, `rediss://` or `unix://`; for `CLUSTER` any seed node"),
     )
     redis_sentinel_hosts: tuple[tuple[str, int], ...] = _var(
         "AP_REDIS_SENTINEL_HOSTS",
         Kind(host_ports, "expected comma-separated host:port pairs"),
         (),
-        "Sentinels as host:port,host:port",
+        "the Sentinels, `host:port,host:port`",
     )
     redis_sentinel_name: str = _var(
         "AP_REDIS_SENTINEL_NAME", TEXT, "mymaster", "Sentinel service name"
@@ -226,42 +293,65 @@ class Settings:
     redis_sentinel_role: str = _var(
         "AP_REDIS_SENTINEL_ROLE", choice("master", "slave"), "master", "Sentinel role to use"
     )
-    queue_shards: int = _var("AP_QUEUE_SHARDS", integer(1, 1024), 1, "streams per queue")
+    queue_shards: int = _var(
+        "AP_QUEUE_SHARDS", integer(1, 1024), 1, "streams per queue (hash-tagged for Redis Cluster)"
+    )
     queue_max_length: int = _var(
-        "AP_QUEUE_MAX_LENGTH", POSITIVE, 100_000, "backlog cap; above it webhooks get 429"
+        "AP_QUEUE_MAX_LENGTH",
+        POSITIVE,
+        100_000,
+        "backlog cap; above it webhooks get 429 + `Retry-After: 1`",
     )
     queue_visibility_timeout_seconds: int = _var(
         "AP_QUEUE_VISIBILITY_TIMEOUT_SECONDS",
         integer(2, 3600),
         6,
-        "a worker silent this long loses its runs to a live worker",
+        (
+            "a worker silent this long (killed, hung, cut off) loses its runs to a live "
+            "worker; with the defaults a killed worker's runs resume within about 8 s; "
+            "after a Redis outage a worker takes over nothing until it has reached "
+            "Redis for this + the heartbeat + 1 s, so live runs stay where they are"
+        ),
     )
     worker_heartbeat_seconds: int = _var(
         "AP_WORKER_HEARTBEAT_SECONDS",
         integer(1, 1800),
         2,
-        "how often a worker says its runs are still in hand",
+        (
+            "how often a worker tells Redis its runs are still in hand (at most half "
+            "the visibility timeout)"
+        ),
     )
     worker_drain_seconds: int = _var(
         "AP_WORKER_DRAIN_SECONDS",
         integer(0, 3600),
         25,
-        "on SIGTERM, runs still going after this long are handed back",
+        (
+            "on SIGTERM, runs still going after this long are stopped and handed back "
+            "to the queue at once, resuming on another worker from their last "
+            "checkpoint; the queue consumer stops at most 5 s after the drain (up to 4 "
+            "s flushing acknowledgements and handing runs back while Redis is "
+            "unreachable, 1 s releasing its name; milliseconds otherwise), so keep "
+            "drain + 5 s within your orchestrator's kill grace (Kubernetes: 30 s)"
+        ),
     )
     redis_key_prefix: str = _var(
         "AP_REDIS_KEY_PREFIX",
         Kind(key_prefix, "expected 1-64 characters of A-Z a-z 0-9 _ . : - (starting alphanumeric)"),
         "conveyor",
-        "namespace of every Redis key and channel",
+        (
+            "namespace of every key and channel Conveyor keeps in Redis; two "
+            "deployments sharing one Redis database need different prefixes"
+        ),
     )
     redis_failed_job_retention_days: int = _var(
-        "AP_REDIS_FAILED_JOB_RETENTION_DAYS", COUNT, 30, "dead-lettered jobs kept this long"
+        "AP_REDIS_FAILED_JOB_RETENTION_DAYS", COUNT, 30, "dead-lettered jobs kept this long …"
     )
     redis_failed_job_retention_max_count: int = _var(
         "AP_REDIS_FAILED_JOB_RETENTION_MAX_COUNT",
         COUNT,
         100_000,
-        "dead-lettered jobs kept at most",
+        "… and at most this many",
     )
     redis_completed_job_retention_max_count: int = _var(
         "AP_REDIS_COMPLETED_JOB_RETENTION_MAX_COUNT",
@@ -272,61 +362,116 @@ class Settings:
     execution_data_retention_days: int = _var(
         "AP_EXECUTION_DATA_RETENTION_DAYS", COUNT, 30, "run history kept in PostgreSQL"
     )
-    queue_ui_enabled: bool = _var("AP_QUEUE_UI_ENABLED", BOOL, True, "serve the board")
+    queue_ui_enabled: bool = _var("AP_QUEUE_UI_ENABLED", BOOL, True, "the board at `/admin/queues`")
     queue_ui_username: str | None = _var(
-        "AP_QUEUE_UI_USERNAME", TEXT, None, "board basic-auth user"
+        "AP_QUEUE_UI_USERNAME",
+        TEXT,
+        None,
+        "HTTP basic-auth user of the board (set both, with `AP_QUEUE_UI_PASSWORD`)",
     )
     queue_ui_password: str | None = _var(
-        "AP_QUEUE_UI_PASSWORD", TEXT, None, "board basic-auth password"
+        "AP_QUEUE_UI_PASSWORD",
+        TEXT,
+        None,
+        ("HTTP basic-auth password of the board (set both, with `AP_QUEUE_UI_USERNAME`)"),
     )
-    api_key: str | None = _var("AP_API_KEY", TEXT, None, "bearer token of /api/v1/*")
+    api_key: str | None = _var(
+        "AP_API_KEY",
+        TEXT,
+        None,
+        (
+            "bearer token for `/api/v1/*` except webhooks; when set, the board requires "
+            "credentials too: this key (as the basic-auth password with any user name, "
+            "or `Authorization: Bearer`) or the board's own"
+        ),
+    )
     frontend_url: str | None = _var(
-        "AP_FRONTEND_URL", url("http", "https"), None, "the public URL of this server"
+        "AP_FRONTEND_URL",
+        url("http", "https"),
+        None,
+        (
+            "the public URL of this server (`https://conveyor.example.com`); its host "
+            "is accepted by the board (see `AP_QUEUE_UI_ALLOWED_HOSTS`)"
+        ),
     )
     queue_ui_allowed_hosts: tuple[str, ...] = _var(
         "AP_QUEUE_UI_ALLOWED_HOSTS",
         Kind(allow_list, f"expected {_LISTS}"),
         (),
-        "hosts the board answers to besides loopback",
+        (
+            "host names, IPs or CIDRs the board answers to (`Host` and `Origin`), "
+            "besides `localhost`, 127.0.0.0/8, ::1 and the host of `AP_FRONTEND_URL`; "
+            "with neither set on a non-loopback bind, any `Host` is answered "
+            "(credentials are required there)"
+        ),
     )
     webhook_legacy_signatures: bool = _var(
-        "AP_WEBHOOK_LEGACY_SIGNATURES", BOOL, False, "also accept untimed signatures"
+        "AP_WEBHOOK_LEGACY_SIGNATURES",
+        BOOL,
+        False,
+        (
+            "also accept the untimed `X-Conveyor-Signature: sha256=<hex>` form "
+            "(replayable: prefer `t=…,v1=…`)"
+        ),
     )
     encryption_key: str | None = _var(
         "AP_ENCRYPTION_KEY",
         Kind(hex_key, "expected 32 or 64 hex characters", secret=True),
         None,
-        "key of the stored secrets (required with an external PostgreSQL)",
+        ("key of the stored secrets (AES-GCM-128 with 32 hex characters, AES-GCM-256 with 64)"),
+        default_doc=(
+            "generated into `AP_CONFIG_PATH/keys/encryption.key` with the embedded "
+            "PostgreSQL; required with an external one (every container must share it)"
+        ),
     )
     execution_mode: ExecutionMode = _var(
         "AP_EXECUTION_MODE",
         _SANDBOX_MODE,
         ExecutionMode.SANDBOX_CODE_ONLY,
-        "what runs in the sandbox",
+        "what runs in the sandbox; legacy `SANDBOXED` = `SANDBOX_PROCESS`",
     )
     sandbox_memory_limit_kb: int = _var(
         "AP_SANDBOX_MEMORY_LIMIT",
         integer(minimum=16_384),
         1_048_576,
-        "KB of memory per sandboxed process",
+        (
+            "KB of address space per sandboxed process, and — where the host lets "
+            "Conveyor write cgroups (v2 delegated, or v1 `memory`/`pids`) — of memory "
+            "for the step's whole process tree, forks and memfds included (`/readyz` → "
+            "`checks.sandbox.limits`: `cgroup-v2` | `cgroup-v1` | `rlimit`)"
+        ),
     )
     sandbox_allow_partial_isolation: bool = _var(
         "AP_SANDBOX_ALLOW_PARTIAL_ISOLATION",
         BOOL,
         False,
-        "run code steps without bubblewrap's full isolation",
+        (
+            "without bubblewrap, workers with external Redis/PostgreSQL refuse to "
+            "start, and the embedded default runs code steps only in a safe fallback "
+            "(`unshare`, or `direct` as root: no network, a private read-only root "
+            "holding only `/usr`, Python and the package — none of the host's other "
+            "files —, private tmpfs, own PID namespace) or refuses them; `true` accepts "
+            "whatever isolation the host has (the risk is yours: where no namespace can "
+            "be made a step can reach the network)"
+        ),
     )
     flow_timeout_seconds: int = _var(
-        "AP_FLOW_TIMEOUT_SECONDS", POSITIVE, 600, "wall time of a whole run"
+        "AP_FLOW_TIMEOUT_SECONDS", POSITIVE, 600, "wall time of a whole run, then `TIMEOUT`"
     )
     trigger_timeout_seconds: int = _var(
-        "AP_TRIGGER_TIMEOUT_SECONDS", POSITIVE, 60, "trigger processing time"
+        "AP_TRIGGER_TIMEOUT_SECONDS",
+        POSITIVE,
+        60,
+        "trigger processing (payload extraction, schedule firing)",
     )
     webhook_timeout_seconds: int = _var(
-        "AP_WEBHOOK_TIMEOUT_SECONDS", POSITIVE, 30, "how long a sync webhook waits"
+        "AP_WEBHOOK_TIMEOUT_SECONDS", POSITIVE, 30, "how long a sync webhook waits before 408"
     )
     max_webhook_payload_size_mb: int = _var(
-        "AP_MAX_WEBHOOK_PAYLOAD_SIZE_MB", POSITIVE, 25, "largest webhook body"
+        "AP_MAX_WEBHOOK_PAYLOAD_SIZE_MB",
+        POSITIVE,
+        25,
+        "larger bodies get 413 before they are read whole",
     )
     max_flow_run_log_size_mb: int = _var(
         "AP_MAX_FLOW_RUN_LOG_SIZE_MB", POSITIVE, 50, "step-log cap per run"
@@ -335,16 +480,22 @@ class Settings:
         "AP_PIECES_CACHE_MAX_ENTRIES", COUNT, 1000, "piece cache size"
     )
     prewarm_cache_on_startup: bool = _var(
-        "AP_PREWARM_CACHE_ON_STARTUP", BOOL, True, "import pieces into the fork-server at start"
+        "AP_PREWARM_CACHE_ON_STARTUP",
+        BOOL,
+        True,
+        "import pieces into the sandbox fork-server at start",
     )
     ssrf_protection_enabled: bool = _var(
-        "AP_SSRF_PROTECTION_ENABLED", BOOL, True, "http steps may not reach private addresses"
+        "AP_SSRF_PROTECTION_ENABLED",
+        BOOL,
+        True,
+        ("the `http` step may not reach private, loopback, link-local or metadata addresses …"),
     )
     ssrf_allow_list: tuple[str, ...] = _var(
         "AP_SSRF_ALLOW_LIST",
         Kind(allow_list, f"expected {_LISTS}"),
         (),
-        "exceptions to SSRF protection",
+        "… except these hosts, IPs or CIDRs",
     )
     config_path: Path = _var(
         "AP_CONFIG_PATH",
@@ -352,18 +503,22 @@ class Settings:
         Path("~/.conveyor"),
         "data of the embedded servers and generated keys",
         derive=_default_config_path,
+        default_doc="`~/.conveyor`; `/var/lib/conveyor` as root",
     )
     metrics_port: int | None = _var(
         "AP_METRICS_PORT",
         PORT,
         None,
-        "health + metrics port of a worker-only process",
+        "health + metrics listener of a worker-only process",
         derive=lambda v: 9090 if v["container_type"] is ContainerType.WORKER else None,
+        default_doc="`9090` in the `WORKER` role",
     )
     log_level: LogLevel = _var(
         "AP_LOG_LEVEL", enum_of(LogLevel, lower=True), LogLevel.INFO, "log threshold"
     )
-    log_pretty: bool = _var("AP_LOG_PRETTY", BOOL, False, "human-readable console logs")
+    log_pretty: bool = _var(
+        "AP_LOG_PRETTY", BOOL, False, "human-readable console logs instead of JSON lines"
+    )
 
     # ------------------------------------------------------------------ derived
     @property
