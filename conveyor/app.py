@@ -6,22 +6,23 @@ resources a role needs (PostgreSQL, Redis, the queue producer, the run submitter
 channel, workers) are ``cleanup_ctx`` generators, so start-up happens in the order listed and
 shutdown in reverse: the listener closes first, then the workers drain, then the pools close.
 
-This is the only module that knows every layer. The services (``engine``, ``store``,
-``queue``, ``sandbox``) take their dependencies as arguments; ``api/`` and ``board/`` are HTTP
-adapters reading what is built here through the keys of :mod:`conveyor.keys`. See
-docs/architecture.md, "Shape and data path".
+This is the only module that knows every layer. The services (``operations``, ``engine``,
+``store``, ``queue``, ``sandbox``) take their dependencies as arguments; ``api/`` and
+``board/`` are HTTP adapters reading what is built here through the keys of
+:mod:`conveyor.keys`. See docs/architecture.md, "Shape and data path".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
 
-from conveyor import metrics
+from conveyor import heartbeat, metrics
 from conveyor.api.admin import add_admin_routes
 from conveyor.api.app import add_api_routes
 from conveyor.api.auth import api_key_middleware
@@ -36,6 +37,7 @@ from conveyor.engine.worker import worker_role
 from conveyor.heartbeat import heartbeat_ctx
 from conveyor.keys import (
     DB,
+    OPERATIONS,
     PRODUCER,
     REDIS,
     REGISTRY,
@@ -49,7 +51,8 @@ from conveyor.keys import (
     WORKER,
     ProcessState,
 )
-from conveyor.queue import Producer, QueueConfig, Sampler
+from conveyor.operations import Operations, WorkerReader
+from conveyor.queue import Producer, QueueAdmin, QueueConfig, Sampler
 from conveyor.settings import Settings
 from conveyor.store.db import Database
 from conveyor.store.migrations import migrate
@@ -82,11 +85,28 @@ async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
     await db.close()
 
 
+def _worker_reader(redis: Any, prefix: str) -> WorkerReader:
+    def read(*, include_lost: bool) -> Awaitable[list[dict[str, Any]]]:
+        return heartbeat.list_workers(redis, include_lost=include_lost, prefix=prefix)
+
+    return read
+
+
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-    client = create_redis(app[SETTINGS])
+    settings = app[SETTINGS]
+    client = create_redis(settings)
+    config = QueueConfig.from_settings(settings)
     app[REDIS] = client
-    app[PRODUCER] = Producer(client, QueueConfig.from_settings(app[SETTINGS]))
+    app[PRODUCER] = Producer(client, config)
     app[SUBMITTER] = Submitter(app[RUN_WRITER], app[PRODUCER])
+    app[OPERATIONS] = Operations(
+        app[DB],
+        writer=app[RUN_WRITER],
+        submitter=app[SUBMITTER],
+        registry=app[REGISTRY],
+        queues=QueueAdmin(client, config),
+        workers=_worker_reader(client, settings.redis_key_prefix),
+    )
     yield
     await app[PRODUCER].close()
     await client.aclose()

@@ -9,6 +9,7 @@ this one, and ``+ X`` names a second base.
 
     ConveyorError
     ├── ConfigError              misuse: a bad setting or call (+ ValueError)
+    │   ├── InvalidArgument      a service was handed a value it does not take (400)
     │   ├── SettingsError        an AP_* variable is invalid [settings]
     │   ├── ItemInvalid          one item of a list variable is invalid [settings_kinds]
     │   └── SandboxUnavailable   this host cannot isolate code as asked [sandbox.isolation]
@@ -16,9 +17,13 @@ this one, and ``+ X`` names a second base.
     │   ├── FlowInvalid          every problem validation found [engine.errors]
     │   └── TemplateSyntaxError  a ``{{...}}`` that is not a path (+ ValueError) [engine.templating]
     ├── NotFound                 the named flow, run, job or secret does not exist
-    │   └── NotFound             no flow or run answers the CLI's name or id (exit 3) [cli]
+    │   ├── NotFound             no flow or run answers the CLI's name or id (exit 3) [cli]
+    │   ├── UnknownQueue         no queue has this name [operations]
+    │   └── UnknownJob           the queue holds no such job [operations]
     ├── Conflict                 the change clashes with existing state (duplicate name)
-    │   └── RunEnded             the run ended elsewhere (a cancel) while it ran [engine.worker]
+    │   ├── RunEnded             the run ended elsewhere (a cancel) while it ran [engine.worker]
+    │   ├── RunFinished          a cancel named a run that already ended [operations]
+    │   └── RunNotFinished       a retry named a run that has not ended [operations]
     ├── BackendUnavailable       Redis or PostgreSQL is down: 503, retry later
     │   └── EmbeddedError        an embedded server did not start (+ RuntimeError) [embedded]
     ├── StepFailed               user code or a remote failed [engine.errors]
@@ -37,8 +42,10 @@ this one, and ``+ X`` names a second base.
     ├── ApiError                 an HTTP answer decided by a handler [api.errors]
     └── ApiClientError           the API answered the CLI an error [client]
 
-The API maps this tree to JSON ``{"error": {"code", "message"}}`` in one middleware
-(:mod:`conveyor.api.errors`): ``code`` is the class's, the HTTP status comes from its branch.
+Services raise these, never HTTP answers. The API maps the tree to JSON
+``{"error": {"code", "message"}}`` in one function, ``conveyor.api.errors.http_error``, which
+its middleware (and the board) call: ``code`` is the class's, the HTTP status comes from its
+branch.
 """
 
 from __future__ import annotations
@@ -59,6 +66,12 @@ class ConveyorError(Exception):
 
 class ConfigError(ConveyorError, ValueError):
     code = "CONFIG_ERROR"
+
+
+class InvalidArgument(ConfigError):
+    """A service was called with a value it does not accept (an unknown retry strategy)."""
+
+    code = "BAD_REQUEST"
 
 
 class ErrorDetail(TypedDict):

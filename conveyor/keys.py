@@ -2,8 +2,10 @@
 
 The composition root (:mod:`conveyor.app`) fills these in its ``cleanup_ctx`` generators; the
 HTTP adapters (``api/``, ``board/``) and the per-process loops (heartbeat, metrics) read them
-from ``request.app``. The services themselves (engine, store, queue, sandbox) never see an
-application: they take their dependencies as arguments (see docs/architecture.md).
+from the application. A handler that acts on flows, runs or queues takes the one
+:class:`~conveyor.operations.Operations` service with :func:`operations_of`. The services
+themselves (operations, engine, store, queue, sandbox) never see an application: they take
+their dependencies as arguments (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from conveyor.engine.replies import ReplyHub
     from conveyor.engine.submit import Submitter
     from conveyor.engine.worker import RunWorker
+    from conveyor.operations import Operations
     from conveyor.queue import Producer
     from conveyor.store.runs import RunWriter
     from conveyor.store.secrets import SecretBox
@@ -44,7 +47,15 @@ SECRET_BOX: web.AppKey[SecretBox] = web.AppKey("secret_box")
 REPLIES: web.AppKey[ReplyHub] = web.AppKey("replies")
 #: The one way a run is inserted and enqueued (:mod:`conveyor.engine.submit`).
 SUBMITTER: web.AppKey[Submitter] = web.AppKey("submitter")
+#: Operator actions and admin reads (:mod:`conveyor.operations`), shared by API and board.
+OPERATIONS: web.AppKey[Operations] = web.AppKey("operations")
 #: The worker role's :class:`~conveyor.engine.worker.RunWorker` (absent in an APP process).
 WORKER: web.AppKey[RunWorker] = web.AppKey("worker")
 #: The sandbox's isolation report (set by the worker role; readiness and metrics read it).
 SANDBOX_REPORT = web.AppKey("sandbox_report", dict)
+
+
+def operations_of(request: web.Request) -> Operations:
+    """The process's :class:`~conveyor.operations.Operations`, from an API request or one to
+    a sub-application mounted on it (the board)."""
+    return request.config_dict[OPERATIONS]

@@ -1,80 +1,33 @@
 """Queue admin, worker registry and scaling advice: ``/api/v1/queues…``, ``/workers``, ``/scaling``.
 
-The functions at the top (:func:`queue_admin`, :func:`retry_all_dead`, :func:`scaling_report`,
-:func:`retry_run`, :func:`cancel_run`, :func:`set_flow_enabled`) are the read and write
-operations the board calls too, so the API and the board cannot disagree. The handlers below
-them only parse and validate requests and shape JSON.
+The handlers parse and validate requests, call the process's
+:class:`~conveyor.operations.Operations` (the same service the board calls, so the API and
+the board cannot disagree) and shape JSON. The request parsers at the top are shared with the
+board's actions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
 from aiohttp import web
 
-from conveyor import heartbeat, metrics
-from conveyor.api import operations
 from conveyor.api.errors import ApiError, json_response
 from conveyor.api.flows import limit_arg
-from conveyor.keys import DB, REDIS, SETTINGS
-from conveyor.queue import (
-    JobNotFound,
-    JobState,
-    QueueAdmin,
-    QueueConfig,
-    QueueName,
-)
+from conveyor.keys import operations_of
+from conveyor.operations import check_queue
+from conveyor.queue import JobState, QueueAdmin
 
-QUEUES = tuple(q.value for q in QueueName)
 STATES = tuple(s.value for s in JobState)
 #: Cleanable states (active jobs are some worker's work in progress).
 CLEANABLE = tuple(s for s in STATES if s != JobState.ACTIVE.value)
 
 
-# --------------------------------------------------------------------------- shared operations
-def queue_admin(app: web.Application) -> QueueAdmin:
-    """A :class:`QueueAdmin` over the process's Redis client (cheap: no state of its own)."""
-    return QueueAdmin(app[REDIS], QueueConfig.from_settings(app[SETTINGS]))
-
-
-async def retry_all_dead(app: web.Application, queue: str, *, limit: int = 10_000) -> int:
-    """Put every dead-lettered job of ``queue`` (up to ``limit``) back, with its run."""
-    admin = queue_admin(app)
-    retried = 0
-    while retried < limit:
-        jobs, _ = await admin.list_jobs(queue, JobState.FAILED, limit=min(200, limit - retried))
-        if not jobs:
-            break
-        for job in jobs:
-            with contextlib.suppress(JobNotFound):  # retried or deleted meanwhile
-                await operations.retry_dead_job(app, queue, job.id)
-                retried += 1
-    return retried
-
-
-async def scaling_report(app: web.Application) -> list[dict[str, Any]]:
-    """The seed's scaling rules evaluated now (see :func:`conveyor.metrics.evaluate_scaling`)."""
-    queues = await queue_admin(app).all_stats()
-    workers = await heartbeat.list_workers(
-        app[REDIS], include_lost=False, prefix=app[SETTINGS].redis_key_prefix
-    )
-    try:
-        db: tuple[int, int] | None = await app[DB].server_connections()
-    except Exception:
-        db = None
-    inputs = metrics.scaling_inputs(queues, workers, metrics.API_WINDOW.summary(), db)
-    return metrics.evaluate_scaling(inputs)
-
-
 # --------------------------------------------------------------------------- request parsing
 def queue_name(request: web.Request) -> str:
-    """The ``{q}`` path parameter, 404 unless it names a queue."""
-    name = request.match_info["q"]
-    if name not in QUEUES:
-        raise ApiError(404, "QUEUE_NOT_FOUND", f"no queue {name!r}: queues are {', '.join(QUEUES)}")
-    return name
+    """The ``{q}`` path parameter; ``UnknownQueue`` (404) unless it names a queue."""
+    return check_queue(request.match_info["q"])
 
 
 def job_state(raw: str | None, *, allowed: tuple[str, ...] = STATES) -> str:
@@ -123,14 +76,14 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 # --------------------------------------------------------------------------- handlers
 async def list_queues(request: web.Request) -> web.Response:
     """Stats of every queue: waiting, active, delayed, dead, consumers, waits, throughput."""
-    stats = await queue_admin(request.app).all_stats()
+    stats = await operations_of(request).queues.all_stats()
     return json_response({"data": [s.to_dict() for s in stats]})
 
 
 async def get_queue(request: web.Request) -> web.Response:
     """Stats of one queue plus its 10-second history (oldest first)."""
     q = queue_name(request)
-    admin = queue_admin(request.app)
+    admin = operations_of(request).queues
     stats = await admin.stats(q)
     return json_response({**stats.to_dict(), "history": await admin.history(q)})
 
@@ -141,7 +94,7 @@ async def list_queue_jobs(request: web.Request) -> web.Response:
     state = job_state(request.query.get("state"))
     limit = limit_arg(request)
     data, cursor = await list_jobs_page(
-        queue_admin(request.app), q, state, limit, request.query.get("cursor") or None
+        operations_of(request).queues, q, state, limit, request.query.get("cursor") or None
     )
     return json_response({"data": data, "next_cursor": cursor})
 
@@ -149,16 +102,14 @@ async def list_queue_jobs(request: web.Request) -> web.Response:
 async def pause_queue(request: web.Request) -> web.Response:
     """Stop deliveries of the queue on every worker."""
     q = queue_name(request)
-    admin = queue_admin(request.app)
-    await admin.pause(q)
+    await operations_of(request).queues.pause(q)
     return json_response({"queue": q, "paused": True})
 
 
 async def resume_queue(request: web.Request) -> web.Response:
     """Resume deliveries of a paused queue."""
     q = queue_name(request)
-    admin = queue_admin(request.app)
-    await admin.resume(q)
+    await operations_of(request).queues.resume(q)
     return json_response({"queue": q, "paused": False})
 
 
@@ -169,9 +120,8 @@ async def clean_queue(request: web.Request) -> web.Response:
     state = job_state(body.get("state"), allowed=CLEANABLE) if body.get("state") else None
     if state is None:
         raise ApiError(400, "BAD_REQUEST", f"state is required: one of {', '.join(CLEANABLE)}")
-    removed = await queue_admin(request.app).clean(
-        q, state, older_than(body.get("older_than_s", 0))
-    )
+    age = older_than(body.get("older_than_s", 0))
+    removed = await operations_of(request).queues.clean(q, state, age)
     return json_response({"queue": q, "state": state, "removed": removed})
 
 
@@ -179,17 +129,14 @@ async def retry_queue_job(request: web.Request) -> web.Response:
     """Put a dead-lettered (failed) job back on its queue."""
     q = queue_name(request)
     job_id = request.match_info["id"]
-    try:
-        entry = await operations.retry_dead_job(request.app, q, job_id)
-    except JobNotFound:
-        raise ApiError(404, "JOB_NOT_FOUND", f"no failed job {job_id!r} in {q!r}") from None
+    entry = await operations_of(request).retry_dead_job(q, job_id)
     return json_response({"queue": q, "id": job_id, "entry_id": entry, "state": "waiting"})
 
 
 async def retry_all_queue_jobs(request: web.Request) -> web.Response:
     """Put every dead-lettered job of the queue back: ``{"retried"}``."""
     q = queue_name(request)
-    retried = await retry_all_dead(request.app, q)
+    retried = await operations_of(request).retry_all_dead(q)
     return json_response({"queue": q, "retried": retried})
 
 
@@ -197,25 +144,20 @@ async def delete_queue_job(request: web.Request) -> web.Response:
     """Remove a waiting, delayed, failed (or active) job from the queue."""
     q = queue_name(request)
     job_id = request.match_info["id"]
-    try:
-        where = await queue_admin(request.app).delete_job(q, job_id)
-    except JobNotFound:
-        raise ApiError(404, "JOB_NOT_FOUND", f"no job {job_id!r} in {q!r}") from None
+    where = await operations_of(request).delete_job(q, job_id)
     return json_response({"queue": q, "id": job_id, "deleted_from": where.value})
 
 
 async def list_workers(request: web.Request) -> web.Response:
     """Live worker processes (``?include_lost=true`` adds those whose heartbeat stopped)."""
     include_lost = request.query.get("include_lost", "false").lower() in ("1", "true", "yes")
-    workers = await heartbeat.list_workers(
-        request.app[REDIS], include_lost=include_lost, prefix=request.app[SETTINGS].redis_key_prefix
-    )
+    workers = await operations_of(request).workers(include_lost=include_lost)
     return json_response({"data": workers})
 
 
 async def scaling(request: web.Request) -> web.Response:
     """The seed's scaling rules evaluated now, each with a recommendation."""
-    rules = await scaling_report(request.app)
+    rules = await operations_of(request).scaling_report()
     return json_response({"data": rules, "evaluated_at": round(time.time(), 3)})
 
 

@@ -1,12 +1,15 @@
 """JSON errors for every failure: ``{"error": {"code", "message"}}``, never a traceback.
 
 This is the one place the error tree of :mod:`conveyor.errors` becomes HTTP. Services raise
-domain errors (``NotFound``, ``FlowValidationError``, ``QueueFull``, …): :func:`to_api_error`
-gives each its status from the branch it is on (:data:`STATUS`) and its ``code`` from the
-class. Handlers may raise :class:`ApiError` for answers only HTTP knows about (a bad header, a
-415), and aiohttp's ``HTTPException`` is rendered the same way. Anything unexpected, and any
-``ConveyorError`` without a status (``StepFailed``, ``InternalError``), is a 500 with a generic
-message while the traceback goes to the log only.
+domain errors (``NotFound``, ``FlowValidationError``, ``QueueFull``, ``RunFinished``, …) and
+handlers let them through; :func:`http_error` gives each its status from the branch it is on
+(:data:`STATUS`) and its ``code`` from the class (:func:`to_api_error` is its half for
+``ConveyorError`` alone), and :func:`error_middleware` renders it. The board calls them too,
+for its HTML error pages and flash messages. Handlers
+raise :class:`ApiError` only for answers HTTP alone knows about (a bad header or query
+parameter, a 413, a 415), and aiohttp's ``HTTPException`` is rendered the same way. Anything
+unexpected, and any ``ConveyorError`` without a status (``StepFailed``, ``InternalError``), is
+a 500 with a generic message while the traceback goes to the log only.
 """
 
 from __future__ import annotations
@@ -88,26 +91,6 @@ STATUS: dict[type[ConveyorError], tuple[int, str | None]] = {
 }
 
 
-def to_api_error(exc: ConveyorError) -> ApiError:
-    """The HTTP answer for a domain error (an :class:`ApiError` is its own answer)."""
-    if isinstance(exc, ApiError):
-        return exc
-    status, retry_after = next((STATUS[t] for t in type(exc).__mro__ if t in STATUS), (500, None))
-    headers = {"Retry-After": retry_after} if retry_after else None
-    if status == 500:
-        log.error("internal error", error=repr(exc), exc_info=exc)
-        return ApiError(500, "INTERNAL_ERROR", "internal server error")
-    if isinstance(exc, BackendUnavailable):
-        # The driver's text names hosts and ports: the caller only needs "retry".
-        return ApiError(
-            status, exc.code, f"{exc.backend} unavailable, retry later", headers=headers
-        )
-    details = None
-    if isinstance(exc, FlowValidationError):
-        details = [{"path": d["path"], "message": d["message"]} for d in exc.details]
-    return ApiError(status, exc.code, exc.message, details=details, headers=headers)
-
-
 _HTTP_CODES = {
     400: "BAD_REQUEST",
     401: "UNAUTHORIZED",
@@ -124,26 +107,64 @@ _HTTP_CODES = {
 }
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ConveyorError as exc:
-        return to_api_error(exc).response()
-    except CONNECTION_ERRORS as exc:
-        log.warning("backend unreachable", path=request.path, error=repr(exc))
+def http_error(exc: Exception, *, where: str = "") -> ApiError:
+    """The HTTP answer for any exception a handler let through — the one mapping.
+
+    A domain error (:mod:`conveyor.errors`'s tree) gets its branch's status (:data:`STATUS`)
+    and its class's ``code``; an :class:`ApiError` is its own answer; a lost database
+    connection is 503; an aiohttp ``HTTPException`` (status 400 or more: the caller re-raises
+    redirects) keeps its status; anything else is a 500 whose details go to the log only.
+    ``where`` (the request's method and path) goes into those log lines.
+    """
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ConveyorError):
+        return to_api_error(exc, where=where)
+    if isinstance(exc, CONNECTION_ERRORS):
+        log.warning("backend unreachable", where=where, error=repr(exc))
         return ApiError(
             503, "UNAVAILABLE", "database unavailable, retry later", headers={"Retry-After": "5"}
-        ).response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
+        )
+    if isinstance(exc, web.HTTPException):
         code = _HTTP_CODES.get(exc.status, "HTTP_ERROR")
         message = (
             exc.reason if exc.text is None or exc.text.startswith(f"{exc.status}:") else exc.text
         )
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        return ApiError(exc.status, code, message, headers=headers).response()
-    except Exception:
-        log.exception("unhandled error", path=request.path, method=request.method)
-        return ApiError(500, "INTERNAL_ERROR", "internal server error").response()
+        return ApiError(exc.status, code, message, headers=headers)
+    log.error("unhandled error", where=where, exc_info=exc)
+    return ApiError(500, "INTERNAL_ERROR", "internal server error")
+
+
+def to_api_error(exc: ConveyorError, *, where: str = "") -> ApiError:
+    """The HTTP answer for a domain error (the :class:`ConveyorError` half of
+    :func:`http_error`; an :class:`ApiError` is its own answer)."""
+    if isinstance(exc, ApiError):
+        return exc
+    status, retry_after = next((STATUS[t] for t in type(exc).__mro__ if t in STATUS), (500, None))
+    headers = {"Retry-After": retry_after} if retry_after else None
+    if status == 500:
+        log.error("internal error", where=where, error=repr(exc), exc_info=exc)
+        return ApiError(500, "INTERNAL_ERROR", "internal server error")
+    if isinstance(exc, BackendUnavailable):
+        # The driver's text names hosts and ports: the caller only needs "retry".
+        return ApiError(
+            status, exc.code, f"{exc.backend} unavailable, retry later", headers=headers
+        )
+    details = None
+    if isinstance(exc, FlowValidationError):
+        details = [{"path": d["path"], "message": d["message"]} for d in exc.details]
+    return ApiError(status, exc.code, exc.message, details=details, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error a handler raises becomes its JSON answer through :func:`http_error`."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return http_error(exc).response()
+    except Exception as exc:
+        return http_error(exc, where=f"{request.method} {request.path}").response()

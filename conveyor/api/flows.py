@@ -16,16 +16,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from conveyor.api import operations, payloads
+from conveyor.api import payloads
 from conveyor.api.errors import ApiError, json_response
 from conveyor.engine.errors import FlowInvalid
 from conveyor.engine.flow import load_document, parse_flow
-from conveyor.engine.submit import OnFull
-from conveyor.ids import uuid7
-from conveyor.keys import DB, REGISTRY, SUBMITTER
+from conveyor.errors import FlowValidationError, NotFound
+from conveyor.keys import operations_of
 from conveyor.status import RunStatus
 from conveyor.store import flows as flow_store
-from conveyor.store import runs as run_store
 from conveyor.store.flows import FlowRecord
 
 MAX_PAGE = 200
@@ -39,7 +37,7 @@ def flow_id_of(request: web.Request) -> uuid.UUID:
     try:
         return uuid.UUID(request.match_info["id"])
     except ValueError:
-        raise ApiError(404, "NOT_FOUND", "no such flow") from None
+        raise NotFound("no such flow") from None
 
 
 def limit_arg(request: web.Request, default: int = 50) -> int:
@@ -111,21 +109,15 @@ async def _document(request: web.Request) -> dict[str, Any]:
         raise ApiError(400, "BAD_REQUEST", "request body must be a flow document")
     try:
         # A thread, not the loop: YAML and code compilation are CPU work. A thread cannot
-        # be killed, but the caps in load_document bound what it can be made to do.
+        # be killed, but the caps in load_document bound what it can be made to do. An
+        # invalid document raises FlowInvalid (422 with every problem's path).
         return await asyncio.wait_for(
             asyncio.to_thread(_parse, raw, request.headers.get("Content-Type")),
             PARSE_TIMEOUT_S,
         )
-    except FlowInvalid as exc:
-        raise ApiError(
-            422,
-            exc.code,
-            exc.message,
-            details=[{"path": d["path"], "message": d["message"]} for d in exc.details],
-        ) from None
     except TimeoutError:
-        raise ApiError(
-            422, "FLOW_INVALID", f"document took longer than {PARSE_TIMEOUT_S:g} s to parse"
+        raise FlowValidationError(
+            f"document took longer than {PARSE_TIMEOUT_S:g} s to parse"
         ) from None
 
 
@@ -137,20 +129,21 @@ def _too_large() -> ApiError:
 
 async def create_flow(request: web.Request) -> web.Response:
     doc = await _document(request)
-    flow = await flow_store.create_flow(request.app[DB], doc["name"], doc)
+    flow = await operations_of(request).create_flow(doc)
     return json_response(flow_json(request, flow), status=201)
 
 
 async def list_flows(request: web.Request) -> web.Response:
     """Flows, newest first; ``?name=`` finds one flow by its exact name."""
+    db = operations_of(request).db
     if (name := request.query.get("name")) is not None:
         if "\x00" in name:
             raise ApiError(422, "UNPROCESSABLE", "name may not contain a NUL character")
-        found_one = await flow_store.get_flow_by_name(request.app[DB], name)
+        found_one = await flow_store.get_flow_by_name(db, name)
         data = [flow_json(request, found_one)] if found_one else []
         return json_response({"data": data, "next_cursor": None})
     limit, cursor = page_args(request)
-    found = await flow_store.list_flows(request.app[DB], limit=limit + 1, cursor=cursor)
+    found = await flow_store.list_flows(db, limit=limit + 1, cursor=cursor)
     page = found[:limit]
     next_cursor = str(page[-1].id) if len(found) > limit else None
     return json_response(
@@ -159,27 +152,24 @@ async def list_flows(request: web.Request) -> web.Response:
 
 
 async def get_flow(request: web.Request) -> web.Response:
-    flow = await flow_store.get_flow(request.app[DB], flow_id_of(request))
+    flow = await flow_store.get_flow(operations_of(request).db, flow_id_of(request))
     return json_response(flow_json(request, flow))
 
 
 async def update_flow(request: web.Request) -> web.Response:
     flow_id = flow_id_of(request)
     doc = await _document(request)
-    flow = await flow_store.update_flow(request.app[DB], flow_id, doc["name"], doc)
-    request.app[REGISTRY].invalidate(flow_id)
+    flow = await operations_of(request).update_flow(flow_id, doc)
     return json_response(flow_json(request, flow))
 
 
 async def delete_flow(request: web.Request) -> web.Response:
-    flow_id = flow_id_of(request)
-    await flow_store.delete_flow(request.app[DB], flow_id)
-    request.app[REGISTRY].invalidate(flow_id)
+    await operations_of(request).delete_flow(flow_id_of(request))
     return web.Response(status=204)
 
 
 async def _set_enabled(request: web.Request, enabled: bool) -> web.Response:
-    flow = await operations.set_flow_enabled(request.app, flow_id_of(request), enabled)
+    flow = await operations_of(request).set_flow_enabled(flow_id_of(request), enabled)
     return json_response(flow_json(request, flow))
 
 
@@ -193,7 +183,8 @@ async def disable_flow(request: web.Request) -> web.Response:
 
 async def run_flow(request: web.Request) -> web.Response:
     """Manual trigger: the JSON body (if any) becomes ``trigger.body``; 202 + run id."""
-    flow = await flow_store.get_flow(request.app[DB], flow_id_of(request))
+    ops = operations_of(request)
+    flow = await flow_store.get_flow(ops.db, flow_id_of(request))
     raw = await request.read()
     try:
         body = orjson.loads(raw) if raw else None
@@ -204,14 +195,9 @@ async def run_flow(request: web.Request) -> web.Response:
         raise ApiError(
             422, "UNPROCESSABLE", f"body nests deeper than {payloads.MAX_JSON_DEPTH} levels"
         )
-    trigger: dict[str, Any] = {"method": "MANUAL", "headers": {}, "query": {}, "body": body}
-    run_id = uuid7()
-    # A full backlog deletes the row again and raises QueueFull (429): nothing may run later
-    # behind the caller's back. Redis down: committed, the reconciler enqueues it.
-    await request.app[SUBMITTER].submit(
-        run_store.NewRun(run_id, flow.id, flow.version, trigger, response_status=202),
-        on_full=OnFull.REFUSE,
-    )
+    # A full backlog refuses the run with QueueFull (429); Redis down: committed, the
+    # reconciler enqueues it.
+    run_id = await ops.start_run(flow, body)
     return json_response(
         {"run_id": str(run_id), "status": RunStatus.QUEUED.value},
         status=202,

@@ -9,10 +9,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from conveyor.api import operations
 from conveyor.api.errors import ApiError, json_response
 from conveyor.api.flows import page_args
-from conveyor.keys import DB
+from conveyor.errors import NotFound
+from conveyor.keys import operations_of
 from conveyor.records import RunView, StepRecord
 from conveyor.status import RunStatus
 from conveyor.store import runs as run_store
@@ -27,7 +27,7 @@ def _run_id(request: web.Request) -> uuid.UUID:
     try:
         return uuid.UUID(request.match_info["id"])
     except ValueError:
-        raise ApiError(404, "NOT_FOUND", "no such run") from None
+        raise NotFound("no such run") from None
 
 
 async def list_runs(request: web.Request) -> web.Response:
@@ -43,7 +43,7 @@ async def list_runs(request: web.Request) -> web.Response:
         allowed = ", ".join(RunStatus.__members__)
         raise ApiError(400, "BAD_REQUEST", f"status must be one of {allowed}")
     rows = await run_store.list_runs(
-        request.app[DB], flow_id=flow_id, status=status, limit=limit + 1, cursor=cursor
+        operations_of(request).db, flow_id=flow_id, status=status, limit=limit + 1, cursor=cursor
     )
     page = rows[:limit]
     next_cursor = str(page[-1]["id"]) if len(rows) > limit else None
@@ -52,8 +52,9 @@ async def list_runs(request: web.Request) -> web.Response:
 
 async def get_run(request: web.Request) -> web.Response:
     run_id = _run_id(request)
-    row = await run_store.get_run(request.app[DB], run_id)
-    steps = await run_store.get_steps(request.app[DB], run_id)
+    db = operations_of(request).db
+    row = await run_store.get_run(db, run_id)
+    steps = await run_store.get_steps(db, run_id)
     return json_response(run_json(row, steps))
 
 
@@ -69,11 +70,11 @@ async def retry_run(request: web.Request) -> web.Response:
     if not isinstance(body, dict | None):
         raise ApiError(400, "BAD_REQUEST", 'body must be a JSON object {"strategy": ...}')
     strategy = (body or {}).get("strategy", "FROM_FAILED_STEP")
-    row = await operations.retry_run(request.app, run_id, str(strategy))
+    row = await operations_of(request).retry_run(run_id, str(strategy))
     return json_response(run_json(row), status=202)
 
 
 async def cancel_run(request: web.Request) -> web.Response:
     """Cancel a queued, running or paused run."""
-    row = await operations.cancel_run(request.app, _run_id(request))
+    row = await operations_of(request).cancel_run(_run_id(request))
     return json_response(run_json(row))
