@@ -16,10 +16,10 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from conveyor.api import admin as ops
-from conveyor.api import operations
 from conveyor.api.errors import ApiError
-from conveyor.board.views import FLASH_COOKIE, root
+from conveyor.board.views import FLASH_COOKIE
 from conveyor.errors import ConveyorError
+from conveyor.keys import operations_of
 from conveyor.queue import JobNotFound
 
 Form = MultiDictProxy[Any]
@@ -84,7 +84,7 @@ def _uuid(request: web.Request) -> uuid.UUID:
 async def pause_queue(request: web.Request, form: Form) -> str:
     """Pause a queue."""
     q = ops.queue_name(request)
-    await ops.queue_admin(root(request)).pause(q)
+    await operations_of(request).queues.pause(q)
     return f"Queue {q} paused: workers take no new jobs from it."
 
 
@@ -92,7 +92,7 @@ async def pause_queue(request: web.Request, form: Form) -> str:
 async def resume_queue(request: web.Request, form: Form) -> str:
     """Resume a queue."""
     q = ops.queue_name(request)
-    await ops.queue_admin(root(request)).resume(q)
+    await operations_of(request).queues.resume(q)
     return f"Queue {q} resumed."
 
 
@@ -103,7 +103,7 @@ async def clean_queue(request: web.Request, form: Form) -> str:
     raw_state = form.get("state")
     state = ops.job_state(raw_state if isinstance(raw_state, str) else None, allowed=ops.CLEANABLE)
     age = ops.older_than(form.get("older_than_s") or 0)
-    removed = await ops.queue_admin(root(request)).clean(q, state, age)
+    removed = await operations_of(request).queues.clean(q, state, age)
     return f"Removed {removed} {state} job(s) older than {age:g} s from {q}."
 
 
@@ -111,7 +111,7 @@ async def clean_queue(request: web.Request, form: Form) -> str:
 async def retry_all(request: web.Request, form: Form) -> str:
     """Retry every dead-lettered job of a queue."""
     q = ops.queue_name(request)
-    retried = await ops.retry_all_dead(root(request), q)
+    retried = await operations_of(request).retry_all_dead(q)
     return f"Put {retried} failed job(s) back on {q}."
 
 
@@ -120,7 +120,7 @@ async def retry_job(request: web.Request, form: Form) -> str:
     """Retry one dead-lettered job."""
     q = ops.queue_name(request)
     job_id = request.match_info["id"]
-    await operations.retry_dead_job(root(request), q, job_id)
+    await operations_of(request).retry_dead_job(q, job_id)
     return f"Job {job_id} is back on {q}."
 
 
@@ -129,7 +129,7 @@ async def delete_job(request: web.Request, form: Form) -> str:
     """Delete one job from a queue."""
     q = ops.queue_name(request)
     job_id = request.match_info["id"]
-    where = await ops.queue_admin(root(request)).delete_job(q, job_id)
+    where = await operations_of(request).delete_job(q, job_id)
     return f"Job {job_id} deleted ({where.value})."
 
 
@@ -138,26 +138,26 @@ async def retry_run(request: web.Request, form: Form) -> str:
     """Retry a finished run (FROM_FAILED_STEP or ON_LATEST_VERSION)."""
     raw = form.get("strategy")
     strategy = raw if isinstance(raw, str) and raw else "FROM_FAILED_STEP"
-    row = await operations.retry_run(root(request), _uuid(request), str(strategy))
+    row = await operations_of(request).retry_run(_uuid(request), str(strategy))
     return f"Run retried ({strategy}, version {row['flow_version']}): now {row['status']}."
 
 
 @action
 async def cancel_run(request: web.Request, form: Form) -> str:
     """Cancel a queued, running or paused run."""
-    await operations.cancel_run(root(request), _uuid(request))
+    await operations_of(request).cancel_run(_uuid(request))
     return "Run canceled."
 
 
 @action
 async def enable_flow(request: web.Request, form: Form) -> str:
     """Enable a flow."""
-    flow = await operations.set_flow_enabled(root(request), _uuid(request), True)
+    flow = await operations_of(request).set_flow_enabled(_uuid(request), True)
     return f"Flow {flow.name} enabled."
 
 
 @action
 async def disable_flow(request: web.Request, form: Form) -> str:
     """Disable a flow: its webhooks answer 404 until enabled again."""
-    flow = await operations.set_flow_enabled(root(request), _uuid(request), False)
+    flow = await operations_of(request).set_flow_enabled(_uuid(request), False)
     return f"Flow {flow.name} disabled."

@@ -22,9 +22,7 @@ from conveyor import heartbeat
 from conveyor.api.admin import (
     job_state,
     list_jobs_page,
-    queue_admin,
     queue_name,
-    scaling_report,
 )
 from conveyor.api.errors import ApiError, json_response
 from conveyor.api.flows import flow_json, page_args
@@ -32,7 +30,7 @@ from conveyor.api.runs import run_json
 from conveyor.board.present import per_second, sparkline, timeline
 from conveyor.board.security import csrf_token
 from conveyor.errors import NotFound
-from conveyor.keys import DB, REDIS, SANDBOX_REPORT, SETTINGS
+from conveyor.keys import DB, REDIS, SANDBOX_REPORT, SETTINGS, operations_of
 from conveyor.queue import JobState
 from conveyor.records import RunView
 from conveyor.status import IN_FLIGHT, TERMINAL, RunStatus
@@ -72,7 +70,7 @@ class Page:
 # --------------------------------------------------------------------------- data per page
 async def overview_data(request: web.Request) -> Context:
     app = root(request)
-    admin = queue_admin(app)
+    admin = operations_of(request).queues
     cards = []
     for st in await admin.all_stats():
         history = per_second(await admin.history(st.queue))
@@ -84,7 +82,7 @@ async def overview_data(request: web.Request) -> Context:
                 "rate": sparkline(history, "per_s"),
             }
         )
-    advice = await scaling_report(app)
+    advice = await operations_of(request).scaling_report()
     workers = await heartbeat.list_workers(app[REDIS], prefix=app[SETTINGS].redis_key_prefix)
     lost = sum(1 for w in workers if w["lost"])
     return {
@@ -102,7 +100,7 @@ async def queue_data(request: web.Request) -> Context:
     q = queue_name(request)
     state = job_state(request.query.get("state"))
     cursor = request.query.get("cursor") or None
-    admin = queue_admin(root(request))
+    admin = operations_of(request).queues
     stats = (await admin.stats(q)).to_dict()
     jobs, next_cursor = await list_jobs_page(admin, q, state, 50, cursor)
     counts = {
