@@ -9,6 +9,8 @@ import sys
 
 import aiohttp
 
+from tests.polling import eventually
+
 
 def free_port() -> int:
     """A loopback TCP port nobody listens on right now."""
@@ -38,20 +40,28 @@ async def start_conveyor(env: dict[str, str], port: int) -> asyncio.subprocess.P
         sys.executable, "-m", "conveyor", "up", env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
+    try:
+        await wait_ready(f"http://127.0.0.1:{port}", proc)
+    except AssertionError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc
+
+
+async def wait_ready(base: str, proc: asyncio.subprocess.Process, timeout_s: float = 15.0) -> None:
+    """Wait until ``base``/readyz answers 200; fail at once if ``proc`` exits meanwhile."""
     async with aiohttp.ClientSession() as http:
-        for _ in range(300):
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
-                    if r.status == 200:
-                        return proc
-            except aiohttp.ClientError:
-                pass
-            if proc.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
-    proc.kill()
-    await proc.wait()
-    raise AssertionError(f"conveyor up did not become ready on port {port}")
+
+        async def ready() -> bool:
+            assert proc.returncode is None, f"conveyor up exited with {proc.returncode}"
+            async with http.get(f"{base}/readyz") as r:
+                return r.status == 200
+
+        await eventually(
+            ready, timeout_s=timeout_s, interval_s=0.05, what=f"{base}/readyz 200",
+            ignore=(aiohttp.ClientError,),
+        )  # fmt: skip
 
 
 async def stop_conveyor(proc: asyncio.subprocess.Process) -> None:

@@ -19,7 +19,7 @@ import structlog
 
 from conveyor import logging as conveyor_logging
 from conveyor.settings import Settings
-from tests.processes import conveyor_env, free_port
+from tests.processes import conveyor_env, free_port, wait_ready
 
 FLOW = {
     "name": "logs",
@@ -42,18 +42,14 @@ async def run_briefly(env: dict[str, str], port: int) -> tuple[int, list[str]]:
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
+        try:
+            await wait_ready(base, proc)
+        except AssertionError:
+            if proc.returncode is not None:
+                assert proc.stderr is not None
+                pytest.fail(f"conveyor up exited early: {(await proc.stderr.read())!r}")
+            raise
         async with aiohttp.ClientSession() as http:
-            for _ in range(300):
-                try:
-                    async with http.get(base + "/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                if proc.returncode is not None:
-                    assert proc.stderr is not None
-                    pytest.fail(f"conveyor up exited early: {(await proc.stderr.read())!r}")
-                await asyncio.sleep(0.05)
             async with http.post(base + "/api/v1/flows", json=FLOW) as r:
                 assert r.status == 201, await r.text()
                 flow_id = (await r.json())["id"]

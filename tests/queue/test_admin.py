@@ -152,7 +152,7 @@ async def test_clean_removes_old_jobs_per_state(redis: aioredis.Redis) -> None:
     await producer.enqueue("runs", {}, job_id="w")
     await producer.enqueue("runs", {}, job_id="d", delay_s=60)
     assert await admin.clean("runs", "waiting", older_than_s=3600) == 0
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # time gap: every job is now older than zero seconds
     for state in ("waiting", "delayed", "failed", "completed"):
         assert await admin.clean("runs", state, older_than_s=0) == 1, state
     st = await admin.stats("runs")

@@ -129,7 +129,7 @@ async def test_redis_restart_mid_load(tmp_path: Path, binary: str) -> None:
             except QueueUnavailable:
                 refused += 1
             i += 1
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.002)  # the load's pace, not a wait
 
     try:
         async with Consumer(client, handler, cfg):

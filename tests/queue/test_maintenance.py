@@ -59,7 +59,7 @@ async def test_dead_letters_expire_by_count_and_age(redis: aioredis.Redis) -> No
     failed, _ = await QueueAdmin(redis, cfg).list_jobs("runs", "failed")
     assert sorted(j.id for j in failed) == ["x2", "x3", "x4"]
     assert await QueueAdmin(redis).locate("runs", ["x0"]) == {"x0": None}
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # time gap: the dead letters are now older than zero days
     zero_days = QueueConfig(failed_retention_days=0)
     assert await maintenance.expire_dead(redis, sk, zero_days) == 3
     assert await redis.hlen(sk.index) == 0
@@ -105,18 +105,26 @@ async def _steady_load(own_redis: aioredis.Redis) -> None:
                   for i in range(100))
             )  # fmt: skip
             n += 100
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the load's pace (~2000 jobs/s), not a wait
 
     async def used() -> int:
         return int((await own_redis.info("memory"))["used_memory"])
 
+    async def samples(at_s: float) -> list[int]:
+        """Five readings 0.1 s apart from ``at_s`` seconds into the load (a measurement
+        schedule: the time under load is what is measured, so these waits are the test)."""
+        await asyncio.sleep(max(0.0, at_s - (time.monotonic() - start)))
+        out = []
+        for _ in range(5):
+            await asyncio.sleep(0.1)
+            out.append(await used())
+        return out
+
     async with Consumer(own_redis, _noop, cfg):
         loader = asyncio.ensure_future(load())
         start = time.monotonic()
-        await asyncio.sleep(2.5)
-        early = [await used() for _ in range(5) if not await asyncio.sleep(0.1)]
-        await asyncio.sleep(max(0.0, 8 - (time.monotonic() - start)))
-        late = [await used() for _ in range(5) if not await asyncio.sleep(0.1)]
+        early = await samples(2.5)
+        late = await samples(8)
         stop.set()
         await loader
     e, l_ = sorted(early)[2], sorted(late)[2]

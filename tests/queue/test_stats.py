@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from conveyor.queue import Consumer, Job, Producer, QueueAdmin, QueueConfig, Sampler
 from conveyor.queue import keys as k
 from conveyor.queue.stats import sample
+from tests.polling import eventually
 
 
 async def _noop(job: Job) -> None:
@@ -40,7 +41,7 @@ async def test_wait_times_come_from_stream_ids(redis: aioredis.Redis) -> None:
     """Oldest waiting age and average wait derive from the entries' millisecond ids."""
     producer = Producer(redis)
     await producer.enqueue("runs", {}, job_id="old")
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # time gap: the entry has waited at least this long
     st = await QueueAdmin(redis).stats("runs")
     assert st.oldest_wait_s >= 0.04
     await Consumer(redis, _noop).drain()
@@ -67,8 +68,9 @@ async def test_sampler_runs_in_the_background(redis: aioredis.Redis) -> None:
     """A started Sampler records a first point at once and stops cleanly on close."""
     cfg = QueueConfig(sample_interval_s=60)
     async with Sampler(redis, cfg):
-        for _ in range(200):
-            if await redis.llen(k.history("sync")):
-                break
-            await asyncio.sleep(0.01)
+
+        async def sampled() -> int:
+            return int(await redis.llen(k.history("sync")))
+
+        await eventually(sampled, timeout_s=2, interval_s=0.01, what="a first sampled point")
     assert len(await QueueAdmin(redis, cfg).history("sync")) == 1

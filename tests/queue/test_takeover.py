@@ -50,7 +50,7 @@ async def test_live_consumer_keeps_its_entries(redis: aioredis.Redis, cfg: Queue
 
     async def slow(job: Job) -> None:
         runs.append((job.id, job.attempt))
-        await asyncio.sleep(4 * slow_cfg.visibility_timeout_s)
+        await asyncio.sleep(4 * slow_cfg.visibility_timeout_s)  # the job: busy past the timeout
 
     async def other(job: Job) -> None:
         runs.append((job.id, job.attempt))
@@ -58,6 +58,8 @@ async def test_live_consumer_keeps_its_entries(redis: aioredis.Redis, cfg: Queue
     async with Consumer(redis, slow, slow_cfg, name="busy"):
         await eventually(lambda: runs, timeout_s=5)
         async with Consumer(redis, other, slow_cfg, name="idle"):
+            # Negative check: three visibility timeouts pass and the idle consumer takes
+            # nothing (there is no event for "did not happen"; bounded by the job's length).
             await asyncio.sleep(3 * slow_cfg.visibility_timeout_s)
     assert runs == [("long", 1)]
 
@@ -74,7 +76,7 @@ async def test_close_hands_back_unfinished_entries(redis: aioredis.Redis, cfg: Q
 
     async def stuck(job: Job) -> None:
         started.append(job.id)
-        await asyncio.sleep(3600)
+        await asyncio.sleep(3600)  # the job never ends by itself: close() must hand it back
 
     async def rescuer(job: Job) -> None:
         rescued.append(job)
@@ -167,7 +169,8 @@ async def test_pause_stops_only_its_own_deployments_consumers(
         await Producer(redis, blue).enqueue("runs", {}, job_id="b1")
         await Producer(redis, green).enqueue("runs", {}, job_id="g1")
         await eventually(lambda: seen["blue"] == ["b1"], timeout_s=10)
-        # Many pause polls later the paused deployment's consumer has still taken nothing.
+        # Negative check: many pause polls later the paused deployment's consumer has still
+        # taken nothing (a bounded wait: nothing happens that an event could report).
         await asyncio.sleep(20 * green.pause_poll_s)
         assert seen["green"] == []
         assert (await QueueAdmin(redis, green).stats("runs")).waiting == 1
@@ -191,11 +194,14 @@ async def test_lapsed_name_lease_is_taken_again(redis: aioredis.Redis, cfg: Queu
         assert token
         await redis.delete(lease)  # what expiry does during a long outage
         await eventually(lambda: consumer._leased is not None, timeout_s=1)
-        for _ in range(100):
-            if await redis.get(lease) == token:
-                break
-            await asyncio.sleep(cfg.heartbeat_s / 3)
-        assert await redis.get(lease) == token
+
+        async def retaken() -> bool:
+            return bool(await redis.get(lease) == token)
+
+        await eventually(
+            retaken, timeout_s=34 * cfg.heartbeat_s, interval_s=cfg.heartbeat_s / 3,
+            what="the lapsed name lease taken again",
+        )  # fmt: skip
     finally:
         await consumer.close()
     assert await redis.get(lease) is None
@@ -244,7 +250,7 @@ async def test_owned_delivery_passes_the_fence(redis: aioredis.Redis, cfg: Queue
 
     async def handler(job: Job) -> None:
         for _ in range(3):
-            await asyncio.sleep(cfg.visibility_timeout_s)
+            await asyncio.sleep(cfg.visibility_timeout_s)  # the job: outlives the timeout
             await job.ensure_owned()
             checks.append(job.id)
 
@@ -280,10 +286,12 @@ async def test_outage_past_visibility_takes_no_live_entry(
             await eventually(lambda: owner.busy == 4, timeout_s=10)
             async with Consumer(client, handler, four, name="other") as other:
                 await proxy.cut()
+                # Fault schedule: Redis away for three visibility timeouts, then back.
                 await asyncio.sleep(3 * four.visibility_timeout_s)
                 await proxy.restore()
                 # The earliest look possible, before the owner's first touch after the outage.
                 assert await other._take_over() == 0
+                # Negative check: three takeover periods later still nothing was taken over.
                 await asyncio.sleep(3 * (four.visibility_timeout_s + four.heartbeat_s))
                 assert calls == {f"o{i}": 1 for i in range(4)}
                 release.set()

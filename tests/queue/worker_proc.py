@@ -19,7 +19,7 @@ async def main(url: str, concurrency: int, sleep_s: float) -> None:
     client = aioredis.Redis.from_url(url, decode_responses=False)
 
     async def handler(job: Job) -> None:
-        await asyncio.sleep(sleep_s)
+        await asyncio.sleep(sleep_s)  # the job: slow on purpose, still running when killed
 
     cfg = QueueConfig(concurrency=concurrency, completed_retention_max_count=100_000)
     consumer = Consumer(client, handler, cfg, queues=["runs"], name="victim")
