@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import venv
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.polling import eventually_sync
 from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,16 +144,22 @@ def test_every_data_file_is_in_the_wheel(installed: Installed) -> None:
 
 
 def _ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    return False
+    """Whether /readyz answered 200 within ``timeout_s`` (False at once if ``proc`` exits)."""
+
+    def answered_or_exited() -> bool:
+        if proc.poll() is not None:
+            return True
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return r.status == 200
+
+    try:
+        eventually_sync(
+            answered_or_exited, timeout_s=timeout_s, interval_s=0.1, what="/readyz 200",
+            ignore=(urllib.error.URLError, OSError),
+        )  # fmt: skip
+    except AssertionError:
+        return False
+    return proc.poll() is None
 
 
 @pytest.mark.timeout(900)
