@@ -81,7 +81,10 @@ async def _noop(job: Job) -> None:
     return None
 
 
-async def bench_conveyor(client: aioredis.Redis, n: int, c: int) -> tuple[float, float]:
+async def bench_conveyor(
+    client: aioredis.Redis, n: int, c: int, *, progress: list[int] | None = None
+) -> tuple[float, float]:
+    """(enqueue seconds, process seconds); ``progress[0]`` follows the jobs processed."""
     await client.flushdb()
     cfg = QueueConfig(concurrency=c, max_length=max(100_000, n))
     producer = Producer(client, cfg)
@@ -96,15 +99,30 @@ async def bench_conveyor(client: aioredis.Redis, n: int, c: int) -> tuple[float,
         )
     enqueue_s = time.perf_counter() - t0
     consumer = Consumer(client, _noop, cfg, queues=["runs"])
+    watch = None
+    if progress is not None:
+
+        async def follow() -> None:
+            while True:
+                progress[0] = consumer.processed
+                await asyncio.sleep(0.05)
+
+        watch = asyncio.ensure_future(follow())
     t0 = time.perf_counter()
     done = await consumer.drain()
     process_s = time.perf_counter() - t0
+    if watch is not None:
+        watch.cancel()
+        progress[0] = consumer.processed
     if done != n or consumer.processed != n:
         raise SystemExit(f"conveyor processed {consumer.processed} of {n}")
     return enqueue_s, process_s
 
 
-async def bench_raw(client: aioredis.Redis, n: int, c: int) -> float:
+async def bench_raw(
+    client: aioredis.Redis, n: int, c: int, *, progress: list[int] | None = None
+) -> float:
+    """Seconds for the raw loop to read and acknowledge ``n`` pre-filled entries."""
     await client.flushdb()
     stream, group = b"bench:raw", b"g"
     payload = orjson.dumps({"flow_id": "bench", "trigger": {"n": 0}})
@@ -123,6 +141,8 @@ async def bench_raw(client: aioredis.Redis, n: int, c: int) -> float:
         entries = reply[0][1]
         seen += len(entries)
         await client.xack(stream, group, *[eid for eid, _ in entries])
+        if progress is not None:
+            progress[0] = seen
     elapsed = time.perf_counter() - t0
     if seen != n:
         raise SystemExit(f"raw loop read {seen} of {n}")

@@ -117,6 +117,8 @@ class _Conn(asyncio.Protocol):
         self.buf = bytearray()
         self.waiter: asyncio.Future[int] | None = None
         self.closed = False
+        #: The last response's header block, lower-cased (for callers that read a header).
+        self.head = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # uvloop's transports are not asyncio.Transport subclasses
@@ -151,6 +153,7 @@ class _Conn(asyncio.Protocol):
         else:
             total = start
         status = int(self.buf[9:12])
+        self.head = head
         del self.buf[:total]
         self.waiter = None
         waiter.set_result(status)
@@ -262,9 +265,19 @@ def _finish(phase: Phase, lat: list[float], statuses: Counter[str], ok: set[int]
 
 
 async def closed_loop(
-    name: str, port: int, request: bytes, *, clients: int, duration_s: float, ok: set[int]
+    name: str,
+    port: int,
+    request: bytes,
+    *,
+    clients: int,
+    duration_s: float,
+    ok: set[int],
+    samples: list[tuple[float, float, int]] | None = None,
 ) -> Phase:
-    """``clients`` connections, each sending the next request as soon as one is answered."""
+    """``clients`` connections, each sending the next request as soon as one is answered.
+
+    ``samples``, if given, gets ``(finish time, latency s, status)`` of every answer (on the
+    :data:`clock`), for plots over time and progress lines."""
     pool = Pool(port, clients)
     lat: list[float] = []
     statuses: Counter[str] = Counter()
@@ -281,8 +294,11 @@ async def closed_loop(
                 pool.discard(conn)
                 conn = await pool.acquire()
                 continue
-            lat.append(clock() - t)
+            done = clock()
+            lat.append(done - t)
             statuses[str(status)] += 1
+            if samples is not None:
+                samples.append((done, done - t, status))
         pool.release(conn)
 
     stop_at = clock() + duration_s
@@ -302,9 +318,11 @@ async def open_loop(
     duration_s: float,
     ok: set[int],
     max_conns: int = 1024,
+    samples: list[tuple[float, float, int]] | None = None,
 ) -> Phase:
     """Requests sent at a fixed arrival rate, whatever the answers do; latency counted from
-    each request's scheduled send time. Stragglers get ``duration_s`` more to finish."""
+    each request's scheduled send time. Stragglers get ``duration_s`` more to finish.
+    ``samples`` as for :func:`closed_loop`."""
     loop = asyncio.get_running_loop()
     pool = Pool(port, max_conns)
     lat: list[float] = []
@@ -320,8 +338,11 @@ async def open_loop(
             pool.discard(conn)
             return
         pool.release(conn)
-        lat.append(clock() - at)
+        done = clock()
+        lat.append(done - at)
         statuses[str(status)] += 1
+        if samples is not None:
+            samples.append((done, done - at, status))
 
     n = int(rate * duration_s)
     t0 = clock() + 0.01
