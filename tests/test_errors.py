@@ -15,10 +15,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import conveyor
 from conveyor import errors
-from conveyor.api.errors import ApiError, error_middleware
+from conveyor.api.errors import ApiError, error_middleware, http_error
 from conveyor.embedded import EmbeddedError
 from conveyor.engine.errors import FlowInvalid, StepFailed
 from conveyor.engine.templating import TemplateSyntaxError
+from conveyor.operations import RunFinished, RunNotFinished, UnknownJob, UnknownQueue
 from conveyor.queue.errors import JobNotFound, QueueFull, QueueUnavailable
 from conveyor.queue.job import UndecodablePayload
 
@@ -162,6 +163,11 @@ async def _answer(exc: BaseException) -> tuple[int, dict[str, Any], Any]:
         (JobNotFound("runs", "j1"), 404, "NOT_FOUND"),
         (errors.Conflict("flow 'x' exists"), 409, "CONFLICT"),
         (errors.ConfigError("bad"), 400, "CONFIG_ERROR"),
+        (errors.InvalidArgument("strategy must be one of A, B"), 400, "BAD_REQUEST"),
+        (UnknownQueue("no queue 'q'"), 404, "QUEUE_NOT_FOUND"),
+        (UnknownJob("no job 'j' in 'runs'"), 404, "JOB_NOT_FOUND"),
+        (RunFinished("run already ended as SUCCEEDED"), 409, "RUN_FINISHED"),
+        (RunNotFinished("run is RUNNING; only finished runs retry"), 409, "RUN_NOT_FINISHED"),
         (FlowInvalid([{"path": "steps", "message": "empty"}]), 422, "FLOW_INVALID"),
         (TemplateSyntaxError("unclosed template"), 422, "FLOW_INVALID"),
         (QueueFull("runs", 10), 429, "QUEUE_FULL"),
@@ -188,3 +194,24 @@ async def test_middleware_maps_the_tree(exc: errors.ConveyorError, status: int, 
         assert headers["Retry-After"] in ("1", "5")
     if status == 422:
         assert body["error"]["details"][0]["message"] in ("empty", "unclosed template")
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (errors.NotFound("no such run"), 404, "NOT_FOUND"),
+        (ConnectionRefusedError("127.0.0.1:5432"), 503, "UNAVAILABLE"),
+        (web.HTTPMethodNotAllowed("PUT", ["GET"]), 405, "METHOD_NOT_ALLOWED"),
+        (KeyError("oops"), 500, "INTERNAL_ERROR"),
+    ],
+)
+async def test_http_error_is_the_middlewares_mapping(
+    exc: Exception, status: int, code: str
+) -> None:
+    """The function the board calls answers exactly what the API's middleware sends."""
+    mapped = http_error(exc)
+    got_status, headers, body = await _answer(exc)
+    assert (mapped.status, mapped.code) == (got_status, body["error"]["code"]) == (status, code)
+    assert mapped.message == body["error"]["message"]
+    for name in ("Retry-After", "Allow"):
+        assert mapped.headers.get(name) == headers.get(name)

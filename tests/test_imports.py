@@ -15,8 +15,8 @@ from pathlib import Path
 import conveyor
 
 ROOT = Path(conveyor.__file__).parent
-#: Packages that hold the services; they never reach up into the HTTP adapters.
-SERVICES = ("engine", "store", "queue", "sandbox")
+#: Units that hold the services; they never reach up into the HTTP adapters.
+SERVICES = ("operations", "engine", "store", "queue", "sandbox")
 ADAPTERS = ("api", "board")
 
 
@@ -104,8 +104,33 @@ def test_no_cycle_between_units() -> None:
 
 
 def test_services_never_import_adapters() -> None:
-    """engine, store, queue and sandbox never import api or board; store never imports engine."""
+    """operations, engine, store, queue and sandbox never import api or board; store never
+    imports engine."""
     assert violations() == []
+
+
+def _imports_aiohttp_web(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            if any(a.name.startswith("aiohttp.web") for a in node.names):
+                return True
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.startswith("aiohttp.web"):
+                return True
+            if node.module == "aiohttp" and any(a.name == "web" for a in node.names):
+                return True
+    return False
+
+
+def test_services_never_see_an_application() -> None:
+    """No service imports aiohttp's server side (``aiohttp.web``): none can take an
+    application or a request; the composition root passes them their dependencies."""
+    modules = _modules()
+    assert any(_imports_aiohttp_web(path) for path in modules.values()), "scan finds nothing"
+    assert (
+        sorted(n for n, p in modules.items() if unit(n) in SERVICES and _imports_aiohttp_web(p))
+        == []
+    )
 
 
 def test_graph_sees_function_level_imports() -> None:
