@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 Errors = tuple[type[BaseException], ...]
@@ -23,14 +23,36 @@ def _give_up(what: str, timeout_s: float, last: BaseException | None) -> Asserti
     return AssertionError(f"{what} not reached within {timeout_s} s{tail}")
 
 
+@overload
 async def eventually(
-    check: Callable[[], T | Awaitable[T]],
+    check: Callable[[], Awaitable[T | None]],
+    *,
+    timeout_s: float = ...,
+    interval_s: float = ...,
+    what: str = ...,
+    ignore: Errors = ...,
+) -> T: ...
+
+
+@overload
+async def eventually(
+    check: Callable[[], T | None],
+    *,
+    timeout_s: float = ...,
+    interval_s: float = ...,
+    what: str = ...,
+    ignore: Errors = ...,
+) -> T: ...
+
+
+async def eventually(
+    check: Callable[[], Any],
     *,
     timeout_s: float = 20.0,
     interval_s: float = 0.02,
     what: str = "condition",
     ignore: Errors = (),
-) -> T:
+) -> Any:
     """Call ``check`` (a function or coroutine function) every ``interval_s`` seconds until
     it returns something truthy, and return that; raise :class:`AssertionError` naming
     ``what`` after ``timeout_s`` seconds.
@@ -46,7 +68,7 @@ async def eventually(
             if inspect.isawaitable(value):
                 value = await value
             if value:
-                return value  # type: ignore[no-any-return]
+                return value
         except AssertionError:
             raise
         except ignore as exc:
@@ -57,7 +79,7 @@ async def eventually(
 
 
 def eventually_sync(
-    check: Callable[[], T],
+    check: Callable[[], T | None],
     *,
     timeout_s: float = 20.0,
     interval_s: float = 0.05,

@@ -150,7 +150,7 @@ def _ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
         if proc.poll() is not None:
             return True
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return r.status == 200
+            return bool(r.status == 200)
 
     try:
         eventually_sync(

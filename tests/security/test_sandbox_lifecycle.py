@@ -12,8 +12,15 @@ import asyncio
 
 import pytest
 
-from conveyor.sandbox import Sandbox, SandboxStatus
-from tests.sandbox.support import assert_no_strays, config, make_sandbox, run
+from conveyor.sandbox import Sandbox, SandboxResult, SandboxStatus
+from tests.polling import eventually
+from tests.sandbox.support import (
+    assert_no_strays,
+    config,
+    make_sandbox,
+    run,
+    step_in_flight,
+)
 
 #: Ways a step makes its process refuse to exit once it has failed.
 STUBBORN = {
@@ -74,7 +81,8 @@ async def test_exhausted_pool_is_not_ready() -> None:
         assert sb.health()["ok"] is True
         sleep = "import time\ndef run(input):\n    time.sleep(2)\n    return 2\n"
         sleeper = asyncio.create_task(run(sb, sleep, flow_id="sleepy"))
-        await asyncio.sleep(0.5)
+        # The sleeper holds the only uid once its child runs it.
+        await eventually(lambda: step_in_flight(sb), timeout_s=10, what="the sleeper running")
         starved = await run(sb, "def run(input):\n    return 1\n")
         assert starved.status is SandboxStatus.INTERNAL_ERROR, starved
         assert "capacity" in (starved.error or "")
@@ -86,11 +94,14 @@ async def test_exhausted_pool_is_not_ready() -> None:
         again = await run(sb, sleep, flow_id="sleepy")
         assert again.output == 2
         # Another flow: the warm child is retired, its uid comes back, a new child starts.
-        for _ in range(50):
+
+        async def other_flow_served() -> SandboxResult | None:
             other = await run(sb, "def run(input):\n    return 3\n", flow_id="other")
-            if other.status is SandboxStatus.SUCCEEDED:
-                break
-            await asyncio.sleep(0.05)
+            return other if other.status is SandboxStatus.SUCCEEDED else None
+
+        other = await eventually(
+            other_flow_served, timeout_s=10, interval_s=0.05, what="another flow served"
+        )
         assert other.output == 3
         assert sb.health()["ok"] is True
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import psutil
 
 from tests.api.conftest import make_client
+from tests.polling import eventually
 
 __all__ = ["make_client"]
 
@@ -39,16 +39,18 @@ async def test_readyz_and_board_show_the_mode_and_readiness(make_client: Any) ->
     servers = fork_servers() - before
     assert len(servers) == 1, servers
     os.kill(servers.pop(), signal.SIGKILL)
-    seen = []
-    for _ in range(100):
+    seen: list[int] = []
+
+    async def down_then_up() -> dict[str, Any] | None:
         resp = await client.get("/readyz")
         seen.append(resp.status)
-        if 503 in seen and resp.status == 200:
-            break
-        await asyncio.sleep(0.05)
+        return await resp.json() if 503 in seen and resp.status == 200 else None
+
+    body = await eventually(
+        down_then_up, timeout_s=10, interval_s=0.05, what="/readyz 503, then 200"
+    )
     assert 503 in seen, seen  # not ready while the fork-server is down …
     assert seen[-1] == 200, seen  # … and ready again once it restarted by itself
-    body = await resp.json()
     assert body["checks"]["sandbox"]["ok"] is True
     metrics = await (await client.get("/metrics")).text()
     assert "conveyor_sandbox_ready 1.0" in metrics
