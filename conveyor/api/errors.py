@@ -5,11 +5,11 @@ domain errors (``NotFound``, ``FlowValidationError``, ``QueueFull``, ``RunFinish
 handlers let them through; :func:`http_error` gives each its status from the branch it is on
 (:data:`STATUS`) and its ``code`` from the class (:func:`to_api_error` is its half for
 ``ConveyorError`` alone), and :func:`error_middleware` renders it. They are public so the
-board's HTML error pages and flash messages can say the same. Handlers
-raise :class:`ApiError` only for answers HTTP alone knows about (a bad header or query
-parameter, a 413, a 415), and aiohttp's ``HTTPException`` is rendered the same way. Anything
-unexpected, and any ``ConveyorError`` without a status (``StepFailed``, ``InternalError``), is
-a 500 with a generic message while the traceback goes to the log only.
+board's HTML error pages and flash messages can say the same. Handlers raise :class:`ApiError`
+only for answers HTTP alone knows about (a bad header or query parameter, a 413, a 415), and
+aiohttp's ``HTTPException`` is rendered the same way. Anything unexpected, and any
+``ConveyorError`` without a status (``StepFailed``, ``InternalError``), is a 500 with a
+generic message while the traceback goes to the log only.
 """
 
 from __future__ import annotations
