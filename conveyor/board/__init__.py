@@ -31,13 +31,13 @@ import structlog
 from aiohttp import web
 
 from conveyor import __version__
-from conveyor.api.errors import ApiError, Handler
+from conveyor.api.errors import ApiError, Handler, to_api_error
 from conveyor.board import actions
 from conveyor.board.present import FILTERS
 from conveyor.board.security import SECURITY_HEADERS, guard_middleware
 from conveyor.board.views import PAGES, html_view, index, live_view
-from conveyor.errors import BackendUnavailable, ConveyorError, NotFound
-from conveyor.queue import QueueUnavailable
+from conveyor.errors import BackendUnavailable, ConveyorError
+from conveyor.store.db import CONNECTION_ERRORS
 
 log = structlog.get_logger(__name__)
 
@@ -59,24 +59,32 @@ def _error_page(request: web.Request, status: int, title: str, message: str) -> 
     return response
 
 
+#: Page titles of the statuses the board shows (the API's error table decides the status).
+_TITLES = {400: "Bad request", 404: "Not found", 409: "Conflict", 429: "Busy", 503: "Unavailable"}
+
+
 @web.middleware
 async def error_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Board errors as HTML pages (JSON under ``/admin/api/``), never the API's JSON."""
+    """Board errors as HTML pages (JSON under ``/admin/api/``). Status and message come from
+    the API's one mapping of the error tree (:func:`conveyor.api.errors.to_api_error`)."""
     try:
         return await handler(request)
-    except ApiError as exc:
-        return _error_page(request, exc.status, "Error", exc.message)
-    except NotFound as exc:
-        return _error_page(request, 404, "Not found", exc.message)
-    except (BackendUnavailable, QueueUnavailable) as exc:
-        return _error_page(request, 503, "Unavailable", f"{exc}; retry in a moment")
     except ConveyorError as exc:
-        log.error("board error", error=repr(exc))
-        return _error_page(request, 500, "Error", "internal error")
+        error = to_api_error(exc)
+    except CONNECTION_ERRORS as exc:
+        log.warning("backend unreachable", path=request.path, error=repr(exc))
+        error = to_api_error(BackendUnavailable("PostgreSQL", repr(exc)))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return _error_page(request, exc.status, exc.reason, exc.text or exc.reason)
+    except Exception:
+        log.exception("board error", path=request.path, method=request.method)
+        error = ApiError(500, "INTERNAL_ERROR", "internal error")
+    title = _TITLES.get(error.status, "Error")
+    response = _error_page(request, error.status, title, error.message)
+    response.headers.update(error.headers)
+    return response
 
 
 def create_board() -> web.Application:

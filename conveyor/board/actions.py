@@ -2,7 +2,8 @@
 function as the API, then redirects back (303) with a one-shot flash message.
 
 A refused action (a job already gone, a run still running) comes back as an error flash on
-the page the operator was on, not as an error page.
+the page the operator was on, not as an error page; its words are the API's, from the one
+mapping of the error tree (:func:`conveyor.api.errors.to_api_error`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from conveyor.api import admin as ops
-from conveyor.api.errors import ApiError
+from conveyor.api.errors import ApiError, to_api_error
 from conveyor.board.views import FLASH_COOKIE
 from conveyor.errors import ConveyorError
 from conveyor.keys import operations_of
-from conveyor.queue import JobNotFound
 
 Form = MultiDictProxy[Any]
 Action = Callable[[web.Request, Form], Awaitable[str]]
@@ -62,10 +62,9 @@ def action(fn: Action) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
         back = _back(request, form)
         try:
             message = await fn(request, form)
-        except ApiError as exc:
-            return _redirect(back, "error", exc.message)
-        except (ConveyorError, JobNotFound) as exc:
-            return _redirect(back, "error", str(exc))
+        except ConveyorError as exc:
+            # The API's status table decides the words (a 500 says only "internal error").
+            return _redirect(back, "error", to_api_error(exc).message)
         return _redirect(back, "ok", message)
 
     handler.__doc__ = fn.__doc__

@@ -1,11 +1,12 @@
-"""Presentation helpers of the board: Jinja filters and sparkline geometry.
+"""Presentation helpers of the board: Jinja filters, sparkline geometry, webhook examples.
 
-Nothing here decides anything about queues or runs; it only turns numbers and timestamps the
-read functions returned into text and SVG coordinates.
+Nothing here decides anything about queues or runs; it only turns numbers, timestamps and
+documents the read functions returned into text and SVG coordinates.
 """
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -174,6 +175,40 @@ def status_class(status: Any) -> str:
     if s in ("QUEUED", "RUNNING", "PAUSED", "WAITING", "ACTIVE", "DELAYED"):
         return "busy"
     return "bad"
+
+
+#: The body of the board's curl examples (any JSON object the flow reads would do).
+EXAMPLE_BODY = '{"hello": "world"}'
+
+
+def curl_example(url: str, secret_name: str | None) -> str:
+    """A shell snippet that POSTs :data:`EXAMPLE_BODY` to ``url``. With a webhook secret it
+    signs the request as the README's "Webhook signatures" section says, reading the value
+    from ``$SECRET`` (the board never shows a secret's value, only its name)."""
+    quoted_url, body = shlex.quote(url), shlex.quote(EXAMPLE_BODY)
+    if secret_name is None:
+        return (
+            f"curl -sS -X POST {quoted_url} \\\n"
+            "  -H 'Content-Type: application/json' \\\n"
+            f"  --data-binary {body}"
+        )
+    return (
+        f"# SECRET must hold the value of the secret {secret_name}\n"
+        f"body={body}\n"
+        "t=$(date +%s)\n"
+        'mac=$(printf \'%s.%s\' "$t" "$body" | openssl dgst -sha256 -hmac "$SECRET" -hex'
+        " | sed 's/^.* //')\n"
+        f"curl -sS -X POST {quoted_url} -H 'Content-Type: application/json' \\\n"
+        '  -H "X-Conveyor-Signature: t=$t,v1=$mac" --data-binary "$body"'
+    )
+
+
+def payload(trigger: Any) -> Any:
+    """What the run was started with: the webhook's body (the whole trigger when it has none,
+    as for a schedule)."""
+    if isinstance(trigger, dict) and "body" in trigger:
+        return trigger["body"]
+    return trigger
 
 
 FILTERS = {

@@ -25,10 +25,11 @@ from conveyor.api.admin import (
     queue_name,
 )
 from conveyor.api.errors import ApiError, json_response
-from conveyor.api.flows import flow_json, page_args
+from conveyor.api.flows import flow_json, page_args, public_base_url
 from conveyor.api.runs import run_json
-from conveyor.board.present import per_second, sparkline, timeline
+from conveyor.board.present import curl_example, payload, per_second, sparkline, timeline
 from conveyor.board.security import csrf_token
+from conveyor.engine.flow import Trigger
 from conveyor.errors import NotFound
 from conveyor.keys import DB, REDIS, SANDBOX_REPORT, SETTINGS, operations_of
 from conveyor.queue import JobState
@@ -138,12 +139,37 @@ async def _flow_names(request: web.Request) -> dict[str, str]:
     return {str(f.id): f.name for f in flows}
 
 
+async def _search(request: web.Request) -> tuple[str | None, int]:
+    """The run-id search box (``?run=``): an existing run's id redirects to its page (303); a
+    malformed or unknown one comes back as a notice above the list, with status 400 or 404."""
+    raw = (request.query.get("run") or "").strip()
+    if not raw:
+        return None, 200
+    try:
+        run_id = uuid.UUID(raw)
+    except ValueError:
+        shown = raw if len(raw) <= 80 else raw[:80] + "…"
+        return (
+            f"“{shown}” is not a run id: a run id has 36 characters, like "
+            "0190f0f0-0000-7000-8000-000000000000 (the run page shows the whole id).",
+            400,
+        )
+    try:
+        await run_store.get_run(root(request)[DB], run_id)
+    except NotFound:
+        return f"No run has the id {run_id}.", 404
+    if request.path.startswith("/admin/api/"):
+        return None, 200  # the live twin never redirects: the page it refreshes did
+    raise web.HTTPSeeOther(f"/admin/runs/{run_id}")
+
+
 async def runs_data(request: web.Request) -> Context:
     limit, cursor = page_args(request)
     flow_id = _uuid_arg(request.query.get("flow_id"), "flow_id")
     status = request.query.get("status") or None
     if status is not None and status not in RUN_STATUSES:
         raise ApiError(400, "BAD_REQUEST", f"status must be one of {', '.join(RUN_STATUSES)}")
+    notice, http_status = await _search(request)
     rows = await run_store.list_runs(
         root(request)[DB], flow_id=flow_id, status=status, limit=limit + 1, cursor=cursor
     )
@@ -152,6 +178,8 @@ async def runs_data(request: web.Request) -> Context:
     for run in runs:
         run["flow_name"] = names.get(run["flow_id"])
     query = {"flow_id": str(flow_id) if flow_id else "", "status": status or ""}
+    if "limit" in request.query:
+        query["limit"] = str(limit)
     next_cursor = runs[-1]["id"] if len(rows) > limit else None
     next_url = None
     if next_cursor:
@@ -162,6 +190,9 @@ async def runs_data(request: web.Request) -> Context:
         "flows": sorted(names.items(), key=lambda kv: kv[1].lower()),
         "filter": query,
         "statuses": RUN_STATUSES,
+        "search": request.query.get("run", "")[:200],
+        "notice": notice,
+        "http_status": http_status,
         "next_url": next_url,
         "live": {"runs": runs, "next_cursor": next_cursor},
     }
@@ -184,10 +215,36 @@ async def run_data(request: web.Request) -> Context:
         "title": f"Run {run['id']}",
         "run": run,
         "flow_name": flow_name,
+        "payload": payload(run["trigger"]),
         "steps": timeline(view.steps or ()),
         "finished": run["status"] in {s.value for s in TERMINAL},
         "in_flight": run["status"] in {s.value for s in IN_FLIGHT},
         "live": {"run": {k: v for k, v in run.items() if k != "trigger"}},
+    }
+
+
+def public_origin(request: web.Request) -> str:
+    """Where senders reach this server: ``AP_FRONTEND_URL`` when set, else the origin the
+    request came to (``X-Forwarded-*`` honoured, as in the API's own URLs)."""
+    front = request.config_dict[SETTINGS].frontend_url
+    return front.rstrip("/") if front else public_base_url(request)
+
+
+def webhook_urls(request: web.Request, flow: dict[str, Any]) -> dict[str, Any]:
+    """The flow's webhook URLs (async and ``/sync``) with a curl example for each; a trigger
+    with a secret gets the signed form (the secret's name, never its value)."""
+    trigger = flow.get("trigger") or {}
+    secret = trigger.get("secret") if isinstance(trigger, dict) else None
+    secret_name = None
+    if isinstance(secret, str):
+        secret_name = Trigger(type="webhook", secret=secret).secret_name or "(literal)"
+    url = f"{public_origin(request)}/api/v1/webhooks/{flow['id']}"
+    return {
+        "webhook_url": url,
+        "sync_webhook_url": url + "/sync",
+        "secret_name": secret_name,
+        "curl": curl_example(url, secret_name),
+        "curl_sync": curl_example(url + "/sync", secret_name),
     }
 
 
@@ -198,6 +255,7 @@ async def flows_data(request: web.Request) -> Context:
     flows = []
     for f in found[:limit]:
         doc = flow_json(request, f)
+        doc.update(webhook_urls(request, doc))
         recent = await run_store.list_runs(db, flow_id=f.id, limit=5)
         doc["recent_runs"] = [{"id": str(r["id"]), "status": r["status"]} for r in recent]
         doc["trigger_type"] = (doc.get("trigger") or {}).get("type", "webhook")
@@ -261,7 +319,8 @@ def html_view(page: Page) -> Callable[[web.Request], Awaitable[web.StreamRespons
     async def handler(request: web.Request) -> web.StreamResponse:
         ctx = await _context(request, page)
         ctx["flash"] = _flash(request)
-        response = aiohttp_jinja2.render_template(page.template, request, ctx)
+        status = int(ctx.get("http_status", 200))
+        response = aiohttp_jinja2.render_template(page.template, request, ctx, status=status)
         if ctx["flash"]:
             response.del_cookie(FLASH_COOKIE, path="/admin")
         return response

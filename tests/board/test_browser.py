@@ -7,12 +7,12 @@ Skipped when ``/usr/bin/chromium`` or Playwright is missing. Screenshots of ever
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -38,7 +38,7 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} not installed: browser tests skipped", allow_module_level=True)
 try:
-    from playwright.async_api import Browser, Page, async_playwright, expect
+    from playwright.async_api import Browser, Dialog, Page, Route, async_playwright, expect
 except ImportError:  # pragma: no cover - depends on the environment
     pytest.skip("playwright not installed: browser tests skipped", allow_module_level=True)
 
@@ -56,15 +56,50 @@ async def browser() -> AsyncIterator[Browser]:
 
 @pytest.fixture
 async def page(browser: Browser, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Page]:
-    """A fresh page; the board polls every 400 ms so live updates show quickly."""
+    """A fresh page that may use the clipboard; the board polls every 400 ms so live updates
+    show quickly. Every request must stay on 127.0.0.1 (no CDN, no font, no beacon): any
+    other is blocked and fails the test."""
     monkeypatch.setattr(views, "REFRESH_MS", 400)
-    context = await browser.new_context(viewport={"width": 1100, "height": 800})
+    context = await browser.new_context(
+        viewport={"width": 1100, "height": 800}, permissions=["clipboard-read", "clipboard-write"]
+    )
+    off_machine: list[str] = []
+
+    async def only_loopback(route: Route) -> None:
+        url = route.request.url
+        if urlsplit(url).hostname == "127.0.0.1" or url.startswith(("data:", "blob:")):
+            await route.continue_()
+        else:
+            off_machine.append(url)
+            await route.abort()
+
+    await context.route("**/*", only_loopback)
     tab = await context.new_page()
     tab.set_default_timeout(15_000)
+    # A third-party asset in a template would be refused by the CSP before it is requested:
+    # Chromium reports that on the console.
+    refused: list[str] = []
+    tab.on(
+        "console",
+        lambda msg: refused.append(msg.text) if "Content Security Policy" in msg.text else None,
+    )
     try:
         yield tab
     finally:
         await context.close()
+    assert off_machine == [], f"requests left the machine: {off_machine}"
+    assert refused == [], f"the CSP refused: {refused}"
+
+
+async def clipboard(page: Page) -> str:
+    text: str = await page.evaluate("navigator.clipboard.readText()")
+    return text
+
+
+async def fits_a_phone(page: Page, path: str) -> None:
+    """At 375 px nothing scrolls sideways (tables and code scroll inside their own box)."""
+    width = await page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 375, (path, width)
 
 
 async def shot(page: Page, name: str) -> Path:
@@ -79,19 +114,21 @@ def base(client: Any) -> str:
 
 
 async def test_queue_counts_change_live_and_pause_resume(make_client: Any, page: Page) -> None:
-    """Pause a queue, fire webhooks, watch the card count them live, resume and see it drain."""
-    client = await make_client(AP_CONTAINER_TYPE="WORKER_AND_APP", AP_WORKER_CONCURRENCY="4")
+    """Pause a queue, fire webhooks, watch the card count them live, resume and see it drain.
+
+    The worker starts only once the queue is paused (a consumer reads the pause flags before
+    its first read), so none of the three runs can slip past the pause.
+    """
+    client = await make_client(AP_CONTAINER_TYPE="APP")
     fid = await create_flow(client, ECHO)
     await page.goto(base(client) + "/admin/queues/runs")
     await page.get_by_role("button", name="Pause queue").click()
     await expect(page.locator("#paused-badge")).to_have_text("paused")
     await expect(page.get_by_role("alert")).to_contain_text("Queue runs paused")
+    await make_client(AP_CONTAINER_TYPE="WORKER", AP_WORKER_CONCURRENCY="4")
     await page.goto(base(client) + "/admin/queues")
     waiting = page.locator('[data-queue="runs"] [data-stat="waiting"]')
     await expect(waiting).to_have_text("0")
-    # A pause reaches consumers within pause_poll_s, but one already blocked in XREADGROUP
-    # (block_ms = 1 s) may still take an entry: give that read time to end first.
-    await asyncio.sleep(1.5)
     await fire(client, fid, 3)
     await expect(waiting).to_have_text("3")  # live refresh, no reload
     await expect(page.locator('[data-queue="runs"] [data-stat="paused"]')).to_be_visible()
@@ -110,7 +147,8 @@ async def test_queue_counts_change_live_and_pause_resume(make_client: Any, page:
 
 
 async def test_failed_run_shows_error_and_retry_succeeds(make_client: Any, page: Page) -> None:
-    """Open a failed run from the runs list, read its error, fix the secret, retry: SUCCEEDED."""
+    """Open a failed run from the runs list, copy its payload and the failed step's input and
+    error, fix the secret, press "Retry from here" on the failed step: SUCCEEDED."""
     client = await make_client(AP_CONTAINER_TYPE="WORKER_AND_APP")
     await set_secret(client, "MODE", "broken-mode")
     fid = await create_flow(client, FLAKY)
@@ -129,15 +167,115 @@ async def test_failed_run_shows_error_and_retry_succeeds(make_client: Any, page:
     )
     await expect(page.locator('[data-step="check"] .badge')).to_have_text("FAILED")
     await shot(page, "run-failed")
+
+    copy = page.get_by_role("button", name="Copy the payload")
+    await copy.click()
+    await expect(copy).to_have_text("Copied")
+    assert orjson.loads(await clipboard(page)) == {"x": 0, "n": 0}
+    check = page.locator('[data-step="check"]')
+    await expect(check.locator("details")).to_have_attribute("open", "")  # the failed step
+    await check.get_by_role("button", name="Copy the input of step check").click()
+    assert orjson.loads(await clipboard(page)) == {"mode": "***", "n": 0}  # secret redacted
+    await check.get_by_role("button", name="Copy the error of step check").click()
+    assert "ValueError: upstream refused the order" in await clipboard(page)
+    # A closed step opened by hand stays open across live refreshes.
+    prepare = page.locator('[data-step="prepare"] details')
+    await prepare.locator("summary").click()
+    await page.locator("#main").focus()  # move the focus out: the region may refresh again
+    refreshed = await page.locator("#live-status").text_content()
+    await expect(page.locator("#live-status")).not_to_have_text(refreshed or "")
+    await expect(prepare).to_have_attribute("open", "")
+    await page.set_viewport_size({"width": 375, "height": 740})
+    await fits_a_phone(page, "run page")
+    await shot(page, "phone-run")
+    await page.set_viewport_size({"width": 1100, "height": 800})
+
     await set_secret(client, "MODE", "healthy-mode")
-    await expect(page.locator("#live-status")).to_contain_text("Updated")  # polled at least once
-    await page.get_by_role("button", name="Retry from failed step").click()
+    await check.get_by_role("button", name="Retry from here").click()
     await expect(page).to_have_url(base(client) + f"/admin/runs/{run_id}")
-    await expect(page.get_by_role("alert").first).to_contain_text("Run retried")
+    await expect(page.get_by_role("alert").first).to_contain_text("Run retried (FROM_FAILED_STEP")
     await expect(page.locator("#run-status")).to_have_text("SUCCEEDED")
     await expect(page.locator('[data-step="check"] .badge')).to_have_text("SUCCEEDED")
     await expect(page.locator("#run-error")).to_have_count(0)
+    await expect(page.get_by_role("button", name="Retry from here")).to_have_count(0)
+    run = await wait_status(client, run_id, "SUCCEEDED")
+    assert run["attempt"] == 2 and run["steps"][-1]["output"] == {"n": 0, "ok": True}
     await shot(page, "run-succeeded")
+
+
+async def test_runs_search_and_filters(make_client: Any, page: Page) -> None:
+    """Search by run id opens the run; a malformed id is a notice; flow and status filters
+    narrow the rows and stay selected through "Older runs" and the live refresh."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    echo = await create_flow(client, ECHO)
+    other = await create_flow(client, {**ECHO, "name": "other"})
+    echo_runs = await fire(client, echo, 3)
+    other_run = (await fire(client, other))[0]
+    await page.goto(base(client) + "/admin/runs")
+    await expect(page.locator("tr[data-run]")).to_have_count(4)
+    await page.get_by_label("Run id").fill(other_run)
+    await page.get_by_role("button", name="Open run").click()
+    await expect(page).to_have_url(base(client) + f"/admin/runs/{other_run}")
+    await expect(page.locator("#run-status")).to_have_text("QUEUED")
+    await page.goto(base(client) + "/admin/runs")
+    await page.get_by_label("Run id").fill("not-a-run")
+    await page.get_by_role("button", name="Open run").click()
+    await expect(page.locator("#search-notice")).to_contain_text("“not-a-run” is not a run id")
+    await expect(page.get_by_label("Run id")).to_have_value("not-a-run")
+    await page.goto(base(client) + "/admin/runs?limit=2")
+    await page.get_by_label("Flow").select_option(label="echo")
+    await page.get_by_label("Status").select_option("QUEUED")
+    await page.get_by_role("button", name="Filter").click()
+    rows = page.locator("tr[data-run]")
+    await expect(rows).to_have_count(2)
+    first = await rows.evaluate_all("rs => rs.map(r => r.dataset.run)")
+    await expect(page.locator("#live-status")).to_contain_text("Updated")
+    await expect(rows).to_have_count(2)  # the live refresh kept the filter
+    await page.get_by_role("link", name="Older runs").click()
+    await expect(page.get_by_label("Flow")).to_have_value(echo)
+    await expect(page.get_by_label("Status")).to_have_value("QUEUED")
+    await expect(rows).to_have_count(1)
+    last = await rows.evaluate_all("rs => rs.map(r => r.dataset.run)")
+    assert sorted(first + last) == sorted(echo_runs)
+    await page.set_viewport_size({"width": 375, "height": 740})
+    await fits_a_phone(page, "runs page")
+
+
+async def test_flows_page_copies_urls_and_curl(make_client: Any, page: Page) -> None:
+    """The flows page's copy buttons put the webhook URLs and the curl example on the
+    clipboard, exactly as shown."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = await create_flow(client, ECHO)
+    await page.goto(base(client) + "/admin/flows")
+    url = f"{base(client)}/api/v1/webhooks/{fid}"
+    sync = page.get_by_role("button", name="Copy sync webhook URL of echo")
+    await sync.click()
+    await expect(sync).to_have_text("Copied")
+    assert await clipboard(page) == url + "/sync"
+    await page.get_by_text("curl example").click()
+    await page.get_by_role("button", name="Copy the curl example of echo").click()
+    copied = await clipboard(page)
+    assert copied.startswith(f"curl -sS -X POST {url} ")
+    assert copied == await page.locator(f"#curl-{fid}-async").text_content()
+    await page.set_viewport_size({"width": 375, "height": 740})
+    await fits_a_phone(page, "flows page with the curl example open")
+    await shot(page, "phone-flows-curl")
+
+    # Where the Clipboard API refuses (a plain-http origin other than localhost), the button
+    # falls back to execCommand("copy"), and when even that fails it selects the text.
+    await page.add_init_script(
+        "navigator.clipboard.writeText = () => Promise.reject(new Error('refused'))"
+    )
+    await page.reload()
+    webhook = page.get_by_role("button", name="Copy webhook URL of echo")
+    await webhook.click()
+    await expect(webhook).to_have_text("Copied")
+    assert await clipboard(page) == url
+    await page.add_init_script("document.execCommand = () => false")
+    await page.reload()
+    await webhook.click()
+    await expect(webhook).to_have_text("Press Ctrl+C")
+    assert await page.evaluate("window.getSelection().toString()") == url
 
 
 async def test_hostile_flow_name_renders_inert(make_client: Any, page: Page) -> None:
@@ -148,7 +286,12 @@ async def test_hostile_flow_name_renders_inert(make_client: Any, page: Page) -> 
     run_id = (await fire(client, fid))[0]
     await wait_status(client, run_id, "SUCCEEDED")
     dialogs: list[str] = []
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+
+    async def on_dialog(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        await dialog.dismiss()
+
+    page.on("dialog", on_dialog)
     await page.goto(base(client) + "/admin/flows")
     await expect(page.locator(".flow-name")).to_have_text(name)
     copy = page.get_by_role("button", name=f"Copy webhook URL of {name}")
@@ -157,7 +300,8 @@ async def test_hostile_flow_name_renders_inert(make_client: Any, page: Page) -> 
     await shot(page, "flows")
     for path in ("/admin/runs", f"/admin/runs/{run_id}", "/admin/flows"):
         await page.goto(base(client) + path)
-        await page.wait_for_timeout(600)  # at least one live refresh swapped its regions
+        # At least one live refresh has swapped its regions in.
+        await expect(page.locator("#live-status")).to_contain_text("Updated")
         scripts = await page.evaluate(
             "Array.from(document.scripts).filter(s => s.textContent.includes('alert')).length"
         )
@@ -170,7 +314,7 @@ async def test_workers_page_keyboard_labels_and_phone_width(make_client: Any, pa
     """Workers page lists the live worker; labelled controls, Tab skip link, no 375-px scroll."""
     client = await make_client(AP_CONTAINER_TYPE="WORKER_AND_APP", AP_WORKER_CONCURRENCY="2")
     fid = await create_flow(client, ECHO)
-    await fire(client, fid, 1)
+    run_id = (await fire(client, fid, 1))[0]
     await page.goto(base(client) + "/admin/workers")
     row = page.locator("tr[data-worker]")
     await expect(row).to_have_count(1)
@@ -185,6 +329,8 @@ async def test_workers_page_keyboard_labels_and_phone_width(make_client: Any, pa
         "/admin/queues",
         "/admin/queues/runs",
         "/admin/runs",
+        "/admin/runs?run=not-a-run",
+        f"/admin/runs/{run_id}",
         "/admin/flows",
         "/admin/workers",
     ):
@@ -195,19 +341,18 @@ async def test_workers_page_keyboard_labels_and_phone_width(make_client: Any, pa
                              && !el.textContent.trim()).length"""
         )
         assert unlabeled == 0, path
-        width = await page.evaluate("document.documentElement.scrollWidth")
-        assert width <= 375, (path, width)
+        await fits_a_phone(page, path)
         await shot(page, "phone-" + (path.strip("/").replace("/", "-") or "root"))
 
 
 async def test_overview_screenshot(make_client: Any, page: Page, redis: aioredis.Redis) -> None:
     """The overview with 15 minutes of history, a dead job and advice (the README picture)."""
-    client = await make_client(AP_CONTAINER_TYPE="WORKER_AND_APP", AP_WORKER_CONCURRENCY="4")
+    client = await make_client(AP_CONTAINER_TYPE="APP")
     fid = await create_flow(client, ECHO)
-    await fire(client, fid, 5)
     await client.post("/api/v1/queues/runs/pause")
-    await asyncio.sleep(1.5)  # let a consumer's blocking read end (see the pause test)
     await fire(client, fid, 120)  # a backlog over the threshold: "add workers"
+    # The worker starts paused (see the pause test): the backlog stays at 120.
+    await make_client(AP_CONTAINER_TYPE="WORKER", AP_WORKER_CONCURRENCY="4")
     now = int(time.time())
     for queue, scale in (("sync", 4), ("runs", 1)):
         points = []

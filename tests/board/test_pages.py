@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import html
+import json
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from conveyor.heartbeat import Heartbeat
@@ -14,6 +20,10 @@ from conveyor.queue import Producer, QueueConfig
 from tests.board.conftest import ECHO, FLAKY, create_flow, fire, set_secret, wait_status
 
 STATIC = Path(__file__).parents[2] / "conveyor" / "board" / "static"
+
+
+def base(client: Any) -> str:
+    return str(client.make_url("")).rstrip("/")
 
 
 async def test_overview_shows_a_card_per_queue_with_counts(make_client: Any) -> None:
@@ -136,6 +146,15 @@ async def test_run_detail_shows_timeline_and_error(make_client: Any) -> None:
     assert "Retry from failed step" in page and "Retry on latest version" in page
     assert "Cancel run" not in page
     assert "broken-mode" not in page
+    # The failed step is open, with its error, input and output each under a copy button,
+    # and the retry from there; the step that succeeded is closed and has no retry.
+    check = page.split('data-step="check"')[1]
+    assert '<details id="step-1" open>' in check and "Retry from here" in check
+    assert "Retry from here" not in page.split('data-step="check"')[0]
+    for block in ("error", "input", "output"):
+        assert f'data-copy-target="step-1-{block}"' in check and f'id="step-1-{block}"' in check
+    payload = page.split('<pre id="run-payload">')[1].split("</pre>")[0]
+    assert json.loads(html.unescape(payload)) == {"x": 0, "n": 0} and "\n  " in payload
     live = await (await client.get(f"/admin/api/runs/{run_id}")).json()
     assert live["data"]["run"]["status"] == "FAILED" and set(live["regions"]) == {"run"}
 
@@ -155,7 +174,7 @@ async def test_flows_page_shows_urls_recent_runs_and_escapes_names(make_client: 
     assert (
         f"/api/v1/webhooks/{fid}</code>" in page and f"/api/v1/webhooks/{fid}/sync</code>" in page
     )
-    assert page.count('data-copy="') == 2
+    assert page.count('class="copy" data-copy-target="') == 4  # 2 URLs, 2 curl examples
     assert page.count('class="dot dot-busy"') == 2 and "v1 · webhook" in page
     assert "Disable <span" in page
     runs_page = await (await client.get("/admin/runs")).text()
@@ -227,3 +246,112 @@ async def test_basic_auth_when_credentials_are_set(make_client: Any) -> None:
     assert (await client.get("/admin/queues", headers=good)).status == 200
     assert (await client.get("/admin/static/board.js", headers=good)).status == 200
     assert (await client.post("/admin/queues/runs/pause")).status == 401
+
+
+SIGNED = {
+    "name": "signed",
+    "trigger": {"type": "webhook", "secret": "{{secrets.HOOK}}"},
+    "steps": [{"name": "t", "type": "transform", "input": {"hello": "{{trigger.body.hello}}"}}],
+}
+
+
+def _pre(page: str, pre_id: str) -> str:
+    return html.unescape(page.split(f'<pre id="{pre_id}">')[1].split("</pre>", maxsplit=1)[0])
+
+
+async def _sh(script: str, **env: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "sh",
+        "-c",
+        script + " -o /dev/null -w '%{http_code}'",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={"PATH": os.environ["PATH"], **env},
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
+
+
+async def test_flows_page_curl_examples_run_as_shown(make_client: Any) -> None:
+    """The curl examples work when pasted into a shell: unsigned, and signed with $SECRET
+    holding the secret's value (which the page never shows)."""
+    if shutil.which("curl") is None or shutil.which("openssl") is None:
+        assert os.environ.get("CONVEYOR_CI") != "1", "curl and openssl are needed"
+        pytest.skip("curl or openssl missing")
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    await set_secret(client, "HOOK", "hook-secret-value-7f3a")
+    plain = await create_flow(client, ECHO)
+    signed = await create_flow(client, SIGNED)
+    page = await (await client.get("/admin/flows")).text()
+    assert "hook-secret-value-7f3a" not in page
+    assert "made with the secret <code>HOOK</code>" in page
+    plain_curl = _pre(page, f"curl-{plain}-async")
+    assert plain_curl.startswith(f"curl -sS -X POST {base(client)}/api/v1/webhooks/{plain} ")
+    signed_curl = _pre(page, f"curl-{signed}-async")
+    assert "X-Conveyor-Signature: t=$t,v1=$mac" in signed_curl and '"$SECRET"' in signed_curl
+    assert _pre(page, f"curl-{signed}-sync").count(f"/api/v1/webhooks/{signed}/sync ") == 1
+    assert await _sh(plain_curl) == (0, "202")
+    assert await _sh(signed_curl, SECRET="hook-secret-value-7f3a") == (0, "202")
+    assert await _sh(signed_curl, SECRET="wrong") == (0, "401")
+    runs = await (await client.get(f"/api/v1/flow-runs?flow_id={signed}")).json()
+    assert len(runs["data"]) == 1
+
+
+async def test_webhook_urls_use_the_frontend_url_when_set(make_client: Any) -> None:
+    """With AP_FRONTEND_URL the flows page shows the URLs senders use, not the request's."""
+    client = await make_client(
+        AP_CONTAINER_TYPE="APP", AP_FRONTEND_URL="https://hooks.example.test/"
+    )
+    fid = await create_flow(client, ECHO)
+    page = await (await client.get("/admin/flows")).text()
+    assert f'<code id="url-{fid}">https://hooks.example.test/api/v1/webhooks/{fid}</code>' in page
+    assert f">https://hooks.example.test/api/v1/webhooks/{fid}/sync</code>" in page
+    assert base(client) not in page
+    assert f"curl -sS -X POST https://hooks.example.test/api/v1/webhooks/{fid} " in (
+        _pre(page, f"curl-{fid}-async")
+    )
+
+
+async def test_runs_search_by_id(make_client: Any) -> None:
+    """An existing run's id opens its page; an unknown one is a 404 notice, a malformed one a
+    400 notice above the list (escaped), never a 500."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = await create_flow(client, ECHO)
+    run_id = (await fire(client, fid))[0]
+    resp = await client.get(f"/admin/runs?run=%20{run_id.upper()}%20", allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == f"/admin/runs/{run_id}"
+    unknown = "0190f0f0-0000-7000-8000-000000000000"
+    resp = await client.get(f"/admin/runs?run={unknown}")
+    page = await resp.text()
+    assert resp.status == 404 and f"No run has the id {unknown}." in page
+    assert f'data-run="{run_id}"' in page  # the list is still there
+    resp = await client.get("/admin/runs", params={"run": "<b>1234</b>"})
+    page = await resp.text()
+    assert resp.status == 400 and "is not a run id" in page
+    assert "<b>1234</b>" not in page and "&lt;b&gt;1234&lt;/b&gt;" in page
+    assert 'value="&lt;b&gt;1234&lt;/b&gt;"' in page  # the box keeps what was typed
+    live = await client.get("/admin/api/runs", params={"run": run_id})
+    assert live.status == 200 and [r["id"] for r in (await live.json())["data"]["runs"]] == [run_id]
+
+
+async def test_runs_filters_survive_pagination(make_client: Any) -> None:
+    """Older-runs links keep the flow, status and page size; the live twin gets them too."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    echo = await create_flow(client, ECHO)
+    other = await create_flow(client, {**ECHO, "name": "other"})
+    ours = await fire(client, echo, 3)
+    await fire(client, other, 2)
+    url = f"/admin/runs?flow_id={echo}&status=QUEUED&limit=2"
+    seen: list[str] = []
+    while url:
+        page = await (await client.get(url)).text()
+        assert f'data-live="/admin/api/runs?flow_id={echo}&amp;status=QUEUED&amp;limit=2' in page
+        rows = re.findall(r'<tr data-run="([^"]+)"', page)
+        assert 1 <= len(rows) <= 2
+        seen += rows
+        assert f'<option value="{echo}" selected>' in page
+        more = re.search(r'<a class="more" href="([^"]+)"', page)
+        url = html.unescape(more.group(1)) if more else ""
+        if url:
+            assert f"flow_id={echo}" in url and "status=QUEUED" in url and "limit=2" in url
+    assert sorted(seen) == sorted(ours)

@@ -9,10 +9,20 @@
   var busy = false;
 
   function keep(region) {
-    // Never yank content from under the operator: a focused control or an open detail stays.
+    // Never yank a control from under the operator's fingers: a region holding the focus
+    // waits (open details do not: swap() keeps them open).
     var active = document.activeElement;
-    if (active && active !== body && region.contains(active)) return true;
-    return region.querySelector("details[open]") !== null;
+    return !!active && active !== body && region.contains(active);
+  }
+
+  function swap(region, html) {
+    // Open or closed, each <details id=…> keeps the state the operator gave it.
+    var state = {};
+    region.querySelectorAll("details[id]").forEach(function (d) { state[d.id] = d.open; });
+    region.innerHTML = html;
+    region.querySelectorAll("details[id]").forEach(function (d) {
+      if (Object.prototype.hasOwnProperty.call(state, d.id)) d.open = state[d.id];
+    });
   }
 
   function refresh() {
@@ -27,7 +37,7 @@
         var regions = doc.regions || {};
         Object.keys(regions).forEach(function (name) {
           var el = document.querySelector('[data-region="' + name + '"]');
-          if (el && !keep(el) && el.innerHTML !== regions[name]) el.innerHTML = regions[name];
+          if (el && !keep(el) && el.innerHTML !== regions[name]) swap(el, regions[name]);
         });
         if (status) status.textContent = "Updated " + new Date().toLocaleTimeString();
       })
@@ -42,32 +52,53 @@
     document.addEventListener("visibilitychange", refresh);
   }
 
+  // Copy buttons: data-copy="text" or data-copy-target="id of the element whose text".
+  // The Clipboard API needs a secure context (https, or http on localhost/127.0.0.1);
+  // elsewhere execCommand("copy"), and if even that is refused the text is left selected.
   document.addEventListener("click", function (ev) {
-    var btn = ev.target.closest ? ev.target.closest("[data-copy]") : null;
+    var btn = ev.target.closest ? ev.target.closest("[data-copy], [data-copy-target]") : null;
     if (!btn) return;
-    var text = btn.getAttribute("data-copy");
-    var done = function () {
-      var old = btn.textContent;
-      btn.textContent = "Copied";
+    var target = btn.hasAttribute("data-copy-target")
+      ? document.getElementById(btn.getAttribute("data-copy-target")) : null;
+    var text = target ? target.textContent : btn.getAttribute("data-copy");
+    if (text === null) return;
+    var say = function (word) {
+      var old = btn.getAttribute("data-label") || btn.textContent;
+      btn.setAttribute("data-label", old);
+      btn.textContent = word;
       setTimeout(function () { btn.textContent = old; }, 1500);
     };
+    var fallback = function () {
+      if (legacyCopy(text)) { say("Copied"); return; }
+      if (target) selectText(target);
+      say("Press Ctrl+C");
+    };
     if (navigator.clipboard && window.isSecureContext) {
-      navigator.clipboard.writeText(text).then(done, function () { fallback(text); done(); });
+      navigator.clipboard.writeText(text).then(function () { say("Copied"); }, fallback);
     } else {
-      fallback(text);
-      done();
+      fallback();
     }
   });
 
-  function fallback(text) {
+  function legacyCopy(text) {
     var area = document.createElement("textarea");
     area.value = text;
     area.setAttribute("readonly", "");
     area.className = "sr-only";
     body.appendChild(area);
     area.select();
-    try { document.execCommand("copy"); } catch (e) { /* nothing else to try */ }
+    var ok = false;
+    try { ok = document.execCommand("copy"); } catch (e) { ok = false; }
     body.removeChild(area);
+    return ok;
+  }
+
+  function selectText(el) {
+    var range = document.createRange();
+    range.selectNodeContents(el);
+    var sel = window.getSelection();
+    sel.removeAllRanges();
+    sel.addRange(range);
   }
 
   document.addEventListener("submit", function (ev) {
