@@ -45,46 +45,49 @@ HERE = Path(__file__).parent
 PREFIX = "/admin"
 
 
-def _error_page(request: web.Request, status: int, title: str, message: str) -> web.Response:
-    if request.path.startswith(PREFIX + "/api/"):
-        response = ApiError(status, title.upper().replace(" ", "_"), message).response()
-    else:
-        response = aiohttp_jinja2.render_template(
-            "error.html",
-            request,
-            {"title": title, "message": message, "status": status, "nav": (), "section": ""},
-            status=status,
-        )
-    response.headers.update(SECURITY_HEADERS)
-    return response
-
-
 #: Page titles of the statuses the board shows (the API's error table decides the status).
 _TITLES = {400: "Bad request", 404: "Not found", 409: "Conflict", 429: "Busy", 503: "Unavailable"}
 
 
+def _error_page(request: web.Request, error: ApiError, title: str | None = None) -> web.Response:
+    """``error`` as an HTML page, or as the API's JSON error under ``/admin/api/``."""
+    if request.path.startswith(PREFIX + "/api/"):
+        response = error.response()
+    else:
+        context = {
+            "title": title or _TITLES.get(error.status, "Error"),
+            "message": error.message,
+            "status": error.status,
+            "nav": (),
+            "section": "",
+        }
+        response = aiohttp_jinja2.render_template(
+            "error.html", request, context, status=error.status
+        )
+        response.headers.update(error.headers)
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
 @web.middleware
 async def error_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Board errors as HTML pages (JSON under ``/admin/api/``). Status and message come from
-    the API's one mapping of the error tree (:func:`conveyor.api.errors.to_api_error`)."""
+    """Board errors as HTML pages (JSON under ``/admin/api/``). Status, code and message come
+    from the API's one mapping of the error tree (:func:`conveyor.api.errors.to_api_error`)."""
     try:
         return await handler(request)
     except ConveyorError as exc:
-        error = to_api_error(exc)
+        return _error_page(request, to_api_error(exc))
     except CONNECTION_ERRORS as exc:
         log.warning("backend unreachable", path=request.path, error=repr(exc))
-        error = to_api_error(BackendUnavailable("PostgreSQL", repr(exc)))
+        return _error_page(request, to_api_error(BackendUnavailable("PostgreSQL", repr(exc))))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error_page(request, exc.status, exc.reason, exc.text or exc.reason)
+        code = exc.reason.upper().replace(" ", "_")
+        return _error_page(request, ApiError(exc.status, code, exc.text or exc.reason), exc.reason)
     except Exception:
         log.exception("board error", path=request.path, method=request.method)
-        error = ApiError(500, "INTERNAL_ERROR", "internal error")
-    title = _TITLES.get(error.status, "Error")
-    response = _error_page(request, error.status, title, error.message)
-    response.headers.update(error.headers)
-    return response
+        return _error_page(request, ApiError(500, "INTERNAL_ERROR", "internal error"))
 
 
 def create_board() -> web.Application:

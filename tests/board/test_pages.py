@@ -17,7 +17,16 @@ import redis.asyncio as aioredis
 
 from conveyor.heartbeat import Heartbeat
 from conveyor.queue import Producer, QueueConfig
-from tests.board.conftest import ECHO, FLAKY, create_flow, fire, set_secret, wait_status
+from tests.board.conftest import (
+    ECHO,
+    FLAKY,
+    act,
+    create_flow,
+    csrf,
+    fire,
+    set_secret,
+    wait_status,
+)
 
 STATIC = Path(__file__).parents[2] / "conveyor" / "board" / "static"
 
@@ -105,6 +114,25 @@ async def test_queue_page_errors_are_html(make_client: Any) -> None:
     assert resp.status == 404
     resp = await client.get("/admin/runs/0190f0f0-0000-7000-8000-000000000000")
     assert resp.status == 404 and "not found" in await resp.text()
+
+
+async def test_board_errors_are_the_apis(make_client: Any) -> None:
+    """The board maps domain errors through the API's one table: same status, code and
+    message on its live twin as the API gives for the same missing run or job."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    unknown = "0190f0f0-0000-7000-8000-000000000000"
+    api = await client.get(f"/api/v1/flow-runs/{unknown}")
+    board = await client.get(f"/admin/api/runs/{unknown}")
+    assert api.status == board.status == 404
+    assert (await board.json())["error"] == (await api.json())["error"]
+    assert "Content-Security-Policy" in board.headers
+    page = await client.get(f"/admin/runs/{unknown}")
+    assert page.content_type == "text/html" and "404 · Not found" in await page.text()
+    api_job = await client.post("/api/v1/queues/runs/jobs/zzz/retry")
+    message = (await api_job.json())["error"]["message"]
+    token = await csrf(client, "/admin/queues/runs?state=failed")
+    _, location = await act(client, "/admin/queues/runs/jobs/zzz/retry", token)
+    assert message in html.unescape(await (await client.get(location)).text())
 
 
 async def test_runs_list_filters_by_flow_and_status(make_client: Any) -> None:
