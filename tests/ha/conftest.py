@@ -3,10 +3,9 @@ that stops everything a test started and proves no process is left behind."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import shutil
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pytest
 
 from tests.ha.load import Conveyor
 from tests.ha.servers import give_to_server_user
+from tests.polling import eventually
 
 
 @pytest.fixture
@@ -86,12 +86,15 @@ class Stack:
             self.exit_codes.append(await c.stop())
         for s in reversed(self.servers):
             s.kill()
-        deadline = time.monotonic() + 10
-        while True:
-            left = [a for pid, t in seen.items() if (a := _alive(pid, t)) is not None]
-            if not left or time.monotonic() > deadline:
-                return left
-            await asyncio.sleep(0.1)
+        left: list[str] = []
+
+        def all_gone() -> bool:
+            left[:] = [a for pid, t in seen.items() if (a := _alive(pid, t)) is not None]
+            return not left
+
+        with contextlib.suppress(AssertionError):  # what is left is the answer
+            await eventually(all_gone, timeout_s=10, interval_s=0.1, what="processes gone")
+        return left
 
     async def close_cleanly(self) -> None:
         """:meth:`close`, then assert every Conveyor exited 0 and no process outlived it."""

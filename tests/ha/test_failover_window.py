@@ -3,7 +3,6 @@ is committed to PostgreSQL first) and the outage is logged once, not once per we
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import aiohttp
@@ -12,6 +11,7 @@ import pytest
 from tests.ha.conftest import Stack
 from tests.ha.load import Conveyor
 from tests.ha.servers import RedisNode
+from tests.polling import eventually
 from tests.processes import conveyor_env, free_port
 
 WEBHOOKS = 100
@@ -31,7 +31,12 @@ async def test_ingest_logs_a_redis_outage_once(
     await conveyor.start()
     flow_id = await conveyor.create_flow()
     node.kill()
-    await asyncio.sleep(0.5)
+    # Counting starts once the outage has been noticed (and logged) without any webhook.
+    await eventually(
+        lambda: b"backend.unavailable" in conveyor.log.read_bytes(),
+        timeout_s=10,
+        what="the Redis outage logged",
+    )
     lines_before = len(conveyor.log.read_bytes().splitlines())
     async with aiohttp.ClientSession() as http:
 

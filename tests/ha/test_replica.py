@@ -15,6 +15,7 @@ import pytest
 from tests.ha.conftest import Stack
 from tests.ha.load import Conveyor, check_runs, wait_terminal
 from tests.ha.servers import Postgres
+from tests.polling import eventually
 from tests.processes import conveyor_env, free_port
 
 BATCH = 30
@@ -26,11 +27,11 @@ async def caught_up(primary: Postgres, replica: Postgres) -> None:
     r = await asyncpg.connect(replica.url())
     try:
         target = await p.fetchval("SELECT pg_current_wal_lsn()")
-        for _ in range(200):
-            if await r.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn", target):
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError("the replica did not catch up within 10 s")
+
+        async def replayed() -> bool:
+            return bool(await r.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn", target))
+
+        await eventually(replayed, timeout_s=10, interval_s=0.05, what="the replica caught up")
     finally:
         await p.close()
         await r.close()
