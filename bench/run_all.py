@@ -51,6 +51,7 @@ import importlib.util
 import itertools
 import os
 import platform
+import re
 import secrets
 import shutil
 import socket
@@ -299,6 +300,83 @@ class Conveyor:
             self.proc = None
 
 
+# ----------------------------------------------------------------------------- profiles
+class Profiler:
+    """``py-spy record`` of one process during a phase (``--profile``): the collapsed stacks
+    go to ``bench/results/profiles/<phase>.txt``, the functions with the most samples (own
+    and, for Conveyor's code, inclusive) to the JSON and the output."""
+
+    def __init__(self, exe: str | None, out: Path) -> None:
+        self.exe = exe
+        self.out = out
+        self.summaries: dict[str, dict[str, Any]] = {}
+
+    @contextlib.asynccontextmanager
+    async def record(self, key: str, pid: int | None, seconds: float) -> AsyncIterator[None]:
+        if self.exe is None or pid is None:
+            yield
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / f"{key}.txt"
+        proc = await asyncio.create_subprocess_exec(
+            self.exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
+            "--rate", "100", "--format", "raw", "--output", str(path), "--nonblocking",
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            yield
+        finally:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), 20)
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        if path.exists():
+            self.summaries[key] = summarize_profile(path)
+            top = self.summaries[key]["own"][:6]
+            print(
+                f"  profile {key}: {self.summaries[key]['samples']:,} samples; own: "
+                + "; ".join(f"{row['pct']:.0f}% {row['frame']}" for row in top),
+                flush=True,
+            )
+
+
+def _frame(frame: str) -> str:
+    """``fn (path/to/file.py:123)`` without the line number and the path before the package."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")").rsplit(":", 1)[0]
+    where = re.sub(r"^.*/(site-packages|lib/python3\.\d+)/", "", where)
+    where = re.sub(r"^.*/(conveyor|bench)/", r"\1/", where)
+    return f"{name} ({where})" if where else name
+
+
+def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [_frame(f) for f in stack.split(";") if f]
+        if frames:
+            own[frames[-1]] += n
+        for f in set(frames):
+            if "conveyor/" in f:
+                inclusive[f] += n
+
+    def rows(counter: Counter[str]) -> list[dict[str, Any]]:
+        return [
+            {"frame": f, "samples": n, "pct": round(100 * n / total, 1) if total else 0.0}
+            for f, n in counter.most_common(top)
+        ]
+
+    return {"file": str(path.relative_to(REPO)), "samples": total, "own": rows(own),
+            "conveyor_inclusive": rows(inclusive)}  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- results
 class Run:
     """Everything measured, for the table, the JSON and the plots."""
@@ -308,6 +386,7 @@ class Run:
         self.series: dict[str, list[dict[str, float]]] = {}
         self.figures: dict[str, Any] = {}
         self.notes: list[str] = []
+        self.profiler = Profiler(None, RESULTS / "profiles")
 
     def show(self, key: str, phase: Any, samples: list[Any] | None, t0: float) -> dict[str, Any]:
         data = asdict(phase)
@@ -334,12 +413,16 @@ async def http_phase(
     duration: float,
     clients: int = 0,
     rate: float = 0.0,
+    profile_pid: int | None = None,
 ) -> dict[str, Any]:
     """One closed-loop (``clients``) or open-loop (``rate``) phase, with a progress bar."""
     samples: list[tuple[float, float, int]] = []
     t0 = clock()
     bound = duration * 2 if rate else duration
-    async with progress(label, bound, lambda: f"{len(samples):,} answers"):
+    async with (
+        progress(label, bound, lambda: f"{len(samples):,} answers"),
+        run.profiler.record(key, profile_pid, duration),
+    ):
         if rate:
             phase = await wh.open_loop(
                 label, port, request, rate=rate, duration_s=duration, ok=ok, samples=samples
@@ -397,7 +480,7 @@ async def conveyor_phases(
         await warmup(cv.port, ingest_req, c, w, {202})
         await http_phase(
             run, "ingest", "async ingest (202)", cv.port, ingest_req, ok={202}, duration=d,
-            clients=c,
+            clients=c, profile_pid=cv.proc.pid,
         )  # fmt: skip
 
         # 2. Async drain of that backlog.
@@ -411,8 +494,9 @@ async def conveyor_phases(
             req = wh.build_request(cv.port, f"/api/v1/webhooks/{fid}/sync")
             await warmup(cv.port, req, c, w, {200})
             top = await http_phase(
-                run, f"{key}_max", f"{label} max", cv.port, req, ok={200}, duration=d, clients=c
-            )
+                run, f"{key}_max", f"{label} max", cv.port, req, ok={200}, duration=d,
+                clients=c, profile_pid=cv.proc.pid,
+            )  # fmt: skip
             rate = max(10.0, round(top["rps"] * 0.5, -1))
             await http_phase(
                 run, f"{key}_half", f"{label} @half", cv.port, req, ok={200}, duration=d,
@@ -450,6 +534,8 @@ async def drain_phase(
     done = before
     await wh._api(cv.port, "POST", "/api/v1/queues/runs/resume")
     t0 = time.monotonic()
+    profile = run.profiler.record("drain", cv.proc.pid if cv.proc else None, args.drain_s + 1)
+    await profile.__aenter__()
     window_start: tuple[float, int] | None = None
     window_end: tuple[float, int] | None = None
     async with progress(
@@ -464,6 +550,9 @@ async def drain_phase(
             points.append((t, done))
             if window_start is None and done > before:
                 window_start = points[-2]
+            if t >= args.drain_s + 1 and profile is not None:
+                await profile.__aexit__(None, None, None)
+                profile = None
             if (
                 window_start is not None
                 and window_end is None
@@ -472,6 +561,8 @@ async def drain_phase(
                 window_end = (t, done)
             if done >= total or t > args.drain_s + args.drain_rest_s:
                 break
+    if profile is not None:
+        await profile.__aexit__(None, None, None)
     window_start = window_start or (0.0, before)
     window_end = window_end or points[-1]
     span = window_end[0] - window_start[0]
@@ -902,11 +993,12 @@ async def queue_phases(
             watch.cancel()
 
     try:
-        enq_s, proc_s = await measured(
-            "queue_conveyor",
-            "queue: conveyor",
-            lambda p: qb.bench_conveyor(client, n, c, progress=p),
-        )
+        async with run.profiler.record("queue_conveyor", os.getpid(), n / 20_000):
+            enq_s, proc_s = await measured(
+                "queue_conveyor",
+                "queue: conveyor",
+                lambda p: qb.bench_conveyor(client, n, c, progress=p),
+            )
         raw_s = await measured(
             "queue_raw", "queue: raw", lambda p: qb.bench_raw(client, n, c, progress=p)
         )
@@ -1267,6 +1359,11 @@ def update_readme(text: str, images: list[Path]) -> None:
 # ----------------------------------------------------------------------------- main
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     run = Run()
+    if args.profile:
+        exe = args.py_spy or shutil.which("py-spy")
+        if exe is None:
+            print("profiles skipped: py-spy not found (pip install py-spy, or --py-spy PATH)")
+        run.profiler = Profiler(exe, Path(args.json).parent / "profiles")
     info = machine()
     info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     pg_admin = (
@@ -1343,6 +1440,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "figures": run.figures,
         "series": run.series,
         "notes": run.notes,
+        "profiles": run.profiler.summaries,
     }
 
 
@@ -1369,6 +1467,10 @@ def main() -> int:
     )
     parser.add_argument("--json", default=str(RESULTS / "run_all.json"))
     parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy each Conveyor phase (bench/results/profiles)"
+    )
+    parser.add_argument("--py-spy", help="the py-spy executable (default: from PATH)")
     args = parser.parse_args()
     quick = args.quick
     for name, full, short in (
