@@ -7,6 +7,9 @@
   var every = parseInt(body.getAttribute("data-refresh-ms"), 10) || 0;
   var status = document.getElementById("live-status");
   var busy = false;
+  // The HTML each region last received, to swap only when the server's copy changed (the
+  // DOM differs from it once a <details> was toggled, and a needless swap drops a selection).
+  var last = {};
 
   function keep(region) {
     // Never yank a control from under the operator's fingers: a region holding the focus
@@ -37,7 +40,9 @@
         var regions = doc.regions || {};
         Object.keys(regions).forEach(function (name) {
           var el = document.querySelector('[data-region="' + name + '"]');
-          if (el && !keep(el) && el.innerHTML !== regions[name]) swap(el, regions[name]);
+          if (!el || keep(el) || last[name] === regions[name]) return;
+          swap(el, regions[name]);
+          last[name] = regions[name];
         });
         if (status) status.textContent = "Updated " + new Date().toLocaleTimeString();
       })
