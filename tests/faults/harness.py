@@ -61,6 +61,7 @@ class Endpoint:
         seen = self.calls.setdefault(key, [])
         seen.append(time.monotonic())
         if len(seen) == 1:
+            # The step's own work: the first call is held so runs are mid-step on cue.
             await asyncio.sleep(float(request.query.get("hold", "0")))
         return web.json_response({"ok": True})
 
@@ -98,6 +99,10 @@ class Role:
 
     def log_lines(self) -> int:
         return len(self.log.read_bytes().splitlines()) if self.log.exists() else 0
+
+    def logged(self, event: str) -> bool:
+        """Whether a line of the log names ``event`` (e.g. ``backend.unavailable``)."""
+        return self.log.exists() and event.encode() in self.log.read_bytes()
 
     def cpu_s(self) -> float:
         times = psutil.Process(self.pid).cpu_times()
@@ -282,7 +287,7 @@ def cpu_share(role: Role, window_s: float) -> Callable[[], Any]:
 
     async def measure() -> float:
         before, t0 = role.cpu_s(), time.monotonic()
-        await asyncio.sleep(window_s)
+        await asyncio.sleep(window_s)  # the measurement window: the time is what is measured
         return (role.cpu_s() - before) / (time.monotonic() - t0)
 
     return measure

@@ -46,7 +46,10 @@ async def _sync_calls(port: int, flow_id: str, n: int) -> list[tuple[int, object
 
 
 async def _idle_while_down(worker: Role) -> tuple[float, int]:
-    await asyncio.sleep(1.0)  # the outage is noticed and logged once
+    """CPU share and new log lines over WINDOW_S, counted once the worker noticed the outage."""
+    await eventually(
+        lambda: worker.logged("backend.unavailable"), timeout_s=15, what="the outage logged"
+    )
     lines = worker.log_lines()
     share = await cpu_share(worker, WINDOW_S)()
     return share, worker.log_lines() - lines

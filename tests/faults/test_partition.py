@@ -70,6 +70,7 @@ async def test_partition_past_visibility_runs_each_run_once(
             what="every run in its first step",
         )
         await proxy.cut()
+        # Fault schedule: the partition lasts OUTAGE_S, past the visibility timeout.
         await asyncio.sleep(OUTAGE_S)
         await proxy.restore()
         await eventually(
