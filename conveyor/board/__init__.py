@@ -4,15 +4,15 @@
 pages) on the API application; ``create_app`` calls it when ``AP_QUEUE_UI_ENABLED`` is true,
 so with the board disabled ``/admin/queues`` is a plain 404. Templates autoescape everything,
 assets are served from this package (no CDN), and the pages refresh themselves by polling
-their ``/admin/api/…`` JSON twins.
+their ``/admin/api/…`` JSON twins. What each page shows and does: ``docs/board.md``.
 
 Routes::
 
     GET  /admin/queues               overview: a card per queue, sparklines, scaling advice
     GET  /admin/queues/{q}           jobs by state (paged), job detail, queue actions
-    GET  /admin/runs                 runs, filtered by flow and status
-    GET  /admin/runs/{id}            a run's step timeline
-    GET  /admin/flows                flows, webhook URLs, recent runs
+    GET  /admin/runs                 runs, filtered by flow and status; ?run=ID opens a run
+    GET  /admin/runs/{id}            a run: payload, steps with input/output/error, retry
+    GET  /admin/flows                flows, webhook URLs with curl examples, recent runs
     GET  /admin/workers              worker processes and their heartbeats
     GET  /admin/api/…                the same pages' live regions as JSON
     POST /admin/queues/{q}/pause|resume|clean|retry-all

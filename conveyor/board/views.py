@@ -30,7 +30,7 @@ from conveyor.api.runs import run_json
 from conveyor.board.present import curl_example, payload, per_second, sparkline, timeline
 from conveyor.board.security import csrf_token
 from conveyor.engine.flow import Trigger
-from conveyor.errors import NotFound
+from conveyor.errors import ConveyorError, NotFound
 from conveyor.keys import DB, REDIS, SANDBOX_REPORT, SETTINGS, operations_of
 from conveyor.queue import JobState
 from conveyor.records import RunView
@@ -230,14 +230,24 @@ def public_origin(request: web.Request) -> str:
     return front.rstrip("/") if front else public_base_url(request)
 
 
+def webhook_secret_name(flow: dict[str, Any]) -> str | None:
+    """The name of the secret the flow's webhook is signed with (``None``: unsigned)."""
+    trigger = flow.get("trigger") or {}
+    secret = trigger.get("secret") if isinstance(trigger, dict) else None
+    if not isinstance(secret, str):
+        return None
+    try:
+        name = Trigger(type="webhook", secret=secret).secret_name or ""
+    except ConveyorError:
+        name = ""
+    # A shell comment names it: only a plain name, never text that could end the comment.
+    return name if name.isidentifier() and name.isascii() else "of the trigger"
+
+
 def webhook_urls(request: web.Request, flow: dict[str, Any]) -> dict[str, Any]:
     """The flow's webhook URLs (async and ``/sync``) with a curl example for each; a trigger
     with a secret gets the signed form (the secret's name, never its value)."""
-    trigger = flow.get("trigger") or {}
-    secret = trigger.get("secret") if isinstance(trigger, dict) else None
-    secret_name = None
-    if isinstance(secret, str):
-        secret_name = Trigger(type="webhook", secret=secret).secret_name or "(literal)"
+    secret_name = webhook_secret_name(flow)
     url = f"{public_origin(request)}/api/v1/webhooks/{flow['id']}"
     return {
         "webhook_url": url,

@@ -8,6 +8,7 @@ import html
 import json
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from conveyor.board.present import curl_example
+from conveyor.board.views import webhook_secret_name
 from conveyor.heartbeat import Heartbeat
 from conveyor.queue import Producer, QueueConfig
 from tests.board.conftest import (
@@ -383,3 +386,15 @@ async def test_runs_filters_survive_pagination(make_client: Any) -> None:
         if url:
             assert f"flow_id={echo}" in url and "status=QUEUED" in url and "limit=2" in url
     assert sorted(seen) == sorted(ours)
+
+
+def test_curl_example_quotes_what_it_shows() -> None:
+    """The URL is one shell word whatever it holds; an odd secret reference names no text."""
+    url = "http://127.0.0.1:1/api/v1/webhooks/x'$(id)`id`"
+    words = shlex.split(curl_example(url, None).replace("\\\n", " "))
+    assert words[:4] == ["curl", "-sS", "-X", "POST"] and words[4] == url
+    flow = {"id": "f", "trigger": {"type": "webhook", "secret": "{{secrets.HOOK}}"}}
+    assert webhook_secret_name(flow) == "HOOK"
+    flow["trigger"]["secret"] = "{{secrets['a\nb']}}"
+    assert webhook_secret_name(flow) in ("of the trigger", None)
+    assert webhook_secret_name({"id": "f", "trigger": {"type": "webhook"}}) is None
