@@ -32,11 +32,13 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+
+from tests.polling import eventually_sync
 
 pytestmark = pytest.mark.compose
 
@@ -81,11 +83,13 @@ steps:
     input: {status: 200, body: {square: "{{square.square}}"}}
 """
 READY_TIMEOUT_S = 180.0
-LOAD_S = 20.0
 #: Webhooks per second of each of the four clients: enough that runs are in flight when the
 #: container dies, few enough that two shared cores work the backlog off in seconds.
 CLIENT_RATE = 4.0
-KILL_AFTER_S = 6.0
+#: Webhooks accepted (about 4 s of the four clients' load) before the victim is killed: runs
+#: are in flight when it dies. The load then goes on for LOAD_AFTER_KILL_S.
+KILL_AFTER_ACCEPTED = 64
+LOAD_AFTER_KILL_S = 14.0
 #: The queue's visibility timeout (60 s) + its reclaim interval + slack: a run the killed
 #: container held is reclaimed by a live worker within this.
 SETTLE_TIMEOUT_S = 120.0
@@ -327,20 +331,27 @@ class Stack:
     def wait_ready(self, worker_hosts: int) -> float:
         """Seconds until nginx answers the API and ``worker_hosts`` containers run workers."""
         start = time.monotonic()
-        deadline = start + READY_TIMEOUT_S
-        last: Any = None
-        while time.monotonic() < deadline:
+        last: list[Any] = [None]
+
+        def ready() -> bool:
             try:
                 status, body = self.request("GET", "/api/v1/workers", timeout=5)
-                last = (status, body)
-                if status == 200:
-                    hosts = {w.get("host") for w in body["data"] if w.get("role") != "APP"}
-                    if len(hosts) >= worker_hosts:
-                        return time.monotonic() - start
             except OSError as exc:
-                last = exc
-            time.sleep(1)
-        raise AssertionError(f"stack not ready in {READY_TIMEOUT_S:.0f} s; last answer: {last!r}")
+                last[0] = exc
+                return False
+            last[0] = (status, body)
+            if status != 200:
+                return False
+            hosts = {w.get("host") for w in body["data"] if w.get("role") != "APP"}
+            return len(hosts) >= worker_hosts
+
+        try:
+            eventually_sync(ready, timeout_s=READY_TIMEOUT_S, interval_s=1, what="stack ready")
+        except AssertionError:
+            raise AssertionError(
+                f"stack not ready in {READY_TIMEOUT_S:.0f} s; last answer: {last[0]!r}"
+            ) from None
+        return time.monotonic() - start
 
 
 @contextmanager
@@ -401,20 +412,21 @@ def _fire(
                 accepted.append(json.loads(raw)["run_id"])
             else:
                 other[str(resp.status)] += 1
-                time.sleep(0.05)
+                time.sleep(0.05)  # the load client's back-off after a refusal, not a wait
         except (OSError, http.client.HTTPException) as exc:
             other[type(exc).__name__] += 1
             if conn is not None:
                 conn.close()
             conn = None
-            time.sleep(0.1)
+            time.sleep(0.1)  # the load client's back-off before reconnecting
     if conn is not None:
         conn.close()
 
 
 def _load_and_kill(stack: Stack, flow_id: str, victim: str) -> dict[str, Any]:
-    """Four clients for LOAD_S seconds; ``victim`` is killed KILL_AFTER_S seconds in. Then
-    every accepted run is polled until terminal. Returns the figures."""
+    """Four clients; ``victim`` is killed once KILL_AFTER_ACCEPTED webhooks were accepted and
+    the load goes on for LOAD_AFTER_KILL_S. Then every accepted run is polled until terminal.
+    Returns the figures."""
     stop = threading.Event()
     accepted: list[str] = []
     other: Counter[str] = Counter()
@@ -424,10 +436,21 @@ def _load_and_kill(stack: Stack, flow_id: str, victim: str) -> dict[str, Any]:
     ]
     for t in threads:
         t.start()
-    time.sleep(KILL_AFTER_S)
+    try:
+        eventually_sync(
+            lambda: len(accepted) >= KILL_AFTER_ACCEPTED,
+            timeout_s=60,
+            interval_s=0.1,
+            what=f"{KILL_AFTER_ACCEPTED} webhooks accepted before the kill",
+        )
+    except AssertionError as exc:
+        stop.set()
+        raise AssertionError(f"{exc}; {len(accepted)} accepted, others {dict(other)}") from None
     before_kill = len(accepted)
     _podman("kill", victim)
-    time.sleep(LOAD_S - KILL_AFTER_S)
+    # Fault schedule: the load goes on while the victim's runs are taken over (a bounded
+    # window; "nothing accepted after the kill" is asserted below, so no event ends it).
+    time.sleep(LOAD_AFTER_KILL_S)
     stop.set()
     for t in threads:
         t.join(timeout=30)
@@ -438,7 +461,8 @@ def _load_and_kill(stack: Stack, flow_id: str, victim: str) -> dict[str, Any]:
     final: dict[str, str] = {}
     attempts: Counter[Any] = Counter()
     settle_start = time.monotonic()
-    while pending and time.monotonic() - settle_start < SETTLE_TIMEOUT_S:
+
+    def settled() -> bool:
         for run_id in list(pending):
             try:
                 status, body = stack.request("GET", f"/api/v1/flow-runs/{run_id}", timeout=10)
@@ -448,8 +472,10 @@ def _load_and_kill(stack: Stack, flow_id: str, victim: str) -> dict[str, Any]:
                 final[run_id] = body["status"]
                 attempts[body.get("attempt")] += 1
                 pending.discard(run_id)
-        if pending:
-            time.sleep(2)
+        return not pending
+
+    with suppress(AssertionError):  # what is still pending is reported and asserted below
+        eventually_sync(settled, timeout_s=SETTLE_TIMEOUT_S, interval_s=2, what="runs terminal")
     figures = {
         "accepted": len(accepted),
         "accepted_before_kill": before_kill,

@@ -14,7 +14,6 @@ container can reach); without them, or without podman, the tests skip (fail unde
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -29,6 +28,7 @@ import pytest
 
 from tests.conftest import TEST_REDIS_DB, _with_db_index, throwaway_database
 from tests.deploy.conftest import ROOT, missing, podman
+from tests.polling import eventually
 from tests.processes import free_port
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(900)]
@@ -127,8 +127,8 @@ class Container:
 
     async def wait_ready(self, http: aiohttp.ClientSession) -> dict[str, Any]:
         """Poll /readyz until 200 (its body), failing early if the container exits."""
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
+
+        async def ready() -> dict[str, Any] | None:
             try:
                 async with http.get(f"{self.base}/readyz") as r:
                     if r.status == 200:
@@ -136,10 +136,17 @@ class Container:
                         return body
             except aiohttp.ClientError:
                 pass
-            if not self.inspect()["State"]["Running"]:
-                break
-            await asyncio.sleep(0.2)
-        raise AssertionError(f"{self.name} never answered /readyz 200:\n{self.logs()}")
+            assert self.inspect()["State"]["Running"], "the container exited"
+            return None
+
+        try:
+            return await eventually(
+                ready, timeout_s=READY_TIMEOUT_S, interval_s=0.2, what="/readyz 200"
+            )
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{self.name} never answered /readyz 200 ({exc}):\n{self.logs()}"
+            ) from None
 
     def remove(self) -> None:
         podman("rm", "-f", "-t", "0", self.name, check=False)
@@ -293,14 +300,16 @@ async def test_sigterm_drains_and_exits_zero(
             async with http.post(f"{container.base}/api/v1/webhooks/{flow_id}", json={}) as r:
                 assert r.status == 202, await r.text()
                 run_id = (await r.json())["run_id"]
-            status = ""
-            for _ in range(200):
+
+            async def picked_up() -> str | None:
                 url = f"{container.base}/api/v1/flow-runs/{run_id}"
                 async with http.get(url, headers=_auth()) as r:
-                    status = (await r.json())["status"]
-                if status != "QUEUED":
-                    break
-                await asyncio.sleep(0.05)
+                    status: str = (await r.json())["status"]
+                return status if status != "QUEUED" else None
+
+            status = await eventually(
+                picked_up, timeout_s=10, interval_s=0.05, what="the run picked up"
+            )
             assert status == "RUNNING"
         proc = podman("stop", "-t", str(STOP_GRACE_S), container.name, timeout=STOP_GRACE_S + 30)
         assert proc.returncode == 0
