@@ -373,8 +373,13 @@ def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
             for f, n in counter.most_common(top)
         ]
 
-    return {"file": str(path.relative_to(REPO)), "samples": total, "own": rows(own),
-            "conveyor_inclusive": rows(inclusive)}  # fmt: skip
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    return {
+        "file": str(shown),
+        "samples": total,
+        "own": rows(own),
+        "conveyor_inclusive": rows(inclusive),
+    }
 
 
 # ----------------------------------------------------------------------------- results
@@ -434,6 +439,21 @@ async def http_phase(
     return run.show(key, phase, samples, t0)
 
 
+async def sample_answer(port: int, path: str) -> str:
+    """Status and body of one request with the bench payload (both flows answer the same)."""
+    import aiohttp  # noqa: PLC0415
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{port}{path}",
+            data=wh.PAYLOAD,
+            headers={"Content-Type": "application/json"},
+        ) as resp,
+    ):
+        return f"{resp.status} {(await resp.text())[:200]}"
+
+
 async def warmup(port: int, request: bytes, clients: int, seconds: float, ok: set[int]) -> None:
     if seconds > 0:
         await wh.closed_loop("warmup", port, request, clients=clients, duration_s=seconds, ok=ok)
@@ -460,6 +480,10 @@ async def conveyor_phases(
         small = await wh._create_flow(cv.port, wh.SMALL_FLOW)
         four = await wh._create_flow(cv.port, wh.FOUR_STEP_FLOW)
         run.figures["flows"] = {"small": small, "four": four}
+        run.figures["conveyor_answer"] = await sample_answer(
+            cv.port, f"/api/v1/webhooks/{four}/sync"
+        )
+        print(f"  Conveyor 4-step answers {run.figures['conveyor_answer']}", flush=True)
         # 5a. Idle memory: ready, flows created, nothing running for a few seconds.
         await asyncio.sleep(args.idle_s)
         run.figures["idle"] = rss(cv.proc.pid)
@@ -825,7 +849,7 @@ def peers_ready(install: bool) -> tuple[Path | None, str]:
     cache.mkdir(parents=True, exist_ok=True)
     shutil.copy(PEERS_DIR / "package.json", stamp)
     print(f"installing n8n and bullmq into {cache} (npm, once; several minutes) ...", flush=True)
-    env = dict(os.environ)
+    env = dict(os.environ, SCARF_ANALYTICS="false", DO_NOT_TRACK="1")  # no install telemetry
     if Path("/usr/include/node/node_version.h").exists():
         env.setdefault("npm_config_nodedir", "/usr")  # native modules without a headers download
     log = cache / "install.log"
@@ -867,7 +891,9 @@ def n8n_env(folder: Path, port: int) -> dict[str, str]:
         N8N_DYNAMIC_BANNERS_ENABLED="false",
         N8N_COMMUNITY_PACKAGES_ENABLED="false",
         N8N_AI_ENABLED="false",
-        N8N_USER_MANAGEMENT_DISABLED="true",
+        N8N_VERSION_NOTIFICATIONS_WHATS_NEW_ENABLED="false",
+        N8N_LICENSE_AUTO_RENEW_ENABLED="false",
+        N8N_PYTHON_ENABLED="false",
         N8N_PUBLIC_API_DISABLED="true",
         N8N_ENFORCE_SETTINGS_FILE_PERMISSIONS="false",
         N8N_SECURE_COOKIE="false",
@@ -876,6 +902,7 @@ def n8n_env(folder: Path, port: int) -> dict[str, str]:
         N8N_RUNNERS_BROKER_PORT=str(_free_port()),
         N8N_METRICS="false",
         NODE_ENV="production",
+        DO_NOT_TRACK="1",
         NO_PROXY="*",
     )
     return env
@@ -952,6 +979,8 @@ async def n8n_phases(run: Run, args: argparse.Namespace, cache: Path, workdir: P
         if bad:
             raise RuntimeError(f"n8n listens off loopback: {bad}")
         run.figures["n8n_idle"] = rss(proc.pid)
+        run.figures["n8n_answer"] = await sample_answer(port, "/webhook/bench-four-step")
+        print(f"  n8n answers {run.figures['n8n_answer']}", flush=True)
         c, d, w = args.concurrency, args.duration, args.warmup
         await warmup(port, req, 16, w, {200})
         for clients in (16, c):
