@@ -12,6 +12,7 @@ this one, and ``+ X`` names a second base.
     │   ├── InvalidArgument      a service was handed a value it does not take (400)
     │   ├── SettingsError        an AP_* variable is invalid [settings]
     │   ├── ItemInvalid          one item of a list variable is invalid [settings_kinds]
+    │   ├── MarkersMissing       a doc has no generated-table markers [settings_doc]
     │   └── SandboxUnavailable   this host cannot isolate code as asked [sandbox.isolation]
     ├── FlowValidationError      a bad flow document; ``details`` carry the paths
     │   ├── FlowInvalid          every problem validation found [engine.errors]

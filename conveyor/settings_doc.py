@@ -20,6 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from conveyor.errors import ConfigError
 from conveyor.settings import POSTGRES_PARTS, POSTGRES_PARTS_HELP, Settings
 
 BEGIN = "<!-- settings:begin -->"
@@ -29,7 +30,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 _NONE = "—"
 
 
-class MarkersMissing(ValueError):
+class MarkersMissing(ConfigError):
     """The document has no (or a broken) ``BEGIN``/``END`` pair to render between."""
 
 
