@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.polling import eventually
 from tests.processes import conveyor_env, free_port, start_conveyor, stop_conveyor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,11 +98,12 @@ async def test_order_example_from_cli_to_step_log(
         assert await resp.json() == {"big": True, "total": 250}
         run_id = resp.headers["x-run-id"]
     assert received == [{"email": "a@example.com", "total": 250}]
-    for _ in range(100):
-        code, out, err = await server.cli("runs", "show", run_id)
-        if "SUCCEEDED" in out.splitlines()[0]:
-            break
-        await asyncio.sleep(0.05)
+
+    async def shown_succeeded() -> tuple[int, str, str] | None:
+        answer = await server.cli("runs", "show", run_id)
+        return answer if "SUCCEEDED" in answer[1].splitlines()[0] else None
+
+    code, out, err = await eventually(shown_succeeded, what=f"run {run_id} shown SUCCEEDED")
     assert code == 0, err
     lines = out.splitlines()
     assert "SUCCEEDED" in lines[0]

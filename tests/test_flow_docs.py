@@ -11,7 +11,6 @@ Schedule flows are only validated. The http examples talk to a loopback server s
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -419,16 +418,20 @@ async def play(server: TestClient[Any, Any], name: str, flow_id: str) -> int:
         req = parse_curl(ex.bash.replace("<flow id>", flow_id).replace("<run id>", run_id))
         expected = parse_answer(ex.answer) if ex.answer else None
         polling = req.method == "GET" and "/flow-runs/" in req.path
-        for _ in range(300 if polling else 1):
+
+        async def answer(
+            req: Any = req, expected: Any = expected, polling: bool = polling
+        ) -> tuple[Any, str, str] | None:
             resp = await server.request(req.method, req.path, headers=req.headers, data=req.data)
             text = await resp.text()
             this_run = resp.headers.get("x-run-id") or req.path.rsplit("/", 1)[-1]
-            if not polling or expected is None:
-                break
-            body = expected.body.replace("<flow id>", flow_id).replace("<run id>", this_run)
-            if matches(json.loads(body), json.loads(text)):
-                break
-            await asyncio.sleep(0.05)
+            if polling and expected is not None:
+                body = expected.body.replace("<flow id>", flow_id).replace("<run id>", this_run)
+                if not matches(json.loads(body), json.loads(text)):
+                    return None  # a run record the docs show finished: not there yet
+            return resp, text, this_run
+
+        resp, text, this_run = await eventually(answer, timeout_s=15, interval_s=0.05, what=name)
         played += 1
         if "x-run-id" in resp.headers:
             run_id = resp.headers["x-run-id"]

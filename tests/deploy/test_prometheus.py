@@ -10,7 +10,6 @@ PM2 WORKER and runs the rules' aggregations over what they export.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
@@ -25,6 +24,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.deploy.helm_support import CHART, CONFIGS, PROMETHEUS, promtool_binary
+from tests.polling import eventually
 from tests.processes import conveyor_env, free_port, start_conveyor, stop_conveyor
 
 ALERTS = PROMETHEUS / "alerts.yml"
@@ -247,7 +247,10 @@ async def scraped(
         out: dict[str, list[tuple[str, dict[str, str], float]]] = {}
         async with aiohttp.ClientSession() as http:
             for instance, port in (("app", app_port), ("worker", worker_port)):
-                for _ in range(100):  # until both PM2 children have beaten once
+
+                async def scrape(
+                    instance: str = instance, port: int = port
+                ) -> list[tuple[str, dict[str, str], float]] | None:
                     async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
                         text = await resp.text()
                     samples = [
@@ -259,10 +262,12 @@ async def scraped(
                         and math.isfinite(s.value)
                     ]
                     memory = [v for n, _, v in samples if n == "conveyor_worker_memory_percent"]
-                    if instance == "app" or (len(memory) == 2 and all(memory)):
-                        break
-                    await asyncio.sleep(0.1)
-                out[instance] = samples
+                    ready = instance == "app" or (len(memory) == 2 and all(memory))
+                    return samples if ready else None
+
+                out[instance] = await eventually(
+                    scrape, interval_s=0.1, what=f"{instance} metrics (both PM2 children beat)"
+                )
         yield out
     finally:
         for proc in reversed(procs):
