@@ -231,8 +231,18 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
         "uvloop": uvloop.__version__,
-        "commit": _cmd(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "commit": _commit(),
     }
+
+
+def _commit() -> str:
+    """The commit measured, flagged when conveyor/ has uncommitted changes (then the figures
+    are of the working tree, not of the commit alone)."""
+    if not (REPO / ".git").exists():
+        return os.environ.get("CONVEYOR_BENCH_COMMIT", "unknown (not a git checkout)")
+    commit = _cmd(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = _cmd(["git", "-C", str(REPO), "status", "--porcelain", "--", "conveyor"])
+    return commit + (" + uncommitted changes in conveyor/" if dirty else "")
 
 
 def rss(pid: int) -> dict[str, float]:
@@ -350,6 +360,10 @@ def _frame(frame: str) -> str:
     return f"{name} ({where})" if where else name
 
 
+#: Frames under every sample of the Conveyor process (its entry point): left out of "inclusive".
+_ENTRY_FRAMES = ("(conveyor/__main__.py)", "(conveyor/cli.py)", "(conveyor/runtime.py)")
+
+
 def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -364,7 +378,7 @@ def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
         if frames:
             own[frames[-1]] += n
         for f in set(frames):
-            if "conveyor/" in f:
+            if "conveyor/" in f and not f.endswith(_ENTRY_FRAMES):
                 inclusive[f] += n
 
     def rows(counter: Counter[str]) -> list[dict[str, Any]]:
@@ -1279,6 +1293,22 @@ def markdown(result: dict[str, Any]) -> str:
             f"Redis used_memory without the completed log {s['flat']['redis_used_mb']['first']}"
             f" → {s['flat']['redis_used_mb']['last']} MB.",
         ]
+    profiles = result.get("profiles") or {}
+    if profiles:
+        lines += [
+            "",
+            "Profiles (`--profile`: py-spy at 100 Hz on the Conveyor process during the phase; "
+            "collapsed stacks in `bench/results/profiles/`): share of samples",
+            "",
+            "| phase | samples | most own time | Conveyor code, inclusive |",
+            "|---|---:|---|---|",
+        ]
+        for key, prof in profiles.items():
+            own = "; ".join(f"{r['pct']:.0f}% `{r['frame']}`" for r in prof["own"][:5])
+            incl = "; ".join(
+                f"{r['pct']:.0f}% `{r['frame']}`" for r in prof["conveyor_inclusive"][:5]
+            )
+            lines.append(f"| {key} | {prof['samples']:,} | {own} | {incl} |")
     for note in result["notes"]:
         lines.append(f"\nNote: {note}")
     return "\n".join(lines)
@@ -1500,6 +1530,10 @@ def main() -> int:
         "--profile", action="store_true", help="py-spy each Conveyor phase (bench/results/profiles)"
     )
     parser.add_argument("--py-spy", help="the py-spy executable (default: from PATH)")
+    parser.add_argument("--note", help="a sentence about the conditions, kept with the table")
+    parser.add_argument(
+        "--from-json", help="measure nothing: table, plots (and --readme) from a saved run"
+    )
     args = parser.parse_args()
     quick = args.quick
     for name, full, short in (
@@ -1513,12 +1547,19 @@ def main() -> int:
         if getattr(args, name) is None:
             setattr(args, name, short if quick else full)
     args.skip = {x.strip() for x in args.skip.split(",") if x.strip()}
-    result = uvloop.run(run_all(args))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    tmp.replace(out)
+    if args.from_json:
+        # Table, plots and README again from a saved run, measuring nothing.
+        result = orjson.loads(Path(args.from_json).read_bytes())
+    else:
+        result = uvloop.run(run_all(args))
+    if args.note:
+        result.setdefault("notes", []).append(args.note)
+    if Path(args.from_json or "").resolve() != out.resolve():
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+        tmp.replace(out)
     images = plots(result, out.parent)
     text = markdown(result)
     print()
