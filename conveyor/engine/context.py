@@ -48,6 +48,8 @@ class CheckpointSink(Protocol):
 
     ``step_finished`` may return before the write commits: a step whose checkpoint is lost
     is simply run again on redelivery, which is why http steps send an Idempotency-Key.
+    A sink may also define ``async def before_step(run_id, step_type)``, awaited before each
+    step starts (the worker's sink makes held checkpoints durable there).
     """
 
     async def step_finished(self, run_id: str, record: StepRecord) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -89,6 +89,11 @@ class _Run:
         self.done: dict[tuple[str, int | None], StepRecord] = {
             (r.name, r.iteration): r for r in ctx.checkpoints
         }
+        # Optional on a sink: told before each step starts (the worker's makes held
+        # checkpoints durable before a step with effects).
+        self.before_step: Callable[[str, str], Awaitable[None]] | None = getattr(
+            services.sink, "before_step", None
+        )
         self.log_budget = services.max_log_bytes
         self.timeout_s = services.flow_timeout_s
         self.last_output: Any = None
@@ -158,6 +163,8 @@ class _Run:
                 await self.restore(step, rec, scope, Where(parent, iteration, depth))
                 continue
             where = Where(parent, iteration, depth, paused=rec)
+            if self.before_step is not None:
+                await self.before_step(self.ctx.run_id, step.type)
             spec = step.spec
             if spec.walk is not None:
                 await spec.walk(self, step, scope, where)

@@ -12,6 +12,7 @@ an exception here (our bug, a database outage) makes the queue redeliver.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import uuid
@@ -30,6 +31,7 @@ from conveyor.engine.reconciler import Reconciler, resume_job_id
 from conveyor.engine.registry import FlowRegistry
 from conveyor.engine.replies import publish_reply
 from conveyor.engine.scheduler import Scheduler
+from conveyor.engine.spec import StepType
 from conveyor.engine.ssrf import SsrfPolicy, create_http_session
 from conveyor.engine.submit import RunJob, Submitter
 from conveyor.errors import Conflict
@@ -43,7 +45,7 @@ from conveyor.sandbox.config import SandboxConfig
 from conveyor.settings import Settings
 from conveyor.status import RunStatus
 from conveyor.store import runs as run_store
-from conveyor.store.runs import RunWriter, StepRow, Transition
+from conveyor.store.runs import Finish, RunWriter, StepRow, Transition
 from conveyor.store.secrets import SecretBox, load_secrets
 
 log = structlog.get_logger(__name__)
@@ -53,25 +55,63 @@ class RunEnded(Conflict):
     """The run reached a final state elsewhere (a cancel) while this worker executed it."""
 
 
+#: Step types without effects outside the run (a transform renders, a branch chooses, a
+#: respond answers a waiting caller, and answers again when replayed). Their checkpoints are
+#: held back and written with the next checkpoint that must be durable first — before any
+#: other step type starts — or with the run's final state (:meth:`RunWriter.finish`), in one
+#: statement. Re-running such a step after a crash has no effect beyond its own record; every
+#: other type's checkpoint is written before the next step starts, as before.
+DEFERRED_TYPES = frozenset({StepType.TRANSFORM, StepType.BRANCH, StepType.RESPOND})
+
+
 class _Sink:
-    """Checkpoint sink of one run: numbers its steps after those already stored."""
+    """Checkpoint sink of one run: numbers its steps after those already stored, holds back
+    the records of :data:`DEFERRED_TYPES` until a durable write is due."""
 
     def __init__(self, writer: RunWriter, first_seq: int, job: Job | None = None) -> None:
         self.writer = writer
         self.seq = first_seq
         self.job = job
+        self.held: list[StepRow] = []
 
     async def step_finished(self, run_id: str, record: StepRecord) -> None:
         seq = self.seq
         self.seq += 1
-        metrics.observe_step(record["type"], record["duration_ms"])
+        metrics.observe_step(record.type, record.duration_ms)
+        self.held.append(StepRow(uuid.UUID(run_id), seq, record))
+        if record.type not in DEFERRED_TYPES:
+            await self.flush(run_id)
+
+    async def before_step(self, run_id: str, step_type: str) -> None:
+        """A step is about to start: anything held is made durable first unless the step
+        is one of :data:`DEFERRED_TYPES` too."""
+        if self.held and step_type not in DEFERRED_TYPES:
+            await self.flush(run_id)
+
+    async def fence(self) -> None:
         if self.job is not None:
             # Fenced: a delivery another worker took over (this one was cut off from Redis)
             # stops here instead of checkpointing the same step twice.
             await self.job.ensure_owned()
-        if not await self.writer.add_step(StepRow(uuid.UUID(run_id), seq, record)):
+
+    def take(self) -> list[StepRow]:
+        """The held records, handed over to be written with the run's final state."""
+        held, self.held = self.held, []
+        return held
+
+    async def flush(self, run_id: str) -> None:
+        rows = self.take()
+        if not rows:
+            return
+        await self.fence()
+        if len(rows) == 1:
+            stored = [await self.writer.add_step(rows[0])]
+        else:
+            stored = await asyncio.gather(*(self.writer.add_step(r) for r in rows))
+        if not all(stored):
             # Canceled (or timed out) meanwhile: stop before the next step runs.
-            raise RunEnded(f"run {run_id} ended while step {record['name']!r} ran")
+            name = rows[-1].record.name
+            raise RunEnded(f"run {run_id} ended while step {name!r} ran")
 
 
 class _RoutingSink:
@@ -82,6 +122,9 @@ class _RoutingSink:
 
     async def step_finished(self, run_id: str, record: StepRecord) -> None:
         await self.sinks[run_id].step_finished(run_id, record)
+
+    async def before_step(self, run_id: str, step_type: str) -> None:
+        await self.sinks[run_id].before_step(run_id, step_type)
 
 
 class RunWorker:
@@ -198,14 +241,14 @@ class RunWorker:
                     },
                 )
 
-        self.sinks.sinks[run_id] = _Sink(self.writer, first_seq, job)
+        sink = self.sinks.sinks[run_id] = _Sink(self.writer, first_seq, job)
         try:
             outcome = await self.executor.run(flow, ctx, on_respond=on_respond)
         finally:
             self.sinks.sinks.pop(run_id, None)
         metrics.observe_run(outcome.status.value, started_s)
         # The caller already has its answer once a respond step ran: no final message.
-        await self._commit(rid, run, outcome, None if answered else reply)
+        await self._commit(rid, run, outcome, None if answered else reply, sink)
 
     async def _commit(
         self,
@@ -213,9 +256,11 @@ class RunWorker:
         run: RunJob,
         outcome: RunOutcome,
         reply: str | None,
+        sink: _Sink,
     ) -> None:
         run_id = run.run_id
         if outcome.status is RunStatus.PAUSED and outcome.resume_at is not None:
+            await sink.flush(run_id)
             await self.writer.transition(
                 Transition(rid, RunStatus.PAUSED, resume_at=outcome.resume_at)
             )
@@ -231,8 +276,12 @@ class RunWorker:
                 raise sub.outage
             return
         error = dict(outcome.error) if outcome.error else None
-        stored = await self.writer.transition(
-            Transition(rid, outcome.status, output=outcome.output, error=error)
+        held = sink.take()
+        if held:
+            await sink.fence()
+        # The held checkpoints and the final state: one statement, batched across runs.
+        stored = await self.writer.finish(
+            Finish(Transition(rid, outcome.status, output=outcome.output, error=error), held)
         )
         if not reply:
             return

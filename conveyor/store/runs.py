@@ -9,8 +9,9 @@ that finishes later, and a redelivered job cannot resurrect a finished run.
 
 from __future__ import annotations
 
+import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -156,6 +157,22 @@ RETURNING run_id, seq
 """
 
 
+def _shift(sql: str, by: int) -> str:
+    """``sql`` with every ``$n`` placeholder renumbered ``$(n + by)``."""
+    return re.sub(r"\$(\d+)", lambda m: f"${int(m.group(1)) + by}", sql)
+
+
+# A run's last step records and its final state in one statement (one round trip, one
+# commit): both parts see the same snapshot, so the steps are stored only if the run is not
+# terminal yet, and the run's row is guarded as in _TRANSITION.
+_FINISH = f"""
+WITH stored AS ({_STEPS.strip()}),
+moved AS ({_shift(_TRANSITION.strip(), 15)})
+SELECT id, NULL::int AS seq FROM moved
+UNION ALL SELECT run_id, seq FROM stored
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class StepRow:
     """One step record to store; ``seq`` orders the steps of a run (a JSON-shaped mapping
@@ -170,6 +187,15 @@ class StepRow:
             object.__setattr__(self, "record", StepRecord.of(self.record))
 
 
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """A run's final :class:`Transition` with the step records not yet stored, written
+    together by :meth:`RunWriter.finish`."""
+
+    change: Transition
+    steps: Sequence[StepRow] = ()
+
+
 class RunWriter:
     """Batched writes of run rows, transitions and step records for one process.
 
@@ -182,6 +208,7 @@ class RunWriter:
         self._inserts: Batcher[NewRun, Inserted] = Batcher(self._flush_inserts, **opts)
         self._transitions: Batcher[Transition, bool] = Batcher(self._flush_transitions, **opts)
         self._steps: Batcher[StepRow, bool] = Batcher(self._flush_steps, **opts)
+        self._finishes: Batcher[Finish, bool] = Batcher(self._flush_finishes, **opts)
 
     async def insert(self, run: NewRun) -> Inserted:
         """Commit ``run`` (group commit); returns once the row is durable."""
@@ -195,8 +222,15 @@ class RunWriter:
         """Store a step record; False when the run has already ended (nothing stored)."""
         return await self._steps.submit(row)
 
+    async def finish(self, done: Finish) -> bool:
+        """Store ``done.steps`` and apply ``done.change`` in one statement, batched across
+        runs; False when the run was already terminal (then neither is stored)."""
+        if not done.steps:
+            return await self.transition(done.change)
+        return await self._finishes.submit(done)
+
     async def close(self) -> None:
-        for batcher in (self._inserts, self._transitions, self._steps):
+        for batcher in (self._inserts, self._transitions, self._steps, self._finishes):
             await batcher.close()
 
     async def _flush_inserts(self, runs: Sequence[NewRun]) -> list[Inserted]:
@@ -262,49 +296,67 @@ class RunWriter:
         # A run appearing twice in one batch: keep only its last change (UPDATE … FROM
         # would apply an arbitrary one).
         last: dict[uuid.UUID, Transition] = {c.run_id: c for c in changes}
-        # Sorted, so two processes' batches lock rows in the same order (no deadlock).
-        uniq = sorted(last.values(), key=lambda c: c.run_id)
         async with self.db.writer() as conn:
-            rows = await conn.fetch(
-                _TRANSITION,
-                [c.run_id for c in uniq],
-                [c.status.value for c in uniq],
-                [_json(c.output) for c in uniq],
-                [c.output is not None for c in uniq],
-                [_json(c.error) for c in uniq],
-                [c.error is not None for c in uniq],
-                [c.attempt for c in uniq],
-                [c.resume_at for c in uniq],
-                _TERMINAL,
-                [c.bump_attempt for c in uniq],
-            )
+            rows = await conn.fetch(_TRANSITION, *_transition_args(last.values()))
         done = {row["id"] for row in rows}
         return [c.run_id in done and last[c.run_id] is c for c in changes]
 
     async def _flush_steps(self, batch: Sequence[StepRow]) -> list[bool]:
-        rows = sorted(batch, key=lambda r: (r.run_id, r.seq))  # stable lock order
-        recs = [r.record for r in rows]
         async with self.db.writer() as conn:
-            stored = await conn.fetch(
-                _STEPS,
-                [r.run_id for r in rows],
-                [r.seq for r in rows],
-                [x.name for x in recs],
-                [x.type for x in recs],
-                [x.status for x in recs],
-                [_json(x.input) for x in recs],
-                [_json(x.output) for x in recs],
-                [_json(x.error) for x in recs],
-                [_text(x.logs) or "" for x in recs],
-                [x.parent for x in recs],
-                [x.iteration for x in recs],
-                [x.attempt for x in recs],
-                [x.started_at for x in recs],
-                [x.duration_ms for x in recs],
-                _TERMINAL,
-            )
+            stored = await conn.fetch(_STEPS, *_step_args(batch))
         kept = {(r["run_id"], r["seq"]) for r in stored}
         return [(r.run_id, r.seq) in kept for r in batch]
+
+    async def _flush_finishes(self, batch: Sequence[Finish]) -> list[bool]:
+        last: dict[uuid.UUID, Finish] = {f.change.run_id: f for f in batch}
+        # One row per (run, seq): ON CONFLICT cannot touch a row twice in one statement.
+        steps = {(r.run_id, r.seq): r for f in last.values() for r in f.steps}
+        args = [*_step_args(steps.values()), *_transition_args(f.change for f in last.values())]
+        async with self.db.writer() as conn:
+            rows = await conn.fetch(_FINISH, *args)
+        done = {row["id"] for row in rows if row["seq"] is None}
+        return [f.change.run_id in done and last[f.change.run_id] is f for f in batch]
+
+
+def _transition_args(changes: Iterable[Transition]) -> list[Any]:
+    """The parameters of :data:`_TRANSITION` (one run at most once)."""
+    # Sorted, so two processes' batches lock rows in the same order (no deadlock).
+    uniq = sorted(changes, key=lambda c: c.run_id)
+    return [
+        [c.run_id for c in uniq],
+        [c.status.value for c in uniq],
+        [_json(c.output) for c in uniq],
+        [c.output is not None for c in uniq],
+        [_json(c.error) for c in uniq],
+        [c.error is not None for c in uniq],
+        [c.attempt for c in uniq],
+        [c.resume_at for c in uniq],
+        _TERMINAL,
+        [c.bump_attempt for c in uniq],
+    ]
+
+
+def _step_args(batch: Iterable[StepRow]) -> list[Any]:
+    """The parameters of :data:`_STEPS`."""
+    rows = sorted(batch, key=lambda r: (r.run_id, r.seq))  # stable lock order
+    recs = [r.record for r in rows]
+    return [
+        [r.run_id for r in rows],
+        [r.seq for r in rows],
+        [x.name for x in recs],
+        [x.type for x in recs],
+        [x.status for x in recs],
+        [_json(x.input) for x in recs],
+        [_json(x.output) for x in recs],
+        [_json(x.error) for x in recs],
+        [_text(x.logs) or "" for x in recs],
+        [x.parent for x in recs],
+        [x.iteration for x in recs],
+        [x.attempt for x in recs],
+        [x.started_at for x in recs],
+        [x.duration_ms for x in recs],
+        _TERMINAL,
+    ]
 
 
 # ------------------------------------------------------------------------------ reads
