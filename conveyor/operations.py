@@ -180,7 +180,11 @@ class Operations:
         """Put a dead-lettered job back, and its run back to ``QUEUED`` (from the start): the
         run ended ``INTERNAL_ERROR`` when the job died, and a worker skips runs that already
         ended. Returns the job's new stream entry id; :class:`UnknownJob` if it is not
-        dead-lettered."""
+        dead-lettered — and then the run is left exactly as it was."""
+        check_queue(queue)
+        where = (await self.queues.locate(queue, [job_id]))[job_id]
+        if where is not Location.DEAD:
+            raise UnknownJob(f"no failed job {job_id!r} in {queue!r}")
         run_id = _run_of_job(job_id)
         if run_id is not None:
             with contextlib.suppress(NotFound):
@@ -195,6 +199,7 @@ class Operations:
 
     async def retry_all_dead(self, queue: str, *, limit: int = 10_000) -> int:
         """Put every dead-lettered job of ``queue`` (up to ``limit``) back, with its run."""
+        check_queue(queue)
         retried = 0
         while retried < limit:
             jobs, _ = await self.queues.list_jobs(
@@ -210,6 +215,7 @@ class Operations:
 
     async def delete_job(self, queue: str, job_id: str) -> Location:
         """Remove a waiting, delayed, failed (or active) job; :class:`UnknownJob` if absent."""
+        check_queue(queue)
         try:
             return await self.queues.delete_job(queue, job_id)
         except JobNotFound:

@@ -23,6 +23,7 @@ from conveyor.operations import (
     check_queue,
 )
 from conveyor.queue import JobState, Producer, QueueAdmin, QueueConfig
+from conveyor.records import StepRecord
 from conveyor.status import RunStatus
 from conveyor.store import runs as run_store
 from conveyor.store.db import Database
@@ -133,6 +134,37 @@ async def test_unknown_queues_and_jobs_are_not_found(ops: Operations) -> None:
     with pytest.raises(UnknownJob, match="no job 'zzz'"):
         await ops.delete_job("runs", "zzz")
     assert await ops.retry_all_dead("runs") == 0
+
+
+async def test_unknown_queues_are_refused_by_the_service_itself(ops: Operations) -> None:
+    """Not only the handlers check the queue: the service refuses an unknown one too."""
+    for call in (
+        ops.retry_dead_job("nope", "x"),
+        ops.delete_job("nope", "x"),
+        ops.retry_all_dead("nope"),
+    ):
+        with pytest.raises(UnknownQueue):
+            await call
+
+
+@pytest.mark.parametrize("ended", [RunStatus.CANCELED, RunStatus.SUCCEEDED])
+async def test_a_refused_dead_job_retry_leaves_the_run_alone(
+    ops: Operations, parts: Parts, ended: RunStatus
+) -> None:
+    """Retrying a job that is not dead-lettered (here: still waiting on ``runs``, and asked of
+    the other queue too) is UnknownJob, and the finished run keeps its status and steps."""
+    flow = await ops.create_flow(DOC)
+    run_id = await ops.start_run(flow, None)
+    record = {"name": "a", "type": "transform", "status": "SUCCEEDED", "output": {"x": 1}}
+    step = run_store.StepRow(run_id, 0, StepRecord.of(record))
+    assert await parts.writer.add_step(step)
+    assert await parts.writer.transition(Transition(run_id, ended, output={"x": 1}))
+    for queue in ("runs", "sync"):
+        with pytest.raises(UnknownJob):
+            await ops.retry_dead_job(queue, str(run_id))
+    row = await run_store.get_run(ops.db, run_id)
+    assert (row["status"], row["output"]) == (ended.value, {"x": 1})
+    assert [s.name for s in await run_store.get_steps(ops.db, run_id)] == ["a"]
 
 
 async def test_workers_and_scaling_read_the_injected_registry(
