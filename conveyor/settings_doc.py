@@ -22,6 +22,7 @@ from typing import Any
 
 from conveyor.errors import ConfigError
 from conveyor.settings import POSTGRES_PARTS, POSTGRES_PARTS_HELP, Settings
+from conveyor.settings_kinds import PORT
 
 BEGIN = "<!-- settings:begin -->"
 END = "<!-- settings:end -->"
@@ -79,16 +80,26 @@ def render_table() -> str:
         if env == "AP_POSTGRES_URL":
             names = ", ".join(_code(env) for env, _ in POSTGRES_PARTS.values())
             defaults = ", ".join(_code(d) if d else _NONE for _, d in POSTGRES_PARTS.values())
-            lines.append(_row(names, defaults, "text (the port: 1 to 65535)", POSTGRES_PARTS_HELP))
+            lines.append(
+                _row(
+                    names,
+                    defaults,
+                    f"text (the port: {PORT.allowed.removeprefix('expected ')})",
+                    POSTGRES_PARTS_HELP,
+                )
+            )
     return "\n".join(lines)
 
 
 def render(document: str) -> str:
     """``document`` with the text between :data:`BEGIN` and :data:`END` replaced by the table."""
-    head, begin, rest = document.partition(BEGIN)
+    if document.count(BEGIN) != 1 or document.count(END) != 1:
+        # A second pair would hold a table nobody checks (and --check would pass on it).
+        raise MarkersMissing(f"expected exactly one {BEGIN} … {END} pair")
+    head, _begin, rest = document.partition(BEGIN)
     _old, end, tail = rest.partition(END)
-    if not begin or not end:
-        raise MarkersMissing(f"expected one {BEGIN} … {END} pair")
+    if not end:
+        raise MarkersMissing(f"expected {END} after {BEGIN}")
     note = f"<!-- generated from conveyor/settings.py by `{REGENERATE}`; edit the help there -->"
     return f"{head}{BEGIN}\n{note}\n\n{render_table()}\n\n{END}{tail}"
 

@@ -53,6 +53,12 @@ def test_prose_around_the_markers_is_kept() -> None:
     assert "stale" not in out and settings_doc.render(out) == out
     with pytest.raises(settings_doc.MarkersMissing):
         settings_doc.render("# no markers\n")
+    # A second pair would hold a stale table that --check never looks at.
+    twice = out + f"{settings_doc.BEGIN}\nstale\n{settings_doc.END}\n"
+    with pytest.raises(settings_doc.MarkersMissing, match="exactly one"):
+        settings_doc.render(twice)
+    with pytest.raises(settings_doc.MarkersMissing):
+        settings_doc.render(f"{settings_doc.END}\n{settings_doc.BEGIN}\n")
 
 
 def test_check_fails_on_a_stale_copy_and_the_script_rewrites_it(tmp_path: Path) -> None:
