@@ -10,6 +10,7 @@ leaves 127.0.0.1 or the Content-Security-Policy refuses anything.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -48,7 +49,7 @@ def _missing(what: str) -> None:
 if not Path(CHROMIUM).exists():
     _missing(CHROMIUM)
 try:
-    from playwright.async_api import Browser, Dialog, Page, Route, async_playwright, expect
+    from playwright.async_api import Browser, Dialog, Locator, Page, Route, async_playwright, expect
 except ImportError:  # pragma: no cover - depends on the environment
     _missing("playwright")
 
@@ -99,6 +100,12 @@ async def page(browser: Browser, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
         await context.close()
     assert off_machine == [], f"requests left the machine: {off_machine}"
     assert refused == [], f"the CSP refused: {refused}"
+
+
+async def copied(button: Locator) -> None:
+    """Press a copy button and wait until it says the text is on the clipboard."""
+    await button.click()
+    await expect(button).to_have_text("Copied")
 
 
 async def clipboard(page: Page) -> str:
@@ -193,6 +200,7 @@ async def test_failed_run_shows_error_and_retry_succeeds(make_client: Any, page:
     await page.goto(base(client) + "/admin/runs")
     await page.get_by_label("Status").select_option("FAILED")
     await page.get_by_role("button", name="Filter").click()
+    await expect(page).to_have_url(base(client) + "/admin/runs?flow_id=&status=FAILED")
     row = page.locator(f'tr[data-run="{run_id}"]')
     await expect(row).to_contain_text("upstream refused the order")
     await shot(page, "runs")
@@ -210,9 +218,9 @@ async def test_failed_run_shows_error_and_retry_succeeds(make_client: Any, page:
     assert orjson.loads(await clipboard(page)) == {"x": 0, "n": 0}
     check = page.locator('[data-step="check"]')
     await expect(check.locator("details")).to_have_attribute("open", "")  # the failed step
-    await check.get_by_role("button", name="Copy the input of step check").click()
+    await copied(check.get_by_role("button", name="Copy the input of step check"))
     assert orjson.loads(await clipboard(page)) == {"mode": "***", "n": 0}  # secret redacted
-    await check.get_by_role("button", name="Copy the error of step check").click()
+    await copied(check.get_by_role("button", name="Copy the error of step check"))
     assert "ValueError: upstream refused the order" in await clipboard(page)
     await opened_steps_survive_refreshes(page)
     await page.set_viewport_size({"width": 375, "height": 740})
@@ -256,12 +264,16 @@ async def test_runs_search_and_filters(make_client: Any, page: Page) -> None:
     await page.get_by_label("Flow").select_option(label="echo")
     await page.get_by_label("Status").select_option("QUEUED")
     await page.get_by_role("button", name="Filter").click()
+    # The page before had two rows too (limit=2): wait for the filtered one.
+    filtered = f"{base(client)}/admin/runs?flow_id={echo}&status=QUEUED&limit=2"
+    await expect(page).to_have_url(filtered)
     rows = page.locator("tr[data-run]")
     await expect(rows).to_have_count(2)
     first = await rows.evaluate_all("rs => rs.map(r => r.dataset.run)")
     await expect(page.locator("#live-status")).to_contain_text("Updated")
     await expect(rows).to_have_count(2)  # the live refresh kept the filter
     await page.get_by_role("link", name="Older runs").click()
+    await expect(page).to_have_url(re.compile(r"cursor="))
     await expect(page.get_by_label("Flow")).to_have_value(echo)
     await expect(page.get_by_label("Status")).to_have_value("QUEUED")
     await expect(rows).to_have_count(1)
@@ -283,10 +295,10 @@ async def test_flows_page_copies_urls_and_curl(make_client: Any, page: Page) -> 
     await expect(sync).to_have_text("Copied")
     assert await clipboard(page) == url + "/sync"
     await page.get_by_text("curl example").click()
-    await page.get_by_role("button", name="Copy the curl example of echo").click()
-    copied = await clipboard(page)
-    assert copied.startswith(f"curl -sS -X POST {url} ")
-    assert copied == await page.locator(f"#curl-{fid}-async").text_content()
+    await copied(page.get_by_role("button", name="Copy the curl example of echo"))
+    curl = await clipboard(page)
+    assert curl.startswith(f"curl -sS -X POST {url} ")
+    assert curl == await page.locator(f"#curl-{fid}-async").text_content()
     await page.set_viewport_size({"width": 375, "height": 740})
     await fits_a_phone(page, "flows page with the curl example open")
     await shot(page, "phone-flows-curl")
