@@ -255,6 +255,8 @@ async def test_runs_search_and_filters(make_client: Any, page: Page) -> None:
     await page.get_by_role("button", name="Open run").click()
     await expect(page).to_have_url(base(client) + f"/admin/runs/{other_run}")
     await expect(page.locator("#run-status")).to_have_text("QUEUED")
+    await copied(page.get_by_role("button", name="Copy the run id"))
+    assert await clipboard(page) == other_run
     await page.goto(base(client) + "/admin/runs")
     await page.get_by_label("Run id").fill("not-a-run")
     await page.get_by_role("button", name="Open run").click()
