@@ -100,9 +100,14 @@ class Role:
     def log_lines(self) -> int:
         return len(self.log.read_bytes().splitlines()) if self.log.exists() else 0
 
-    def logged(self, event: str) -> bool:
-        """Whether a line of the log names ``event`` (e.g. ``backend.unavailable``)."""
-        return self.log.exists() and event.encode() in self.log.read_bytes()
+    def log_size(self) -> int:
+        """The log's length in bytes now: a mark for :meth:`logged`'s ``since``."""
+        return self.log.stat().st_size if self.log.exists() else 0
+
+    def logged(self, event: str, *, since: int = 0) -> bool:
+        """Whether a line of the log after byte ``since`` names ``event`` (e.g.
+        ``backend.unavailable``)."""
+        return self.log.exists() and event.encode() in self.log.read_bytes()[since:]
 
     def cpu_s(self) -> float:
         times = psutil.Process(self.pid).cpu_times()

@@ -45,10 +45,13 @@ async def _sync_calls(port: int, flow_id: str, n: int) -> list[tuple[int, object
     return list(await asyncio.gather(*(one(i) for i in range(n))))
 
 
-async def _idle_while_down(worker: Role) -> tuple[float, int]:
-    """CPU share and new log lines over WINDOW_S, counted once the worker noticed the outage."""
+async def _idle_while_down(worker: Role, since: int) -> tuple[float, int]:
+    """CPU share and new log lines over WINDOW_S, counted once the worker noticed the outage
+    (logged after byte ``since`` of its log: a line from before the fault does not count)."""
     await eventually(
-        lambda: worker.logged("backend.unavailable"), timeout_s=15, what="the outage logged"
+        lambda: worker.logged("backend.unavailable", since=since),
+        timeout_s=15,
+        what="the outage logged",
     )
     lines = worker.log_lines()
     share = await cpu_share(worker, WINDOW_S)()
@@ -69,8 +72,9 @@ async def test_redis_down_then_up(
     await eventually(
         lambda: endpoint.first_calls(1) == 6, timeout_s=30, interval_s=0.1, what="six runs mid-step"
     )
+    mark = worker.log_size()
     private_redis.kill()
-    share, lines = await _idle_while_down(worker)
+    share, lines = await _idle_while_down(worker, mark)
     print(f"\nworker while Redis is down: {share:.1%} of a core, {lines} log lines")
     assert share < MAX_CPU_SHARE
     assert lines < MAX_LOG_LINES
@@ -123,8 +127,9 @@ async def test_postgres_down_then_up(
             interval_s=0.1,
             what="four runs mid-step",
         )
+        mark = worker.log_size()
         private_postgres.stop()
-        share, lines = await _idle_while_down(worker)
+        share, lines = await _idle_while_down(worker, mark)
         print(f"\nworker while PostgreSQL is down: {share:.1%} of a core, {lines} log lines")
         assert share < MAX_CPU_SHARE
         assert lines < MAX_LOG_LINES

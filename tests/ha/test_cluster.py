@@ -69,35 +69,39 @@ async def test_cluster_master_failover_loses_no_run(
 
     load = Load(conveyor.base, flow_id, rate_per_s=40)
     load.start()
-    await eventually(
-        lambda: len(load.accepted) >= BEFORE_KILL, timeout_s=30, what="load flowing before the kill"
-    )
-    before = len(load.accepted)
-    # The victim is the master holding the most queue streams (shards spread over slots).
-    topology = cluster_nodes(nodes[0])
-    by_port = {str(n.port): n for n in nodes}
-    masters = [t for t in topology if "master" in t["flags"].split(",")]
-    assert len(masters) == 3, topology
-    counts = {m["id"]: stream_count(by_port[m["port"]]) for m in masters}
-    victim = max(masters, key=lambda m: counts[m["id"]])
-    assert counts[victim["id"]] > 0, f"no stream on any master: {counts}"
-    heir = next(t for t in topology if t["master"] == victim["id"])
-    witness = next(n for n in nodes if str(n.port) not in (victim["port"], heir["port"]))
-    killed_wall, killed = time.time(), time.monotonic()
-    by_port[victim["port"]].kill()
-    await eventually(
-        lambda: promoted(witness, victim["id"], heir["id"]),
-        timeout_s=30,
-        interval_s=0.05,
-        what="failover (replica promoted, cluster ok)",
-    )
-    switch_s = time.monotonic() - killed
-    await eventually(
-        lambda: accepted_since(load, killed + switch_s) >= AFTER_SWITCH,
-        timeout_s=30,
-        what=f"{AFTER_SWITCH} webhooks accepted after the switch",
-    )
-    await load.stop()
+    try:
+        await eventually(
+            lambda: len(load.accepted) >= BEFORE_KILL,
+            timeout_s=30,
+            what="load flowing before the kill",
+        )
+        before = len(load.accepted)
+        # The victim is the master holding the most queue streams (shards spread over slots).
+        topology = cluster_nodes(nodes[0])
+        by_port = {str(n.port): n for n in nodes}
+        masters = [t for t in topology if "master" in t["flags"].split(",")]
+        assert len(masters) == 3, topology
+        counts = {m["id"]: stream_count(by_port[m["port"]]) for m in masters}
+        victim = max(masters, key=lambda m: counts[m["id"]])
+        assert counts[victim["id"]] > 0, f"no stream on any master: {counts}"
+        heir = next(t for t in topology if t["master"] == victim["id"])
+        witness = next(n for n in nodes if str(n.port) not in (victim["port"], heir["port"]))
+        killed_wall, killed = time.time(), time.monotonic()
+        by_port[victim["port"]].kill()
+        await eventually(
+            lambda: promoted(witness, victim["id"], heir["id"]),
+            timeout_s=30,
+            interval_s=0.05,
+            what="failover (replica promoted, cluster ok)",
+        )
+        switch_s = time.monotonic() - killed
+        await eventually(
+            lambda: accepted_since(load, killed + switch_s) >= AFTER_SWITCH,
+            timeout_s=30,
+            what=f"{AFTER_SWITCH} webhooks accepted after the switch",
+        )
+    finally:
+        await load.stop()  # also when a wait above fails: no load left running
     after_switch = accepted_since(load, killed + switch_s)
 
     try:

@@ -55,33 +55,40 @@ async def test_sentinel_failover_loses_no_run(
 
     load = Load(conveyor.base, flow_id, rate_per_s=40)
     load.start()
-    await eventually(
-        lambda: len(load.accepted) >= BEFORE_KILL, timeout_s=30, what="load flowing before the kill"
-    )
-    before = len(load.accepted)
-    watcher = aioredis.Redis(host="127.0.0.1", port=sentinels[0].port)
-    killed_wall, killed = time.time(), time.monotonic()
-    master.kill()
     try:
-
-        async def switched() -> bool:
-            _host, port_now = await watcher.execute_command(
-                "SENTINEL", "GET-MASTER-ADDR-BY-NAME", NAME
-            )
-            return int(port_now) == replica.port
-
         await eventually(
-            switched, timeout_s=30, interval_s=0.05, what="failover (Sentinel names the replica)"
+            lambda: len(load.accepted) >= BEFORE_KILL,
+            timeout_s=30,
+            what="load flowing before the kill",
+        )
+        before = len(load.accepted)
+        watcher = aioredis.Redis(host="127.0.0.1", port=sentinels[0].port)
+        killed_wall, killed = time.time(), time.monotonic()
+        master.kill()
+        try:
+
+            async def switched() -> bool:
+                _host, port_now = await watcher.execute_command(
+                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", NAME
+                )
+                return int(port_now) == replica.port
+
+            await eventually(
+                switched,
+                timeout_s=30,
+                interval_s=0.05,
+                what="failover (Sentinel names the replica)",
+            )
+        finally:
+            await watcher.aclose()
+        switch_s = time.monotonic() - killed
+        await eventually(
+            lambda: accepted_since(load, killed + switch_s) >= AFTER_SWITCH,
+            timeout_s=30,
+            what=f"{AFTER_SWITCH} webhooks accepted after the switch",
         )
     finally:
-        await watcher.aclose()
-    switch_s = time.monotonic() - killed
-    await eventually(
-        lambda: accepted_since(load, killed + switch_s) >= AFTER_SWITCH,
-        timeout_s=30,
-        what=f"{AFTER_SWITCH} webhooks accepted after the switch",
-    )
-    await load.stop()
+        await load.stop()  # also when a wait above fails: no load left running
     after_switch = accepted_since(load, killed + switch_s)
 
     try:
