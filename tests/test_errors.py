@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 import conveyor
 from conveyor import errors
 from conveyor.api.errors import ApiError, error_middleware, http_error
+from conveyor.board import error_pages as board_error_pages
 from conveyor.embedded import EmbeddedError
 from conveyor.engine.errors import FlowInvalid, StepFailed
 from conveyor.engine.templating import TemplateSyntaxError
@@ -145,14 +146,16 @@ def test_old_except_sites_still_catch() -> None:
     assert invalid.message == "steps[0]: bad (and 1 more)" and len(invalid.details) == 2
 
 
-async def _answer(exc: BaseException) -> tuple[int, dict[str, Any], Any]:
+async def _answer(
+    exc: BaseException, middleware: Any = error_middleware, path: str = "/"
+) -> tuple[int, dict[str, Any], Any]:
     async def handler(request: web.Request) -> web.StreamResponse:
         raise exc
 
-    app = web.Application(middlewares=[error_middleware])
-    app.router.add_get("/", handler)
+    app = web.Application(middlewares=[middleware])
+    app.router.add_get(path, handler)
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
-        resp = await client.get("/")
+        resp = await client.get(path)
         return resp.status, dict(resp.headers), orjson.loads(await resp.read())
 
 
@@ -215,3 +218,27 @@ async def test_http_error_is_the_middlewares_mapping(
     assert mapped.message == body["error"]["message"]
     for name in ("Retry-After", "Allow"):
         assert mapped.headers.get(name) == headers.get(name)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        errors.NotFound("no such run"),
+        UnknownJob("no failed job 'j' in 'runs'"),
+        QueueUnavailable("Connection refused 127.0.0.1:6379"),
+        ConnectionRefusedError("127.0.0.1:5432"),
+        web.HTTPRequestEntityTooLarge(max_size=10, actual_size=20),
+        web.HTTPMethodNotAllowed("PUT", ["GET"]),
+        KeyError("oops"),
+    ],
+)
+async def test_the_board_answers_what_the_api_answers(exc: Exception) -> None:
+    """The board's error pages (JSON under /admin/api/) use the same mapping as the API:
+    same status, code, message and Retry-After/Allow for the same exception."""
+    api_status, api_headers, api_body = await _answer(exc)
+    board_status, board_headers, board_body = await _answer(
+        exc, board_error_pages, "/admin/api/probe"
+    )
+    assert (board_status, board_body) == (api_status, api_body)
+    for name in ("Retry-After", "Allow"):
+        assert board_headers.get(name) == api_headers.get(name)

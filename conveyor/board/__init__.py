@@ -27,19 +27,14 @@ from pathlib import Path
 
 import aiohttp_jinja2
 import jinja2
-import structlog
 from aiohttp import web
 
 from conveyor import __version__
-from conveyor.api.errors import ApiError, Handler, to_api_error
+from conveyor.api.errors import ApiError, Handler, http_error
 from conveyor.board import actions
 from conveyor.board.present import FILTERS
 from conveyor.board.security import SECURITY_HEADERS, guard_middleware
 from conveyor.board.views import PAGES, html_view, index, live_view
-from conveyor.errors import BackendUnavailable, ConveyorError
-from conveyor.store.db import CONNECTION_ERRORS
-
-log = structlog.get_logger(__name__)
 
 HERE = Path(__file__).parent
 PREFIX = "/admin"
@@ -72,22 +67,19 @@ def _error_page(request: web.Request, error: ApiError, title: str | None = None)
 @web.middleware
 async def error_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Board errors as HTML pages (JSON under ``/admin/api/``). Status, code and message come
-    from the API's one mapping of the error tree (:func:`conveyor.api.errors.to_api_error`)."""
+    from the API's one mapping (:func:`conveyor.api.errors.http_error`); redirects pass."""
     try:
         return await handler(request)
-    except ConveyorError as exc:
-        return _error_page(request, to_api_error(exc))
-    except CONNECTION_ERRORS as exc:
-        log.warning("backend unreachable", path=request.path, error=repr(exc))
-        return _error_page(request, to_api_error(BackendUnavailable("PostgreSQL", repr(exc))))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = exc.reason.upper().replace(" ", "_")
-        return _error_page(request, ApiError(exc.status, code, exc.text or exc.reason), exc.reason)
-    except Exception:
-        log.exception("board error", path=request.path, method=request.method)
-        return _error_page(request, ApiError(500, "INTERNAL_ERROR", "internal error"))
+        return _error_page(request, http_error(exc, where=_where(request)), exc.reason)
+    except Exception as exc:
+        return _error_page(request, http_error(exc, where=_where(request)))
+
+
+def _where(request: web.Request) -> str:
+    return f"{request.method} {request.path}"
 
 
 def create_board() -> web.Application:
