@@ -789,13 +789,7 @@ async def soak_phase(
             "steps_recorded_twice": int(steps_twice),
             "drain_s": round(drain_s, 1),
             "memory": memory,
-            "flat": {
-                "rss_mb": flatness([m["rss_mb"] for m in memory], 5.0),
-                "tree_pss_mb": flatness([m["tree_pss_mb"] for m in memory], 5.0),
-                "redis_used_mb": flatness(
-                    [m["redis_used_mb"] - m["redis_log_mb"] for m in memory], 2.0
-                ),
-            },
+            "flat": soak_flatness(memory),
         }
         width = _bin_width(args.soak_s)
         run.series["soak_async"] = bins(samples["async"], t0, {202}, width)
@@ -813,26 +807,42 @@ async def soak_phase(
         await r.aclose()
 
 
-def flatness(values: list[float], slack_mb: float) -> dict[str, Any]:
-    """First and last fifth of a series (means), the growth between them and the slope of a
-    least-squares line (per minute of samples); flat if the growth is at most ``slack_mb``
-    or 5 %, whichever is larger. The first sample (start-up) is left out."""
-    vals = values[1:] if len(values) > 2 else values
-    if not vals:
-        return {"first": 0.0, "last": 0.0, "growth": 0.0, "flat": None}
-    k = max(1, len(vals) // 5)
-    first, last = sum(vals[:k]) / k, sum(vals[-k:]) / k
-    n = len(vals)
-    mean_x, mean_y = (n - 1) / 2, sum(vals) / n
-    var = sum((i - mean_x) ** 2 for i in range(n))
-    slope = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(vals)) / var if var else 0.0
+def flatness(points: list[tuple[float, float]], slack_mb: float) -> dict[str, Any]:
+    """Is a memory series flat? ``points`` are (seconds, MB). The first 10 % of the span is a
+    fresh process's warm-up and left out; of the rest: the means of the first and the last
+    fifth, the growth between them, and the least-squares slope (MB/min) of the second half.
+    Flat if the growth is at most ``slack_mb`` or 5 % of the first, whichever is larger."""
+    if len(points) < 3:
+        return {"first": 0.0, "last": 0.0, "growth": 0.0, "slope_mb_per_min": 0.0, "flat": None}
+    span = points[-1][0] - points[0][0]
+    rest = [p for p in points if p[0] - points[0][0] >= 0.1 * span] or points
+    k = max(1, len(rest) // 5)
+    first = sum(v for _, v in rest[:k]) / k
+    last = sum(v for _, v in rest[-k:]) / k
+    half = rest[len(rest) // 2 :]
+    n = len(half)
+    mean_t = sum(t for t, _ in half) / n
+    mean_v = sum(v for _, v in half) / n
+    var = sum((t - mean_t) ** 2 for t, _ in half)
+    slope = sum((t - mean_t) * (v - mean_v) for t, v in half) / var if var else 0.0
     growth = last - first
     return {
+        "warmup_s": round(0.1 * span, 1),
         "first": round(first, 2),
         "last": round(last, 2),
         "growth": round(growth, 2),
-        "slope_per_sample": round(slope, 4),
+        "slope_mb_per_min": round(slope * 60, 3),
         "flat": growth <= max(slack_mb, 0.05 * first),
+    }
+
+
+def soak_flatness(memory: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
+    return {
+        "rss_mb": flatness([(m["t"], m["rss_mb"]) for m in memory], 5.0),
+        "tree_pss_mb": flatness([(m["t"], m["tree_pss_mb"]) for m in memory], 5.0),
+        "redis_used_mb": flatness(
+            [(m["t"], m["redis_used_mb"] - m["redis_log_mb"]) for m in memory], 2.0
+        ),
     }
 
 
@@ -1212,7 +1222,8 @@ def targets(run: Run) -> list[dict[str, Any]]:
             add(
                 f"5. {label} over {s['seconds']:.0f} s at half load",
                 f"{fl['first']:.1f} → {fl['last']:.1f} MB",
-                "first vs last fifth"
+                f"first vs last fifth after {fl.get('warmup_s', 0):.0f} s of warm-up; "
+                f"slope of the second half {fl.get('slope_mb_per_min', 0):+.2f} MB/min"
                 + (" (completed log excluded)" if key == "redis_used_mb" else ""),
                 None,
                 f"{fl['growth']:+.1f} MB",
@@ -1552,6 +1563,11 @@ def main() -> int:
     if args.from_json:
         # Table, plots and README again from a saved run, measuring nothing.
         result = orjson.loads(Path(args.from_json).read_bytes())
+        again = Run()
+        again.phases, again.figures = result["phases"], result["figures"]
+        if again.figures.get("soak"):
+            again.figures["soak"]["flat"] = soak_flatness(again.figures["soak"]["memory"])
+        result["targets"] = targets(again)
     else:
         result = uvloop.run(run_all(args))
     if args.note:
