@@ -932,20 +932,25 @@ def n8n_env(folder: Path, port: int) -> dict[str, str]:
     return env
 
 
-def _listening_off_loopback(pid: int) -> list[str]:
-    """Listening sockets of ``pid`` and its children bound anywhere but loopback."""
+def _off_loopback(pid: int) -> list[str]:
+    """Sockets of ``pid`` and its children listening on, or connected to, anything but
+    loopback (n8n must do neither)."""
     bad = []
     try:
         procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
         return bad
+
+    def loopback(ip: str) -> bool:
+        return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1")
+
     for p in procs:
         with contextlib.suppress(psutil.Error):
             for conn in p.net_connections(kind="inet"):
-                if conn.status == psutil.CONN_LISTEN and not (
-                    conn.laddr.ip.startswith("127.") or conn.laddr.ip == "::1"
-                ):
-                    bad.append(f"{p.name()}:{conn.laddr.ip}:{conn.laddr.port}")
+                if conn.status == psutil.CONN_LISTEN and not loopback(conn.laddr.ip):
+                    bad.append(f"{p.name()} listens on {conn.laddr.ip}:{conn.laddr.port}")
+                elif conn.raddr and not loopback(conn.raddr.ip):
+                    bad.append(f"{p.name()} connects to {conn.raddr.ip}:{conn.raddr.port}")
     return bad
 
 
@@ -999,9 +1004,9 @@ async def n8n_phases(run: Run, args: argparse.Namespace, cache: Path, workdir: P
                 await asyncio.sleep(1)
         if status != 200:
             raise RuntimeError(f"n8n webhook not answering 200 (last {status})")
-        bad = _listening_off_loopback(proc.pid)
+        bad = _off_loopback(proc.pid)
         if bad:
-            raise RuntimeError(f"n8n listens off loopback: {bad}")
+            raise RuntimeError(f"n8n off loopback: {bad}")
         run.figures["n8n_idle"] = rss(proc.pid)
         run.figures["n8n_answer"] = await sample_answer(port, "/webhook/bench-four-step")
         print(f"  n8n answers {run.figures['n8n_answer']}", flush=True)
@@ -1012,6 +1017,10 @@ async def n8n_phases(run: Run, args: argparse.Namespace, cache: Path, workdir: P
                 run, f"n8n_c{clients}", f"n8n 4-step c={clients}", port, req, ok={200},
                 duration=d, clients=clients,
             )  # fmt: skip
+        bad = _off_loopback(proc.pid)
+        run.figures["n8n_off_loopback"] = bad  # checked at start and after the load
+        if bad:
+            run.notes.append(f"n8n had sockets off loopback: {bad}")
     except (RuntimeError, OSError) as exc:
         run.notes.append(f"n8n failed: {exc}")
         print(f"n8n failed: {exc}; log tail:\n{log.read_text()[-3000:]}", file=sys.stderr)
