@@ -176,9 +176,14 @@ async def publish_reply(redis: Any, channel: str, message: dict[str, Any]) -> bo
     once); never raises for Redis: returns False when the reply could not be sent, and the
     caller reads the stored result instead.
     """
-    data = orjson.dumps(message, default=str)
+    return await _publish_retrying(redis, channel, orjson.dumps(message, default=str), message)
+
+
+async def _publish_retrying(
+    redis: Any, channel: str, data: bytes, message: dict[str, Any], *, first: int = 1
+) -> bool:
     delay = 0.1
-    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+    for attempt in range(first, PUBLISH_ATTEMPTS + 1):
         try:
             await redis.publish(channel, data)
             return True
@@ -191,6 +196,81 @@ async def publish_reply(redis: Any, channel: str, message: dict[str, Any]) -> bo
             await asyncio.sleep(jittered(delay))
             delay *= 2
     return False
+
+
+class ReplyPublisher:
+    """:func:`publish_reply` with coalescing: the replies published in one event-loop
+    iteration (or while the previous batch is on the wire) go to Redis as one pipeline — one
+    write and one read however many runs answered at once. A batch that fails is retried
+    message by message, as :func:`publish_reply` does.
+
+    Parameters: ``redis``, a ``redis.asyncio`` client.
+    """
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self._pending: list[tuple[str, bytes, asyncio.Future[bool]]] = []
+        self._flushing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Round trips sent so far (how well replies coalesce: replies / round_trips).
+        self.round_trips = 0
+
+    async def publish(self, channel: str, message: dict[str, Any]) -> bool:
+        """Send ``message`` to ``channel``; False when it could not be sent (never raises for
+        Redis)."""
+        data = orjson.dumps(message, default=str)
+        loop = asyncio.get_running_loop()
+        sent: asyncio.Future[bool] = loop.create_future()
+        self._pending.append((channel, data, sent))
+        if not self._flushing:
+            self._flushing = True
+            loop.call_soon(self._start)
+        if await sent:
+            return True
+        return await _publish_retrying(self.redis, channel, data, message, first=2)
+
+    def _start(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._flush())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                ok = await self._send(batch)
+                for _, _, sent in batch:
+                    if not sent.done():
+                        sent.set_result(ok)
+        finally:
+            self._flushing = False
+            if self._pending:
+                self._flushing = True
+                self._start()
+
+    async def _send(self, batch: list[tuple[str, bytes, asyncio.Future[bool]]]) -> bool:
+        self.round_trips += 1
+        try:
+            if len(batch) == 1:
+                await self.redis.publish(batch[0][0], batch[0][1])
+            else:
+                pipe = self.redis.pipeline(transaction=False)
+                for channel, data, _ in batch:
+                    pipe.publish(channel, data)
+                await pipe.execute()
+        except (RedisError, OSError):
+            return False
+        except BaseException:
+            for _, _, sent in batch:
+                if not sent.done():
+                    sent.set_result(False)
+            raise
+        return True
+
+    async def close(self) -> None:
+        """Wait for the batches on the wire."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
 async def stored_final(db: Any, run_id: str) -> dict[str, Any] | None:

@@ -29,7 +29,7 @@ from conveyor.engine.context import RunContext, RunOutcome, Services, StepRecord
 from conveyor.engine.executor import Executor
 from conveyor.engine.reconciler import Reconciler, resume_job_id
 from conveyor.engine.registry import FlowRegistry
-from conveyor.engine.replies import publish_reply
+from conveyor.engine.replies import ReplyPublisher
 from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.spec import StepType
 from conveyor.engine.ssrf import SsrfPolicy, create_http_session
@@ -153,6 +153,7 @@ class RunWorker:
         self.redis = redis
         self.queue_config = queue_config or QueueConfig.from_settings(settings)
         self.producer = Producer(redis, self.queue_config)
+        self.replies = ReplyPublisher(redis)
         self.submitter = Submitter(writer, self.producer)
         self.sinks = _RoutingSink()
         self.executor = Executor(
@@ -229,8 +230,7 @@ class RunWorker:
             nonlocal answered
             if reply:
                 # A respond that could not be delivered is followed by the final message.
-                answered = await publish_reply(
-                    self.redis,
+                answered = await self.replies.publish(
                     reply,
                     {
                         "run_id": run_id,
@@ -301,8 +301,7 @@ class RunWorker:
         await self._final(reply, str(rid), row["status"], row["output"], row["error"])
 
     async def _final(self, reply: str, run_id: str, status: str, output: Any, error: Any) -> None:
-        await publish_reply(
-            self.redis,
+        await self.replies.publish(
             reply,
             {
                 "run_id": run_id,
@@ -334,6 +333,7 @@ class RunWorker:
         handed back to the queue (another worker resumes them from their checkpoints)."""
         await self.consumer.close(timeout_s=float(self.settings.worker_drain_seconds))
         await self.producer.close()
+        await self.replies.close()
 
 
 #: PostgreSQL errors meaning "the server is away" (connection lost, shutting down, starting,
