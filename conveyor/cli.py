@@ -10,16 +10,20 @@ Exit codes, the same for every command (the README's CLI table lists them):
 
 - 0: done; for ``flows run --sync`` and ``runs follow``, the run SUCCEEDED.
 - 1: the API refused the request, or the followed run ended in another terminal status.
-- 2: usage or configuration: bad arguments, a bad ``AP_*`` setting, an unreadable or invalid
-  file, ``--data`` that is not JSON.
+- 2: usage or configuration: bad arguments, a bad ``AP_*`` setting, a flow file that cannot be
+  read or is not YAML/JSON, ``--data`` that is not JSON. (A flow the API refuses as invalid,
+  422 ``FLOW_INVALID``, is a refused request: 1.)
 - 3: not found: no flow with that name or id, no run with that id.
 - 4: the API cannot be reached.
+- 141: standard output was closed early (``| head``); the command stops quietly, as Unix tools
+  killed by SIGPIPE do.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 import uuid
@@ -41,6 +45,17 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_UNREACHABLE = 4
+EXIT_BROKEN_PIPE = 141
+
+EXIT_CODES_HELP = """\
+exit codes (every command): 0 done (for --sync and follow: the run SUCCEEDED); 1 the API
+refused the request, or the run ended FAILED, CANCELED, TIMEOUT ...; 2 usage or configuration
+(bad arguments, a bad AP_* setting, an unreadable flow file, --data not JSON); 3 no such flow
+or run; 4 the API cannot be reached.
+
+flows, runs and secrets call a running Conveyor at --url (default http://AP_HOST:AP_PORT, from
+the same AP_* variables as `conveyor up`), sending AP_API_KEY as bearer token when it is set.
+"""
 
 
 class NotFound(errors.NotFound):
@@ -179,6 +194,16 @@ def _run_ref(ref: str) -> str:
         raise NotFound(f"no run with id {ref!r} (run ids are UUIDs)") from None
 
 
+def _trigger_text(trigger: dict[str, Any]) -> str:
+    """``webhook``, ``webhook (signed)`` or ``schedule '30 7 * * 1-5' Europe/Berlin``."""
+    kind = str(trigger.get("type"))
+    if kind == "schedule":
+        return f"schedule {trigger.get('cron')!r} {trigger.get('timezone') or 'UTC'}"
+    if kind == "webhook" and trigger.get("secret"):
+        return "webhook (signed)"
+    return kind
+
+
 def cmd_flows_list(args: argparse.Namespace) -> int:
     data = list(_client(args).paged("/api/v1/flows"))
     if args.json:
@@ -190,7 +215,7 @@ def cmd_flows_list(args: argparse.Namespace) -> int:
             f["name"],
             str(f["version"]),
             "yes" if f["enabled"] else "no",
-            f["trigger"]["type"],
+            _trigger_text(f["trigger"]),
         ]
         for f in data
     ]
@@ -290,13 +315,27 @@ def _run_exit(run: dict[str, Any]) -> int:
     return EXIT_OK if run["status"] == "SUCCEEDED" else EXIT_FAILED
 
 
+def _flow_name(client: ApiClient, flow_id: str) -> str | None:
+    """The name of flow ``flow_id``, or None when it has been deleted."""
+    try:
+        flow: dict[str, Any] = client.request("GET", f"/api/v1/flows/{quote(flow_id)}")
+    except ApiClientError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return str(flow["name"])
+
+
 def cmd_runs_show(args: argparse.Namespace) -> int:
-    run = _client(args).request("GET", f"/api/v1/flow-runs/{_run_ref(args.id)}")
+    client = _client(args)
+    run = client.request("GET", f"/api/v1/flow-runs/{_run_ref(args.id)}")
+    run["flow_name"] = _flow_name(client, run["flow_id"])
     if args.json:
         _print_json(run)
         return EXIT_OK
+    flow = repr(run["flow_name"]) if run["flow_name"] else f"(deleted) {run['flow_id']}"
     print(
-        f"run {run['id']}  flow {run['flow_id']} v{run['flow_version']}  {run['status']}"
+        f"run {run['id']}  flow {flow} v{run['flow_version']}  {run['status']}"
         f"  attempt {run['attempt']}  {run['duration_ms'] or 0:.1f} ms"
     )
     if run["error"]:
@@ -328,8 +367,9 @@ def _follow(client: ApiClient, run_id: str, interval_s: float, as_json: bool, qu
             if key in seen:
                 continue
             seen.add(key)
-            if as_json and not terminal:
-                print(orjson.dumps({"step": step}).decode(), flush=True)
+            if as_json:
+                if not terminal:  # the terminal run's line below carries every step
+                    print(orjson.dumps({"step": step}).decode(), flush=True)
             elif not quiet:
                 where = f"{step['parent']}[{step['iteration']}]." if step["parent"] else ""
                 print(
@@ -372,7 +412,7 @@ def cmd_runs_retry(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(run)
     else:
-        print(f"run {run['id']} {run['status']} (attempt {run['attempt']})")
+        print(f"run {run['id']} {run['status']} (retried {args.strategy})")
     return EXIT_OK
 
 
@@ -404,9 +444,66 @@ def cmd_secrets_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit(text: str) -> int:
+    """``--limit``: an integer from 1 to 200 (the API's page size), else a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= value <= 200:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and 200")
+    return value
+
+
+def _add_runs(
+    sub: Any,
+    group: dict[str, Any],
+    common: list[argparse.ArgumentParser],
+    polling: list[argparse.ArgumentParser],
+) -> None:
+    """``conveyor runs …``: ``common`` parents give --url/--json, ``polling`` adds --interval."""
+    runs = sub.add_parser("runs", help="inspect runs", **group).add_subparsers(
+        dest="sub", required=True
+    )
+    rlist = runs.add_parser("list", parents=common, help="list runs, newest first")
+    rlist.add_argument("--flow", help="flow name or id")
+    rlist.add_argument("--status", choices=list(RunStatus.__members__), help="run status")
+    rlist.add_argument("--limit", type=_limit, default=50, help="1-200 (default 50)")
+    rlist.set_defaults(func=cmd_runs_list)
+    show = runs.add_parser("show", parents=common, help="a run and its step log")
+    show.add_argument("id", help="run id (a UUID, as webhooks and runs list print it)")
+    show.set_defaults(func=cmd_runs_show)
+    follow = runs.add_parser(
+        "follow",
+        parents=polling,
+        help="print a run's status and steps live until it ends; exit 1 unless it succeeded",
+    )
+    follow.add_argument("id", help="run id")
+    follow.set_defaults(func=cmd_runs_follow)
+    retry = runs.add_parser("retry", parents=polling, help="retry a finished run")
+    retry.add_argument("id", help="run id")
+    retry.add_argument(
+        "--strategy",
+        choices=["FROM_FAILED_STEP", "ON_LATEST_VERSION"],
+        default="FROM_FAILED_STEP",
+        help="FROM_FAILED_STEP (default): same flow version, the steps before the failed one "
+        "keep their outputs; ON_LATEST_VERSION: start over on the flow's current version",
+    )
+    retry.add_argument("--follow", action="store_true", help="then follow it like runs follow")
+    retry.set_defaults(func=cmd_runs_retry)
+    cancel = runs.add_parser(
+        "cancel", parents=common, help="cancel a queued, running or paused run"
+    )
+    cancel.add_argument("id", help="run id")
+    cancel.set_defaults(func=cmd_runs_cancel)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="conveyor", description="Workflow automation on Redis Streams and PostgreSQL."
+        prog="conveyor",
+        description="Workflow automation on Redis Streams and PostgreSQL.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"conveyor {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -419,6 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("config", help="print the effective settings, secrets masked").set_defaults(
         func=cmd_config
     )
+    group: dict[str, Any] = {
+        "epilog": EXIT_CODES_HELP,
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
     api = argparse.ArgumentParser(add_help=False)
     api.add_argument("--url", help="API base URL (default http://AP_HOST:AP_PORT)")
     as_json = argparse.ArgumentParser(add_help=False)
@@ -428,7 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval", type=float, default=0.5, help="seconds between polls (default 0.5)"
     )
 
-    flows = sub.add_parser("flows", help="manage flows").add_subparsers(dest="sub", required=True)
+    flows = sub.add_parser("flows", help="manage flows", **group).add_subparsers(
+        dest="sub", required=True
+    )
     apply = flows.add_parser("apply", parents=[api], help="create a flow or save a new version")
     apply.add_argument("file", help="flow document (.json, .yaml or .yml)")
     apply.set_defaults(func=cmd_flows_apply)
@@ -438,8 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     frun = flows.add_parser(
         "run", parents=[api, as_json, poll], help="start a run of flow NAME (name or id)"
     )
-    frun.add_argument("name")
-    frun.add_argument("--data", help="trigger body, a JSON document")
+    frun.add_argument("name", help="flow name or id")
+    frun.add_argument("--data", help="trigger body, a JSON document (default: no body)")
     frun.add_argument(
         "--sync", action="store_true", help="wait for the run to end; exit 1 unless it succeeded"
     )
@@ -453,42 +556,17 @@ def build_parser() -> argparse.ArgumentParser:
         verb_parser.add_argument("name", help="flow name or id")
         verb_parser.set_defaults(func=func)
 
-    runs = sub.add_parser("runs", help="inspect runs").add_subparsers(dest="sub", required=True)
-    rlist = runs.add_parser("list", parents=[api, as_json], help="list runs, newest first")
-    rlist.add_argument("--flow", help="flow name or id")
-    rlist.add_argument("--status", choices=list(RunStatus.__members__), help="run status")
-    rlist.add_argument("--limit", type=int, default=50, help="1-200 (default 50)")
-    rlist.set_defaults(func=cmd_runs_list)
-    show = runs.add_parser("show", parents=[api, as_json], help="a run and its step log")
-    show.add_argument("id")
-    show.set_defaults(func=cmd_runs_show)
-    follow = runs.add_parser(
-        "follow",
-        parents=[api, as_json, poll],
-        help="print a run's status and steps live until it ends; exit 1 unless it succeeded",
-    )
-    follow.add_argument("id")
-    follow.set_defaults(func=cmd_runs_follow)
-    retry = runs.add_parser("retry", parents=[api, as_json, poll], help="retry a finished run")
-    retry.add_argument("id")
-    retry.add_argument(
-        "--strategy",
-        choices=["FROM_FAILED_STEP", "ON_LATEST_VERSION"],
-        default="FROM_FAILED_STEP",
-    )
-    retry.add_argument("--follow", action="store_true", help="then follow it like runs follow")
-    retry.set_defaults(func=cmd_runs_retry)
-    cancel = runs.add_parser(
-        "cancel", parents=[api, as_json], help="cancel a queued, running or paused run"
-    )
-    cancel.add_argument("id")
-    cancel.set_defaults(func=cmd_runs_cancel)
+    _add_runs(sub, group, [api, as_json], [api, as_json, poll])
 
-    secrets = sub.add_parser("secrets", help="manage secrets").add_subparsers(
+    secrets = sub.add_parser("secrets", help="manage secrets", **group).add_subparsers(
         dest="sub", required=True
     )
-    sset = secrets.add_parser("set", parents=[api], help="set NAME to the value read from stdin")
-    sset.add_argument("name")
+    sset = secrets.add_parser(
+        "set",
+        parents=[api],
+        help="set NAME to the value read from stdin (one trailing newline is dropped)",
+    )
+    sset.add_argument("name", help="secret name ([A-Za-z_][A-Za-z0-9_]*), used as {{secrets.NAME}}")
     sset.set_defaults(func=cmd_secrets_set)
     secrets.add_parser("list", parents=[api, as_json], help="list secret names").set_defaults(
         func=cmd_secrets_list
@@ -496,20 +574,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report_api_error(exc: ApiClientError) -> int:
+    """One line (plus one per validation problem) on stderr; the exit code for ``exc``."""
+    details = [d for d in exc.details or [] if isinstance(d, dict)]
+    if details:
+        count = f"{len(details)} problem" + ("s" if len(details) > 1 else "")
+        print(f"conveyor: {exc.status} {exc.code}: {count}:", file=sys.stderr)
+        for detail in details:
+            print(
+                f"  {detail.get('path') or '(document)'}: {detail.get('message')}", file=sys.stderr
+            )
+    else:
+        print(f"conveyor: {exc}", file=sys.stderr)
+    if exc.status == 401:
+        print(
+            "  the CLI sends AP_API_KEY from its environment: set it to the server's key",
+            file=sys.stderr,
+        )
+    if exc.status == 0:
+        return EXIT_UNREACHABLE
+    return EXIT_NOT_FOUND if exc.status == 404 else EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()
     except NotFound as exc:
         print(f"conveyor: {exc}", file=sys.stderr)
         return EXIT_NOT_FOUND
     except ApiClientError as exc:
-        print(f"conveyor: {exc}", file=sys.stderr)
-        for detail in exc.details or []:
-            print(f"  {detail.get('path')}: {detail.get('message')}", file=sys.stderr)
-        if exc.status == 0:
-            return EXIT_UNREACHABLE
-        return EXIT_NOT_FOUND if exc.status == 404 else EXIT_FAILED
+        return _report_api_error(exc)
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head`): stop quietly, and point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return 130
     return code

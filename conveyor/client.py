@@ -22,7 +22,7 @@ class ApiClientError(ConveyorError):
     """The API answered an error (``status``, ``code``, ``message``) or could not be reached."""
 
     def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
-        super().__init__(f"{status} {code}: {message}")
+        super().__init__(f"{status} {code}: {message}" if status else f"{code}: {message}")
         self.status = status
         self.code = code
         self.message = message
@@ -83,7 +83,14 @@ class ApiClient:
                     exc.code, "HTTP_ERROR", raw[:200].decode(errors="replace")
                 ) from None
         except OSError as exc:
-            raise ApiClientError(0, "UNREACHABLE", f"{self.base_url}: {exc}") from None
+            reason = getattr(exc, "reason", None) or exc
+            reason = getattr(reason, "strerror", None) or reason
+            raise ApiClientError(
+                0,
+                "UNREACHABLE",
+                f"cannot reach the API at {self.base_url} ({reason}); is `conveyor up` running "
+                "there? Set --url, or AP_HOST/AP_PORT as the server has them",
+            ) from None
         return orjson.loads(raw) if raw else None
 
     def paged(self, path: str) -> Iterator[dict[str, Any]]:

@@ -151,4 +151,7 @@ async def test_cli_reports_api_errors(server: Server, tmp_path: Path) -> None:
     )
     code, _out, err = await server.cli("flows", "apply", str(bad))
     assert code == 1
-    assert "FLOW_INVALID" in err and "steps[0]" in err and "Traceback" not in err
+    lines = err.splitlines()
+    assert lines[0] == "conveyor: 422 FLOW_INVALID: 1 problem:", err
+    assert len(lines) == 2 and lines[1].startswith("  steps[0].type: "), err
+    assert "Traceback" not in err

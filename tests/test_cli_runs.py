@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
+from aiohttp import web
 
+from conveyor.cli import build_parser
 from tests.polling import eventually
 from tests.processes import free_port
 from tests.test_cli_examples import Server, server
@@ -32,6 +38,12 @@ steps:
     code: |
       def run(input):
           raise ValueError("refused by upstream")
+"""
+
+NIGHTLY = """name: nightly
+trigger: {type: schedule, cron: "0 2 * * *", timezone: Europe/Paris}
+steps:
+  - {name: t, type: transform, input: {at: "{{trigger.body.scheduled_at}}"}}
 """
 
 SLOW = """name: slow
@@ -134,7 +146,58 @@ async def test_exit_codes(server: Server) -> None:
     code, _, err = await server.cli("runs", "list", "--status", "BOGUS")
     assert code == 2 and "invalid choice" in err
     code, _, err = await server.cli("runs", "list", "--limit", "500")
-    assert code == 1 and "BAD_REQUEST" in err and "Traceback" not in err
+    assert code == 2 and "500 is not between 1 and 200" in err and "Traceback" not in err
+    code, _, err = await server.cli("runs", "list", "--limit", "ten")
+    assert code == 2 and "'ten' is not an integer" in err
+
+
+async def test_follow_json_prints_only_json(server: Server, tmp_path: Path) -> None:
+    """`runs follow --json` of a run that has already ended: JSON lines only, the last the run."""
+    await apply(server, tmp_path, "echo", ECHO)
+    run_id = (await cli_json(server, "flows", "run", "echo", "--data", '{"x": 1}'))["run_id"]
+    await wait_for_status(server, run_id, "SUCCEEDED")
+    code, out, err = await server.cli("runs", "follow", run_id, "--json")
+    assert code == 0, err
+    lines = [orjson.loads(line) for line in out.splitlines()]
+    assert lines[-1]["id"] == run_id and lines[-1]["output"] == {"x": 1}
+    assert [step["name"] for step in lines[-1]["steps"]] == ["t"]
+
+
+async def test_show_and_list_speak_names(server: Server, tmp_path: Path) -> None:
+    """`runs show` names the run's flow; `flows list` shows a schedule's cron and zone."""
+    await apply(server, tmp_path, "echo", ECHO)
+    await apply(server, tmp_path, "nightly", NIGHTLY)
+    run_id = (await cli_json(server, "flows", "run", "echo", "--data", '{"x": 2}'))["run_id"]
+    await wait_for_status(server, run_id, "SUCCEEDED")
+    code, out, err = await server.cli("runs", "show", run_id)
+    assert code == 0 and out.startswith(f"run {run_id}  flow 'echo' v1  SUCCEEDED"), (out, err)
+    assert (await cli_json(server, "runs", "show", run_id))["flow_name"] == "echo"
+    code, out, err = await server.cli("flows", "list")
+    rows = {line.split()[1]: line for line in out.splitlines()[1:]}
+    assert rows["nightly"].endswith("schedule '0 2 * * *' Europe/Paris"), out
+    assert rows["echo"].endswith("webhook"), out
+
+
+async def test_closed_stdout_ends_quietly(server: Server, tmp_path: Path) -> None:
+    """Output piped into a reader that has gone (`| head`): exit 141, no traceback."""
+    await apply(server, tmp_path, "echo", ECHO)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "conveyor",
+            "flows",
+            "list",
+            env=server.env,
+            stdout=write_end,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(write_end)
+    _out, err = await proc.communicate()
+    assert proc.returncode == 141 and err == b"", err
 
 
 async def test_unreachable_api_is_exit_4() -> None:
@@ -154,3 +217,60 @@ async def test_unreachable_api_is_exit_4() -> None:
     out, err = await proc.communicate()
     assert proc.returncode == 4, err
     assert out == b"" and err.decode().count("\n") == 1 and b"UNREACHABLE" in err
+    assert f"cannot reach the API at http://127.0.0.1:{port} (".encode() in err
+    assert b"conveyor up" in err and b"<urlopen" not in err
+
+
+@pytest.fixture
+async def refusing_api() -> AsyncIterator[str]:
+    """A loopback server answering every request as Conveyor does without the API key."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        error = {"code": "UNAUTHORIZED", "message": "missing or wrong Authorization"}
+        return web.json_response({"error": error}, status=401)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_unauthorized_names_the_api_key(refusing_api: str) -> None:
+    """A 401: exit 1, and the second line says the CLI sends AP_API_KEY."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AP_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "conveyor",
+        "flows",
+        "list",
+        "--url",
+        refusing_api,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 1 and out == b""
+    assert err.decode().splitlines() == [
+        "conveyor: 401 UNAUTHORIZED: missing or wrong Authorization",
+        "  the CLI sends AP_API_KEY from its environment: set it to the server's key",
+    ]
+
+
+def test_help_lists_exit_codes_and_api_key() -> None:
+    """`conveyor --help` and each group's help end with the exit codes and AP_API_KEY."""
+    for argv in ([], ["flows"], ["runs"], ["secrets"]):
+        parser = build_parser()
+        text = parser.format_help() if not argv else _group_help(parser, argv[0])
+        assert "exit codes (every command): 0 done" in text, argv
+        assert "4 the API cannot be reached" in text and "AP_API_KEY" in text, argv
+
+
+def _group_help(parser: argparse.ArgumentParser, name: str) -> str:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return str(sub.choices[name].format_help())
