@@ -8,6 +8,7 @@ mapping of the error tree (:func:`conveyor.api.errors.to_api_error`).
 
 from __future__ import annotations
 
+import posixpath
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
@@ -28,16 +29,23 @@ Action = Callable[[web.Request, Form], Awaitable[str]]
 
 def _back(request: web.Request, form: Form) -> str:
     """Where to go afterwards: the form's ``next`` if it is a board path, else the referrer's
-    board page, else the overview (never another site: no open redirect)."""
+    board page, else the overview (never another site: no open redirect). A candidate with a
+    control character (aiohttp would refuse it in ``Location`` and drop the connection after
+    the action ran) or whose normalised path leaves ``/admin/`` is skipped."""
     for candidate in (form.get("next"), request.headers.get("Referer")):
         if not isinstance(candidate, str) or not candidate:
+            continue
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in candidate):
             continue
         parts = urllib.parse.urlsplit(candidate)
         if parts.netloc and parts.netloc != request.host:
             continue
-        path = parts.path + (f"?{parts.query}" if parts.query else "")
-        if path.startswith("/admin/") and not path.startswith("//"):
-            return path
+        if parts.path.startswith("//") or "\\" in parts.path:
+            continue
+        path = posixpath.normpath(parts.path) if parts.path else ""
+        if not path.startswith("/admin/") or path.startswith("//"):
+            continue
+        return path + (f"?{parts.query}" if parts.query else "")
     return "/admin/queues"
 
 

@@ -200,3 +200,32 @@ async def test_redirects_never_leave_the_board(make_client: Any) -> None:
     )
     assert resp.headers["Location"] == "/admin/queues/runs?state=failed"
     assert urllib.parse.urlsplit(resp.headers["Location"]).netloc == ""
+
+
+async def test_hostile_next_runs_the_action_and_lands_on_the_board(make_client: Any) -> None:
+    """A ``next`` with a control character (aiohttp refuses it in ``Location``: the connection
+    used to drop after the action ran) or one that climbs out of ``/admin/`` with ``..``
+    falls back to the overview; the action still runs and the answer is a 303."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = await create_flow(client, ECHO)
+    token = await csrf(client)
+    for target in (
+        "/admin/x\r\nSet-Cookie: a=b",
+        "/admin/x\x00y",
+        "/admin/x\x7fy",
+        "/admin/x\x0by",
+        "\t/admin/x",
+        "/admin/../../evil",
+        "/admin/../api/v1/flows",
+        "/admin/..",
+    ):
+        await client.post(f"/api/v1/flows/{fid}/enable")
+        status, location = await act(client, f"/admin/flows/{fid}/disable", token, next=target)
+        assert (status, location) == (303, "/admin/queues"), target
+        flow = await (await client.get(f"/api/v1/flows/{fid}")).json()
+        assert flow["enabled"] is False, target
+    # A harmless path is normalised and kept, with its query.
+    status, location = await act(
+        client, f"/admin/flows/{fid}/enable", token, next="/admin/flows/../runs?status=FAILED"
+    )
+    assert (status, location) == (303, "/admin/runs?status=FAILED")
