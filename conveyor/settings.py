@@ -34,6 +34,7 @@ from conveyor.settings_kinds import (
     host_ports,
     integer,
     key_prefix,
+    public_url,
     url,
     url_list,
 )
@@ -387,7 +388,7 @@ class Settings:
     )
     frontend_url: str | None = _var(
         "AP_FRONTEND_URL",
-        url("http", "https"),
+        public_url("http", "https"),
         None,
         (
             "the public URL of this server (`https://conveyor.example.com`); its host "

@@ -128,6 +128,30 @@ def url(*schemes: str, fallback: Callable[[Any], Any] | None = None) -> Kind:
     return Kind(cast, allowed, fallback=fallback)
 
 
+def public_url(*schemes: str) -> Kind:
+    """A URL other people's programs are given (webhook URLs, curl examples): scheme, host,
+    port and path only. A query or fragment would end up in the middle of every URL built
+    from it, and a ``user:password@`` would be printed on the board; the error message masks
+    the password."""
+    plain = url(*schemes)
+    allowed = (
+        f"{plain.allowed}, without a query (?), fragment (#) or user:password@ "
+        "(scheme, host, port and path only)"
+    )
+
+    def cast(v: str) -> str:
+        parts = urlsplit(v)
+        if "@" in parts.netloc:
+            shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+            raise ItemInvalid(shown, allowed)
+        plain.cast(v)
+        if "?" in v or "#" in v:
+            raise ValueError(v)
+        return v
+
+    return Kind(cast, allowed)
+
+
 def url_list(*schemes: str) -> Kind:
     one = url(*schemes)
 

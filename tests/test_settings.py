@@ -190,3 +190,30 @@ def test_integer_bounds_come_from_the_declaration(field: dataclasses.Field[int])
         with pytest.raises(SettingsError) as info:
             Settings.from_env({**base, env: str(value)})
         assert str(info.value).startswith(f"{env}='{value}' is invalid: expected an integer")
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("https://hooks.example.test/?a=1", "'https://hooks.example.test/?a=1'"),
+        ("https://hooks.example.test/#frag", "'https://hooks.example.test/#frag'"),
+        ("https://hooks.example.test?", "'https://hooks.example.test?'"),
+        ("https://user:pw-s3cret@hooks.example.test", "'https://***@hooks.example.test'"),
+        ("https://user@hooks.example.test/base", "'https://***@hooks.example.test/base'"),
+    ],
+)
+def test_frontend_url_refuses_query_fragment_and_credentials(value: str, shown: str) -> None:
+    """AP_FRONTEND_URL is the base of every webhook URL the board shows: a query, a fragment
+    or a user:password would end up inside them (or on screen), so the setting refuses them,
+    naming the variable and never echoing the password."""
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"AP_FRONTEND_URL": value})
+    message = str(info.value)
+    assert message.startswith(f"AP_FRONTEND_URL={shown} is invalid: "), message
+    assert "without a query (?), fragment (#) or user:password@" in message
+    assert "pw-s3cret" not in message and "user" not in message.partition(" is invalid")[0]
+
+
+def test_frontend_url_with_a_path_is_kept() -> None:
+    s = Settings.from_env({"AP_FRONTEND_URL": "https://hooks.example.test:8443/base/"})
+    assert s.frontend_url == "https://hooks.example.test:8443/base/"
