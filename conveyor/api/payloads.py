@@ -7,9 +7,10 @@ Every webhook is recorded, never dropped, and never fails as a 500 because of it
   the body in a few more, so a deeper body could be accepted but never stored).
 - Header values that are not valid UTF-8 (aiohttp keeps raw bytes as lone surrogates, which
   no JSON encoder accepts) are decoded with U+FFFD replacements.
-- Sensitive headers (``Authorization``, ``Cookie``, API keys, tokens, signatures …) are
-  stored as ``***``: the caller's credentials are not the flow's data, and the run record is
-  shown on the board and through the API.
+- Sensitive headers (``Authorization``, ``Cookie``, API keys, tokens, signatures …) and query
+  parameters by the same rule (``?token=``, ``?api_key=`` …) are stored as ``***``: the
+  caller's credentials are not the flow's data, and the run record is shown on the board and
+  through the API.
 
 NUL characters need nothing here: the store replaces them (PostgreSQL refuses them).
 """
@@ -56,9 +57,10 @@ _SENSITIVE_WORDS: Final = re.compile(
 _HEADROOM: Final = 254 - MAX_JSON_DEPTH
 
 
-def is_sensitive_header(name: str) -> bool:
-    """True when a header of this name is stored redacted."""
-    low = name.lower()
+def is_sensitive_name(name: str) -> bool:
+    """True when a header or query parameter of this name is stored redacted (one rule for
+    both: ``_`` counts as ``-``, so ``api_key`` is ``api-key``)."""
+    low = name.lower().replace("_", "-")
     return low in SENSITIVE_HEADERS or _SENSITIVE_WORDS.search(low) is not None
 
 
@@ -74,7 +76,18 @@ def headers(items: Iterable[tuple[str, str]]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in items:
         name = text(key).lower()
-        out[name] = REDACTED if is_sensitive_header(name) else text(value)
+        out[name] = REDACTED if is_sensitive_name(name) else text(value)
+    return out
+
+
+def query(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Query parameters (the first value of a repeated name), sensitive ones redacted by the
+    headers' rule (:func:`is_sensitive_name`) and every value valid text."""
+    out: dict[str, str] = {}
+    for key, value in items:
+        name = text(key)
+        if name not in out:
+            out[name] = REDACTED if is_sensitive_name(name) else text(value)
     return out
 
 

@@ -195,3 +195,39 @@ async def test_secret_key_from_a_remote_is_redacted_everywhere(
     stored = " ".join(r["t"] for r in [*rows, *runs])
     for text in (str(run), page, stored):
         assert TOKEN not in text and "Tok/en" not in text and "Tok%2Fen" not in text
+
+
+async def test_inbound_sensitive_query_parameters_stored_redacted(
+    make_client: Any, db: Database
+) -> None:
+    """?token=, ?api_key= … follow the headers' rule: stored, shown by the API and on the
+    board as ***, the other parameters as sent."""
+    client: Client = await make_client(AP_CONTAINER_TYPE="APP")
+    doc = {
+        "name": "qry",
+        "trigger": {"type": "webhook"},
+        "steps": [{"name": "t", "type": "transform", "input": {"q": "{{trigger.query}}"}}],
+    }
+    fid = (await (await client.post("/api/v1/flows", json=doc)).json())["id"]
+    resp = await client.post(f"/api/v1/webhooks/{fid}?token=abc&x=1", json={})
+    assert resp.status == 202
+    run_id = (await resp.json())["run_id"]
+    row = await run_store.get_run(db, uuid.UUID(run_id))
+    assert row["trigger"]["query"] == {"token": "***", "x": "1"}
+    resp = await client.post(
+        f"/api/v1/webhooks/{fid}?api_key=inbound-q1&Access_Token=inbound-q2&sig=ok&page=2",
+        json={},
+    )
+    run_id = (await resp.json())["run_id"]
+    row = await run_store.get_run(db, uuid.UUID(run_id))
+    assert row["trigger"]["query"] == {
+        "api_key": "***",
+        "Access_Token": "***",
+        "sig": "ok",
+        "page": "2",
+    }
+    shown = await (await client.get(f"/api/v1/flow-runs/{run_id}")).text()
+    page = await (await client.get(f"/admin/runs/{run_id}")).text()
+    live = await (await client.get(f"/admin/api/runs/{run_id}")).text()
+    for text in (shown, page, live, repr(row)):
+        assert "inbound-q" not in text
