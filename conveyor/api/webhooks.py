@@ -102,7 +102,7 @@ def trigger_payload(request: web.Request, raw: bytes) -> dict[str, Any]:
     return {
         "method": request.method,
         "headers": payloads.headers(request.headers.items()),
-        "query": dict(request.query),
+        "query": payloads.query(request.query.items()),
         "body": body,
     }
 
