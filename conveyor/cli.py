@@ -47,6 +47,11 @@ EXIT_NOT_FOUND = 3
 EXIT_UNREACHABLE = 4
 EXIT_BROKEN_PIPE = 141
 
+FOLLOW_JSON_HELP = (
+    'With --json: one JSON object per line as things happen, {"status": S} or '
+    '{"step": {...}}, the last line the whole run record (GET /api/v1/flow-runs/{id}).'
+)
+
 EXIT_CODES_HELP = """\
 exit codes (every command): 0 done (for --sync and follow: the run SUCCEEDED); 1 the API
 refused the request, or the run ended FAILED, CANCELED, TIMEOUT ...; 2 usage or configuration
@@ -477,6 +482,7 @@ def _add_runs(
         "follow",
         parents=polling,
         help="print a run's status and steps live until it ends; exit 1 unless it succeeded",
+        description=FOLLOW_JSON_HELP,
     )
     follow.add_argument("id", help="run id")
     follow.set_defaults(func=cmd_runs_follow)
@@ -539,7 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_flows_list
     )
     frun = flows.add_parser(
-        "run", parents=[api, as_json, poll], help="start a run of flow NAME (name or id)"
+        "run",
+        parents=[api, as_json, poll],
+        help="start a run of flow NAME (name or id)",
+        description="Start a run (POST /api/v1/flows/{id}/run; any trigger type, enabled or "
+        'not). Without --sync print its id (--json: {"run_id", "status"}); with --sync '
+        "follow it like `runs follow`. " + FOLLOW_JSON_HELP,
     )
     frun.add_argument("name", help="flow name or id")
     frun.add_argument("--data", help="trigger body, a JSON document (default: no body)")

@@ -265,12 +265,29 @@ async def test_unauthorized_names_the_api_key(refusing_api: str) -> None:
 def test_help_lists_exit_codes_and_api_key() -> None:
     """`conveyor --help` and each group's help end with the exit codes and AP_API_KEY."""
     for argv in ([], ["flows"], ["runs"], ["secrets"]):
-        parser = build_parser()
-        text = parser.format_help() if not argv else _group_help(parser, argv[0])
+        text = _help(*argv)
         assert "exit codes (every command): 0 done" in text, argv
         assert "4 the API cannot be reached" in text and "AP_API_KEY" in text, argv
 
 
-def _group_help(parser: argparse.ArgumentParser, name: str) -> str:
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return str(sub.choices[name].format_help())
+def test_help_says_what_run_and_follow_print() -> None:
+    """`flows run` says it runs disabled flows too; follow and run describe their JSON lines;
+    `runs retry` explains both strategies."""
+    run_help = " ".join(_help("flows", "run").split())
+    assert "any trigger type, enabled or not" in run_help
+    for argv in (("flows", "run"), ("runs", "follow")):
+        text = " ".join(_help(*argv).split())
+        assert 'one JSON object per line as things happen, {"status": S} or {"step"' in text
+        assert "the last line the whole run record" in text
+    retry = " ".join(_help("runs", "retry").split())
+    assert "FROM_FAILED_STEP (default): same flow version" in retry
+    assert "ON_LATEST_VERSION: start over on the flow's current version" in retry
+
+
+def _help(*names: str) -> str:
+    """The help text of ``conveyor NAMES…``, without running the parser."""
+    parser = build_parser()
+    for name in names:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return str(parser.format_help())
