@@ -26,6 +26,7 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -115,6 +116,18 @@ def _host_allowed(settings: Settings, host: str | None) -> bool:
         elif host == entry.rstrip("."):
             return True
     return False
+
+
+#: A ``Host`` value as a proxy sends it: a name or an address, with an optional port.
+_HOST_PORT = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
+
+
+def trusted_host(settings: Settings, netloc: str) -> bool:
+    """True when ``netloc`` (``host[:port]`` from a header such as ``X-Forwarded-Host``) is
+    well-formed and passes the same Host allow-list as the board's guard."""
+    if not _HOST_PORT.fullmatch(netloc):
+        return False
+    return _host_allowed(settings, _host_name(netloc))
 
 
 def _origin_allowed(request: web.Request, settings: Settings) -> bool:

@@ -398,3 +398,31 @@ def test_curl_example_quotes_what_it_shows() -> None:
     flow["trigger"]["secret"] = "{{secrets['a\nb']}}"
     assert webhook_secret_name(flow) in ("of the trigger", None)
     assert webhook_secret_name({"id": "f", "trigger": {"type": "webhook"}}) is None
+
+
+async def test_forwarded_host_is_used_only_when_allowed(make_client: Any) -> None:
+    """X-Forwarded-Host shapes the webhook URLs (board and API) only when it passes the
+    board's Host allow-list; anything else gives the request's own host."""
+    client = await make_client(
+        AP_CONTAINER_TYPE="APP", AP_QUEUE_UI_ALLOWED_HOSTS="hooks.example.test"
+    )
+    fid = await create_flow(client, ECHO)
+    own = f"http://{client.make_url('').host}:{client.make_url('').port}/api/v1/webhooks/{fid}"
+    cases = [
+        (
+            {"X-Forwarded-Host": "hooks.example.test", "X-Forwarded-Proto": "https"},
+            f"https://hooks.example.test/api/v1/webhooks/{fid}",
+        ),
+        ({"X-Forwarded-Host": "localhost:8443"}, f"http://localhost:8443/api/v1/webhooks/{fid}"),
+        ({"X-Forwarded-Host": "evil.example"}, own),
+        ({"X-Forwarded-Host": "a'$(id)`id`\"b"}, own),
+        ({"X-Forwarded-Host": "127.0.0.1'$(id)"}, own),
+        ({"X-Forwarded-Host": "evil.example, hooks.example.test"}, own),
+        ({"X-Forwarded-Proto": "javascript"}, own),
+    ]
+    for headers, url in cases:
+        page = await (await client.get("/admin/flows", headers=headers)).text()
+        assert f'<code id="url-{fid}">{html.escape(url)}</code>' in page, headers
+        assert "evil" not in page and "$(id)" not in page, headers
+        api = await (await client.get(f"/api/v1/flows/{fid}", headers=headers)).json()
+        assert api["webhook_url"] == url, headers
