@@ -38,10 +38,10 @@ async def test_create_returns_flat_flow(client: TestClient[Any, Any]) -> None:
     assert body["sync_webhook_url"] == body["webhook_url"] + "/sync"
     proxied = await client.get(
         f"/api/v1/flows/{body['id']}",
-        headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "hooks.example.com"},
+        headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "localhost:8443"},
     )
     assert (await proxied.json())["webhook_url"] == (
-        f"https://hooks.example.com/api/v1/webhooks/{body['id']}"
+        f"https://localhost:8443/api/v1/webhooks/{body['id']}"
     )
 
 
