@@ -490,13 +490,25 @@ async def reset_for_retry(
             await conn.execute(
                 """DELETE FROM step_runs WHERE run_id = $1 AND seq >= COALESCE(
                        (SELECT min(seq) FROM step_runs WHERE run_id = $1
-                          AND status IN ('FAILED', 'TIMEOUT', 'MEMORY_LIMIT_EXCEEDED')),
+                          AND status IN ('FAILED', 'TIMEOUT', 'MEMORY_LIMIT_EXCEEDED',
+                                         'CANCELED')),
                        (SELECT max(seq) + 1 FROM step_runs WHERE run_id = $1))""",
                 run_id,
             )
         else:
             await conn.execute("DELETE FROM step_runs WHERE run_id = $1", run_id)
     return {**dict(row), "retried": True}
+
+
+async def cancel_paused_steps(db: Database, run_id: uuid.UUID) -> int:
+    """Mark the ``PAUSED`` step records of a canceled run ``CANCELED`` (a pausing delay that
+    will never resume). Returns how many changed."""
+    async with db.writer() as conn:
+        result: str = await conn.execute(
+            "UPDATE step_runs SET status = 'CANCELED' WHERE run_id = $1 AND status = 'PAUSED'",
+            run_id,
+        )
+    return int(result.rsplit(maxsplit=1)[-1])
 
 
 async def delete_older_than(db: Database, days: int, *, batch: int = 5000) -> int:
