@@ -134,9 +134,23 @@ def _uuid_arg(raw: str | None, what: str) -> uuid.UUID | None:
         raise ApiError(400, "BAD_REQUEST", f"{what} is not a valid id") from None
 
 
-async def _flow_names(request: web.Request) -> dict[str, str]:
-    flows = await flow_store.list_flows(root(request)[DB], limit=200)
-    return {str(f.id): f.name for f in flows}
+#: Flows offered in the runs page's filter (newest first).
+FLOW_CHOICES = 200
+
+
+async def _flow_names(request: web.Request, wanted: set[str]) -> dict[str, str]:
+    """Names of the newest :data:`FLOW_CHOICES` flows (the filter's choices) plus those of the
+    ``wanted`` ids (the filtered flow, the flows of the runs shown) not among them; an id
+    whose flow is gone has no name."""
+    db = root(request)[DB]
+    flows = await flow_store.list_flows(db, limit=FLOW_CHOICES)
+    names = {str(f.id): f.name for f in flows}
+    for flow_id in sorted(wanted - names.keys()):
+        try:
+            names[flow_id] = (await flow_store.get_flow(db, uuid.UUID(flow_id))).name
+        except NotFound:
+            continue
+    return names
 
 
 async def _search(request: web.Request) -> tuple[str | None, int]:
@@ -174,7 +188,8 @@ async def runs_data(request: web.Request) -> Context:
         root(request)[DB], flow_id=flow_id, status=status, limit=limit + 1, cursor=cursor
     )
     runs = [run_json(r) for r in rows[:limit]]
-    names = await _flow_names(request)
+    wanted = {run["flow_id"] for run in runs} | ({str(flow_id)} if flow_id else set())
+    names = await _flow_names(request, wanted)
     for run in runs:
         run["flow_name"] = names.get(run["flow_id"])
     query = {"flow_id": str(flow_id) if flow_id else "", "status": status or ""}
@@ -184,10 +199,13 @@ async def runs_data(request: web.Request) -> Context:
     next_url = None
     if next_cursor:
         next_url = "/admin/runs?" + urllib.parse.urlencode({**query, "cursor": next_cursor})
+    choices = sorted(names.items(), key=lambda kv: kv[1].lower())
+    if flow_id and str(flow_id) not in names:  # a deleted flow: still the selected filter
+        choices.insert(0, (str(flow_id), str(flow_id)))
     return {
         "title": "Runs",
         "runs": runs,
-        "flows": sorted(names.items(), key=lambda kv: kv[1].lower()),
+        "flows": choices,
         "filter": query,
         "statuses": RUN_STATUSES,
         "search": request.query.get("run", "")[:200],

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from conveyor.board import views
 from conveyor.board.present import curl_example
 from conveyor.board.views import webhook_secret_name
 from conveyor.heartbeat import Heartbeat
@@ -426,3 +427,25 @@ async def test_forwarded_host_is_used_only_when_allowed(make_client: Any) -> Non
         assert "evil" not in page and "$(id)" not in page, headers
         api = await (await client.get(f"/api/v1/flows/{fid}", headers=headers)).json()
         assert api["webhook_url"] == url, headers
+
+
+async def test_runs_filter_keeps_a_flow_beyond_the_choices(make_client: Any) -> None:
+    """With more flows than the filter offers (200), filtering by an older one keeps it
+    selected (it is fetched and added) and its runs show its name, not an id."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    old = await create_flow(client, {**ECHO, "name": "oldest-flow"})
+    run_id = (await fire(client, old))[0]
+    newer = [
+        await create_flow(client, {**ECHO, "name": f"f{i}"}) for i in range(views.FLOW_CHOICES + 1)
+    ]
+    for path in (f"/admin/runs?flow_id={old}", "/admin/runs"):
+        page = await (await client.get(path)).text()
+        row = page[page.index(f'<tr data-run="{run_id}"') :]
+        assert re.search(r'<td data-label="Flow"><span>oldest-flow <span', row), path
+    page = await (await client.get(f"/admin/runs?flow_id={old}")).text()
+    assert re.findall(r'<option value="([^"]*)" selected>', page) == [old]
+    assert f'<option value="{old}" selected>oldest-flow</option>' in page
+    assert f'<option value="{newer[0]}">' not in page  # beyond the choices, no run shown
+    assert f'<option value="{newer[-1]}">f{views.FLOW_CHOICES}</option>' in page
+    live = await (await client.get(f"/admin/api/runs?flow_id={old}")).json()
+    assert "oldest-flow" in live["regions"]["runs"]
