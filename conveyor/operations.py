@@ -170,6 +170,8 @@ class Operations:
                 run_id, RunStatus.CANCELED, error={"step": None, "message": "canceled by user"}
             )
         )
+        if changed:
+            await run_store.cancel_paused_steps(self.db, run_id)
         row = await run_store.get_run(self.db, run_id)
         if not changed and row["status"] != RunStatus.CANCELED.value:
             raise RunFinished(f"run already ended as {row['status']}")

@@ -51,6 +51,8 @@ class StepStatus(enum.StrEnum):
     TIMEOUT = "TIMEOUT"
     MEMORY_LIMIT_EXCEEDED = "MEMORY_LIMIT_EXCEEDED"
     PAUSED = "PAUSED"
+    #: A paused step (a pausing delay) whose run was canceled: it will never resume.
+    CANCELED = "CANCELED"
 
 
 #: Step statuses that count as "done" for durable resumption: such a step is not re-run.

@@ -167,6 +167,25 @@ async def test_a_refused_dead_job_retry_leaves_the_run_alone(
     assert [s.name for s in await run_store.get_steps(ops.db, run_id)] == ["a"]
 
 
+async def test_cancelling_a_paused_run_cancels_its_paused_step(
+    ops: Operations, parts: Parts
+) -> None:
+    """A run paused on a delay, then canceled: the delay's PAUSED record becomes CANCELED (it
+    will never resume); a FROM_FAILED_STEP retry drops it so the delay runs again."""
+    flow = await ops.create_flow(DOC)
+    run_id = await ops.start_run(flow, None)
+    done = {"name": "a", "type": "transform", "status": "SUCCEEDED", "output": {"x": 1}}
+    paused = {"name": "wait", "type": "delay", "status": "PAUSED", "output": {"resume_at": "x"}}
+    for seq, record in enumerate((done, paused)):
+        assert await parts.writer.add_step(run_store.StepRow(run_id, seq, StepRecord.of(record)))
+    assert await parts.writer.transition(Transition(run_id, RunStatus.PAUSED))
+    assert (await ops.cancel_run(run_id))["status"] == RunStatus.CANCELED.value
+    steps = await run_store.get_steps(ops.db, run_id)
+    assert [(s.name, s.status) for s in steps] == [("a", "SUCCEEDED"), ("wait", "CANCELED")]
+    await ops.retry_run(run_id, "FROM_FAILED_STEP")
+    assert [s.name for s in await run_store.get_steps(ops.db, run_id)] == ["a"]
+
+
 async def test_workers_and_scaling_read_the_injected_registry(
     ops: Operations, parts: Parts
 ) -> None:
