@@ -124,7 +124,7 @@ async def test_openapi_lists_every_route(client: TestClient[Any, Any]) -> None:
     for route in client.app.router.routes():
         info = route.resource.get_info()
         path = info.get("path") or info.get("formatter")
-        if route.method == "HEAD" or not path or path.startswith("/admin/"):
+        if route.method == "HEAD" or not path or path.startswith("/admin") or path.endswith("/"):
             continue
         assert path in spec["paths"], path
         method = "post" if route.method == "*" else route.method.lower()
