@@ -625,7 +625,6 @@ def _hook(method: str, sync: bool) -> Json:
         body=_HOOK_BODY if method != "get" else None,
         public=True,
     )
-    op["security"] = []  # said explicitly: no API key
     return op
 
 
