@@ -284,6 +284,20 @@ steps:
     input: {status: 200, body: {greeting: "{{greet.message}}"}}
 """
 WEBHOOK_EXAMPLE: Final[Json] = {"name": "Ada"}
+_EXAMPLE_ID: Final = "01938d2e-5b7a-7c3e-9a41-2f0c8b6d4e10"
+_EXAMPLE_HOOK: Final = f"http://127.0.0.1:8080/api/v1/webhooks/{_EXAMPLE_ID}"
+EXAMPLE_FLOW_ANSWER: Final[Json] = {
+    "id": _EXAMPLE_ID,
+    "name": EXAMPLE_FLOW["name"],
+    "version": 1,
+    "enabled": True,
+    "trigger": EXAMPLE_FLOW["trigger"],
+    "steps": EXAMPLE_FLOW["steps"],
+    "webhook_url": _EXAMPLE_HOOK,
+    "sync_webhook_url": _EXAMPLE_HOOK + "/sync",
+    "created_at": "2026-12-01T16:00:00+00:00",
+    "updated_at": "2026-12-01T16:00:00+00:00",
+}
 
 # --------------------------------------------------------------------------- API objects
 _PAGE_CURSOR: Final[Json] = {
@@ -329,7 +343,8 @@ API_SCHEMAS: Final[dict[str, Json]] = {
             "sync_webhook_url": {"type": "string", "format": "uri"},
             "created_at": _TIME,
             "updated_at": _TIME,
-        }
+        },
+        example=EXAMPLE_FLOW_ANSWER,
     ),
     "FlowPage": _page("Flow"),
     "RunAccepted": _obj(
@@ -484,18 +499,29 @@ def _path_param(path: str, name: str) -> Json:
 
 # --------------------------------------------------------------------------- responses
 _ERRORS: Final[dict[int, str]] = {
-    400: "bad request: a malformed parameter or body",
-    401: "missing or wrong Authorization: Bearer <AP_API_KEY>",
-    404: "not found",
+    400: "bad request: a malformed parameter or body (BAD_REQUEST)",
+    401: "missing or wrong Authorization: Bearer <AP_API_KEY> (UNAUTHORIZED)",
+    404: "not found (NOT_FOUND)",
     408: "the flow did not answer in time (WEBHOOK_TIMEOUT); the run goes on",
-    409: "conflict",
+    409: "conflict (CONFLICT)",
     413: "body too large (PAYLOAD_TOO_LARGE)",
-    415: "unsupported media type",
-    422: "the request is well-formed but refused",
+    415: "unsupported media type (UNSUPPORTED_MEDIA_TYPE)",
+    422: "the request is well-formed but refused (UNPROCESSABLE)",
     429: "backlog full (QUEUE_FULL): retry after Retry-After seconds",
-    500: "the run ended unsuccessfully (code = its status); details in the run record",
-    503: "Redis or PostgreSQL unavailable: retry after Retry-After seconds",
+    500: "the run ended unsuccessfully (FAILED, TIMEOUT, …: its status); details in the run record",
+    503: "Redis or PostgreSQL unavailable (UNAVAILABLE): retry after Retry-After seconds",
 }
+_CODE = re.compile(r"\(([A-Z][A-Z_]+)")
+
+
+def _error(status: int, description: str) -> Json:
+    """An error answer whose example has the code its description names."""
+    found = _CODE.search(description) or _CODE.search(_ERRORS.get(status, ""))
+    error: Json = {"code": found.group(1) if found else "ERROR", "message": description}
+    if error["code"] == "FLOW_INVALID":
+        problem = 'template refers to unknown step "gret"'
+        error["details"] = [{"path": "steps[1].input.body.greeting", "message": problem}]
+    return _json(_ref("Error"), description, {"error": error})
 
 
 def _json(schema: Json, description: str, example: Any = None) -> Json:
@@ -515,9 +541,7 @@ def _fail(*statuses: int, **why: str) -> dict[int, Json]:
     """Error answers; ``why`` overrides a description (``e404="no such flow"``)."""
     every = sorted({*statuses, *(int(key[1:]) for key in why)})
     return {
-        s: _json(_ref("Error"), why[f"e{s}"])
-        if f"e{s}" in why
-        else {"$ref": f"#/components/responses/E{s}"}
+        s: _error(s, why[f"e{s}"]) if f"e{s}" in why else {"$ref": f"#/components/responses/E{s}"}
         for s in every
     }
 
@@ -629,6 +653,7 @@ def _hook(method: str, sync: bool) -> Json:
 
 
 _FLOW_404: Final = "no such flow"
+_INVALID: Final = "the document is invalid (FLOW_INVALID): details lists every problem"
 _RUN_404: Final = "no such run"
 _Q404: Final = "no such queue (queues are sync and runs)"
 
@@ -642,7 +667,7 @@ OPERATIONS: Final[dict[tuple[str, str], Json]] = {
         "and saves version 1, enabled. The answer has the flow's id and its two webhook "
         'URLs. The example creates a flow whose sync webhook greets {"name": "Ada"}.',
         _ok(201, "Flow", "created")
-        | _fail(400, 413, 422, 503, e409="a flow with this name exists (use PUT)"),
+        | _fail(400, 413, 503, e409="a flow with this name exists (use PUT)", e422=_INVALID),
         body=_FLOW_BODY,
     ),
     ("get", "/api/v1/flows"): _op(
@@ -664,7 +689,8 @@ OPERATIONS: Final[dict[tuple[str, str], Json]] = {
         "Save a new version of a flow",
         "Replaces the document (validated like a create) as a new immutable version; runs "
         "already started keep theirs. Server fields from GET may be left in and are ignored.",
-        _ok(200, "Flow", "the new version") | _fail(400, 409, 413, 422, 503, e404=_FLOW_404),
+        _ok(200, "Flow", "the new version")
+        | _fail(400, 409, 413, 503, e404=_FLOW_404, e422=_INVALID),
         body=_FLOW_BODY,
     ),
     ("delete", "/api/v1/flows/{id}"): _op(
@@ -1022,7 +1048,7 @@ def build_spec(app: web.Application) -> dict[str, Any]:
             },
             "schemas": {**FLOW_SCHEMAS, **API_SCHEMAS},
             "parameters": _PARAMETERS,
-            "responses": {f"E{s}": _json(_ref("Error"), d) for s, d in _ERRORS.items()},
+            "responses": {f"E{s}": _error(s, d) for s, d in _ERRORS.items()},
         },
     }
 
