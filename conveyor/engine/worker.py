@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from conveyor import metrics
 from conveyor.engine.context import RunContext, RunOutcome, Services, StepRecord
 from conveyor.engine.executor import Executor
+from conveyor.engine.flow import Flow, Step
 from conveyor.engine.reconciler import Reconciler, resume_job_id
 from conveyor.engine.registry import FlowRegistry
 from conveyor.engine.replies import ReplyPublisher
@@ -62,6 +63,15 @@ class RunEnded(Conflict):
 #: statement. Re-running such a step after a crash has no effect beyond its own record; every
 #: other type's checkpoint is written before the next step starts, as before.
 DEFERRED_TYPES = frozenset({StepType.TRANSFORM, StepType.BRANCH, StepType.RESPOND})
+
+
+def without_effects(steps: Sequence[Step]) -> bool:
+    """True when every step, nested ones included, is one of :data:`DEFERRED_TYPES`."""
+    return all(
+        step.type in DEFERRED_TYPES
+        and all(without_effects(getattr(step, arm.attr)) for arm in step.spec.arms)
+        for step in steps
+    )
 
 
 class _Sink:
@@ -188,16 +198,28 @@ class RunWorker:
         run_id = run.run_id
         rid = uuid.UUID(run_id)
         started_s = metrics.job_started(job.entry_ms)
-        started = await self.writer.transition(
-            Transition(rid, RunStatus.RUNNING, bump_attempt=True)
-        )
-        reply = run.reply
-        if not started:
-            # Canceled (or finished by an earlier delivery): nothing to run; tell a waiter.
-            if reply:
-                await self._final_from_store(reply, rid)
-            return
         fresh = job.attempt == 1 and run.fresh
+        flow_id = uuid.UUID(run.flow_id)
+        version = run.version
+        flow: Flow | None = None
+        if fresh:
+            with contextlib.suppress(Exception):  # looked up again below, errors and all
+                flow = await self.registry.version(flow_id, version)
+        # A first delivery of a flow without effects runs in memory and is committed once, as
+        # it ends (see _commit): it has nothing to guard with a RUNNING transition first. A run
+        # canceled meanwhile stays CANCELED (the final statement is guarded); a waiting caller
+        # may still hear its respond step, as when a cancel lands while any run executes.
+        in_memory = flow is not None and without_effects(flow.steps)
+        reply = run.reply
+        if not in_memory:
+            started = await self.writer.transition(
+                Transition(rid, RunStatus.RUNNING, bump_attempt=True)
+            )
+            if not started:
+                # Canceled (or finished by an earlier delivery): nothing to run; tell a waiter.
+                if reply:
+                    await self._final_from_store(reply, rid)
+                return
         trigger = run.trigger
         checkpoints: list[StepRecord] = []
         if not fresh:
@@ -207,9 +229,8 @@ class RunWorker:
             first_seq = 0
         if trigger is None:
             trigger = (await run_store.get_run(self.writer.db, rid))["trigger"]
-        flow_id = uuid.UUID(run.flow_id)
-        version = run.version
-        flow = await self.registry.version(flow_id, version)
+        if flow is None:
+            flow = await self.registry.version(flow_id, version)
         secrets = (
             await load_secrets(self.writer.db, self.box, flow.secret_names)
             if flow.secret_names
@@ -248,7 +269,14 @@ class RunWorker:
             self.sinks.sinks.pop(run_id, None)
         metrics.observe_run(outcome.status.value, started_s)
         # The caller already has its answer once a respond step ran: no final message.
-        await self._commit(rid, run, outcome, None if answered else reply, sink)
+        await self._commit(
+            rid,
+            run,
+            outcome,
+            None if answered else reply,
+            sink,
+            in_memory=in_memory,
+        )
 
     async def _commit(
         self,
@@ -257,6 +285,8 @@ class RunWorker:
         outcome: RunOutcome,
         reply: str | None,
         sink: _Sink,
+        *,
+        in_memory: bool = False,
     ) -> None:
         run_id = run.run_id
         if outcome.status is RunStatus.PAUSED and outcome.resume_at is not None:
@@ -279,10 +309,12 @@ class RunWorker:
         held = sink.take()
         if held:
             await sink.fence()
-        # The held checkpoints and the final state: one statement, batched across runs.
-        stored = await self.writer.finish(
-            Finish(Transition(rid, outcome.status, output=outcome.output, error=error), held)
+        # The held checkpoints and the final state: one statement, batched across runs. A run
+        # executed in memory counts its attempt here (it skipped the RUNNING transition).
+        change = Transition(
+            rid, outcome.status, output=outcome.output, error=error, bump_attempt=in_memory
         )
+        stored = await self.writer.finish(Finish(change, held))
         if not reply:
             return
         # Committed: from here on nothing may fail the job. The reply is transport; a caller

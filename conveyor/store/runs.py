@@ -125,7 +125,8 @@ UPDATE runs r SET
     -- A resumed run keeps its resume_at while RUNNING: its queue entry's id derives from it.
     resume_at = CASE WHEN u.status = 'PAUSED' THEN u.resume_at
                      WHEN u.status = 'RUNNING' THEN r.resume_at ELSE NULL END,
-    started_at = CASE WHEN u.status = 'RUNNING' THEN COALESCE(r.started_at, now())
+    -- A bumped attempt starts the run (RUNNING, or a run executed in memory that ends here).
+    started_at = CASE WHEN u.status = 'RUNNING' OR u.bump THEN COALESCE(r.started_at, now())
                       ELSE r.started_at END,
     finished_at = CASE WHEN u.status = ANY($9::text[]) THEN now() ELSE NULL END,
     updated_at = now()

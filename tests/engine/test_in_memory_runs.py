@@ -1,0 +1,162 @@
+"""Runs of flows without effects (only transform, branch, respond) are executed in memory on
+their first delivery and committed once: no RUNNING transition, the steps and the final state
+in one statement, the attempt counted, a sync caller answered with the respond step; a run
+canceled while queued stays CANCELED; a flow with a code step still goes through RUNNING
+first. Real PostgreSQL, Redis and the real engine worker."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from conveyor.engine.flow import parse_flow
+from conveyor.engine.registry import FlowRegistry
+from conveyor.engine.replies import ReplyHub
+from conveyor.engine.submit import OnFull, Submitter
+from conveyor.engine.worker import RunWorker, without_effects
+from conveyor.ids import uuid7
+from conveyor.status import RunStatus
+from conveyor.store import flows as flow_store
+from conveyor.store import runs as run_store
+from conveyor.store.db import Database
+from conveyor.store.runs import NewRun, RunWriter, Transition
+from conveyor.store.secrets import SecretBox
+from tests.api.conftest import ENCRYPTION_KEY, make_settings
+
+PURE = {
+    "name": "pure",
+    "trigger": {"type": "webhook"},
+    "steps": [
+        {"name": "parse", "type": "transform", "input": {"total": "{{trigger.body.n}}"}},
+        {
+            "name": "route",
+            "type": "branch",
+            "when": {"all": [{"left": "{{parse.total}}", "op": "gt", "right": 1}]},
+            "then": [{"name": "big", "type": "transform", "input": {"big": True}}],
+            "else": [],
+        },
+        {"name": "reply", "type": "respond", "input": {"status": 201, "body": "{{parse}}"}},
+    ],
+}
+
+
+class _CountingWriter(RunWriter):
+    """A RunWriter noting every transition's status (the real writes happen)."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self.statuses: list[str] = []
+
+    async def transition(self, change: Transition) -> bool:
+        self.statuses.append(change.status.value)
+        return await super().transition(change)
+
+
+@pytest.fixture
+async def worker(
+    db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str
+) -> AsyncIterator[RunWorker]:
+    settings = make_settings(postgres_url, redis_url, AP_CONTAINER_TYPE="WORKER")
+    writer = _CountingWriter(db)
+    w = RunWorker(
+        settings,
+        writer=writer,
+        registry=FlowRegistry(db),
+        box=SecretBox(ENCRYPTION_KEY),
+        redis=redis,
+        sandbox=None,
+        http=None,
+    )
+    yield w
+    await w.replies.close()
+    await w.producer.close()
+    await writer.close()
+
+
+async def _submit(
+    db: Database, w: RunWorker, doc: dict[str, Any], reply: str | None = None, n: int = 5
+) -> uuid.UUID:
+    flow = await flow_store.create_flow(db, f"{doc['name']}-{uuid.uuid4().hex[:6]}", doc)
+    new = NewRun(uuid7(), flow.id, flow.version, {"body": {"n": n}}, queue="sync")
+    sub = await Submitter(w.writer, w.producer).submit(new, on_full=OnFull.REFUSE, reply=reply)
+    return sub.run_id
+
+
+def test_without_effects_looks_into_branch_arms() -> None:
+    """Pure: transform/branch/respond all the way down; a code step in an arm is not."""
+    assert without_effects(parse_flow(PURE).steps)
+    nested = orjson.loads(orjson.dumps(PURE))
+    nested["steps"][1]["then"] = [{"name": "c", "type": "code", "code": "def run(i): return 1"}]
+    assert not without_effects(parse_flow(nested).steps)
+
+
+async def test_pure_run_answers_and_commits_once(
+    db: Database, redis: aioredis.Redis, worker: RunWorker
+) -> None:
+    """The sync caller gets the respond step's answer; no RUNNING transition; SUCCEEDED with
+    attempt 1, started_at set and every step stored, in execution order."""
+    hub = ReplyHub(redis, "inmem")
+    await hub.start()
+
+    async def nothing_stored() -> dict[str, Any] | None:
+        return None  # the answer must come from the worker, not from reading the store
+
+    # The run id is chosen by _submit: submit first, then register (nothing runs before the
+    # drain below starts the consumer).
+    rid = await _submit(db, worker, PURE, reply=hub.channel)
+    waiter = hub.register(str(rid))
+    try:
+        drained = asyncio.create_task(worker.consumer.drain())
+        message = await hub.wait(waiter, 20, nothing_stored)
+        assert message is not None and message["kind"] == "respond"
+        assert message["status"] == 201 and message["body"] == {"total": 5}
+        await asyncio.wait_for(drained, 30)
+        run = await run_store.get_run(db, rid)
+        assert run["status"] == "SUCCEEDED"
+    finally:
+        hub.forget(str(rid))
+        await hub.close()
+    assert isinstance(worker.writer, _CountingWriter)
+    assert "RUNNING" not in worker.writer.statuses
+    assert run["attempt"] == 1 and run["started_at"] is not None
+    assert run["finished_at"] is not None
+    steps = await run_store.get_steps(db, rid)
+    assert [(s.seq, s.name, s.parent) for s in steps] == [
+        (0, "parse", None),
+        (1, "route", None),
+        (2, "big", "route"),
+        (3, "reply", None),
+    ]
+
+
+async def test_pure_run_canceled_before_it_starts_stays_canceled(
+    db: Database, worker: RunWorker
+) -> None:
+    """A cancel that lands first wins: the run stays CANCELED with no step stored."""
+    rid = await _submit(db, worker, PURE)
+    assert await worker.writer.transition(Transition(rid, RunStatus.CANCELED))
+    await asyncio.wait_for(worker.consumer.drain(), 30)
+    run = await run_store.get_run(db, rid)
+    assert run["status"] == "CANCELED"
+    assert await run_store.get_steps(db, rid) == []
+
+
+async def test_a_flow_with_effects_goes_through_running(db: Database, worker: RunWorker) -> None:
+    """A code step (sandbox absent here, so it fails) means RUNNING is committed first."""
+    doc = {
+        "name": "effects",
+        "trigger": {"type": "webhook"},
+        "steps": [{"name": "c", "type": "code", "code": "def run(input):\n    return 1\n"}],
+    }
+    rid = await _submit(db, worker, doc)
+    await asyncio.wait_for(worker.consumer.drain(), 30)
+    assert isinstance(worker.writer, _CountingWriter)
+    assert worker.writer.statuses[0] == "RUNNING"
+    run = await run_store.get_run(db, rid)
+    assert run["status"] in ("FAILED", "INTERNAL_ERROR") and run["attempt"] == 1
