@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -156,6 +156,21 @@ def pretty_json(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_INDENT_2, default=str).decode()
 
 
+#: Longest text a ``<pre>`` block of the run page shows, in UTF-8 bytes.
+CLIP_BYTES = 64 * 1024
+
+
+def clip(value: Any) -> dict[str, Any]:
+    """``value`` as :func:`pretty_json` text, cut to :data:`CLIP_BYTES` (at a character
+    boundary): ``text``, whether it was ``cut``, and the ``size`` and ``shown`` byte counts."""
+    text = pretty_json(value)
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= CLIP_BYTES:
+        return {"text": text, "cut": False, "size": len(raw), "shown": len(raw)}
+    kept = raw[:CLIP_BYTES].decode("utf-8", "ignore")
+    return {"text": kept, "cut": True, "size": len(raw), "shown": len(kept.encode())}
+
+
 def headline(value: Any) -> str:
     """The last non-empty line of an error (a traceback's ``ValueError: …`` line)."""
     lines = [line.strip() for line in str(value or "").splitlines() if line.strip()]
@@ -211,12 +226,13 @@ def payload(trigger: Any) -> Any:
     return trigger
 
 
-FILTERS = {
+FILTERS: dict[str, Callable[..., Any]] = {
     "seconds": fmt_seconds,
     "ms": fmt_ms,
     "bytes": fmt_bytes,
     "when": fmt_time,
     "pretty": pretty_json,
+    "clip": clip,
     "short": short_id,
     "headline": headline,
     "status_class": status_class,

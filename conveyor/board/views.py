@@ -9,6 +9,7 @@ both stay identical) and returns them as JSON with the raw data, which ``board.j
 
 from __future__ import annotations
 
+import hashlib
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
+from markupsafe import Markup
 
 from conveyor import heartbeat
 from conveyor.api.admin import (
@@ -41,6 +43,10 @@ from conveyor.store import runs as run_store
 FLASH_COOKIE = "conveyor_flash"
 #: How often the pages poll their live JSON, in milliseconds.
 REFRESH_MS = 3000
+#: Steps the run page shows at most (the first and the last halves); the API has them all.
+MAX_STEPS = 200
+#: What the live-status line says once a finished run's page stops polling.
+STOPPED_NOTE = "Run finished: live refresh stopped"
 RUN_STATUSES = tuple(s.value for s in RunStatus)
 NAV = (
     ("queues", "/admin/queues", "Queues"),
@@ -216,6 +222,20 @@ async def runs_data(request: web.Request) -> Context:
     }
 
 
+#: The run fields the run page's live JSON carries besides its HTML (status and times).
+_RUN_SUMMARY = (
+    "id",
+    "flow_id",
+    "flow_version",
+    "status",
+    "attempt",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "duration_ms",
+)
+
+
 async def run_data(request: web.Request) -> Context:
     try:
         run_id = uuid.UUID(request.match_info["id"])
@@ -229,15 +249,22 @@ async def run_data(request: web.Request) -> Context:
         flow_name: str | None = (await flow_store.get_flow(db, row["flow_id"])).name
     except NotFound:
         flow_name = None
+    bars = list(enumerate(timeline(view.steps or ())))
+    half = MAX_STEPS // 2
+    head, tail = (bars, []) if len(bars) <= MAX_STEPS else (bars[:half], bars[-half:])
     return {
         "title": f"Run {run['id']}",
         "run": run,
         "flow_name": flow_name,
         "payload": payload(run["trigger"]),
-        "steps": timeline(view.steps or ()),
+        "steps": bool(bars),
+        "steps_head": head,
+        "steps_tail": tail,
+        "steps_total": len(bars),
+        "steps_hidden": len(bars) - len(head) - len(tail),
         "finished": run["status"] in {s.value for s in TERMINAL},
         "in_flight": run["status"] in {s.value for s in IN_FLIGHT},
-        "live": {"run": {k: v for k, v in run.items() if k != "trigger"}},
+        "live": {"run": {k: run[k] for k in _RUN_SUMMARY}},
     }
 
 
@@ -332,20 +359,37 @@ async def _context(request: web.Request, page: Page) -> Context:
     # the operator back there after an action, never to the JSON twin.
     page_path = "/admin/" + request.path_qs.removeprefix("/admin/").removeprefix("api/")
     ctx = await page.build(request)
+    # A finished run changes only through an action, which reloads the page: no polling.
+    stopped = bool(ctx.get("finished"))
     ctx.update(
         csrf=csrf_token(request),
         nav=NAV,
         section=page.section,
         here=page_path,
-        refresh_ms=REFRESH_MS,
+        refresh_ms=0 if stopped else REFRESH_MS,
+        live_note=STOPPED_NOTE if stopped else "",
         live_url="/admin/api/" + page_path.removeprefix("/admin/"),
     )
     return ctx
 
 
+def _regions(request: web.Request, page: Page, ctx: Context) -> dict[str, str]:
+    """The page's live regions rendered alone (the same HTML the page embeds)."""
+    env = aiohttp_jinja2.get_env(request.app)  # the board sub-app holds it
+    return {r: env.get_template(f"_{r}.html").render(ctx) for r in page.regions}
+
+
+def _digest(html: str) -> str:
+    """A region's fingerprint: ``board.js`` swaps a region only when it changes."""
+    return hashlib.sha256(html.encode()).hexdigest()[:20]
+
+
 def html_view(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
         ctx = await _context(request, page)
+        regions = _regions(request, page, ctx)
+        ctx["regions"] = {name: Markup(html) for name, html in regions.items()}
+        ctx["region_hash"] = {name: _digest(html) for name, html in regions.items()}
         ctx["flash"] = _flash(request)
         status = int(ctx.get("http_status", 200))
         response = aiohttp_jinja2.render_template(page.template, request, ctx, status=status)
@@ -360,9 +404,15 @@ def html_view(page: Page) -> Callable[[web.Request], Awaitable[web.StreamRespons
 def live_view(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
         ctx = await _context(request, page)
-        env = aiohttp_jinja2.get_env(request.app)  # the board sub-app holds it
-        regions = {r: env.get_template(f"_{r}.html").render(ctx) for r in page.regions}
-        return json_response({"regions": regions, "data": ctx.get("live")})
+        regions = _regions(request, page, ctx)
+        doc: dict[str, Any] = {
+            "regions": regions,
+            "hashes": {name: _digest(html) for name, html in regions.items()},
+            "data": ctx.get("live"),
+        }
+        if ctx.get("finished"):
+            doc["final"] = True  # board.js stops polling
+        return json_response(doc)
 
     handler.__doc__ = f"Live-refresh JSON of the board page {page.template}."
     return handler

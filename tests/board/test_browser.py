@@ -120,25 +120,6 @@ async def next_refresh(page: Page) -> None:
     await expect(status).not_to_have_text(await status.text_content() or "")
 
 
-async def opened_steps_survive_refreshes(page: Page) -> None:
-    """A closed step opened by hand stays open across live refreshes."""
-    prepare = page.locator('[data-step="prepare"] details')
-    await prepare.locator("summary").click()
-    await page.locator("#main").focus()  # move the focus out: the region may refresh again
-    await next_refresh(page)
-    await expect(prepare).to_have_attribute("open", "")
-    # Nothing changed on the server: later refreshes leave the region (and a selection in it)
-    # alone, although the opened step makes the DOM differ from the server's HTML.
-    # A swap replaces the region's children (a copy button's label coming back is deeper).
-    await page.evaluate(
-        """window.swaps = 0; new MutationObserver(() => window.swaps++).observe(
-             document.querySelector('[data-region="run"]'), {childList: true})"""
-    )
-    await next_refresh(page)
-    await next_refresh(page)
-    assert await page.evaluate("window.swaps") == 0
-
-
 async def fits_a_phone(page: Page, path: str) -> None:
     """At 375 px nothing scrolls sideways (tables and code scroll inside their own box)."""
     width = await page.evaluate("document.documentElement.scrollWidth")
@@ -222,7 +203,8 @@ async def test_failed_run_shows_error_and_retry_succeeds(make_client: Any, page:
     assert orjson.loads(await clipboard(page)) == {"mode": "***", "n": 0}  # secret redacted
     await copied(check.get_by_role("button", name="Copy the error of step check"))
     assert "ValueError: upstream refused the order" in await clipboard(page)
-    await opened_steps_survive_refreshes(page)
+    # A finished run changes only through an action (which reloads the page): no polling.
+    await expect(page.locator("#live-status")).to_have_text(views.STOPPED_NOTE)
     await page.set_viewport_size({"width": 375, "height": 740})
     await fits_a_phone(page, "run page")
     await shot(page, "phone-run")
@@ -239,6 +221,81 @@ async def test_failed_run_shows_error_and_retry_succeeds(make_client: Any, page:
     run = await wait_status(client, run_id, "SUCCEEDED")
     assert run["attempt"] == 2 and run["steps"][-1]["output"] == {"n": 0, "ok": True}
     await shot(page, "run-succeeded")
+
+
+#: A run that pauses after its first step (the delay outlasts the test): it stays live.
+PAUSING = {
+    "name": "pausing",
+    "trigger": {"type": "webhook"},
+    "steps": [
+        {"name": "prepare", "type": "transform", "input": {"x": "{{trigger.body.x}}"}},
+        {"name": "wait", "type": "delay", "input": {"seconds": 600}},
+    ],
+}
+
+
+async def live_requests(page: Page) -> int:
+    count: int = await page.evaluate(
+        "performance.getEntriesByType('resource')"
+        ".filter(e => e.name.includes('/admin/api/')).length"
+    )
+    return count
+
+
+async def test_run_page_stays_live_while_the_operator_clicks_in_it(
+    make_client: Any, page: Page
+) -> None:
+    """The run page keeps refreshing after a click on a step's summary or a Copy button (both
+    take the focus): the opened step stays open, the focus comes back to the same element.
+    Nothing changed: no swap, a selection survives (also the first poll). Once the run is
+    finished the page stops polling."""
+    client = await make_client(AP_CONTAINER_TYPE="WORKER_AND_APP")
+    fid = await create_flow(client, PAUSING)
+    run_id = (await fire(client, fid))[0]
+    await wait_status(client, run_id, "PAUSED")
+    await page.goto(base(client) + f"/admin/runs/{run_id}")
+    # Before the first poll: watch the region and select the payload.
+    before = await page.evaluate(
+        """() => { window.swaps = 0; new MutationObserver(() => window.swaps++).observe(
+             document.querySelector('[data-region="run"]'), {childList: true});
+             const r = document.createRange();
+             r.selectNodeContents(document.getElementById('run-payload'));
+             getSelection().removeAllRanges(); getSelection().addRange(r);
+             return document.getElementById('live-status').textContent; }"""
+    )
+    assert "Updated" not in before, "the first poll came before the observer"
+    await expect(page.locator("#live-status")).to_contain_text("Updated")
+    await next_refresh(page)
+    assert await page.evaluate("window.swaps") == 0
+    assert '"x": 0' in await page.evaluate("getSelection().toString()")
+
+    prepare = page.locator('[data-step="prepare"] details')
+    await prepare.locator("summary").click()  # the summary now holds the focus
+    await expect(prepare).to_have_attribute("open", "")
+    assert await page.evaluate("document.activeElement.id") == "step-0-summary"
+    await next_refresh(page)
+    assert await page.evaluate("window.swaps") == 0  # opened by hand: still nothing to swap
+    resp = await client.post(f"/api/v1/flow-runs/{run_id}/cancel")
+    assert resp.status == 200, await resp.text()
+    await expect(page.locator("#run-status")).to_have_text("CANCELED")
+    assert await page.evaluate("window.swaps") >= 1
+    await expect(prepare).to_have_attribute("open", "")
+    assert await page.evaluate("document.activeElement.id") == "step-0-summary"
+    await expect(page.locator("#live-status")).to_have_text(views.STOPPED_NOTE)
+    # Stopped for good: no request in the next five intervals (absence needs a wait).
+    polled = await live_requests(page)
+    await page.wait_for_timeout(5 * views.REFRESH_MS)
+    assert await live_requests(page) == polled
+
+    run_id = (await fire(client, fid))[0]
+    await wait_status(client, run_id, "PAUSED")
+    await page.goto(base(client) + f"/admin/runs/{run_id}")
+    await copied(page.get_by_role("button", name="Copy the payload"))
+    assert await page.evaluate("document.activeElement.id") == "copy-run-payload"
+    resp = await client.post(f"/api/v1/flow-runs/{run_id}/cancel")
+    assert resp.status == 200, await resp.text()
+    await expect(page.locator("#run-status")).to_have_text("CANCELED")
+    assert await page.evaluate("document.activeElement.id") == "copy-run-payload"
 
 
 async def test_runs_search_and_filters(make_client: Any, page: Page) -> None:
@@ -344,8 +401,11 @@ async def test_hostile_flow_name_renders_inert(make_client: Any, page: Page) -> 
     await shot(page, "flows")
     for path in ("/admin/runs", f"/admin/runs/{run_id}", "/admin/flows"):
         await page.goto(base(client) + path)
-        # At least one live refresh has swapped its regions in.
-        await expect(page.locator("#live-status")).to_contain_text("Updated")
+        # At least one live refresh has swapped its regions in (a finished run's page does
+        # not poll: its regions are the page's own).
+        await expect(page.locator("#live-status")).to_contain_text(
+            re.compile(f"Updated|{views.STOPPED_NOTE}")
+        )
         scripts = await page.evaluate(
             "Array.from(document.scripts).filter(s => s.textContent.includes('alert')).length"
         )

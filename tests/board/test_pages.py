@@ -449,3 +449,57 @@ async def test_runs_filter_keeps_a_flow_beyond_the_choices(make_client: Any) -> 
     assert f'<option value="{newer[-1]}">f{views.FLOW_CHOICES}</option>' in page
     live = await (await client.get(f"/admin/api/runs?flow_id={old}")).json()
     assert "oldest-flow" in live["regions"]["runs"]
+
+
+async def test_big_run_page_is_bounded(make_client: Any) -> None:
+    """A run of 301 steps with a 70-KB item: the page shows the first and last 100 steps with
+    a note, cuts each block at 64 KiB with a link to the API's full record, and, the run being
+    finished, does not poll; its live JSON carries no trigger, steps or output twice."""
+    client = await make_client(AP_CONTAINER_TYPE="WORKER_AND_APP")
+    doc = {
+        "name": "loopy",
+        "trigger": {"type": "webhook"},
+        "steps": [
+            {
+                "name": "each",
+                "type": "loop",
+                "items": "{{trigger.body.items}}",
+                "steps": [{"name": "t", "type": "transform", "input": {"v": "{{loop.item}}"}}],
+            }
+        ],
+    }
+    fid = await create_flow(client, doc)
+    items = ["y" * 70_000] + ["i"] * 299
+    resp = await client.post(f"/api/v1/webhooks/{fid}", json={"items": items})
+    run_id = resp.headers["x-run-id"]
+    run = await wait_status(client, run_id, "SUCCEEDED", "FAILED", timeout_s=60)
+    assert run["status"] == "SUCCEEDED" and len(run["steps"]) == 301
+    resp = await client.get(f"/admin/runs/{run_id}")
+    page = await resp.text()
+    assert resp.status == 200
+    assert page.count('<li class="step depth-') == views.MAX_STEPS == 200
+    assert "(200 of 301 shown)" in page
+    assert "101 steps not shown (the page shows the first and the last 100)" in page
+    full = f'href="/api/v1/flow-runs/{run_id}">GET /api/v1/flow-runs/{run_id}</a>'
+    assert 'id="run-payload-cut"' in page and page.count(full) >= 3
+    assert "Cut at 64.0 KB of" in page
+    payload = page.split('<pre id="run-payload">')[1].split("</pre>")[0]
+    assert len(html.unescape(payload).encode()) <= 64 * 1024
+    assert 'data-refresh-ms="0"' in page and views.STOPPED_NOTE in page
+    assert len(page.encode()) < 1_000_000, len(page.encode())
+    live = await (await client.get(f"/admin/api/runs/{run_id}")).json()
+    assert live["final"] is True and set(live["regions"]) == {"run"}
+    assert set(live["data"]["run"]) == {
+        "id",
+        "flow_id",
+        "flow_version",
+        "status",
+        "attempt",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "duration_ms",
+    }
+    assert live["hashes"]["run"] in page  # the page's data-hash: the first poll swaps nothing
+    # The full record is the API's.
+    assert len(await (await client.get(f"/api/v1/flow-runs/{run_id}")).read()) > 140_000

@@ -7,25 +7,48 @@
   var every = parseInt(body.getAttribute("data-refresh-ms"), 10) || 0;
   var status = document.getElementById("live-status");
   var busy = false;
-  // The HTML each region last received, to swap only when the server's copy changed (the
-  // DOM differs from it once a <details> was toggled, and a needless swap drops a selection).
+  var timer = null;
+  // The fingerprint of the HTML each region last received (the page renders it in
+  // data-hash): a region is swapped only when the server's copy changed, so neither the
+  // first poll nor an unchanged one drops a selection or an opened step.
   var last = {};
+  document.querySelectorAll("[data-region]").forEach(function (el) {
+    last[el.getAttribute("data-region")] = el.getAttribute("data-hash");
+  });
+  var FOCUSABLE = "a[href], button, summary, input, select, textarea, [tabindex]";
 
-  function keep(region) {
-    // Never yank a control from under the operator's fingers: a region holding the focus
-    // waits (open details do not: swap() keeps them open).
+  function typing(region) {
+    // Never yank a field from under the operator's fingers: a region whose input, select or
+    // textarea holds the focus waits. Any other focus (a summary, a button) is restored.
     var active = document.activeElement;
-    return !!active && active !== body && region.contains(active);
+    return !!active && region.contains(active) && /^(INPUT|SELECT|TEXTAREA)$/.test(active.tagName);
   }
 
   function swap(region, html) {
-    // Open or closed, each <details id=…> keeps the state the operator gave it.
+    // Open or closed, each <details id=…> keeps the state the operator gave it; the focused
+    // element comes back by its id (or, without one, by its place among the focusables).
     var state = {};
     region.querySelectorAll("details[id]").forEach(function (d) { state[d.id] = d.open; });
+    var active = document.activeElement;
+    var focusId = null, focusAt = -1;
+    if (active && active !== body && region.contains(active)) {
+      focusId = active.id || null;
+      focusAt = Array.prototype.indexOf.call(region.querySelectorAll(FOCUSABLE), active);
+    }
     region.innerHTML = html;
     region.querySelectorAll("details[id]").forEach(function (d) {
       if (Object.prototype.hasOwnProperty.call(state, d.id)) d.open = state[d.id];
     });
+    var again = focusId ? document.getElementById(focusId) : null;
+    if (!again && focusAt >= 0) again = region.querySelectorAll(FOCUSABLE)[focusAt] || null;
+    if (again && region.contains(again)) again.focus({ preventScroll: true });
+  }
+
+  function stop(note) {
+    if (timer !== null) clearInterval(timer);
+    timer = null;
+    url = null;
+    if (status) status.textContent = note;
   }
 
   function refresh() {
@@ -38,22 +61,29 @@
       })
       .then(function (doc) {
         var regions = doc.regions || {};
+        var hashes = doc.hashes || {};
         Object.keys(regions).forEach(function (name) {
           var el = document.querySelector('[data-region="' + name + '"]');
-          if (!el || keep(el) || last[name] === regions[name]) return;
+          var hash = hashes[name] || regions[name];
+          if (!el || typing(el) || last[name] === hash) return;
           swap(el, regions[name]);
-          last[name] = regions[name];
+          last[name] = hash;
         });
-        if (status) status.textContent = "Updated " + new Date().toLocaleTimeString();
+        if (doc.final) {
+          // A finished run changes only through an action, which reloads the page.
+          stop("Run finished: live refresh stopped");
+        } else if (status) {
+          status.textContent = "Updated " + new Date().toLocaleTimeString();
+        }
       })
       .catch(function (e) {
-        if (status) status.textContent = "Live refresh failed (" + e.message + "), retrying";
+        if (status && url) status.textContent = "Live refresh failed (" + e.message + "), retrying";
       })
       .then(function () { busy = false; });
   }
 
   if (url && every > 0) {
-    setInterval(refresh, every);
+    timer = setInterval(refresh, every);
     document.addEventListener("visibilitychange", refresh);
   }
 
