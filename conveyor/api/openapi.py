@@ -449,8 +449,11 @@ _PARAMETERS: Final[dict[str, Json]] = {
         "description": "any query parameters: the flow reads them as {{trigger.query.NAME}}",
         "style": "form",
         "explode": True,
-        "schema": {"type": "object", "additionalProperties": {"type": "string"}},
-        "example": {"source": "api-docs"},
+        "schema": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "example": {"source": "api-docs"},
+        },
     },
     "idempotency_key": {
         "name": "Idempotency-Key",
@@ -464,8 +467,8 @@ _PARAMETERS: Final[dict[str, Json]] = {
         "name": "X-Conveyor-Signature",
         "in": "header",
         "required": False,
-        "description": "required when the flow's trigger has a secret: t=<unix seconds>,"
-        'v1=<hex HMAC-SHA256 of "<t>.<raw body>"> (docs/flows.md, Signatures)',
+        "description": "required when the flow's trigger has a secret: `t=<unix seconds>,"
+        'v1=<hex HMAC-SHA256 of "<t>.<raw body>">` (docs/flows.md, Signatures)',
         "schema": _STR,
     },
 }
@@ -500,7 +503,7 @@ def _path_param(path: str, name: str) -> Json:
 # --------------------------------------------------------------------------- responses
 _ERRORS: Final[dict[int, str]] = {
     400: "bad request: a malformed parameter or body (BAD_REQUEST)",
-    401: "missing or wrong Authorization: Bearer <AP_API_KEY> (UNAUTHORIZED)",
+    401: "missing or wrong `Authorization: Bearer <AP_API_KEY>` (UNAUTHORIZED)",
     404: "not found (NOT_FOUND)",
     408: "the flow did not answer in time (WEBHOOK_TIMEOUT); the run goes on",
     409: "conflict (CONFLICT)",
@@ -517,7 +520,8 @@ _CODE = re.compile(r"\(([A-Z][A-Z_]+)")
 def _error(status: int, description: str) -> Json:
     """An error answer whose example has the code its description names."""
     found = _CODE.search(description) or _CODE.search(_ERRORS.get(status, ""))
-    error: Json = {"code": found.group(1) if found else "ERROR", "message": description}
+    message = description.replace("`", "")
+    error: Json = {"code": found.group(1) if found else "ERROR", "message": message}
     if error["code"] == "FLOW_INVALID":
         problem = 'template refers to unknown step "gret"'
         error["details"] = [{"path": "steps[1].input.body.greeting", "message": problem}]
@@ -577,7 +581,7 @@ _HOOK_DOC: Final = (
     "with X-Conveyor-Signature (401 otherwise, 409 for a replay). Any HTTP method works "
     "(GET, POST, PUT, PATCH, DELETE, …; {{trigger.method}} tells which); "
     "the page lists GET and POST. The flow reads {{trigger.headers}}, {{trigger.query}} "
-    "and {{trigger.body}}; credentials in headers are stored as ***. Answers about a run "
+    "and {{trigger.body}}; credentials in headers are stored as `***`. Answers about a run "
     "carry its id in x-run-id."
 )
 _HOOK_PARAMS: Final = ("hook_query", "idempotency_key", "signature")
@@ -736,7 +740,7 @@ OPERATIONS: Final[dict[tuple[str, str], Json]] = {
         "runs",
         "Get a run with its step log",
         "Status, trigger, output or error, and every step's input, output, error and logs "
-        "in execution order (secrets' values shown as ***).",
+        "in execution order (secrets' values shown as `***`).",
         _ok(200, "Run", "the run") | _fail(503, e404=_RUN_404),
     ),
     ("post", "/api/v1/flow-runs/{id}/retry"): _op(
@@ -784,7 +788,7 @@ OPERATIONS: Final[dict[tuple[str, str], Json]] = {
         "when replaced.",
         _ok(200, _obj({"name": _STR}), "replaced")
         | _ok(201, _obj({"name": _STR}), "created")
-        | _fail(503, e400='bad name, or the body is not {"value": "<string>"}'),
+        | _fail(503, e400='bad name, or the body is not `{"value": "<string>"}`'),
         body=_body(
             _obj({"value": _STR}, ("value",)),
             {"value": "s3cret value"},
@@ -1032,7 +1036,7 @@ def build_spec(app: web.Application) -> dict[str, Any]:
             "title": "Conveyor",
             "version": __version__,
             "description": "Workflow engine API. Every /api/v1 route except the webhooks "
-            "needs Authorization: Bearer <AP_API_KEY> when AP_API_KEY is set (Authorize "
+            "needs `Authorization: Bearer <AP_API_KEY>` when AP_API_KEY is set (Authorize "
             'button). Errors are JSON: {"error": {"code", "message", "details"?}}. '
             "The flow format is described in docs/flows.md.",
         },
@@ -1043,7 +1047,7 @@ def build_spec(app: web.Application) -> dict[str, Any]:
                 SCHEME: {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "the server's AP_API_KEY, sent as Authorization: Bearer <key>",
+                    "description": "the server's AP_API_KEY, sent as `Authorization: Bearer <key>`",
                 }
             },
             "schemas": {**FLOW_SCHEMAS, **API_SCHEMAS},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 import textwrap
 from collections.abc import Callable, Iterator
 from functools import cache
@@ -372,3 +373,25 @@ async def test_served_document_and_its_examples_work(make_client: AppFactory) ->
     # Not finished (no worker here): the documented 409, not a 400 about the body.
     assert retry.status == 409, await retry.text()
     assert "409" in served["paths"]["/api/v1/flow-runs/{id}/retry"]["post"]["responses"]
+
+
+def _descriptions(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "description" and isinstance(value, str):
+                yield value
+            else:
+                yield from _descriptions(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _descriptions(item)
+
+
+def test_descriptions_survive_markdown(spec: dict[str, Any]) -> None:
+    """Descriptions are Markdown: ``<name>`` would vanish as an HTML tag and ``***`` become
+    a rule, unless inside backticks."""
+    texts = list(_descriptions(spec))
+    assert len(texts) > 100
+    for text in texts:
+        bare = re.sub(r"`[^`]*`", "", text)
+        assert not re.search(r"<[A-Za-z]", bare) and "***" not in bare, text
