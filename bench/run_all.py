@@ -1089,10 +1089,24 @@ async def queue_phases(
         },
     }
     for key, points in timelines.items():
+        # Jobs done per bin of 1/40 of the processing time, from its first finished job.
+        start = next((i for i, (_, done) in enumerate(points) if done > 0), len(points))
+        busy = points[max(0, start - 1) :]
+        if len(busy) < 2:
+            continue
+        t0, t_end = busy[0][0], busy[-1][0]
+        width = max(0.05, (t_end - t0) / 40)
         series = []
-        for (ta, na), (tb, nb) in itertools.pairwise(points):
-            if tb > ta and (nb > na or series):
-                series.append({"t": round(tb, 3), "ok_per_s": round((nb - na) / (tb - ta), 1)})
+        i, prev = 0, busy[0][1]
+        edge = t0 + width
+        while edge <= t_end + width:
+            while i + 1 < len(busy) and busy[i + 1][0] <= edge:
+                i += 1
+            series.append(
+                {"t": round(edge - t0, 3), "ok_per_s": round((busy[i][1] - prev) / width, 1)}
+            )
+            prev = busy[i][1]
+            edge += width
         run.series[key] = series
     for name, secs in rows.items():
         print(f"  {name:<34} {n:>8,} jobs {secs:8.3f} s {n / secs:>10,.0f}/s", flush=True)
