@@ -46,6 +46,8 @@ _INIT_JS = f"""window.addEventListener("load", function () {{
     dom_id: "#swagger-ui",
     deepLinking: true,
     validatorUrl: null,
+    filter: true,
+    displayRequestDuration: true,
     tryItOutEnabled: false,
     persistAuthorization: false,
     presets: [SwaggerUIBundle.presets.apis],

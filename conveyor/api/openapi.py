@@ -286,6 +286,51 @@ steps:
 WEBHOOK_EXAMPLE: Final[Json] = {"name": "Ada"}
 _EXAMPLE_ID: Final = "01938d2e-5b7a-7c3e-9a41-2f0c8b6d4e10"
 _EXAMPLE_HOOK: Final = f"http://127.0.0.1:8080/api/v1/webhooks/{_EXAMPLE_ID}"
+_STARTED: Final = "2026-12-01T16:00:01.120000+00:00"
+EXAMPLE_RUN: Final[Json] = {
+    "id": "01938d2f-0a11-7b52-8c07-5d1e3f9a2b64",
+    "flow_id": _EXAMPLE_ID,
+    "flow_version": 1,
+    "status": "SUCCEEDED",
+    "trigger": {"method": "POST", "headers": {}, "query": {}, "body": WEBHOOK_EXAMPLE},
+    "output": {"status": 200, "headers": {}, "body": {"greeting": "Hello, Ada!"}},
+    "error": None,
+    "attempt": 1,
+    "created_at": "2026-12-01T16:00:01.100000+00:00",
+    "started_at": _STARTED,
+    "finished_at": "2026-12-01T16:00:01.131000+00:00",
+    "duration_ms": 11.0,
+    "steps": [
+        {
+            "name": "greet",
+            "type": "transform",
+            "status": "SUCCEEDED",
+            "input": {"message": "Hello, Ada!"},
+            "output": {"message": "Hello, Ada!"},
+            "error": None,
+            "logs": "",
+            "started_at": _STARTED,
+            "duration_ms": 0.2,
+            "attempt": 1,
+            "parent": None,
+            "iteration": None,
+        },
+        {
+            "name": "reply",
+            "type": "respond",
+            "status": "SUCCEEDED",
+            "input": {"status": 200, "body": {"greeting": "Hello, Ada!"}},
+            "output": {"status": 200, "headers": {}, "body": {"greeting": "Hello, Ada!"}},
+            "error": None,
+            "logs": "",
+            "started_at": _STARTED,
+            "duration_ms": 0.3,
+            "attempt": 1,
+            "parent": None,
+            "iteration": None,
+        },
+    ],
+}
 EXAMPLE_FLOW_ANSWER: Final[Json] = {
     "id": _EXAMPLE_ID,
     "name": EXAMPLE_FLOW["name"],
@@ -393,7 +438,8 @@ API_SCHEMAS: Final[dict[str, Json]] = {
                 "items": _ref("StepRecord"),
                 "description": "the step log in execution order (detail view only)",
             },
-        }
+        },
+        example=EXAMPLE_RUN,
     ),
     "RunPage": _page("Run"),
     "Secret": _obj({"name": _STR, "created_at": _TIME, "updated_at": _TIME}),
