@@ -485,3 +485,36 @@ async def test_overview_screenshot(make_client: Any, page: Page, redis: aioredis
     if os.environ.get("CONVEYOR_UPDATE_DOCS_SCREENSHOT") == "1":
         await page.screenshot(path=str(ROOT / "docs" / "board-overview.png"), full_page=False)
     assert path.stat().st_size > 10_000
+
+
+async def test_long_snake_case_names_fit_a_phone(make_client: Any, page: Page) -> None:
+    """Step names of 60 and 300 characters without a space (snake_case), flow names of 60 and
+    200 (the longest allowed), wrap on the run, runs and flows pages at 375 px, every step
+    and section open: nothing scrolls sideways."""
+    client = await make_client(AP_CONTAINER_TYPE="WORKER_AND_APP")
+    await page.set_viewport_size({"width": 375, "height": 740})
+    for length in (60, 300):
+        flow_name = ("order_sync_shopify_to_netsuite_" * 10)[: min(length, 200)]
+        step = ("fetch_the_customer_record_" * 12)[:length]
+        doc = {
+            "name": flow_name,
+            "trigger": {"type": "webhook"},
+            "steps": [
+                {"name": step + "_a", "type": "transform", "input": {"v": "{{trigger.body}}"}},
+                {
+                    "name": step,
+                    "type": "code",
+                    "input": {},
+                    "code": "def run(input):\n    raise ValueError('nope')\n",
+                },
+            ],
+        }
+        fid = await create_flow(client, doc)
+        run_id = (await fire(client, fid))[0]
+        await wait_status(client, run_id, "FAILED")
+        for path in (f"/admin/runs/{run_id}", "/admin/runs", "/admin/flows"):
+            await page.goto(base(client) + path)
+            await page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
+            await fits_a_phone(page, f"{path} with {length}-character names")
+            where = "run" if run_id in path else path.rsplit("/", 1)[1]
+            await shot(page, f"phone-long-names-{where}-{length}")

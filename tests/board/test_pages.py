@@ -206,7 +206,8 @@ async def test_flows_page_shows_urls_recent_runs_and_escapes_names(make_client: 
     assert (
         f"/api/v1/webhooks/{fid}</code>" in page and f"/api/v1/webhooks/{fid}/sync</code>" in page
     )
-    assert page.count('class="copy" data-copy-target="') == 4  # 2 URLs, 2 curl examples
+    copies = re.findall(r'class="copy" id="copy-[^"]+" data-copy-target="', page)
+    assert len(copies) == 4  # 2 URLs, 2 curl examples
     assert page.count('class="dot dot-busy"') == 2 and "v1 · webhook" in page
     assert "Disable <span" in page
     runs_page = await (await client.get("/admin/runs")).text()
