@@ -4,7 +4,10 @@ Each :class:`Page` names a template, the regions of it that refresh live, and a 
 gathers the page's data by calling the same read functions as the API (queue admin, run and
 flow store, worker registry, scaling report). ``GET /admin/<page>`` renders the whole
 template; ``GET /admin/api/<page>`` renders only the regions (the same partial templates, so
-both stay identical) and returns them as JSON with the raw data, which ``board.js`` swaps in.
+both stay identical) and returns them as JSON with each region's hash (the page carries the
+same in ``data-hash``) and a summary of the data; ``board.js`` swaps a region in when its
+hash changed. A finished run's page does not poll (``final`` in its JSON stops a page that
+saw the run finish).
 """
 
 from __future__ import annotations
