@@ -18,6 +18,7 @@ from aiohttp import web
 
 from conveyor.api import payloads
 from conveyor.api.errors import ApiError, json_response
+from conveyor.api.hosts import trusted_host
 from conveyor.engine.errors import FlowInvalid
 from conveyor.engine.flow import load_document, parse_flow
 from conveyor.errors import FlowValidationError, NotFound
@@ -66,10 +67,8 @@ def public_base_url(request: web.Request) -> str:
     """Scheme and host as the caller sees them: behind nginx or an Ingress terminating TLS,
     from ``X-Forwarded-Proto``/``X-Forwarded-Host`` (they only shape the URLs we show). A
     forwarded host is used only when it passes the board's Host allow-list
-    (:func:`conveyor.board.security.trusted_host`), else the request's own ``Host``:
+    (:func:`conveyor.api.hosts.trusted_host`), else the request's own ``Host``:
     ``AP_FRONTEND_URL`` is the reliable way behind a proxy (``docs/board.md``)."""
-    from conveyor.board.security import trusted_host  # noqa: PLC0415 - the board imports us
-
     proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
     host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
     if host and not trusted_host(request.config_dict[SETTINGS], host):

@@ -25,16 +25,15 @@ import base64
 import binascii
 import hashlib
 import hmac
-import ipaddress
-import re
 import secrets
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from conveyor.api.hosts import host_allowed, host_name
 from conveyor.keys import SETTINGS
-from conveyor.settings import Settings, is_loopback_host
+from conveyor.settings import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -84,52 +83,6 @@ async def check_csrf(request: web.Request) -> None:
         raise web.HTTPForbidden(text="missing or wrong CSRF token: reload the page and try again")
 
 
-def _host_name(netloc: str) -> str | None:
-    """The host of a ``Host`` header or URL netloc, lower-case, port dropped."""
-    try:
-        host = urlsplit("//" + netloc).hostname
-    except ValueError:
-        return None
-    return host.rstrip(".") if host else None
-
-
-def _host_allowed(settings: Settings, host: str | None) -> bool:
-    if not host:
-        return False
-    if is_loopback_host(host) or host == "localhost" or host.endswith(".localhost"):
-        return True
-    allowed = list(settings.queue_ui_allowed_hosts)
-    if settings.frontend_url:
-        front = urlsplit(settings.frontend_url).hostname
-        if front:
-            allowed.append(front.lower())
-    if not allowed and not settings.loopback_bind:
-        # Reached over the network with mandatory credentials and no list to check against.
-        return True
-    for entry in allowed:
-        if "/" in entry:
-            try:
-                if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
-                    return True
-            except ValueError:
-                continue
-        elif host == entry.rstrip("."):
-            return True
-    return False
-
-
-#: A ``Host`` value as a proxy sends it: a name or an address, with an optional port.
-_HOST_PORT = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
-
-
-def trusted_host(settings: Settings, netloc: str) -> bool:
-    """True when ``netloc`` (``host[:port]`` from a header such as ``X-Forwarded-Host``) is
-    well-formed and passes the same Host allow-list as the board's guard."""
-    if not _HOST_PORT.fullmatch(netloc):
-        return False
-    return _host_allowed(settings, _host_name(netloc))
-
-
 def _origin_allowed(request: web.Request, settings: Settings) -> bool:
     origin = request.headers.get("Origin")
     if origin is None:
@@ -137,8 +90,8 @@ def _origin_allowed(request: web.Request, settings: Settings) -> bool:
     parts = urlsplit(origin) if origin != "null" else None
     if parts is None or parts.scheme not in ("http", "https"):
         return False
-    host = _host_name(parts.netloc)
-    if not _host_allowed(settings, host):
+    host = host_name(parts.netloc)
+    if not host_allowed(settings, host):
         return False
     # The page that posted must be this board itself: host and port both match the address
     # the browser used (behind a proxy: X-Forwarded-Host, or AP_FRONTEND_URL's).
@@ -196,7 +149,7 @@ def _authorized(request: web.Request) -> bool:
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Host, credentials, Origin and CSRF on every non-GET, security headers, nonce cookie."""
     settings = request.config_dict[SETTINGS]
-    if not _host_allowed(settings, _host_name(request.host)):
+    if not host_allowed(settings, host_name(request.host)):
         return web.Response(
             status=421,
             text=(
