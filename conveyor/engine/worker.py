@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,7 +27,6 @@ from redis.exceptions import RedisError
 from conveyor import metrics
 from conveyor.engine.context import RunContext, RunOutcome, Services, StepRecord
 from conveyor.engine.executor import Executor
-from conveyor.engine.flow import Flow, Step
 from conveyor.engine.reconciler import Reconciler, resume_job_id
 from conveyor.engine.registry import FlowRegistry
 from conveyor.engine.replies import ReplyPublisher
@@ -65,24 +64,28 @@ class RunEnded(Conflict):
 DEFERRED_TYPES = frozenset({StepType.TRANSFORM, StepType.BRANCH, StepType.RESPOND})
 
 
-def without_effects(steps: Sequence[Step]) -> bool:
-    """True when every step, nested ones included, is one of :data:`DEFERRED_TYPES`."""
-    return all(
-        step.type in DEFERRED_TYPES
-        and all(without_effects(getattr(step, arm.attr)) for arm in step.spec.arms)
-        for step in steps
-    )
-
-
 class _Sink:
     """Checkpoint sink of one run: numbers its steps after those already stored, holds back
-    the records of :data:`DEFERRED_TYPES` until a durable write is due."""
+    the records of :data:`DEFERRED_TYPES` until a durable write is due.
 
-    def __init__(self, writer: RunWriter, first_seq: int, job: Job | None = None) -> None:
+    ``start_pending``: the run's RUNNING transition has not been written yet (a first
+    delivery); the first durable write carries it, guarded like every transition, so a run
+    canceled meanwhile stops before any step with effects starts.
+    """
+
+    def __init__(
+        self,
+        writer: RunWriter,
+        first_seq: int,
+        job: Job | None = None,
+        *,
+        start_pending: bool = False,
+    ) -> None:
         self.writer = writer
         self.seq = first_seq
         self.job = job
         self.held: list[StepRow] = []
+        self.start_pending = start_pending
 
     async def step_finished(self, run_id: str, record: StepRecord) -> None:
         seq = self.seq
@@ -95,7 +98,7 @@ class _Sink:
     async def before_step(self, run_id: str, step_type: str) -> None:
         """A step is about to start: anything held is made durable first unless the step
         is one of :data:`DEFERRED_TYPES` too."""
-        if self.held and step_type not in DEFERRED_TYPES:
+        if (self.held or self.start_pending) and step_type not in DEFERRED_TYPES:
             await self.flush(run_id)
 
     async def fence(self) -> None:
@@ -111,6 +114,15 @@ class _Sink:
 
     async def flush(self, run_id: str) -> None:
         rows = self.take()
+        if self.start_pending:
+            # RUNNING and the held records in one statement (nothing stored if it ended).
+            self.start_pending = False
+            if rows:
+                await self.fence()
+            change = Transition(uuid.UUID(run_id), RunStatus.RUNNING, bump_attempt=True)
+            if not await self.writer.finish(Finish(change, rows)):
+                raise RunEnded(f"run {run_id} ended before it started")
+            return
         if not rows:
             return
         await self.fence()
@@ -199,19 +211,12 @@ class RunWorker:
         rid = uuid.UUID(run_id)
         started_s = metrics.job_started(job.entry_ms)
         fresh = job.attempt == 1 and run.fresh
-        flow_id = uuid.UUID(run.flow_id)
-        version = run.version
-        flow: Flow | None = None
-        if fresh:
-            with contextlib.suppress(Exception):  # looked up again below, errors and all
-                flow = await self.registry.version(flow_id, version)
-        # A first delivery of a flow without effects runs in memory and is committed once, as
-        # it ends (see _commit): it has nothing to guard with a RUNNING transition first. A run
-        # canceled meanwhile stays CANCELED (the final statement is guarded); a waiting caller
-        # may still hear its respond step, as when a cancel lands while any run executes.
-        in_memory = flow is not None and without_effects(flow.steps)
         reply = run.reply
-        if not in_memory:
+        # A first delivery starts lazily: its RUNNING transition goes with the first durable
+        # write — before the first step with effects, with its held checkpoints — or, for a
+        # run that has none, with its final state (_commit). Until then nothing it did is
+        # visible. A redelivery moves to RUNNING first, as it may resume a step with effects.
+        if not fresh:
             started = await self.writer.transition(
                 Transition(rid, RunStatus.RUNNING, bump_attempt=True)
             )
@@ -229,8 +234,9 @@ class RunWorker:
             first_seq = 0
         if trigger is None:
             trigger = (await run_store.get_run(self.writer.db, rid))["trigger"]
-        if flow is None:
-            flow = await self.registry.version(flow_id, version)
+        flow_id = uuid.UUID(run.flow_id)
+        version = run.version
+        flow = await self.registry.version(flow_id, version)
         secrets = (
             await load_secrets(self.writer.db, self.box, flow.secret_names)
             if flow.secret_names
@@ -262,7 +268,7 @@ class RunWorker:
                     },
                 )
 
-        sink = self.sinks.sinks[run_id] = _Sink(self.writer, first_seq, job)
+        sink = self.sinks.sinks[run_id] = _Sink(self.writer, first_seq, job, start_pending=fresh)
         try:
             outcome = await self.executor.run(flow, ctx, on_respond=on_respond)
         finally:
@@ -275,7 +281,6 @@ class RunWorker:
             outcome,
             None if answered else reply,
             sink,
-            in_memory=in_memory,
         )
 
     async def _commit(
@@ -285,8 +290,6 @@ class RunWorker:
         outcome: RunOutcome,
         reply: str | None,
         sink: _Sink,
-        *,
-        in_memory: bool = False,
     ) -> None:
         run_id = run.run_id
         if outcome.status is RunStatus.PAUSED and outcome.resume_at is not None:
@@ -310,9 +313,11 @@ class RunWorker:
         if held:
             await sink.fence()
         # The held checkpoints and the final state: one statement, batched across runs. A run
-        # executed in memory counts its attempt here (it skipped the RUNNING transition).
+        # that never needed a durable write before counts its attempt here (it never went
+        # through RUNNING).
+        start_pending, sink.start_pending = sink.start_pending, False
         change = Transition(
-            rid, outcome.status, output=outcome.output, error=error, bump_attempt=in_memory
+            rid, outcome.status, output=outcome.output, error=error, bump_attempt=start_pending
         )
         stored = await self.writer.finish(Finish(change, held))
         if not reply:

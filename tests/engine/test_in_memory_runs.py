@@ -1,8 +1,8 @@
-"""Runs of flows without effects (only transform, branch, respond) are executed in memory on
-their first delivery and committed once: no RUNNING transition, the steps and the final state
-in one statement, the attempt counted, a sync caller answered with the respond step; a run
-canceled while queued stays CANCELED; a flow with a code step still goes through RUNNING
-first. Real PostgreSQL, Redis and the real engine worker."""
+"""A first delivery starts lazily: a flow without effects (only transform, branch, respond) runs
+in memory and is committed once — no RUNNING transition, the steps and the final state in one
+statement, the attempt counted, a sync caller answered with the respond step; a run canceled
+while queued stays CANCELED; before the first step with effects, RUNNING is written together
+with the checkpoints held so far. Real PostgreSQL, Redis and the real engine worker."""
 
 from __future__ import annotations
 
@@ -11,21 +11,19 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from conveyor.engine.flow import parse_flow
 from conveyor.engine.registry import FlowRegistry
 from conveyor.engine.replies import ReplyHub
 from conveyor.engine.submit import OnFull, Submitter
-from conveyor.engine.worker import RunWorker, without_effects
+from conveyor.engine.worker import RunWorker
 from conveyor.ids import uuid7
 from conveyor.status import RunStatus
 from conveyor.store import flows as flow_store
 from conveyor.store import runs as run_store
 from conveyor.store.db import Database
-from conveyor.store.runs import NewRun, RunWriter, Transition
+from conveyor.store.runs import Finish, NewRun, RunWriter, Transition
 from conveyor.store.secrets import SecretBox
 from tests.api.conftest import ENCRYPTION_KEY, make_settings
 
@@ -47,15 +45,21 @@ PURE = {
 
 
 class _CountingWriter(RunWriter):
-    """A RunWriter noting every transition's status (the real writes happen)."""
+    """A RunWriter noting every state written and the steps written with it (the real
+    writes happen)."""
 
     def __init__(self, db: Database) -> None:
         super().__init__(db)
         self.statuses: list[str] = []
+        self.writes: list[tuple[str, list[str]]] = []
 
     async def transition(self, change: Transition) -> bool:
         self.statuses.append(change.status.value)
         return await super().transition(change)
+
+    async def finish(self, done: Finish) -> bool:
+        self.writes.append((done.change.status.value, [r.record.name for r in done.steps]))
+        return await super().finish(done)
 
 
 @pytest.fixture
@@ -88,14 +92,6 @@ async def _submit(
     return sub.run_id
 
 
-def test_without_effects_looks_into_branch_arms() -> None:
-    """Pure: transform/branch/respond all the way down; a code step in an arm is not."""
-    assert without_effects(parse_flow(PURE).steps)
-    nested = orjson.loads(orjson.dumps(PURE))
-    nested["steps"][1]["then"] = [{"name": "c", "type": "code", "code": "def run(i): return 1"}]
-    assert not without_effects(parse_flow(nested).steps)
-
-
 async def test_pure_run_answers_and_commits_once(
     db: Database, redis: aioredis.Redis, worker: RunWorker
 ) -> None:
@@ -124,6 +120,7 @@ async def test_pure_run_answers_and_commits_once(
         await hub.close()
     assert isinstance(worker.writer, _CountingWriter)
     assert "RUNNING" not in worker.writer.statuses
+    assert worker.writer.writes == [("SUCCEEDED", ["parse", "route", "big", "reply"])]
     assert run["attempt"] == 1 and run["started_at"] is not None
     assert run["finished_at"] is not None
     steps = await run_store.get_steps(db, rid)
@@ -147,16 +144,47 @@ async def test_pure_run_canceled_before_it_starts_stays_canceled(
     assert await run_store.get_steps(db, rid) == []
 
 
-async def test_a_flow_with_effects_goes_through_running(db: Database, worker: RunWorker) -> None:
-    """A code step (sandbox absent here, so it fails) means RUNNING is committed first."""
+async def test_running_goes_with_the_held_steps_before_a_step_with_effects(
+    db: Database, worker: RunWorker
+) -> None:
+    """transform → code (no sandbox here, so the code step fails): RUNNING is written together
+    with the transform's record before the code step starts, then the code step's record,
+    then the final state; the attempt is counted once."""
     doc = {
         "name": "effects",
         "trigger": {"type": "webhook"},
-        "steps": [{"name": "c", "type": "code", "code": "def run(input):\n    return 1\n"}],
+        "steps": [
+            {"name": "parse", "type": "transform", "input": {"n": "{{trigger.body.n}}"}},
+            {"name": "c", "type": "code", "code": "def run(input):\n    return 1\n"},
+        ],
     }
     rid = await _submit(db, worker, doc)
     await asyncio.wait_for(worker.consumer.drain(), 30)
     assert isinstance(worker.writer, _CountingWriter)
-    assert worker.writer.statuses[0] == "RUNNING"
+    assert worker.writer.writes[0] == ("RUNNING", ["parse"])
+    assert worker.writer.writes[-1][0] in ("FAILED", "INTERNAL_ERROR")
     run = await run_store.get_run(db, rid)
-    assert run["status"] in ("FAILED", "INTERNAL_ERROR") and run["attempt"] == 1
+    assert run["status"] == worker.writer.writes[-1][0] and run["attempt"] == 1
+    assert [s.name for s in await run_store.get_steps(db, rid)] == ["parse", "c"]
+
+
+async def test_a_run_canceled_while_queued_runs_no_step_with_effects(
+    db: Database, worker: RunWorker
+) -> None:
+    """transform → code, canceled before its first delivery: the transform runs in memory,
+    the start is refused before the code step, nothing is stored and the run stays
+    CANCELED."""
+    doc = {
+        "name": "effects2",
+        "trigger": {"type": "webhook"},
+        "steps": [
+            {"name": "parse", "type": "transform", "input": {"n": "{{trigger.body.n}}"}},
+            {"name": "c", "type": "code", "code": "def run(input):\n    return 1\n"},
+        ],
+    }
+    rid = await _submit(db, worker, doc)
+    assert await worker.writer.transition(Transition(rid, RunStatus.CANCELED))
+    await asyncio.wait_for(worker.consumer.drain(), 30)
+    run = await run_store.get_run(db, rid)
+    assert run["status"] == "CANCELED" and run["attempt"] == 0
+    assert await run_store.get_steps(db, rid) == []
