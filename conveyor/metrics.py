@@ -172,10 +172,27 @@ def job_started(enqueued_ms: int) -> float:
     return now
 
 
+#: Labelled children looked up once per label value: ``labels()`` costs more than the
+#: observation itself, and runs and steps are counted on every run (step types and statuses
+#: are few; the caches are bounded all the same).
+_RUN_COUNTERS: dict[str, Any] = {}
+_STEP_TIMERS: dict[str, Any] = {}
+_CHILD_CACHE_MAX = 1000
+
+
+def _child(cache: dict[str, Any], metric: Any, label: str) -> Any:
+    child = cache.get(label)
+    if child is None:
+        child = metric.labels(label)
+        if len(cache) < _CHILD_CACHE_MAX:
+            cache[label] = child
+    return child
+
+
 def observe_run(status: str, started_s: float | None = None) -> None:
     """A run ended (or paused): count terminal statuses, time it from ``started_s``."""
     if status in _TERMINAL_STATUSES:
-        RUNS_TOTAL.labels(status).inc()
+        _child(_RUN_COUNTERS, RUNS_TOTAL, status).inc()
     if started_s is not None:
         RUN_DURATION.observe(max(0.0, time.time() - started_s))
 
@@ -183,7 +200,7 @@ def observe_run(status: str, started_s: float | None = None) -> None:
 def observe_step(step_type: str, duration_ms: float | None) -> None:
     """A step finished after ``duration_ms``."""
     if duration_ms is not None:
-        STEP_DURATION.labels(step_type).observe(max(0.0, float(duration_ms)) / 1000)
+        _child(_STEP_TIMERS, STEP_DURATION, step_type).observe(max(0.0, float(duration_ms)) / 1000)
 
 
 def webhook_rejected(reason: str) -> None:
