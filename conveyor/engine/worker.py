@@ -1,10 +1,12 @@
 """The worker role: queue consumer → executor → PostgreSQL, then acknowledge.
 
 One :class:`RunWorker` per process serves the ``sync`` then the ``runs`` queue with
-``AP_WORKER_CONCURRENCY`` runs at once. For each job it moves the run to ``RUNNING`` (a batched,
-guarded update: a run canceled meanwhile is skipped), executes the compiled flow version,
-streams step checkpoints to PostgreSQL in batches across runs, commits the final state, tells
-a waiting sync caller, and only then returns — the consumer acknowledges after that, so a
+``AP_WORKER_CONCURRENCY`` runs at once. For each job it executes the compiled flow version,
+streams step checkpoints to PostgreSQL in batches across runs (those of steps without effects
+held until the next durable write), moves the run to ``RUNNING`` — a guarded update: a run
+canceled meanwhile is skipped — with its first durable write (a redelivery: before anything
+else), commits the final state with the held checkpoints in one statement, tells a waiting
+sync caller, and only then returns — the consumer acknowledges after that, so a
 worker that dies mid-run leaves the entry pending and another worker reclaims it, skipping the
 steps already checkpointed. A run that ends ``FAILED`` or ``TIMEOUT`` is a completed job; only
 an exception here (our bug, a database outage) makes the queue redeliver.
