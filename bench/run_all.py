@@ -1453,9 +1453,11 @@ def update_readme(text: str, images: list[Path]) -> None:
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     run = Run()
     if args.profile:
-        exe = args.py_spy or shutil.which("py-spy")
+        # From PATH, else beside this interpreter (the bench extra's venv, not activated).
+        here = str(Path(sys.executable).parent)
+        exe = args.py_spy or shutil.which("py-spy") or shutil.which("py-spy", path=here)
         if exe is None:
-            print("profiles skipped: py-spy not found (pip install py-spy, or --py-spy PATH)")
+            print("profiles skipped: py-spy not found (pip install -e .[bench], or --py-spy PATH)")
         run.profiler = Profiler(exe, Path(args.json).parent / "profiles")
     info = machine()
     info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
