@@ -583,7 +583,7 @@ class Consumer:
                 "t": job.enqueued_ms,
             }
         )
-        self._acks.add(s.keys, (job.entry_id, job.id, str(wait), summary))
+        self._acks.add(s.keys, (job.entry_id, job.id, wait, summary))
 
     async def _handle_failure(self, s: _Stream, job: Job, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]

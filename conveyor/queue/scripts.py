@@ -164,9 +164,15 @@ return out
 )
 
 # KEYS: stream index count completed throughput_bucket
-# ARGV: group keep ttl_s entry_ids (comma-joined) job_ids (newline-joined) waits_ms
-#       (comma-joined) summaries (newline-joined JSON, which never contains a raw newline)
-# Only entries this call acknowledged are logged, so a job is never completed twice.
+# ARGV: group keep ttl_s entry_ids (comma-joined) job_ids (newline-joined) summaries
+#       (newline-joined JSON, which never contains a raw newline; ``w`` is the wait in ms)
+#       total_wait_ms
+# Only entries this call acknowledged are logged, so a job is never completed twice. One XACK
+# takes the whole batch: when it acknowledges every id (the common case) each one was pending
+# until now. When it acknowledges fewer, some were acknowledged first by another call (a
+# takeover race): every script that acknowledges an entry also removes it from the stream, so
+# the ones still there are this call's; an entry deleted while it was pending is left to
+# LOCATE, which repairs its index and counter as for any lost entry.
 ACK = Script(
     "ack",
     """
@@ -176,31 +182,70 @@ local function split(s, pattern)
   for x in string.gmatch(s, pattern) do out[#out + 1] = x end
   return out
 end
-local eids, jids = split(ARGV[4], '[^,]+'), split(ARGV[5], '[^\\n]+')
-local waits, sums = split(ARGV[6], '[^,]+'), split(ARGV[7], '[^\\n]+')
-local acked, waited, logs, done = 0, 0, {}, {}
-for i = 1, #eids do
-  if redis.call('XACK', KEYS[1], group, eids[i]) == 1 then
-    acked = acked + 1
-    done[#done + 1] = eids[i]
-    waited = waited + tonumber(waits[i])
-    if keep > 0 then logs[#logs + 1] = sums[i] end
-    -- XACK said this entry was live, so the index still points at it (enqueue never
-    -- indexes a second live entry for one job id)
-    redis.call('HDEL', KEYS[2], jids[i])
+local eids = split(ARGV[4], '[^,]+')
+local n = #eids
+local acked, waited, jids, logs = 0, tonumber(ARGV[7]), nil, nil
+for s = 1, n, 1000 do
+  acked = acked + redis.call('XACK', KEYS[1], group, unpack(eids, s, math.min(s + 999, n)))
+end
+if acked == n then
+  jids, logs = split(ARGV[5], '[^\\n]+'), split(ARGV[6], '[^\\n]+')
+elseif acked > 0 then
+  local all_jids, all_logs = split(ARGV[5], '[^\\n]+'), split(ARGV[6], '[^\\n]+')
+  local mine = {}
+  jids, logs, waited = {}, {}, 0
+  for i = 1, n do
+    if #redis.call('XRANGE', KEYS[1], eids[i], eids[i]) > 0 then
+      mine[#mine + 1] = eids[i]
+      jids[#jids + 1] = all_jids[i]
+      logs[#logs + 1] = all_logs[i]
+      waited = waited + cjson.decode(all_logs[i])['w']
+    end
   end
+  eids, acked = mine, #mine
 end
 if acked > 0 then
+  -- XACK said these entries were live, so the index still points at them (enqueue never
+  -- indexes a second live entry for one job id)
+  for s = 1, acked, 1000 do
+    redis.call('HDEL', KEYS[2], unpack(jids, s, math.min(s + 999, acked)))
+  end
   -- Acknowledged entries leave the stream at once: it then holds only waiting and pending
   -- work, so no length-based trim (XADD MAXLEN ~) can ever reach an entry still running.
-  for s = 1, #done, 1000 do
-    redis.call('XDEL', KEYS[1], unpack(done, s, math.min(s + 999, #done)))
+  -- Entries older than every pending one are all acknowledged (reads deliver in stream
+  -- order): one exact XTRIM MINID removes them a node at a time; the rest (handlers that
+  -- finished out of order) go by XDEL, which costs a search per entry.
+  local p = redis.call('XPENDING', KEYS[1], group)
+  if tonumber(p[1]) == 0 then
+    -- nothing pending: everything up to the newest entry acknowledged here is done
+    local top = {0, 0}
+    for i = 1, acked do
+      local ms, seq = string.match(eids[i], '^(%d+)-(%d+)$')
+      ms, seq = tonumber(ms), tonumber(seq)
+      if ms > top[1] or (ms == top[1] and seq > top[2]) then top = {ms, seq} end
+    end
+    redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-%d', top[1], top[2] + 1))
+  else
+    local bms, bseq = string.match(p[2], '^(%d+)-(%d+)$')
+    bms, bseq = tonumber(bms), tonumber(bseq)
+    redis.call('XTRIM', KEYS[1], 'MINID', p[2])
+    local rest = {}
+    for i = 1, acked do
+      local ms, seq = string.match(eids[i], '^(%d+)-(%d+)$')
+      ms, seq = tonumber(ms), tonumber(seq)
+      if ms > bms or (ms == bms and seq > bseq) then rest[#rest + 1] = eids[i] end
+    end
+    for s = 1, #rest, 1000 do
+      redis.call('XDEL', KEYS[1], unpack(rest, s, math.min(s + 999, #rest)))
+    end
   end
   redis.call('DECRBY', KEYS[3], acked)
-  for s = 1, #logs, 1000 do
-    redis.call('LPUSH', KEYS[4], unpack(logs, s, math.min(s + 999, #logs)))
+  if keep > 0 then
+    for s = 1, acked, 1000 do
+      redis.call('LPUSH', KEYS[4], unpack(logs, s, math.min(s + 999, acked)))
+    end
+    redis.call('LTRIM', KEYS[4], 0, keep - 1)
   end
-  if #logs > 0 then redis.call('LTRIM', KEYS[4], 0, keep - 1) end
   redis.call('HINCRBY', KEYS[5], 'n', acked)
   redis.call('HINCRBY', KEYS[5], 'w', waited)
   redis.call('EXPIRE', KEYS[5], ttl)
