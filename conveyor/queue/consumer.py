@@ -176,6 +176,7 @@ class Consumer:
         #: One long-lived worker coroutine per slot; idle ones wait on their own future.
         self._workers: list[asyncio.Task[None]] = []
         self._idle: deque[asyncio.Future[None]] = deque()
+        self._wake_pending = False
         #: Side tasks (dead-lettering) that must finish before shutdown.
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused: frozenset[str] = frozenset()
@@ -198,6 +199,8 @@ class Consumer:
         self._outages = {
             op: Outage("redis", op) for op in ("fetch", "touch", "housekeeping", "retry", "dead")
         }
+        #: Outages of backends seen failing by handlers (``postgres``, ``redis``), by name.
+        self._run_outages: dict[str, Outage] = {}
         self.processed = 0
         self.failed = 0
         self.dead_lettered = 0
@@ -485,6 +488,8 @@ class Consumer:
         return out
 
     def _accept(self, got: Iterable[tuple[_Stream, bytes, Any, int]]) -> None:
+        fence = self._ensure_owned
+        now = time.monotonic()
         for s, eid, fields, deliveries in got:
             try:
                 job = decode_entry(s.queue, s.shard, eid, fields, deliveries)
@@ -492,8 +497,8 @@ class Consumer:
                 s.inflight[exc.job.entry_id] = exc.job
                 self._spawn(self._dead_letter(s, exc.job, exc.reason))
                 continue
-            job.fence = self._ensure_owned
-            job.confirmed = time.monotonic()
+            job.fence = fence
+            job.confirmed = now
             s.inflight[job.entry_id] = job
             if deliveries > 1 and job.attempt > self.config.max_deliveries:
                 error = (
@@ -506,22 +511,45 @@ class Consumer:
         self._wake_workers()
 
     def _wake_workers(self) -> None:
-        for _ in range(min(len(self._buffer), len(self._idle))):
-            waiter = self._idle.popleft()
+        """Wake one idle worker for the buffer now and the others one loop turn later, only
+        if the buffer is still not empty then: a worker whose handlers finish without
+        suspending runs a whole batch alone (no wake-up of 63 workers that find nothing),
+        while handlers that do suspend still all start within that turn."""
+        if not self._buffer:
+            return
+        self._wake(1)
+        if self._buffer and self._idle and not self._wake_pending:
+            self._wake_pending = True
+            asyncio.get_running_loop().call_soon(self._wake_rest)
+
+    def _wake_rest(self) -> None:
+        self._wake_pending = False
+        self._wake(len(self._buffer))
+
+    def _wake(self, n: int) -> None:
+        idle = self._idle
+        while n > 0 and idle:
+            waiter = idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                n -= 1
 
     async def _worker(self) -> None:
         # A worker drains the buffer in a tight loop: a handler that finishes without really
         # suspending costs no task creation and no event-loop round of its own.
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        buffer = self._buffer
         while True:
-            raise_if_cancelling()
-            while self._buffer:
+            if task.cancelling():
+                raise asyncio.CancelledError
+            while buffer:
                 # A cancellation that redis-py swallowed inside a handler must still stop
                 # this worker before it takes the next job (shutdown has a deadline).
-                raise_if_cancelling()
-                s, job = self._buffer.popleft()
+                if task.cancelling():
+                    raise asyncio.CancelledError
+                s, job = buffer.popleft()
                 self._running += 1
                 await self._execute(s, job)
             waiter: asyncio.Future[None] = loop.create_future()
@@ -560,8 +588,8 @@ class Consumer:
                 return
             self.processed += 1
             self._queue_ack(s, job, started)
-            for name, outage in self._outages.items():
-                if name.startswith("run:"):
+            if self._run_outages:
+                for outage in self._run_outages.values():
                     outage.ok()
         finally:
             s.inflight.pop(job.entry_id, None)
@@ -601,7 +629,9 @@ class Consumer:
             if now_ms() - since > self.config.transient_retry_max_s * 1000:
                 backend = None
         if backend is not None:
-            outage = self._outages.setdefault(f"run:{backend}", Outage(backend, "run"))
+            outage = self._run_outages.get(backend)
+            if outage is None:
+                outage = self._run_outages[backend] = Outage(backend, "run")
             delay_s = min(max(0.5, outage.failed(exc)), self.config.backoff_cap_s)
             attempt = max(1, job.attempt - 1)
         else:
