@@ -384,6 +384,11 @@ class Consumer:
     async def _loop(self, burst: bool, wait_delayed_s: float, wait_pending: bool) -> None:
         outage = self._outages["fetch"]
         last_housekeeping = 0.0
+        # Burst mode housekeeps in this loop: every 20 ms while the queue looks empty (so a
+        # drain sees due delayed jobs and stalled entries at once), at the maintenance loop's
+        # tick while entries keep coming (each round costs two round trips on the fetch path).
+        busy_tick = min(self.config.delayed_poll_s, self.config.pause_poll_s)
+        tick = 0.02
         while not self._stop.is_set():
             _reraise_if_cancelling()
             self._wake_workers()
@@ -394,7 +399,7 @@ class Consumer:
                 continue
             streams = [s for s in self._streams if s.queue not in self._paused]
             try:
-                if burst and time.monotonic() - last_housekeeping > 0.02:
+                if burst and time.monotonic() - last_housekeeping > tick:
                     last_housekeeping = time.monotonic()
                     await self._housekeep_once(reclaim=True)
                     streams = [s for s in self._streams if s.queue not in self._paused]
@@ -404,6 +409,7 @@ class Consumer:
                     await self._sleep(self.config.pause_poll_s)
                     continue
                 got = await self._fetch(streams, free)
+                tick = busy_tick if got else 0.02
                 if not got:
                     if burst:
                         if await self._drained(wait_delayed_s, wait_pending):
