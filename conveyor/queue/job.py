@@ -170,21 +170,24 @@ def decode_entry(queue: str, shard: int, entry_id: bytes, fields: Any, deliverie
     if type(fields) is list and len(fields) == 4 and fields[0] == F_ID and fields[2] == F_PAYLOAD:
         # The common shape (a first delivery as the producer wrote it), without a dict.
         raw_id, raw = fields[1], fields[3]
+    elif type(fields) is dict and len(fields) == 2 and F_ID in fields and F_PAYLOAD in fields:
+        raw_id, raw = fields[F_ID], fields[F_PAYLOAD]  # the same, as redis-py parses a read
     else:
         f = fields_dict(fields)
         raw_id, raw = f.get(F_ID), f.get(F_PAYLOAD)
         attempts, error, first = f.get(F_ATTEMPTS), f.get(F_ERROR), f.get(F_FIRST)
+    # Positional: the generated __init__ binds them faster than keywords (one job per entry).
     job = Job(
-        id=raw_id.decode(errors="replace") if raw_id else eid,
-        queue=queue,
-        payload=None,
-        attempt=(int(attempts) if attempts else 0) + deliveries,
-        entry_id=eid,
-        shard=shard,
-        enqueued_ms=int(first) if first else at_ms,
-        last_error=error.decode(errors="replace") if error else None,
-        raw=raw or b"",
-        entry_ms=at_ms,
+        raw_id.decode(errors="replace") if raw_id else eid,  # id
+        queue,
+        None,  # payload
+        (int(attempts) if attempts else 0) + deliveries,  # attempt
+        eid,  # entry_id
+        shard,
+        int(first) if first else at_ms,  # enqueued_ms
+        error.decode(errors="replace") if error else None,  # last_error
+        raw or b"",  # raw
+        at_ms,  # entry_ms
     )
     if raw_id is None or raw is None:
         raise UndecodablePayload("entry has no job id or no payload field", job)
