@@ -225,10 +225,12 @@ if acked > 0 then
       if ms > top[1] or (ms == top[1] and seq > top[2]) then top = {ms, seq} end
     end
     redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-%d', top[1], top[2] + 1))
-  else
+  elseif redis.call('XTRIM', KEYS[1], 'MINID', p[2]) < acked then
+    -- Below the oldest pending entry the stream held only what this call acknowledged (every
+    -- earlier acknowledgement removed its entries), so trimming fewer than that means some
+    -- finished ahead of an older entry: those are removed by id.
     local bms, bseq = string.match(p[2], '^(%d+)-(%d+)$')
     bms, bseq = tonumber(bms), tonumber(bseq)
-    redis.call('XTRIM', KEYS[1], 'MINID', p[2])
     local rest = {}
     for i = 1, acked do
       local ms, seq = string.match(eids[i], '^(%d+)-(%d+)$')

@@ -1,0 +1,79 @@
+"""The ACK script: entries leave the stream however handlers finish, and a batch part of which
+another call acknowledged first logs, counts and unindexes only its own entries."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import redis.asyncio as aioredis
+
+from conveyor.queue import Consumer, Job, Producer, QueueConfig
+from conveyor.queue import keys as k
+from conveyor.queue.scripts import ACK
+from tests.queue.test_consumer import completed_ids
+
+
+async def _ack(redis: aioredis.Redis, sk: k.ShardKeys, entries: list[tuple[bytes, bytes]]) -> int:
+    summaries = [
+        orjson.dumps(
+            {"id": jid.decode(), "e": eid.decode(), "a": 1, "w": 3, "r": 0, "f": 1, "t": 1}
+        )
+        for eid, jid in entries
+    ]
+    return int(
+        await ACK(
+            redis,
+            [sk.stream, sk.index, sk.count, sk.completed, sk.throughput(1)],
+            [
+                k.GROUP,
+                1000,
+                180,
+                b",".join(e for e, _ in entries),
+                b"\n".join(j for _, j in entries),
+                b"\n".join(summaries),
+                3 * len(entries),
+            ],
+        )
+    )
+
+
+async def test_out_of_order_finishes_leave_an_empty_stream(
+    redis: aioredis.Redis, cfg: QueueConfig
+) -> None:
+    """Later entries finishing first (so above the oldest pending one) are removed too."""
+    producer = Producer(redis, cfg)
+    ids = [f"o{i}" for i in range(24)]
+    for j in ids:
+        await producer.enqueue("runs", {}, job_id=j)
+
+    async def handler(job: Job) -> None:
+        await asyncio.sleep(0.002 * (24 - int(job.id[1:])))  # the oldest runs longest
+
+    assert await Consumer(redis, handler, cfg).drain() == 24
+    sk = k.ShardKeys("runs", 0)
+    assert await redis.xlen(sk.stream) == 0
+    assert int(await redis.get(sk.count) or 0) == 0
+    assert await redis.hlen(sk.index) == 0
+    assert sorted(await completed_ids(redis)) == sorted(ids)
+
+
+async def test_batch_partly_acknowledged_elsewhere_counts_only_its_own(
+    redis: aioredis.Redis, cfg: QueueConfig
+) -> None:
+    producer = Producer(redis, cfg)
+    for j in ("a", "b", "c"):
+        await producer.enqueue("runs", {}, job_id=j)
+    sk = k.ShardKeys("runs", 0)
+    read = await redis.xreadgroup(k.GROUP, "me", {sk.stream: ">"}, count=10)
+    entries = [(eid, f[b"i"]) for eid, f in read[0][1]]
+    # "b" is acknowledged (and removed) by another call first, then re-enqueued under its id.
+    assert await _ack(redis, sk, [entries[1]]) == 1
+    await producer.enqueue("runs", {}, job_id="b")
+    assert await _ack(redis, sk, entries) == 2
+    assert sorted(await completed_ids(redis)) == ["a", "b", "c"]  # b once, from the first call
+    assert int(await redis.get(sk.count) or 0) == 1  # the new "b"
+    assert list(await redis.hkeys(sk.index)) == [b"b"]  # its index entry survived
+    assert [f[b"i"] for _, f in await redis.xrange(sk.stream)] == [b"b"]
+    assert await redis.hget(sk.throughput(1), "n") == b"3"
+    assert await redis.hget(sk.throughput(1), "w") == b"9"
