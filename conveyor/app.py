@@ -28,6 +28,7 @@ from conveyor.api.app import add_api_routes
 from conveyor.api.auth import api_key_middleware
 from conveyor.api.errors import error_middleware
 from conveyor.api.health import METRICS_STATE, healthz, metrics_handler, readyz, refresh_process
+from conveyor.api.timing import http_metrics_middleware
 from conveyor.board import setup_board
 from conveyor.connections import create_redis
 from conveyor.engine.registry import FlowRegistry
@@ -170,7 +171,7 @@ def create_app(
     """The application for ``settings.container_type``; ``services`` are extra cleanup
     contexts (by name) the worker role plugs in after the shared resources."""
     app = web.Application(
-        middlewares=[metrics.http_metrics_middleware, error_middleware, api_key_middleware],
+        middlewares=[http_metrics_middleware, error_middleware, api_key_middleware],
         client_max_size=settings.max_webhook_payload_bytes,
     )
     app[SETTINGS] = settings

@@ -123,14 +123,21 @@ def _imports_aiohttp_web(path: Path) -> bool:
 
 
 def test_services_never_see_an_application() -> None:
-    """No service imports aiohttp's server side (``aiohttp.web``): none can take an
+    """No service imports aiohttp's server side (``aiohttp.web``), not even through another
+    ``conveyor`` module (``metrics`` once held the HTTP middleware): none can take an
     application or a request; the composition root passes them their dependencies."""
-    modules = _modules()
-    assert any(_imports_aiohttp_web(path) for path in modules.values()), "scan finds nothing"
-    assert (
-        sorted(n for n, p in modules.items() if unit(n) in SERVICES and _imports_aiohttp_web(p))
-        == []
-    )
+    modules, graph = _modules(), module_graph()
+    web = {n for n, p in modules.items() if _imports_aiohttp_web(p)}
+    assert web, "scan finds nothing"
+    reached = []
+    for name in sorted(n for n in modules if unit(n) in SERVICES):
+        seen, todo = {name}, [name]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        reached += [f"{name} -> {w}" for w in sorted(seen & web)]
+    assert reached == []
 
 
 def test_graph_sees_function_level_imports() -> None:
