@@ -31,6 +31,7 @@ from conveyor.api.health import METRICS_STATE, healthz, metrics_handler, readyz,
 from conveyor.api.timing import http_metrics_middleware
 from conveyor.board import setup_board
 from conveyor.connections import create_redis
+from conveyor.engine.intake import WebhookIntake
 from conveyor.engine.registry import FlowRegistry
 from conveyor.engine.replies import ReplyHub
 from conveyor.engine.submit import Submitter
@@ -38,6 +39,7 @@ from conveyor.engine.worker import worker_role
 from conveyor.heartbeat import heartbeat_ctx
 from conveyor.keys import (
     DB,
+    INTAKE,
     OPERATIONS,
     PRODUCER,
     REDIS,
@@ -136,9 +138,20 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def replies_ctx(app: web.Application) -> AsyncIterator[None]:
+    """API roles: the sync webhooks' reply channel and the webhook intake built on it."""
     hub = ReplyHub(app[REDIS], app[SETTINGS].redis_key_prefix)
     await hub.start()
     app[REPLIES] = hub
+    app[INTAKE] = WebhookIntake(
+        app[SETTINGS],
+        app[DB],
+        redis=app[REDIS],
+        registry=app[REGISTRY],
+        submitter=app[SUBMITTER],
+        replies=hub,
+        writer=app[RUN_WRITER],
+        secret_box=app[SECRET_BOX],
+    )
     yield
     await hub.close()
 

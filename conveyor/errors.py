@@ -18,14 +18,21 @@ this one, and ``+ X`` names a second base.
     │   ├── FlowInvalid          every problem validation found [engine.errors]
     │   └── TemplateSyntaxError  a ``{{...}}`` that is not a path (+ ValueError) [engine.templating]
     ├── NotFound                 the named flow, run, job or secret does not exist
+    │   ├── FlowNotFound         a webhook names no flow, or a disabled one
     │   ├── NotFound             no flow or run answers the CLI's name or id (exit 3) [cli]
     │   ├── UnknownQueue         no queue has this name [operations]
     │   └── UnknownJob           the queue holds no such job [operations]
     ├── Conflict                 the change clashes with existing state (duplicate name)
+    │   ├── SignatureReplayed    a signed webhook request was already received (409)
+    │   ├── IdempotencyKeyReused an Idempotency-Key came back with another body (422)
     │   ├── RunEnded             the run ended elsewhere (a cancel) while it ran [engine.worker]
     │   ├── RunFinished          a cancel named a run that already ended [operations]
     │   └── RunNotFinished       a retry named a run that has not ended [operations]
+    ├── SignatureInvalid         a webhook's signature is missing, wrong or unverifiable (401)
+    │   └── SignatureExpired     its timestamp is outside the tolerance (401)
     ├── BackendUnavailable       Redis or PostgreSQL is down: 503, retry later
+    │   ├── IngestUnavailable    Redis down while a webhook is taken in (Retry-After: 1)
+    │   ├── OutcomeUnreadable    a sync webhook's run outcome cannot be read (Retry-After: 5)
     │   └── EmbeddedError        an embedded server did not start (+ RuntimeError) [embedded]
     ├── StepFailed               user code or a remote failed [engine.errors]
     │   ├── SandboxLimitExceeded the code step hit its time or memory limit [engine.errors]
@@ -117,3 +124,56 @@ class BackendUnavailable(ConveyorError):
 
 class InternalError(ConveyorError):
     code = "INTERNAL_ERROR"
+
+
+class FlowNotFound(NotFound):
+    """A webhook names a flow that does not exist or is disabled."""
+
+    code = "FLOW_NOT_FOUND"
+
+
+class SignatureReplayed(Conflict):
+    """A signed webhook request was already received (its signature is recorded once)."""
+
+    code = "SIGNATURE_REPLAYED"
+
+
+class IdempotencyKeyReused(Conflict):
+    """An Idempotency-Key was used again for a request with a different body; ``run_id`` is
+    the run the key belongs to."""
+
+    code = "IDEMPOTENCY_KEY_REUSED"
+
+    def __init__(self, message: str, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+class SignatureInvalid(ConveyorError):
+    """A webhook's signature is missing, malformed, wrong, or its secret is not set."""
+
+    code = "SIGNATURE_INVALID"
+
+
+class SignatureExpired(SignatureInvalid):
+    """A webhook's signature timestamp is too far from the server's clock."""
+
+    code = "SIGNATURE_EXPIRED"
+
+
+class IngestUnavailable(BackendUnavailable):
+    """Redis is down while a webhook is taken in; ``run_id`` names the run canceled for it
+    (a sync webhook), if any."""
+
+    def __init__(self, run_id: str | None = None) -> None:
+        super().__init__("Redis", "unavailable at ingest")
+        self.run_id = run_id
+
+
+class OutcomeUnreadable(BackendUnavailable):
+    """A sync webhook's run outcome cannot be read (PostgreSQL down); the run goes on."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__("PostgreSQL", "the run's outcome cannot be read")
+        self.message = "the run's outcome cannot be read right now; poll the run"
+        self.run_id = run_id

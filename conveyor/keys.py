@@ -19,6 +19,7 @@ from conveyor.settings import Settings
 from conveyor.store.db import Database
 
 if TYPE_CHECKING:
+    from conveyor.engine.intake import WebhookIntake
     from conveyor.engine.registry import FlowRegistry
     from conveyor.engine.replies import ReplyHub
     from conveyor.engine.submit import Submitter
@@ -49,6 +50,8 @@ REPLIES: web.AppKey[ReplyHub] = web.AppKey("replies")
 SUBMITTER: web.AppKey[Submitter] = web.AppKey("submitter")
 #: Operator actions and admin reads (:mod:`conveyor.operations`), shared by API and board.
 OPERATIONS: web.AppKey[Operations] = web.AppKey("operations")
+#: Webhook intake (:mod:`conveyor.engine.intake`): built with the reply hub, API roles only.
+INTAKE: web.AppKey[WebhookIntake] = web.AppKey("intake")
 #: The worker role's :class:`~conveyor.engine.worker.RunWorker` (absent in an APP process).
 WORKER: web.AppKey[RunWorker] = web.AppKey("worker")
 #: The sandbox's isolation report (set by the worker role; readiness and metrics read it).

@@ -27,7 +27,11 @@ from conveyor.errors import (
     Conflict,
     ConveyorError,
     FlowValidationError,
+    IdempotencyKeyReused,
+    IngestUnavailable,
     NotFound,
+    OutcomeUnreadable,
+    SignatureInvalid,
 )
 from conveyor.queue.errors import QueueFull, QueueUnavailable
 from conveyor.store.db import CONNECTION_ERRORS
@@ -83,6 +87,9 @@ def json_response(
 STATUS: dict[type[ConveyorError], tuple[int, str | None]] = {
     QueueFull: (429, str(QueueFull.retry_after_s)),
     QueueUnavailable: (503, "1"),
+    IngestUnavailable: (503, "1"),
+    IdempotencyKeyReused: (422, None),
+    SignatureInvalid: (401, None),
     BackendUnavailable: (503, "5"),
     FlowValidationError: (422, None),
     NotFound: (404, None),
@@ -146,11 +153,21 @@ def to_api_error(exc: ConveyorError, *, where: str = "") -> ApiError:
     if status == 500:
         log.error("internal error", where=where, error=repr(exc), exc_info=exc)
         return ApiError(500, "INTERNAL_ERROR", "internal server error")
+    if isinstance(exc, OutcomeUnreadable):
+        # The run goes on: the caller learns which one to poll.
+        headers = {"Retry-After": "5", "x-run-id": exc.run_id}
+        return ApiError(
+            status, exc.code, exc.message, headers=headers, extra={"run_id": exc.run_id}
+        )
     if isinstance(exc, BackendUnavailable):
+        if isinstance(exc, IngestUnavailable) and exc.run_id is not None:
+            headers = {"Retry-After": "1", "x-run-id": exc.run_id}
         # The driver's text names hosts and ports: the caller only needs "retry".
         return ApiError(
             status, exc.code, f"{exc.backend} unavailable, retry later", headers=headers
         )
+    if isinstance(exc, IdempotencyKeyReused):
+        return ApiError(status, exc.code, exc.message, extra={"run_id": exc.run_id})
     details = None
     if isinstance(exc, FlowValidationError):
         details = [{"path": d["path"], "message": d["message"]} for d in exc.details]
