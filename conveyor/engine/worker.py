@@ -294,6 +294,11 @@ class RunWorker:
         sink: _Sink,
     ) -> None:
         run_id = run.run_id
+        # Fenced before the last write, always: a delivery taken over by another worker (this
+        # one cut off past the visibility timeout) must not end the run the new owner is
+        # running — even when nothing was held (an _EntryLost raised inside a checkpoint
+        # became an INTERNAL_ERROR outcome in the executor; job.lost still says why).
+        await sink.fence()
         if outcome.status is RunStatus.PAUSED and outcome.resume_at is not None:
             await sink.flush(run_id)
             await self.writer.transition(
@@ -312,8 +317,6 @@ class RunWorker:
             return
         error = dict(outcome.error) if outcome.error else None
         held = sink.take()
-        if held:
-            await sink.fence()
         # The held checkpoints and the final state: one statement, batched across runs. A run
         # that never needed a durable write before counts its attempt here (it never went
         # through RUNNING).

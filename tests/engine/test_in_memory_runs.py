@@ -16,9 +16,10 @@ import redis.asyncio as aioredis
 
 from conveyor.engine.registry import FlowRegistry
 from conveyor.engine.replies import ReplyHub
-from conveyor.engine.submit import OnFull, Submitter
+from conveyor.engine.submit import OnFull, RunJob, Submitter
 from conveyor.engine.worker import RunWorker
 from conveyor.ids import uuid7
+from conveyor.queue.job import Job, _EntryLost
 from conveyor.status import RunStatus
 from conveyor.store import flows as flow_store
 from conveyor.store import runs as run_store
@@ -187,4 +188,36 @@ async def test_a_run_canceled_while_queued_runs_no_step_with_effects(
     await asyncio.wait_for(worker.consumer.drain(), 30)
     run = await run_store.get_run(db, rid)
     assert run["status"] == "CANCELED" and run["attempt"] == 0
+    assert await run_store.get_steps(db, rid) == []
+
+
+async def test_a_delivery_taken_over_mid_run_writes_no_final_state(
+    db: Database, worker: RunWorker
+) -> None:
+    """Another worker took this delivery over (the fence raises at the first durable write,
+    before the delay): the handler stops with the fence's error and writes nothing — the run
+    stays QUEUED for its new owner, never INTERNAL_ERROR."""
+    doc = {
+        "name": "fenced",
+        "trigger": {"type": "webhook"},
+        "steps": [
+            {"name": "a", "type": "transform", "input": {"x": 1}},
+            {"name": "wait", "type": "delay", "input": {"seconds": 0}},
+            {"name": "b", "type": "transform", "input": {"y": 2}},
+        ],
+    }
+    flow = await flow_store.create_flow(db, f"fenced-{uuid.uuid4().hex[:6]}", doc)
+    rid = uuid7()
+    await worker.writer.insert(NewRun(rid, flow.id, flow.version, {"body": {}}))
+    payload = RunJob(run_id=str(rid), flow_id=str(flow.id), version=flow.version).to_payload()
+    job = Job(str(rid), "runs", payload, 1, "1-0", 0, 0)
+
+    async def taken_over(j: Job) -> None:
+        raise _EntryLost(j.entry_id)
+
+    job.fence = taken_over
+    with pytest.raises(_EntryLost):
+        await worker.handle(job)
+    run = await run_store.get_run(db, rid)
+    assert (run["status"], run["error"]) == ("QUEUED", None)
     assert await run_store.get_steps(db, rid) == []
