@@ -105,7 +105,8 @@ async def _accept(
 ) -> tuple[NewRun, bool, bytes | None]:
     """Read the request into its run (checked by the intake); returns the run, whether its
     trigger is small enough to travel inside the job, and the signature's replay marker."""
-    head = await intake.head(_flow_id(request))
+    flow_id = _flow_id(request)
+    head = intake.enabled(flow_id, await intake.registry.head(flow_id))
     raw = await read_body(request)
     header_key = _idempotency_key(request)
     marker = None

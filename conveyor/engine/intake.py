@@ -4,8 +4,8 @@
 (:mod:`conveyor.app`) from the services it needs, passed as arguments; ``api/webhooks.py``
 only reads the request and renders the answer. The steps, in the order the adapter calls them:
 
-1. :meth:`~WebhookIntake.head` — the flow's current head; a missing or disabled flow is
-   :class:`~conveyor.errors.FlowNotFound`.
+1. :meth:`~WebhookIntake.enabled` — the flow's current head from the registry; a missing or
+   disabled flow is :class:`~conveyor.errors.FlowNotFound`.
 2. :meth:`~WebhookIntake.verify_signature` — ``t=<unix>,v1=<hex>`` against the stored secret,
    within the tolerance, and seen once (a replay is :class:`~conveyor.errors.SignatureReplayed`).
 3. :meth:`~WebhookIntake.new_run` then :meth:`~WebhookIntake.submit` — insert → enqueue
@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import time
 import uuid
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -104,9 +105,10 @@ class WebhookIntake:
         self.secret_box = secret_box
         self._prefix = settings.redis_key_prefix
 
-    async def head(self, flow_id: uuid.UUID) -> FlowHead:
-        """The flow's current head; :class:`FlowNotFound` when missing or disabled."""
-        head = await self.registry.head(flow_id)
+    @staticmethod
+    def enabled(flow_id: uuid.UUID, head: FlowHead | None) -> FlowHead:
+        """``head`` (from :attr:`registry`) when the flow exists and is enabled, else
+        :class:`FlowNotFound`. Not a coroutine, so the hot path awaits the registry only."""
         if head is None or not head.enabled:
             raise FlowNotFound(f"flow {flow_id} not found or disabled")
         return head
@@ -264,18 +266,22 @@ class WebhookIntake:
         await self.forget_signature(marker)
         return IngestUnavailable(str(rid))
 
-    async def wait_reply(
+    def wait_reply(
         self, run_id: str, waiter: asyncio.Future[dict[str, Any]]
-    ) -> dict[str, Any] | None:
-        """The run's reply, or ``None`` after ``AP_WEBHOOK_TIMEOUT_SECONDS`` (the run goes on).
+    ) -> Awaitable[dict[str, Any] | None]:
+        """The run's reply, or ``None`` after ``AP_WEBHOOK_TIMEOUT_SECONDS`` (the run goes on);
+        :class:`OutcomeUnreadable` when the store cannot be read at the end.
 
         Pub/sub is at most once: a reply lost in a reconnect must not turn a finished run into
-        a timeout, so PostgreSQL is asked too (:mod:`conveyor.engine.replies`)."""
-        db = self.db
+        a timeout, so PostgreSQL is asked too (:mod:`conveyor.engine.replies`). Returns the
+        hub's wait itself (no extra coroutine on the path of every sync webhook)."""
+        return self.replies.wait(
+            waiter, self.settings.webhook_timeout_seconds, lambda: self._stored_final(run_id)
+        )
+
+    async def _stored_final(self, run_id: str) -> dict[str, Any] | None:
         try:
-            return await self.replies.wait(
-                waiter, self.settings.webhook_timeout_seconds, lambda: stored_final(db, run_id)
-            )
+            return await stored_final(self.db, run_id)
         except CONNECTION_ERRORS:
             raise OutcomeUnreadable(run_id) from None
 

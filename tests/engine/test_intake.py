@@ -83,7 +83,7 @@ async def test_a_replayed_signature_is_refused(db: Database, make_intake: Any) -
     intake: WebhookIntake = await make_intake()
     await put_secret(db, intake.secret_box, "HOOK", SECRET)
     flow = await flow_store.create_flow(db, "signed", SIGNED)
-    head = await intake.head(flow.id)
+    head = intake.enabled(flow.id, await intake.registry.head(flow.id))
     raw = b'{"n": 1}'
     given = _sign(raw)
     marker = await intake.verify_signature(head, given, "", raw)
@@ -102,7 +102,7 @@ async def test_a_reused_idempotency_key_with_another_body_is_refused(
     """The key's first run answers a repeat with the same body; another body is refused."""
     intake: WebhookIntake = await make_intake()
     flow = await flow_store.create_flow(db, "plain", PLAIN)
-    head = await intake.head(flow.id)
+    head = intake.enabled(flow.id, await intake.registry.head(flow.id))
     first = intake.new_run(head, _trigger({"a": 1, "b": 2}), "k-1", sync=False)
     sub = await intake.submit(first, inline=True, marker=None)
     assert sub.created and sub.run_id == first.id
@@ -124,7 +124,7 @@ async def test_a_full_backlog_raises_queue_full_and_removes_the_row(
     intake: WebhookIntake = await make_intake(max_length=1)
     await put_secret(db, intake.secret_box, "HOOK", SECRET)
     flow = await flow_store.create_flow(db, "signed", SIGNED)
-    head = await intake.head(flow.id)
+    head = intake.enabled(flow.id, await intake.registry.head(flow.id))
     kept = intake.new_run(head, _trigger(1), None, sync=False)
     assert (await intake.submit(kept, inline=True, marker=None)).enqueued
     raw = b"2"
