@@ -184,18 +184,24 @@ local function split(s, pattern)
 end
 local eids = split(ARGV[4], '[^,]+')
 local n = #eids
-local acked, waited, jids, logs = 0, tonumber(ARGV[7]), nil, nil
+local acked, waited, jids, logs, partial = 0, tonumber(ARGV[7]), nil, nil, false
 for s = 1, n, 1000 do
   acked = acked + redis.call('XACK', KEYS[1], group, unpack(eids, s, math.min(s + 999, n)))
 end
 if acked == n then
   jids, logs = split(ARGV[5], '[^\\n]+'), split(ARGV[6], '[^\\n]+')
 elseif acked > 0 then
+  -- Ours: still in the stream and delivered by this group (at or below its last-delivered
+  -- id: after a failover to a lagging replica the stream may hold entries the group never
+  -- delivered, which are not ours to count or remove).
+  local info = group_info(KEYS[1], group)
+  local last = info and info['last-delivered-id'] or '0-0'
   local all_jids, all_logs = split(ARGV[5], '[^\\n]+'), split(ARGV[6], '[^\\n]+')
   local mine = {}
+  partial = true
   jids, logs, waited = {}, {}, 0
   for i = 1, n do
-    if #redis.call('XRANGE', KEYS[1], eids[i], eids[i]) > 0 then
+    if not id_lt(last, eids[i]) and #redis.call('XRANGE', KEYS[1], eids[i], eids[i]) > 0 then
       mine[#mine + 1] = eids[i]
       jids[#jids + 1] = all_jids[i]
       logs[#logs + 1] = all_logs[i]
@@ -216,7 +222,13 @@ if acked > 0 then
   -- order): one exact XTRIM MINID removes them a node at a time; the rest (handlers that
   -- finished out of order) go by XDEL, which costs a search per entry.
   local p = redis.call('XPENDING', KEYS[1], group)
-  if tonumber(p[1]) == 0 then
+  if partial then
+    -- Another call acknowledged part of the batch first (or the stream lags behind this
+    -- consumer): no trim by position, only this call's own entries go, by id.
+    for s = 1, acked, 1000 do
+      redis.call('XDEL', KEYS[1], unpack(eids, s, math.min(s + 999, acked)))
+    end
+  elseif tonumber(p[1]) == 0 then
     -- nothing pending: everything up to the newest entry acknowledged here is done
     local top = {0, 0}
     for i = 1, acked do

@@ -77,3 +77,28 @@ async def test_batch_partly_acknowledged_elsewhere_counts_only_its_own(
     assert [f[b"i"] for _, f in await redis.xrange(sk.stream)] == [b"b"]
     assert await redis.hget(sk.throughput(1), "n") == b"3"
     assert await redis.hget(sk.throughput(1), "w") == b"9"
+
+
+async def test_a_group_behind_its_stream_loses_no_undelivered_entry(
+    redis: aioredis.Redis, cfg: QueueConfig
+) -> None:
+    """After a failover to a lagging replica the group may have delivered only the first of
+    entries a worker ran: acknowledging them removes what this group delivered and nothing
+    beyond its last-delivered id (those entries are delivered again, not trimmed away)."""
+    producer = Producer(redis, cfg)
+    names = [f"l{i}" for i in range(6)]
+    for j in names:
+        await producer.enqueue("runs", {}, job_id=j)
+    sk = k.ShardKeys("runs", 0)
+    read = await redis.xreadgroup(k.GROUP, "w", {sk.stream: ">"}, count=6)
+    entries = [(eid, f[b"i"]) for eid, f in read[0][1]]
+    # The replica's view: the group exists but delivered only the first entry.
+    await redis.xgroup_destroy(sk.stream, k.GROUP)
+    await redis.xgroup_create(sk.stream, k.GROUP, id="0")
+    await redis.xreadgroup(k.GROUP, "w", {sk.stream: ">"}, count=1)
+    assert await _ack(redis, sk, [entries[0], entries[4]]) == 1
+    left = [f[b"i"] for _, f in await redis.xrange(sk.stream)]
+    assert left == [n.encode() for n in names[1:]]
+    assert int(await redis.get(sk.count) or 0) == 5
+    assert sorted(await redis.hkeys(sk.index)) == [n.encode() for n in names[1:]]
+    assert await completed_ids(redis) == ["l0"]
