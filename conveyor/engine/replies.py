@@ -22,7 +22,8 @@ from typing import Any
 
 import orjson
 import structlog
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from conveyor import metrics
 from conveyor.aio import raise_if_cancelling
@@ -253,12 +254,15 @@ class ReplyPublisher:
         try:
             if len(batch) == 1:
                 await self.redis.publish(batch[0][0], batch[0][1])
+            elif isinstance(self.redis, RedisCluster):
+                # redis-py refuses PUBLISH in a cluster pipeline: one command each, together.
+                await asyncio.gather(*(self.redis.publish(c, d) for c, d, _ in batch))
             else:
                 pipe = self.redis.pipeline(transaction=False)
                 for channel, data, _ in batch:
                     pipe.publish(channel, data)
                 await pipe.execute()
-        except (RedisError, OSError):
+        except (RedisError, RedisClusterException, OSError):
             return False
         except BaseException:
             for _, _, sent in batch:

@@ -225,7 +225,10 @@ class RunWriter:
 
     async def finish(self, done: Finish) -> bool:
         """Store ``done.steps`` and apply ``done.change`` in one statement, batched across
-        runs; False when the run was already terminal (then neither is stored)."""
+        runs; False when the run was already terminal: then the state is not applied, and
+        the steps are not stored either — unless the run ended (a cancel) while this
+        statement waited for its row lock, when the steps that did run are kept beside the
+        canceled state (the statement's snapshot still saw the run live)."""
         if not done.steps:
             return await self.transition(done.change)
         return await self._finishes.submit(done)
