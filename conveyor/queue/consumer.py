@@ -443,9 +443,11 @@ class Consumer:
         for group in groups:
             if free <= 0:
                 break
-            if len(group) == 1:
+            if len(group) == 1 and not self._cluster:
                 # One stream needs no script: a plain read costs Redis a third of FETCH's
-                # (which converts every entry to Lua and back).
+                # (which converts every entry to Lua and back). Not on a cluster, where the
+                # client asks a node for XREADGROUP's keys first (COMMAND GETKEYS): the
+                # script, routed by its key, is one round trip.
                 free -= await self._read(group[0], free, out)
                 continue
             reply = await FETCH(
