@@ -120,9 +120,16 @@ class Reconciler:
             by_queue.setdefault(queue, []).append(row)
         for queue, group in by_queue.items():
             where = await self.admin.locate(queue, [_job_id(r) for r in group])
+            missing = [(r["id"], r["updated_at"]) for r in group if where[_job_id(r)] is None]
+            # A job acknowledged between the read above and the lookup is gone from Redis
+            # because its run was committed first: a second look at PostgreSQL keeps it from
+            # being enqueued (and delivered) again.
+            live = await run_store.unchanged_live(self.writer.db, missing)
             for row in group:
                 found = where[_job_id(row)]
                 if found in (Location.STREAM, Location.DELAYED):
+                    continue
+                if found is None and row["id"] not in live:
                     continue
                 if found is Location.DEAD:
                     # The queue gave up on it but could not end the run then (PostgreSQL was

@@ -441,6 +441,26 @@ async def live_runs(
     return [dict(r) for r in rows]
 
 
+async def unchanged_live(
+    db: Database, seen: Sequence[tuple[uuid.UUID, datetime]]
+) -> set[uuid.UUID]:
+    """Of the runs seen live with these ``updated_at`` values, those still live and untouched
+    since (the reconciler's second look before it enqueues one again)."""
+    if not seen:
+        return set()
+    async with db.writer() as conn:
+        rows = await conn.fetch(
+            """SELECT r.id FROM runs r
+                 JOIN unnest($1::uuid[], $2::timestamptz[]) AS s(id, updated_at)
+                   ON r.id = s.id AND r.updated_at = s.updated_at
+                WHERE r.status = ANY($3::text[])""",
+            [i for i, _ in seen],
+            [u for _, u in seen],
+            _LIVE,
+        )
+    return {r["id"] for r in rows}
+
+
 async def delete_run(db: Database, run_id: uuid.UUID) -> None:
     """Undo an ingest the queue refused (backlog full): the caller was told 429."""
     async with db.writer() as conn:

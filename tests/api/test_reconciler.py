@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from conveyor.engine.reconciler import Reconciler, resume_job_id
 from conveyor.queue import Consumer, Job, Location, Producer, QueueConfig
 from conveyor.queue.admin import QueueAdmin
+from conveyor.status import RunStatus
 from conveyor.store import runs as run_store
 from conveyor.store.db import Database
 from conveyor.store.runs import RunWriter
@@ -159,3 +160,32 @@ async def test_run_of_a_dead_lettered_job_ends_internal_error(
     assert row["status"] == "INTERNAL_ERROR" and "dead-lettered" in row["error"]["message"]
     assert (await QueueAdmin(redis, config).locate("runs", [rid]))[rid] is Location.DEAD
     await writer.close()
+
+
+async def test_a_run_finished_while_the_pass_looks_is_not_enqueued_again(
+    make_client: Any, db: Database, redis: aioredis.Redis
+) -> None:
+    """The race a pass has with a worker: the pass reads a QUEUED run, the worker commits it
+    and acknowledges its job, then the pass finds no job. The pass looks at PostgreSQL again
+    and leaves the finished run alone (before: enqueued again, delivered and completed
+    twice)."""
+    client = await make_client(AP_CONTAINER_TYPE="APP")
+    fid = (await (await client.post("/api/v1/flows", json=FLOW)).json())["id"]
+    rid = (await (await client.post(f"/api/v1/webhooks/{fid}", json={})).json())["run_id"]
+    writer = RunWriter(db)
+    config = QueueConfig()
+    producer = Producer(redis, config)
+
+    class FinishesFirst(QueueAdmin):
+        """The worker's commit and acknowledgement land between the pass's read and lookup."""
+
+        async def locate(self, queue: str, job_ids: Any) -> dict[str, Location | None]:
+            await writer.transition(run_store.Transition(uuid.UUID(rid), RunStatus.SUCCEEDED))
+            await QueueAdmin(redis, config).delete_job("runs", rid)
+            return await super().locate(queue, job_ids)
+
+    rec = Reconciler(writer, producer, FinishesFirst(redis, config), flow_timeout_s=600, grace_s=0)
+    assert (await rec.run_once())["requeued"] == 0
+    assert (await QueueAdmin(redis, config).locate("runs", [rid]))[rid] is None
+    await writer.close()
+    await producer.close()
