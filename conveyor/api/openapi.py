@@ -19,6 +19,8 @@ from aiohttp import web
 
 from conveyor import __version__
 from conveyor.api.errors import json_response
+from conveyor.engine.pieces import REGISTRY
+from conveyor.engine.schema import ANY, INPUT, STEPS, STR, Json, obj, ref, step_schema
 from conveyor.status import RunStatus
 
 #: The board (HTML pages, static assets, its live-refresh JSON) is not part of the API.
@@ -28,164 +30,17 @@ SCHEME: Final = "bearer"
 _PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
 _ANY_METHOD: Final = ("get", "post", "put", "patch", "delete")
 
-Json = dict[str, Any]
 
-
-def _ref(name: str) -> Json:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _obj(props: Json, required: tuple[str, ...] = (), **extra: Any) -> Json:
-    schema: Json = {"type": "object", "properties": props, **extra}
-    if required:
-        schema["required"] = list(required)
-    return schema
-
-
-_STR: Final[Json] = {"type": "string"}
 _NULLABLE_STR: Final[Json] = {"type": "string", "nullable": True}
 _TIME: Final[Json] = {"type": "string", "format": "date-time", "nullable": True}
-_ANY: Final[Json] = {"description": "any JSON value", "nullable": True}
-_TEMPLATE: Final[Json] = {
-    "type": "string",
-    "description": "a template, e.g. {{trigger.body.items}}",
-    "pattern": r"\{\{",
-}
 
-# --------------------------------------------------------------------------- flow document
-#: Keys every step accepts (docs/flows.md, "The document").
-_STEP_COMMON: Final[Json] = {
-    "name": {
-        "type": "string",
-        "pattern": r"^[A-Za-z_][A-Za-z0-9_]*$",
-        "description": "unique across the flow (nested steps included); not trigger, run, "
-        "secrets or loop. Later steps read its output as {{name}}.",
-    },
-    "retry": _obj(
-        {
-            "attempts": {"type": "integer", "minimum": 1, "maximum": 10, "default": 1},
-            "backoff_s": {"type": "number", "minimum": 0, "maximum": 300, "default": 0},
-        },
-        additionalProperties=False,
-        description="re-run a failed transform, code, http or respond step; waits "
-        "backoff_s × 2^(n-1) before try n+1",
-    ),
-    "timeout_s": {
-        "type": "number",
-        "exclusiveMinimum": True,
-        "minimum": 0,
-        "maximum": 86400,
-        "description": "seconds per attempt (a loop: the whole loop)",
-    },
-    "continue_on_failure": {
-        "type": "boolean",
-        "default": False,
-        "description": "a failure of this step does not stop the run",
-    },
-}
-_INPUT: Final[Json] = {
-    "type": "object",
-    "additionalProperties": True,
-    "description": "rendered before the step runs: strings may hold {{templates}}",
-}
-
-
-def _step(typ: str, description: str, props: Json, required: tuple[str, ...] = ()) -> Json:
-    return _obj(
-        {"type": {"type": "string", "enum": [typ]}, **_STEP_COMMON, **props},
-        ("name", "type", *required),
-        additionalProperties=False,
-        description=description,
-    )
-
-
-_STEPS: Final[Json] = {"type": "array", "items": _ref("Step")}
-#: One schema per step type (tests check it covers every registered type).
+#: One schema per step type, each from its spec (conveyor/engine/pieces/*): a registered type
+#: without one is described as a plain step with any input.
 STEP_SCHEMAS: Final[dict[str, Json]] = {
-    "transform": _step(
-        "transform",
-        "Output: the rendered input object.",
-        {"input": {**_INPUT, "default": {}}},
-    ),
-    "code": _step(
-        "code",
-        "Python run in a sandboxed process. Output: what run(input) returned (JSON).",
-        {
-            "code": {
-                "type": "string",
-                "description": "Python source defining def run(input) or async def run(input)",
-            },
-            "input": {**_INPUT, "default": {}},
-        },
-        ("code",),
-    ),
-    "http": _step(
-        "http",
-        "One outgoing request. Output: {status, headers, body}.",
-        {
-            "input": _obj(
-                {
-                    "url": {"type": "string", "description": "http(s) URL or a template"},
-                    "method": {
-                        "type": "string",
-                        "enum": ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
-                        "default": "GET",
-                    },
-                    "headers": {"type": "object", "additionalProperties": True},
-                    "query": {"type": "object", "additionalProperties": True},
-                    "json": {**_ANY, "description": "sent as JSON"},
-                    "body": {**_ANY, "description": "a string sent as is; not with json"},
-                    "timeout_s": {"type": "number", "default": 30},
-                    "fail_on_error": {"type": "boolean", "default": True},
-                },
-                ("url",),
-                additionalProperties=False,
-            )
-        },
-        ("input",),
-    ),
-    "branch": _step(
-        "branch",
-        'Runs then or else. Output: {"branch": "then"|"else"}.',
-        {"when": _ref("Condition"), "then": _STEPS, "else": _STEPS},
-        ("when",),
-    ),
-    "loop": _step(
-        "loop",
-        "Runs steps once per item ({{loop.item}}, {{loop.index}}). Output: one "
-        "{inner step: output} object per iteration.",
-        {"items": {"oneOf": [_TEMPLATE, {"type": "array", "items": {}}]}, "steps": _STEPS},
-        ("items", "steps"),
-    ),
-    "delay": _step(
-        "delay",
-        'Waits (from 5 s on, the run pauses). Output: {"resumed_at"}.',
-        {
-            "input": _obj(
-                {"seconds": {"oneOf": [{"type": "number", "minimum": 0}, _TEMPLATE]}},
-                ("seconds",),
-                additionalProperties=False,
-            )
-        },
-        ("input",),
-    ),
-    "respond": _step(
-        "respond",
-        "The sync webhook's answer, sent when the step runs. Output: {status, headers, body}.",
-        {
-            "input": _obj(
-                {
-                    "status": {
-                        "oneOf": [{"type": "integer", "minimum": 100, "maximum": 599}, _STR],
-                        "default": 200,
-                    },
-                    "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-                    "body": _ANY,
-                },
-                additionalProperties=False,
-            )
-        },
-    ),
+    str(spec.type): dict(spec.schema)
+    if spec.schema is not None
+    else step_schema(str(spec.type), f"A {spec.type} step.", {"input": {**INPUT, "default": {}}})
+    for spec in REGISTRY
 }
 
 _OPS: Final = [
@@ -195,7 +50,7 @@ _OPS: Final = [
 
 #: The flow format (docs/flows.md) as JSON Schema, in the OpenAPI 3.0 dialect.
 FLOW_SCHEMAS: Final[dict[str, Json]] = {
-    "Trigger": _obj(
+    "Trigger": obj(
         {
             "type": {"type": "string", "enum": ["webhook", "schedule", "manual"]},
             "secret": {
@@ -209,11 +64,11 @@ FLOW_SCHEMAS: Final[dict[str, Json]] = {
         ("type",),
         additionalProperties=False,
     ),
-    "Comparison": _obj(
+    "Comparison": obj(
         {
-            "left": _ANY,
+            "left": ANY,
             "op": {"type": "string", "enum": _OPS},
-            "right": {**_ANY, "description": "not for exists, not_exists, is_true, is_false"},
+            "right": {**ANY, "description": "not for exists, not_exists, is_true, is_false"},
         },
         ("left", "op"),
         additionalProperties=False,
@@ -226,7 +81,7 @@ FLOW_SCHEMAS: Final[dict[str, Json]] = {
         "properties": {
             key: {
                 "type": "array",
-                "items": {"oneOf": [_ref("Comparison"), _ref("Condition")]},
+                "items": {"oneOf": [ref("Comparison"), ref("Condition")]},
             }
             for key in ("all", "any")
         },
@@ -234,7 +89,7 @@ FLOW_SCHEMAS: Final[dict[str, Json]] = {
     },
     **{f"{typ.capitalize()}Step": schema for typ, schema in STEP_SCHEMAS.items()},
     "Step": {
-        "oneOf": [_ref(f"{typ.capitalize()}Step") for typ in STEP_SCHEMAS],
+        "oneOf": [ref(f"{typ.capitalize()}Step") for typ in STEP_SCHEMAS],
         "discriminator": {
             "propertyName": "type",
             "mapping": {
@@ -242,12 +97,12 @@ FLOW_SCHEMAS: Final[dict[str, Json]] = {
             },
         },
     },
-    "FlowDocument": _obj(
+    "FlowDocument": obj(
         {
             "name": {"type": "string", "minLength": 1, "maxLength": 200},
             "description": {"type": "string"},
-            "trigger": _ref("Trigger"),
-            "steps": _STEPS,
+            "trigger": ref("Trigger"),
+            "steps": STEPS,
         },
         ("name", "trigger", "steps"),
         description="A flow (docs/flows.md). The server fields of a Flow (id, version, "
@@ -353,21 +208,21 @@ _PAGE_CURSOR: Final[Json] = {
 
 
 def _page(item: str) -> Json:
-    return _obj({"data": {"type": "array", "items": _ref(item)}, "next_cursor": _PAGE_CURSOR})
+    return obj({"data": {"type": "array", "items": ref(item)}, "next_cursor": _PAGE_CURSOR})
 
 
 _LOOSE: Final[Json] = {"type": "object", "additionalProperties": True}
 API_SCHEMAS: Final[dict[str, Json]] = {
-    "Error": _obj(
+    "Error": obj(
         {
-            "error": _obj(
+            "error": obj(
                 {
                     "code": {"type": "string", "example": "NOT_FOUND"},
-                    "message": _STR,
+                    "message": STR,
                     "details": {
                         "type": "array",
                         "description": "FLOW_INVALID: every problem with its path",
-                        "items": _obj({"path": _STR, "message": _STR}, ("path", "message")),
+                        "items": obj({"path": STR, "message": STR}, ("path", "message")),
                     },
                 },
                 ("code", "message"),
@@ -376,14 +231,14 @@ API_SCHEMAS: Final[dict[str, Json]] = {
         },
         ("error",),
     ),
-    "Flow": _obj(
+    "Flow": obj(
         {
             "id": {"type": "string", "format": "uuid"},
-            "name": _STR,
+            "name": STR,
             "version": {"type": "integer"},
             "enabled": {"type": "boolean"},
-            "trigger": _ref("Trigger"),
-            "steps": _STEPS,
+            "trigger": ref("Trigger"),
+            "steps": STEPS,
             "webhook_url": {"type": "string", "format": "uri"},
             "sync_webhook_url": {"type": "string", "format": "uri"},
             "created_at": _TIME,
@@ -392,7 +247,7 @@ API_SCHEMAS: Final[dict[str, Json]] = {
         example=EXAMPLE_FLOW_ANSWER,
     ),
     "FlowPage": _page("Flow"),
-    "RunAccepted": _obj(
+    "RunAccepted": obj(
         {
             "run_id": {"type": "string", "format": "uuid"},
             "status": {"type": "string", "enum": [RunStatus.QUEUED.value]},
@@ -403,15 +258,15 @@ API_SCHEMAS: Final[dict[str, Json]] = {
         },
         ("run_id", "status"),
     ),
-    "StepRecord": _obj(
+    "StepRecord": obj(
         {
-            "name": _STR,
-            "type": _STR,
-            "status": _STR,
-            "input": _ANY,
-            "output": _ANY,
-            "error": _ANY,
-            "logs": _STR,
+            "name": STR,
+            "type": STR,
+            "status": STR,
+            "input": ANY,
+            "output": ANY,
+            "error": ANY,
+            "logs": STR,
             "started_at": _TIME,
             "duration_ms": {"type": "number"},
             "attempt": {"type": "integer"},
@@ -419,15 +274,15 @@ API_SCHEMAS: Final[dict[str, Json]] = {
             "iteration": {"type": "integer", "nullable": True},
         }
     ),
-    "Run": _obj(
+    "Run": obj(
         {
             "id": {"type": "string", "format": "uuid"},
             "flow_id": {"type": "string", "format": "uuid"},
             "flow_version": {"type": "integer"},
             "status": {"type": "string", "enum": [s.value for s in RunStatus]},
             "trigger": {**_LOOSE, "description": "{method, headers, query, body}"},
-            "output": _ANY,
-            "error": {**_ANY, "description": "{step, message} when the run failed"},
+            "output": ANY,
+            "error": {**ANY, "description": "{step, message} when the run failed"},
             "attempt": {"type": "integer"},
             "created_at": _TIME,
             "started_at": _TIME,
@@ -435,14 +290,14 @@ API_SCHEMAS: Final[dict[str, Json]] = {
             "duration_ms": {"type": "number", "nullable": True},
             "steps": {
                 "type": "array",
-                "items": _ref("StepRecord"),
+                "items": ref("StepRecord"),
                 "description": "the step log in execution order (detail view only)",
             },
         },
         example=EXAMPLE_RUN,
     ),
     "RunPage": _page("Run"),
-    "Secret": _obj({"name": _STR, "created_at": _TIME, "updated_at": _TIME}),
+    "Secret": obj({"name": STR, "created_at": _TIME, "updated_at": _TIME}),
     "SecretPage": _page("Secret"),
     "QueueStats": {**_LOOSE, "description": "depth, waits, consumers and throughput"},
     "Job": {**_LOOSE, "description": "a queue job (id, run, state, attempts, times)"},
@@ -472,7 +327,7 @@ _LIMIT: Final = _query(
 _PARAMETERS: Final[dict[str, Json]] = {
     "limit": _LIMIT,
     "cursor": _query("cursor", "next_cursor of the previous page", _UUID),
-    "flow_name": _query("name", "a flow's exact name: the page holds that flow or nothing", _STR),
+    "flow_name": _query("name", "a flow's exact name: the page holds that flow or nothing", STR),
     "flow_id": _query("flow_id", "only runs of this flow", _UUID),
     "run_status": _query(
         "status",
@@ -482,7 +337,7 @@ _PARAMETERS: Final[dict[str, Json]] = {
     "job_state": _query(
         "state", "jobs in this state", {"type": "string", "enum": _STATES, "default": "waiting"}
     ),
-    "job_cursor": _query("cursor", "next_cursor of the previous page", _STR),
+    "job_cursor": _query("cursor", "next_cursor of the previous page", STR),
     "include_lost": _query(
         "include_lost",
         "also list workers whose heartbeat stopped (1, true or yes)",
@@ -515,7 +370,7 @@ _PARAMETERS: Final[dict[str, Json]] = {
         "required": False,
         "description": "required when the flow's trigger has a secret: `t=<unix seconds>,"
         'v1=<hex HMAC-SHA256 of "<t>.<raw body>">` (docs/flows.md, Signatures)',
-        "schema": _STR,
+        "schema": STR,
     },
 }
 # Path parameters by name (a route's {name} not listed here is a plain string).
@@ -527,7 +382,7 @@ _PATH_PARAMS: Final[dict[str, tuple[str, Json]]] = {
 
 
 def _path_param(path: str, name: str) -> Json:
-    description, schema = _PATH_PARAMS.get(name, ("", _STR))
+    description, schema = _PATH_PARAMS.get(name, ("", STR))
     if name == "id":
         if "/flows/" in path:
             description, schema = "a flow's id", _UUID
@@ -571,7 +426,7 @@ def _error(status: int, description: str) -> Json:
     if error["code"] == "FLOW_INVALID":
         problem = 'template refers to unknown step "gret"'
         error["details"] = [{"path": "steps[1].input.body.greeting", "message": problem}]
-    return _json(_ref("Error"), description, {"error": error})
+    return _json(ref("Error"), description, {"error": error})
 
 
 def _json(schema: Json, description: str, example: Any = None) -> Json:
@@ -584,7 +439,7 @@ def _json(schema: Json, description: str, example: Any = None) -> Json:
 def _ok(status: int, schema: str | Json | None, description: str) -> dict[int, Json]:
     if schema is None:
         return {status: {"description": description}}
-    return {status: _json(_ref(schema) if isinstance(schema, str) else schema, description)}
+    return {status: _json(ref(schema) if isinstance(schema, str) else schema, description)}
 
 
 def _fail(*statuses: int, **why: str) -> dict[int, Json]:
@@ -609,8 +464,8 @@ _FLOW_BODY: Final[Json] = {
     "(Content-Type: application/yaml); at most 4 MiB",
     "required": True,
     "content": {
-        "application/json": {"schema": _ref("FlowDocument"), "example": EXAMPLE_FLOW},
-        "application/yaml": {"schema": _ref("FlowDocument"), "example": EXAMPLE_FLOW_YAML},
+        "application/json": {"schema": ref("FlowDocument"), "example": EXAMPLE_FLOW},
+        "application/yaml": {"schema": ref("FlowDocument"), "example": EXAMPLE_FLOW_YAML},
     },
 }
 _HOOK_BODY: Final[Json] = {
@@ -619,7 +474,7 @@ _HOOK_BODY: Final[Json] = {
     "required": False,
     "content": {
         "application/json": {"schema": {}, "example": WEBHOOK_EXAMPLE},
-        "text/plain": {"schema": _STR, "example": "raw text"},
+        "text/plain": {"schema": STR, "example": "raw text"},
     },
 }
 _HOOK_DOC: Final = (
@@ -666,7 +521,7 @@ def _hook(method: str, sync: bool) -> Json:
         )
         responses = {
             200: _json(
-                _ANY,
+                ANY,
                 "the respond step's answer (any status and content type) or the run's output",
                 {"greeting": "Hello, Ada!"},
             ),
@@ -771,7 +626,7 @@ OPERATIONS: Final[dict[tuple[str, str], Json]] = {
         | _fail(
             429, 503, e400="the body is not JSON", e404=_FLOW_404, e422="body nested too deeply"
         ),
-        body=_body(_ANY, WEBHOOK_EXAMPLE, "any JSON: the run's trigger.body", required=False),
+        body=_body(ANY, WEBHOOK_EXAMPLE, "any JSON: the run's trigger.body", required=False),
     ),
     # runs
     ("get", "/api/v1/flow-runs"): _op(
@@ -798,7 +653,7 @@ OPERATIONS: Final[dict[tuple[str, str], Json]] = {
         _ok(202, "Run", "the run, queued again")
         | _fail(400, 503, e404=_RUN_404, e409="the run has not finished"),
         body=_body(
-            _obj(
+            obj(
                 {
                     "strategy": {
                         "type": "string",
@@ -832,11 +687,11 @@ OPERATIONS: Final[dict[tuple[str, str], Json]] = {
         "Set a secret",
         "Stores the value encrypted; flows read it as {{secrets.NAME}}. 201 when new, 200 "
         "when replaced.",
-        _ok(200, _obj({"name": _STR}), "replaced")
-        | _ok(201, _obj({"name": _STR}), "created")
+        _ok(200, obj({"name": STR}), "replaced")
+        | _ok(201, obj({"name": STR}), "created")
         | _fail(503, e400='bad name, or the body is not `{"value": "<string>"}`'),
         body=_body(
-            _obj({"value": _STR}, ("value",)),
+            obj({"value": STR}, ("value",)),
             {"value": "s3cret value"},
             "the secret's value",
         ),
@@ -853,14 +708,14 @@ OPERATIONS: Final[dict[tuple[str, str], Json]] = {
         "List queues with their stats",
         "Waiting, active, delayed and dead jobs, consumers, waits and throughput of the "
         "sync and runs queues.",
-        _ok(200, _obj({"data": {"type": "array", "items": _ref("QueueStats")}}), "stats")
+        _ok(200, obj({"data": {"type": "array", "items": ref("QueueStats")}}), "stats")
         | _fail(503),
     ),
     ("get", "/api/v1/queues/{q}"): _op(
         "queues",
         "Get one queue's stats and history",
         "The queue's stats plus its 10-second samples (history, oldest first).",
-        _ok(200, _ref("QueueStats"), "stats and history") | _fail(503, e404=_Q404),
+        _ok(200, ref("QueueStats"), "stats and history") | _fail(503, e404=_Q404),
     ),
     ("get", "/api/v1/queues/{q}/jobs"): _op(
         "queues",
@@ -873,24 +728,24 @@ OPERATIONS: Final[dict[tuple[str, str], Json]] = {
         "queues",
         "Pause a queue",
         "Every worker stops taking jobs from it; jobs keep arriving and wait.",
-        _ok(200, _obj({"queue": _STR, "paused": {"type": "boolean"}}), "paused")
+        _ok(200, obj({"queue": STR, "paused": {"type": "boolean"}}), "paused")
         | _fail(503, e404=_Q404),
     ),
     ("post", "/api/v1/queues/{q}/resume"): _op(
         "queues",
         "Resume a paused queue",
         "Workers take its jobs again.",
-        _ok(200, _obj({"queue": _STR, "paused": {"type": "boolean"}}), "resumed")
+        _ok(200, obj({"queue": STR, "paused": {"type": "boolean"}}), "resumed")
         | _fail(503, e404=_Q404),
     ),
     ("post", "/api/v1/queues/{q}/clean"): _op(
         "queues",
         "Delete old jobs in a state",
         "Removes the queue's jobs in state (not active) older than older_than_s seconds.",
-        _ok(200, _obj({"queue": _STR, "state": _STR, "removed": {"type": "integer"}}), "done")
+        _ok(200, obj({"queue": STR, "state": STR, "removed": {"type": "integer"}}), "done")
         | _fail(400, 503, e404=_Q404),
         body=_body(
-            _obj(
+            obj(
                 {
                     "state": {"type": "string", "enum": [s for s in _STATES if s != "active"]},
                     "older_than_s": {"type": "number", "minimum": 0, "default": 0},
@@ -905,7 +760,7 @@ OPERATIONS: Final[dict[tuple[str, str], Json]] = {
         "queues",
         "Retry every dead-lettered job",
         "Puts every failed (dead-lettered) job of the queue back on it.",
-        _ok(200, _obj({"queue": _STR, "retried": {"type": "integer"}}), "done")
+        _ok(200, obj({"queue": STR, "retried": {"type": "integer"}}), "done")
         | _fail(503, e404=_Q404),
     ),
     ("post", "/api/v1/queues/{q}/jobs/{id}/retry"): _op(
@@ -925,7 +780,7 @@ OPERATIONS: Final[dict[tuple[str, str], Json]] = {
         "List worker processes",
         "Live workers with their slots and heartbeats; include_lost adds those whose "
         "heartbeat stopped.",
-        _ok(200, _obj({"data": {"type": "array", "items": _LOOSE}}), "workers") | _fail(503),
+        _ok(200, obj({"data": {"type": "array", "items": _LOOSE}}), "workers") | _fail(503),
         query=("include_lost",),
     ),
     ("get", "/api/v1/scaling"): _op(
@@ -934,7 +789,7 @@ OPERATIONS: Final[dict[tuple[str, str], Json]] = {
         "Each rule evaluated now, with a recommendation.",
         _ok(
             200,
-            _obj({"data": {"type": "array", "items": _LOOSE}, "evaluated_at": {"type": "number"}}),
+            obj({"data": {"type": "array", "items": _LOOSE}, "evaluated_at": {"type": "number"}}),
             "rules",
         )
         | _fail(503),
@@ -961,7 +816,7 @@ OPERATIONS: Final[dict[tuple[str, str], Json]] = {
         "Interactive API docs (this page)",
         "Swagger UI served from the package (no CDN). Authorize with the API key to try "
         "the operations.",
-        {200: {"description": "HTML", "content": {"text/html": {"schema": _STR}}}},
+        {200: {"description": "HTML", "content": {"text/html": {"schema": STR}}}},
         public=True,
     ),
     ("get", "/api/docs/openapi.json"): _op(
@@ -983,7 +838,7 @@ OPERATIONS: Final[dict[tuple[str, str], Json]] = {
         "probes",
         "Liveness probe",
         "200 while the process is alive.",
-        _ok(200, _obj({"status": _STR}), "alive"),
+        _ok(200, obj({"status": STR}), "alive"),
         public=True,
     ),
     ("get", "/readyz"): _op(
@@ -991,8 +846,8 @@ OPERATIONS: Final[dict[tuple[str, str], Json]] = {
         "Readiness probe",
         "200 when Redis, PostgreSQL, the migrations and the sandbox are all fine; 503 "
         "otherwise, with each check's result.",
-        _ok(200, _obj({"status": _STR, "checks": _LOOSE}), "ready")
-        | {503: _json(_obj({"status": _STR, "checks": _LOOSE}), "starting or not ready")},
+        _ok(200, obj({"status": STR, "checks": _LOOSE}), "ready")
+        | {503: _json(obj({"status": STR, "checks": _LOOSE}), "starting or not ready")},
         public=True,
     ),
     ("get", "/metrics"): _op(
@@ -1002,7 +857,7 @@ OPERATIONS: Final[dict[tuple[str, str], Json]] = {
         {
             200: {
                 "description": "Prometheus text format",
-                "content": {"text/plain": {"schema": _STR}},
+                "content": {"text/plain": {"schema": STR}},
             }
         },
         public=True,

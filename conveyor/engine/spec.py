@@ -143,7 +143,9 @@ class StepSpec:
     templates checked for references; ``arms`` (child step lists); ``compile`` (extra
     compiled fields); exactly one of ``piece`` (a leaf) or ``walk`` (control flow);
     ``restore`` (replay on redelivery); ``timeout_grace_s`` added to the step's own timeout
-    (for runners that enforce it themselves and report better than a cancel would).
+    (for runners that enforce it themselves and report better than a cancel would);
+    ``schema``: the step document's JSON Schema for the API docs
+    (:func:`conveyor.engine.schema.step_schema`).
     """
 
     type: str
@@ -158,6 +160,7 @@ class StepSpec:
     walk: WalkFn | None = None
     restore: RestoreFn | None = None
     timeout_grace_s: float = 0.0
+    schema: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if (self.piece is None) == (self.walk is None):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.engine.conditions import ConditionError, check_condition, compile_condition
 from conveyor.engine.errors import StepFailed
+from conveyor.engine.schema import STEPS, ref, step_schema
 from conveyor.engine.spec import Arm, Checks, StepSpec, StepType, Walker, Where
 from conveyor.engine.templating import TemplateError
 
@@ -64,4 +65,10 @@ SPEC: Final = StepSpec(
     compile=_compile,
     walk=walk,
     restore=restore,
+    schema=step_schema(
+        "branch",
+        'Runs then or else. Output: {"branch": "then"|"else"}.',
+        {"when": ref("Condition"), "then": STEPS, "else": STEPS},
+        ("when",),
+    ),
 )

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.engine.errors import SandboxLimitExceeded, StepFailed, StepInternalError
+from conveyor.engine.schema import INPUT, step_schema
 from conveyor.engine.spec import Checks, StepSpec, StepType
 from conveyor.status import StepStatus
 
@@ -111,4 +112,16 @@ SPEC: Final = StepSpec(
     compile=_compile,
     piece=code,
     timeout_grace_s=CODE_GRACE_S,
+    schema=step_schema(
+        "code",
+        "Python run in a sandboxed process. Output: what run(input) returned (JSON).",
+        {
+            "code": {
+                "type": "string",
+                "description": "Python source defining def run(input) or async def run(input)",
+            },
+            "input": {**INPUT, "default": {}},
+        },
+        ("code",),
+    ),
 )

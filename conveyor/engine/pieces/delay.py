@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.engine.context import RunOutcome
 from conveyor.engine.errors import StepFailed
+from conveyor.engine.schema import TEMPLATE, obj, step_schema
 from conveyor.engine.spec import (
     Checks,
     StepSpec,
@@ -83,4 +84,16 @@ SPEC: Final = StepSpec(
     input_keys=frozenset({"seconds"}),
     check_input=check_input,
     walk=walk,
+    schema=step_schema(
+        "delay",
+        'Waits (from 5 s on, the run pauses). Output: {"resumed_at"}.',
+        {
+            "input": obj(
+                {"seconds": {"oneOf": [{"type": "number", "minimum": 0}, TEMPLATE]}},
+                ("seconds",),
+                additionalProperties=False,
+            )
+        },
+        ("input",),
+    ),
 )

@@ -21,6 +21,7 @@ import orjson
 from yarl import URL
 
 from conveyor.engine.errors import StepFailed
+from conveyor.engine.schema import ANY, obj, step_schema
 from conveyor.engine.spec import Checks, StepSpec, StepType, is_number, is_template
 
 if TYPE_CHECKING:
@@ -262,4 +263,29 @@ SPEC: Final = StepSpec(
     ),
     check_input=check_input,
     piece=http,
+    schema=step_schema(
+        "http",
+        "One outgoing request. Output: {status, headers, body}.",
+        {
+            "input": obj(
+                {
+                    "url": {"type": "string", "description": "http(s) URL or a template"},
+                    "method": {
+                        "type": "string",
+                        "enum": ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                        "default": "GET",
+                    },
+                    "headers": {"type": "object", "additionalProperties": True},
+                    "query": {"type": "object", "additionalProperties": True},
+                    "json": {**ANY, "description": "sent as JSON"},
+                    "body": {**ANY, "description": "a string sent as is; not with json"},
+                    "timeout_s": {"type": "number", "default": 30},
+                    "fail_on_error": {"type": "boolean", "default": True},
+                },
+                ("url",),
+                additionalProperties=False,
+            )
+        },
+        ("input",),
+    ),
 )

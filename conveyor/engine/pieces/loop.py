@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.engine.errors import StepFailed
+from conveyor.engine.schema import STEPS, TEMPLATE, step_schema
 from conveyor.engine.spec import (
     Arm,
     Checks,
@@ -114,4 +115,11 @@ SPEC: Final = StepSpec(
     arms=(Arm("steps", "steps", iterates=True, required=True),),
     compile=_compile,
     walk=walk,
+    schema=step_schema(
+        "loop",
+        "Runs steps once per item ({{loop.item}}, {{loop.index}}). Output: one "
+        "{inner step: output} object per iteration.",
+        {"items": {"oneOf": [TEMPLATE, {"type": "array", "items": {}}]}, "steps": STEPS},
+        ("items", "steps"),
+    ),
 )

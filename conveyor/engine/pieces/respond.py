@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.engine.errors import StepFailed
+from conveyor.engine.schema import ANY, STR, obj, step_schema
 from conveyor.engine.spec import Checks, StepSpec, StepType, Walker, Where, is_template
 
 if TYPE_CHECKING:
@@ -57,4 +58,21 @@ SPEC: Final = StepSpec(
     check_input=check_input,
     piece=respond,
     restore=restore,
+    schema=step_schema(
+        "respond",
+        "The sync webhook's answer, sent when the step runs. Output: {status, headers, body}.",
+        {
+            "input": obj(
+                {
+                    "status": {
+                        "oneOf": [{"type": "integer", "minimum": 100, "maximum": 599}, STR],
+                        "default": 200,
+                    },
+                    "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "body": ANY,
+                },
+                additionalProperties=False,
+            )
+        },
+    ),
 )

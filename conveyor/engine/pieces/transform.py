@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
+from conveyor.engine.schema import INPUT, step_schema
 from conveyor.engine.spec import StepSpec, StepType
 
 if TYPE_CHECKING:
@@ -16,4 +17,10 @@ async def transform(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
     return input, ""
 
 
-SPEC: Final = StepSpec(StepType.TRANSFORM, piece=transform)
+SPEC: Final = StepSpec(
+    StepType.TRANSFORM,
+    piece=transform,
+    schema=step_schema(
+        "transform", "Output: the rendered input object.", {"input": {**INPUT, "default": {}}}
+    ),
+)
