@@ -128,7 +128,10 @@ class WebhookIntake:
         values = await load_secrets(self.db, self.secret_box, [secret_name])
         secret = values.get(secret_name)
         if secret is None:
-            raise SignatureInvalid(f"secret {secret_name!r} is not set")
+            # The operator hears which secret is missing; an anonymous caller learns nothing
+            # about the flow's configuration.
+            log.warning("webhook.secret_missing", flow_id=str(head.flow_id), secret=secret_name)
+            raise SignatureInvalid("the flow's signing secret is not set on this server")
         if given.startswith("sha256="):
             if not self.settings.webhook_legacy_signatures:
                 raise SignatureInvalid(

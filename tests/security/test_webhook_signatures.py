@@ -134,6 +134,25 @@ async def test_bad_stale_and_future_signatures_refused(make_client: Any) -> None
     assert ok.status == 202
 
 
+async def test_an_unset_secret_is_not_named_to_the_caller(make_client: Any) -> None:
+    """A signed flow whose secret was never set refuses every call with 401, and the answer
+    does not name the secret (the operator finds it in the log)."""
+    client: Client = await make_client(AP_CONTAINER_TYPE="APP")
+    doc = {
+        **SIGNED,
+        "name": "unset",
+        "trigger": {"type": "webhook", "secret": "{{secrets.NEVER_SET_X}}"},
+    }
+    resp = await client.post("/api/v1/flows", json=doc)
+    assert resp.status == 201, await resp.text()
+    fid = str((await resp.json())["id"])
+    body = b"{}"
+    answer = await _post(client, fid, body, **{"X-Conveyor-Signature": sign(body)})
+    assert answer.status == 401
+    text = await answer.text()
+    assert "NEVER_SET_X" not in text and "not set" in text, text
+
+
 async def test_rotation_several_v1_values(make_client: Any) -> None:
     """A sender rotating secrets may send several v1 values; one valid is enough."""
     client: Client = await make_client(AP_CONTAINER_TYPE="APP")
