@@ -54,7 +54,6 @@ import platform
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -167,13 +166,6 @@ def _bin_width(duration_s: float) -> float:
 
 
 # ----------------------------------------------------------------------------- services
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _loopback(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme == "unix":
@@ -192,7 +184,7 @@ def _with_db(url: str, db: int) -> str:
 
 def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     """A private redis-server on a free loopback port, no persistence, in ``workdir``."""
-    port = _free_port()
+    port = wh._free_port()
     directory = workdir / "redis"
     directory.mkdir()
     popen = subprocess.Popen(
@@ -270,7 +262,7 @@ class Conveyor:
     """One ``python -m conveyor up`` (``WORKER_AND_APP``) on a loopback port."""
 
     def __init__(self, workdir: Path, redis_url: str, pg_url: str, args: argparse.Namespace):
-        self.port = _free_port()
+        self.port = wh._free_port()
         self.env = {
             k: v
             for k, v in os.environ.items()
@@ -479,7 +471,7 @@ async def conveyor_phases(
 ) -> None:
     c, d, w = args.concurrency, args.duration, args.warmup
     cv = Conveyor(workdir, redis_url, pg_url, args)
-    bare_port = _free_port()
+    bare_port = wh._free_port()
     bare = wh._spawn(
         [sys.executable, str(_BENCH_DIR / "webhooks.py"), "--serve-bare", str(bare_port)],
         None,
@@ -923,7 +915,7 @@ def n8n_env(folder: Path, port: int) -> dict[str, str]:
         N8N_SECURE_COOKIE="false",
         N8N_LOG_LEVEL="warn",
         N8N_RUNNERS_BROKER_LISTEN_ADDRESS="127.0.0.1",
-        N8N_RUNNERS_BROKER_PORT=str(_free_port()),
+        N8N_RUNNERS_BROKER_PORT=str(wh._free_port()),
         N8N_METRICS="false",
         NODE_ENV="production",
         DO_NOT_TRACK="1",
@@ -957,7 +949,7 @@ def _off_loopback(pid: int) -> list[str]:
 async def n8n_phases(run: Run, args: argparse.Namespace, cache: Path, workdir: Path) -> None:
     folder = workdir / "n8n"
     folder.mkdir()
-    port = _free_port()
+    port = wh._free_port()
     env = n8n_env(folder, port)
     n8n = [shutil.which("node") or "node", str(cache / "node_modules" / "n8n" / "bin" / "n8n")]
     flow = PEERS_DIR / "n8n-four-step.json"
