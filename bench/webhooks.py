@@ -247,6 +247,8 @@ class Phase:
     p95_ms: float = 0.0
     p99_ms: float = 0.0
     max_ms: float = 0.0
+    #: CPU µs per answered request by part of the system (:class:`CpuMeter`).
+    cpu_us_per_ok: dict[str, float] = field(default_factory=dict)
 
 
 def _finish(phase: Phase, lat: list[float], statuses: Counter[str], ok: set[int]) -> Phase:
@@ -273,11 +275,12 @@ async def closed_loop(
     duration_s: float,
     ok: set[int],
     samples: list[tuple[float, float, int]] | None = None,
+    meter: CpuMeter | None = None,
 ) -> Phase:
     """``clients`` connections, each sending the next request as soon as one is answered.
 
     ``samples``, if given, gets ``(finish time, latency s, status)`` of every answer (on the
-    :data:`clock`), for plots over time and progress lines."""
+    :data:`clock`), for plots over time and progress lines; ``meter`` gets the phase's CPU."""
     pool = Pool(port, clients)
     lat: list[float] = []
     statuses: Counter[str] = Counter()
@@ -303,10 +306,23 @@ async def closed_loop(
 
     stop_at = clock() + duration_s
     started = clock()
+    if meter is not None:
+        meter.start()
     await asyncio.gather(*(client() for _ in range(clients)))
     phase = Phase(name, "closed", f"{clients} clients", duration_s=clock() - started)
     pool.close()
-    return _finish(phase, lat, statuses, ok)
+    return _metered(_finish(phase, lat, statuses, ok), meter)
+
+
+def _cpu_line(cpu: dict[str, float]) -> str:
+    parts = [f"{k} {v:,.0f}" for k, v in cpu.items() if k != "total" and v >= 0.5]
+    return "  ".join([*parts, f"= {cpu.get('total', 0):,.0f}"])
+
+
+def _metered(phase: Phase, meter: CpuMeter | None) -> Phase:
+    if meter is not None:
+        phase.cpu_us_per_ok = meter.stop(phase.ok)
+    return phase
 
 
 async def open_loop(
@@ -319,6 +335,7 @@ async def open_loop(
     ok: set[int],
     max_conns: int = 1024,
     samples: list[tuple[float, float, int]] | None = None,
+    meter: CpuMeter | None = None,
 ) -> Phase:
     """Requests sent at a fixed arrival rate, whatever the answers do; latency counted from
     each request's scheduled send time. Stragglers get ``duration_s`` more to finish.
@@ -345,6 +362,8 @@ async def open_loop(
             samples.append((done, done - at, status))
 
     n = int(rate * duration_s)
+    if meter is not None:
+        meter.start()
     t0 = clock() + 0.01
     i = 0
     while i < n:
@@ -363,7 +382,76 @@ async def open_loop(
     # Throughput over the schedule's own span: the rate actually served.
     phase = Phase(name, "open", f"{rate:,.0f}/s", duration_s=max(clock() - t0, duration_s))
     pool.close()
-    return _finish(phase, lat, statuses, ok)
+    return _metered(_finish(phase, lat, statuses, ok), meter)
+
+
+# ----------------------------------------------------------------------------- CPU meter
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stat(pid: int) -> tuple[str, int, float] | None:
+    """(command name, parent pid, CPU seconds used) of a live process, else None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    close = raw.rfind(b")")
+    comm = raw[raw.find(b"(") + 1 : close].decode(errors="replace")
+    fields = raw[close + 2 :].split()
+    return comm, int(fields[1]), (int(fields[11]) + int(fields[12])) * _TICK_S
+
+
+class CpuMeter:
+    """CPU seconds used per part of the system between :meth:`start` and :meth:`stop`:
+    ``conveyor`` (the given server pid), ``sandbox`` (its descendants: forkserver and code
+    children), ``postgres``, ``redis``, ``client`` (this process) and ``other`` (everything
+    else on the machine). Read from /proc, so it counts work, not waiting: divided by the runs
+    served it says where a run's CPU goes, and it moves far less than throughput when the
+    machine is shared. Processes that end between the readings are not counted."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid = server_pid
+        self._start: dict[int, tuple[str, float]] = {}
+
+    def _read(self) -> dict[int, tuple[str, float]]:
+        stats: dict[int, tuple[str, int, float]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and (st := _proc_stat(int(entry))) is not None:
+                stats[int(entry)] = st
+        out: dict[int, tuple[str, float]] = {}
+        me = os.getpid()
+        for pid, (comm, ppid, cpu) in stats.items():
+            if pid == me:
+                part = "client"
+            elif pid == self.server_pid:
+                part = "conveyor"
+            elif comm.startswith(("postgres", "postmaster")):
+                part = "postgres"
+            elif comm.startswith("redis-server"):
+                part = "redis"
+            else:
+                part = "other"
+                parent, seen = ppid, 0
+                while parent > 1 and seen < 16:  # a descendant of the server: the sandbox
+                    if parent == self.server_pid:
+                        part = "sandbox"
+                        break
+                    parent, seen = stats.get(parent, ("", 0, 0.0))[1], seen + 1
+            out[pid] = (part, cpu)
+        return out
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def stop(self, runs: int) -> dict[str, float]:
+        """CPU microseconds per run by part (and ``total``) since :meth:`start`."""
+        used: dict[str, float] = {}
+        for pid, (part, cpu) in self._read().items():
+            used[part] = used.get(part, 0.0) + cpu - self._start.get(pid, (part, 0.0))[1]
+        n = max(1, runs)
+        out = {part: round(used[part] * 1e6 / n, 1) for part in sorted(used)}
+        out["total"] = round(sum(used.values()) * 1e6 / n, 1)
+        return out
 
 
 # ----------------------------------------------------------------------------- servers
@@ -512,6 +600,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"  {phase.statuses}",
                 flush=True,
             )
+            if phase.cpu_us_per_ok:
+                print(f"      CPU µs/run: {_cpu_line(phase.cpu_us_per_ok)}", flush=True)
             phases.append(phase)
             return phase
 
@@ -520,7 +610,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await closed_loop("warmup", bare_port, bare_req, clients=c, duration_s=w, ok={202})
         ref = show(
             await closed_loop(
-                "bare aiohttp handler", bare_port, bare_req, clients=c, duration_s=d, ok={202}
+                "bare aiohttp handler",
+                bare_port,
+                bare_req,
+                clients=c,
+                duration_s=d,
+                ok={202},
+                meter=CpuMeter(bare.pid),
             )
         )
         _stop(bare)
@@ -529,9 +625,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await _api(port, "POST", "/api/v1/queues/runs/pause")
         ingest_req = build_request(port, f"/api/v1/webhooks/{ingest}")
         await closed_loop("warmup", port, ingest_req, clients=c, duration_s=w, ok=ok_ingest)
+        meter = CpuMeter(conveyor.pid)
         ing = show(
             await closed_loop(
-                "async ingest (202)", port, ingest_req, clients=c, duration_s=d, ok=ok_ingest
+                "async ingest (202)",
+                port,
+                ingest_req,
+                clients=c,
+                duration_s=d,
+                ok=ok_ingest,
+                meter=meter,
             )
         )
 
@@ -544,11 +647,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             req = build_request(port, f"/api/v1/webhooks/{fid}/sync")
             await closed_loop("warmup", port, req, clients=c, duration_s=w, ok=ok_sync)
             sat = show(
-                await closed_loop(f"{label} max", port, req, clients=c, duration_s=d, ok=ok_sync)
+                await closed_loop(
+                    f"{label} max", port, req, clients=c, duration_s=d, ok=ok_sync, meter=meter
+                )
             )
             target = rate or max(10.0, round(sat.rps * 0.5, -1))
             show(
-                await open_loop(f"{label} @rate", port, req, rate=target, duration_s=d, ok=ok_sync)
+                await open_loop(
+                    f"{label} @rate", port, req, rate=target, duration_s=d, ok=ok_sync, meter=meter
+                )
             )
             results[label] = target
 
@@ -560,6 +667,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             before = await conn.fetchval(count_sql, uuid.UUID(ingest), terminal)
             await _api(port, "POST", "/api/v1/queues/runs/resume")
             t = time.monotonic()
+            meter.start()
             await asyncio.sleep(args.drain_s)
             after = await conn.fetchval(count_sql, uuid.UUID(ingest), terminal)
             span = time.monotonic() - t
@@ -567,7 +675,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             drain = Phase("async runs drained", "drain", f"{args.drain_s:.0f} s", span)
             drain.ok = drain.requests = int(after - before)
             drain.rps = round(drain.ok / span, 1)
-            show(drain)
+            show(_metered(drain, meter))
             by_status = await conn.fetch(
                 "SELECT f.name, r.status, count(*) AS n FROM runs r JOIN flows f ON f.id = "
                 "r.flow_id GROUP BY 1, 2 ORDER BY 1, 2"
