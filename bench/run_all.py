@@ -410,6 +410,8 @@ class Run:
             f"  {phase.statuses}",
             flush=True,
         )
+        if data.get("cpu_us_per_ok"):
+            print(f"{'':6}CPU µs per answer: {wh._cpu_line(data['cpu_us_per_ok'])}", flush=True)
         return data
 
 
@@ -425,9 +427,12 @@ async def http_phase(
     clients: int = 0,
     rate: float = 0.0,
     profile_pid: int | None = None,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
-    """One closed-loop (``clients``) or open-loop (``rate``) phase, with a progress bar."""
+    """One closed-loop (``clients``) or open-loop (``rate``) phase, with a progress bar;
+    CPU per answer by part of the system with ``server_pid`` as the server."""
     samples: list[tuple[float, float, int]] = []
+    meter = wh.CpuMeter(server_pid or profile_pid)
     t0 = clock()
     bound = duration * 2 if rate else duration
     async with (
@@ -436,12 +441,14 @@ async def http_phase(
     ):
         if rate:
             phase = await wh.open_loop(
-                label, port, request, rate=rate, duration_s=duration, ok=ok, samples=samples
-            )
+                label, port, request, rate=rate, duration_s=duration, ok=ok, samples=samples,
+                meter=meter,
+            )  # fmt: skip
         else:
             phase = await wh.closed_loop(
-                label, port, request, clients=clients, duration_s=duration, ok=ok, samples=samples
-            )
+                label, port, request, clients=clients, duration_s=duration, ok=ok,
+                samples=samples, meter=meter,
+            )  # fmt: skip
     return run.show(key, phase, samples, t0)
 
 
@@ -500,7 +507,7 @@ async def conveyor_phases(
         await warmup(bare_port, bare_req, c, w, {202})
         await http_phase(
             run, "bare", "bare aiohttp handler", bare_port, bare_req, ok={202}, duration=d,
-            clients=c,
+            clients=c, server_pid=bare.pid,
         )  # fmt: skip
         wh._stop(bare)
 
@@ -530,7 +537,7 @@ async def conveyor_phases(
             rate = max(10.0, round(top["rps"] * 0.5, -1))
             await http_phase(
                 run, f"{key}_half", f"{label} @half", cv.port, req, ok={200}, duration=d,
-                rate=rate,
+                rate=rate, server_pid=cv.proc.pid,
             )  # fmt: skip
         rows = await pg.fetch(
             "SELECT f.name, r.status, count(*) AS n FROM runs r JOIN flows f ON f.id = "
@@ -562,6 +569,9 @@ async def drain_phase(
     before = int(await pg.fetchval(sql, fid, TERMINAL))
     points: list[tuple[float, int]] = [(0.0, before)]
     done = before
+    meter = wh.CpuMeter(cv.proc.pid if cv.proc else None)
+    meter.start()
+    cpu: dict[str, float] = {}
     await wh._api(cv.port, "POST", "/api/v1/queues/runs/resume")
     t0 = time.monotonic()
     profile = run.profiler.record("drain", cv.proc.pid if cv.proc else None, args.drain_s + 1)
@@ -580,6 +590,8 @@ async def drain_phase(
             points.append((t, done))
             if window_start is None and done > before:
                 window_start = points[-2]
+            if t >= args.drain_s + 1 and not cpu:
+                cpu = meter.stop(done - before)  # the same first seconds as the profile
             if t >= args.drain_s + 1 and profile is not None:
                 await profile.__aexit__(None, None, None)
                 profile = None
@@ -608,6 +620,7 @@ async def drain_phase(
         "backlog": total - before,
         "left_after_rest": total - done,
         "backlog_emptied_in_window": window_end[1] >= total,
+        "cpu_us_per_ok": cpu or meter.stop(done - before),
     }
     series = []
     for (ta, na), (tb, nb) in itertools.pairwise(points):
@@ -619,6 +632,7 @@ async def drain_phase(
         f"{total - before:,}, {total - done:,} left after {points[-1][0]:.0f} s",
         flush=True,
     )
+    print(f"{'':6}CPU µs per run: {wh._cpu_line(run.phases['drain']['cpu_us_per_ok'])}", flush=True)
 
 
 async def soak_phase(
@@ -1007,7 +1021,7 @@ async def n8n_phases(run: Run, args: argparse.Namespace, cache: Path, workdir: P
         for clients in (16, c):
             await http_phase(
                 run, f"n8n_c{clients}", f"n8n 4-step c={clients}", port, req, ok={200},
-                duration=d, clients=clients,
+                duration=d, clients=clients, server_pid=proc.pid,
             )  # fmt: skip
         bad = _off_loopback(proc.pid)
         run.figures["n8n_off_loopback"] = bad  # checked at start and after the load
@@ -1300,6 +1314,23 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {p['name']} | {p['load']} | {p['rps']:,.0f} | {p['p50_ms']:.2f} | "
             f"{p['p95_ms']:.2f} | {p['p99_ms']:.2f} | {answers} |"
         )
+    cpu_rows = [p for p in result["phases"].values() if p.get("cpu_us_per_ok")]
+    if cpu_rows:
+        parts = ["conveyor", "sandbox", "postgres", "redis", "client", "other"]
+        names = ["server", "its children", "PostgreSQL", "Redis", "load generator", "other"]
+        lines += [
+            "",
+            "CPU per answer (per finished run for the drain), µs, read from /proc over each "
+            "phase: the server process (Conveyor; the bare handler; n8n), its children (the "
+            "sandbox; n8n's task runner), PostgreSQL, Redis, the load generator, everything else.",
+            "",
+            "| phase | " + " | ".join(names) + " | total |",
+            "|---|" + "---:|" * (len(parts) + 1),
+        ]
+        for p in cpu_rows:
+            cpu = p["cpu_us_per_ok"]
+            cells = " | ".join(f"{cpu.get(k, 0):,.0f}" for k in [*parts, "total"])
+            lines.append(f"| {p['name']} | {cells} |")
     q = result["figures"].get("queue")
     if q:
         lines += ["", "| queue phase | jobs | seconds | jobs/s |", "|---|---:|---:|---:|"]
