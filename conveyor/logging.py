@@ -14,12 +14,11 @@ without threading a logger through every call.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
@@ -111,8 +110,36 @@ def configure(settings: Settings, role: str | None = None) -> None:
     threading.excepthook = _log_thread_uncaught
 
 
-@contextmanager
-def bind_run(flow_id: str, run_id: str) -> Iterator[None]:
-    """Within the block, every log line carries ``flow_id`` and ``run_id``."""
-    with structlog.contextvars.bound_contextvars(flow_id=flow_id, run_id=run_id):
-        yield
+def _structlog_var(key: str) -> contextvars.ContextVar[Any]:
+    """The context variable structlog keeps ``key`` in (``merge_contextvars`` reads it)."""
+    token = structlog.contextvars.bind_contextvars(**{key: ...})[key]
+    token.var.reset(token)
+    return token.var
+
+
+_FLOW_ID = _structlog_var("flow_id")
+_RUN_ID = _structlog_var("run_id")
+
+
+class bind_run:
+    """Within the block, every log line carries ``flow_id`` and ``run_id``; on exit both
+    are back to what they were (unset, or an outer binding).
+
+    The worker enters one per job: structlog's ``bound_contextvars`` copies the whole
+    context to save the previous values, which cost more than the rest of the binding; the
+    tokens of the two variables restore them exactly. Enter and exit in one task.
+    """
+
+    __slots__ = ("_tokens", "flow_id", "run_id")
+
+    def __init__(self, flow_id: str, run_id: str) -> None:
+        self.flow_id = flow_id
+        self.run_id = run_id
+
+    def __enter__(self) -> None:
+        self._tokens = (_FLOW_ID.set(self.flow_id), _RUN_ID.set(self.run_id))
+
+    def __exit__(self, *exc: object) -> None:
+        flow, run = self._tokens
+        _RUN_ID.reset(run)
+        _FLOW_ID.reset(flow)

@@ -122,7 +122,8 @@ class RunContext:
     def __post_init__(self) -> None:
         # Checkpoints may arrive in their JSON shape (a test, an embedding caller): the
         # executor reads typed records only.
-        if any(not isinstance(r, StepRecord) for r in self.checkpoints):
+        checkpoints = self.checkpoints
+        if checkpoints and any(type(r) is not StepRecord for r in checkpoints):
             object.__setattr__(
                 self, "checkpoints", tuple(StepRecord.of(r) for r in self.checkpoints)
             )

@@ -20,10 +20,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 from conveyor.engine.context import (
+    CheckpointSink,
     RespondCallback,
     RunContext,
     RunEnv,
@@ -56,14 +56,20 @@ class Executor:
         self.services = services
 
     async def run(
-        self, flow: Flow, ctx: RunContext, *, on_respond: RespondCallback | None = None
+        self,
+        flow: Flow,
+        ctx: RunContext,
+        *,
+        on_respond: RespondCallback | None = None,
+        sink: CheckpointSink | None = None,
     ) -> RunOutcome:
         """Execute (or resume) one run of ``flow``; never raises except on cancellation.
 
         ``on_respond(status, headers, body)`` is awaited as soon as a respond step runs.
-        ``ctx.timeout_s`` (else ``Services.flow_timeout_s``) bounds this call.
+        ``ctx.timeout_s`` (else ``Services.flow_timeout_s``) bounds this call. ``sink``
+        receives this run's records instead of ``Services.sink``.
         """
-        return await _Run(self.services, flow, ctx, on_respond).execute()
+        return await _Run(self.services, flow, ctx, on_respond, sink).execute()
 
 
 class _Run:
@@ -75,10 +81,13 @@ class _Run:
         flow: Flow,
         ctx: RunContext,
         on_respond: RespondCallback | None,
+        sink: CheckpointSink | None = None,
     ) -> None:
         self.services = services
         self.flow = flow
         self.ctx = ctx
+        self.run_id = ctx.run_id
+        self.sink = sink = sink if sink is not None else services.sink
         self.env = RunEnv(services, ctx, on_respond)
         self.secret_values = [ctx.secrets[n] for n in flow.secret_names if ctx.secrets.get(n)]
         self.scope: dict[str, Any] = {
@@ -92,7 +101,7 @@ class _Run:
         # Optional on a sink: told before each step starts (the worker's makes held
         # checkpoints durable before a step with effects).
         self.before_step: Callable[[str, str], Awaitable[None]] | None = getattr(
-            services.sink, "before_step", None
+            sink, "before_step", None
         )
         self.log_budget = services.max_log_bytes
         self.timeout_s = services.flow_timeout_s
@@ -156,15 +165,21 @@ class _Run:
         iteration: int | None,
         depth: int,
     ) -> None:
-        done = self.done
+        done = self.done if depth <= 1 else None
+        before_step = self.before_step
+        # Immutable: one for every step of this list that does not resume a pause.
+        plain = Where(parent, iteration, depth)
         for step in steps:
-            rec = done.get((step.name, iteration)) if done and depth <= 1 else None
-            if rec is not None and rec.status != StepStatus.PAUSED:
-                await self.restore(step, rec, scope, Where(parent, iteration, depth))
-                continue
-            where = Where(parent, iteration, depth, paused=rec)
-            if self.before_step is not None:
-                await self.before_step(self.ctx.run_id, step.type)
+            where = plain
+            if done:
+                rec = done.get((step.name, iteration))
+                if rec is not None:
+                    if rec.status != StepStatus.PAUSED:
+                        await self.restore(step, rec, scope, plain)
+                        continue
+                    where = Where(parent, iteration, depth, paused=rec)
+            if before_step is not None:
+                await before_step(self.run_id, step.type)
             spec = step.spec
             if spec.walk is not None:
                 await spec.walk(self, step, scope, where)
@@ -235,7 +250,7 @@ class _Run:
             parent=at.parent,
             iteration=at.iteration,
         )
-        await self.services.sink.step_finished(self.ctx.run_id, record)
+        await self.sink.step_finished(self.run_id, record)
 
     def failure(self, step: Step, status: StepStatus, message: str) -> RunOutcome:
         error: RunError = {"step": step.name, "message": self.redact(message)}
@@ -301,11 +316,14 @@ class _Run:
         timeout = step.timeout_s
         if timeout is not None:
             timeout += step.spec.timeout_grace_s
-        fail = StepFailed("not run")
+        fail: StepFailed | None = None
         for attempt in range(1, attempts + 1):
             try:
-                async with asyncio.timeout(timeout) if timeout is not None else nullcontext():
+                if timeout is None:
                     output, logs = await piece(self.env, step, inp)
+                else:
+                    async with asyncio.timeout(timeout):
+                        output, logs = await piece(self.env, step, inp)
             except StepFailed as exc:
                 fail = exc
             except StepInternalError as exc:
@@ -327,4 +345,6 @@ class _Run:
                 return
             if attempt < attempts and backoff > 0:
                 await asyncio.sleep(min(backoff * 2 ** (attempt - 1), 300.0))
+        if fail is None:
+            fail = StepFailed("not run")
         await self.failed(step, fail, at, input=inp, attempt=attempts)

@@ -72,8 +72,11 @@ class _Sink:
 
     ``start_pending``: the run's RUNNING transition has not been written yet (a first
     delivery); the first durable write carries it, guarded like every transition, so a run
-    canceled meanwhile stops before any step with effects starts.
+    canceled meanwhile stops before any step with effects starts. ``rid``: the run's id
+    parsed (else parsed from the first ``run_id`` the executor passes).
     """
+
+    __slots__ = ("held", "job", "rid", "seq", "start_pending", "writer")
 
     def __init__(
         self,
@@ -82,19 +85,28 @@ class _Sink:
         job: Job | None = None,
         *,
         start_pending: bool = False,
+        rid: uuid.UUID | None = None,
     ) -> None:
         self.writer = writer
         self.seq = first_seq
         self.job = job
         self.held: list[StepRow] = []
         self.start_pending = start_pending
+        self.rid = rid
+
+    def _rid(self, run_id: str) -> uuid.UUID:
+        rid = self.rid
+        if rid is None:
+            rid = self.rid = uuid.UUID(run_id)
+        return rid
 
     async def step_finished(self, run_id: str, record: StepRecord) -> None:
         seq = self.seq
         self.seq += 1
-        metrics.observe_step(record.type, record.duration_ms)
-        self.held.append(StepRow(uuid.UUID(run_id), seq, record))
-        if record.type not in DEFERRED_TYPES:
+        typ = record.type
+        metrics.observe_step(typ, record.duration_ms)
+        self.held.append(StepRow(self.rid or self._rid(run_id), seq, record))
+        if typ not in DEFERRED_TYPES:
             await self.flush(run_id)
 
     async def before_step(self, run_id: str, step_type: str) -> None:
@@ -121,7 +133,7 @@ class _Sink:
             self.start_pending = False
             if rows:
                 await self.fence()
-            change = Transition(uuid.UUID(run_id), RunStatus.RUNNING, bump_attempt=True)
+            change = Transition(self._rid(run_id), RunStatus.RUNNING, bump_attempt=True)
             if not await self.writer.finish(Finish(change, rows)):
                 raise RunEnded(f"run {run_id} ended before it started")
             return
@@ -138,17 +150,12 @@ class _Sink:
             raise RunEnded(f"run {run_id} ended while step {name!r} ran")
 
 
-class _RoutingSink:
-    """The executor's process-wide sink, routing each run's records to that run's sink."""
-
-    def __init__(self) -> None:
-        self.sinks: dict[str, _Sink] = {}
+class _Unrouted:
+    """The executor's process-wide sink: never used, as the worker hands each run its own
+    :class:`_Sink` (``Executor.run(..., sink=)``)."""
 
     async def step_finished(self, run_id: str, record: StepRecord) -> None:
-        await self.sinks[run_id].step_finished(run_id, record)
-
-    async def before_step(self, run_id: str, step_type: str) -> None:
-        await self.sinks[run_id].before_step(run_id, step_type)
+        raise RuntimeError(f"run {run_id} was started without its checkpoint sink")
 
 
 class RunWorker:
@@ -179,10 +186,11 @@ class RunWorker:
         self.producer = Producer(redis, self.queue_config)
         self.replies = ReplyPublisher(redis)
         self.submitter = Submitter(writer, self.producer)
-        self.sinks = _RoutingSink()
+        #: Flow ids as queued → (parsed, canonical text); flows are few, bounded all the same.
+        self._flow_ids: dict[str, tuple[uuid.UUID, str]] = {}
         self.executor = Executor(
             Services(
-                sink=self.sinks,
+                sink=_Unrouted(),
                 sandbox=sandbox,
                 http=http,
                 ssrf=SsrfPolicy(
@@ -236,7 +244,10 @@ class RunWorker:
             first_seq = 0
         if trigger is None:
             trigger = (await run_store.get_run(self.writer.db, rid))["trigger"]
-        flow_id = uuid.UUID(run.flow_id)
+        flow_ids = self._flow_ids.get(run.flow_id)
+        if flow_ids is None:
+            flow_ids = self._flow_id(run.flow_id)
+        flow_id, flow_text = flow_ids
         version = run.version
         flow = await self.registry.version(flow_id, version)
         secrets = (
@@ -246,7 +257,7 @@ class RunWorker:
         )
         ctx = RunContext(
             run_id=run_id,
-            flow_id=str(flow_id),
+            flow_id=flow_text,
             flow_version=version,
             trigger=trigger,
             secrets=secrets,
@@ -270,11 +281,8 @@ class RunWorker:
                     },
                 )
 
-        sink = self.sinks.sinks[run_id] = _Sink(self.writer, first_seq, job, start_pending=fresh)
-        try:
-            outcome = await self.executor.run(flow, ctx, on_respond=on_respond)
-        finally:
-            self.sinks.sinks.pop(run_id, None)
+        sink = _Sink(self.writer, first_seq, job, start_pending=fresh, rid=rid)
+        outcome = await self.executor.run(flow, ctx, on_respond=on_respond, sink=sink)
         metrics.observe_run(outcome.status.value, started_s)
         # The caller already has its answer once a respond step ran: no final message.
         await self._commit(
@@ -284,6 +292,13 @@ class RunWorker:
             None if answered else reply,
             sink,
         )
+
+    def _flow_id(self, text: str) -> tuple[uuid.UUID, str]:
+        flow_id = uuid.UUID(text)
+        if len(self._flow_ids) >= 10_000:
+            self._flow_ids.clear()
+        found = self._flow_ids[text] = (flow_id, str(flow_id))
+        return found
 
     async def _commit(
         self,
