@@ -25,10 +25,8 @@ from aiohttp import web
 from conveyor import heartbeat, metrics
 from conveyor.api.admin import add_admin_routes
 from conveyor.api.app import add_api_routes
-from conveyor.api.auth import api_key_middleware
-from conveyor.api.errors import error_middleware
 from conveyor.api.health import METRICS_STATE, healthz, metrics_handler, readyz, refresh_process
-from conveyor.api.timing import http_metrics_middleware
+from conveyor.api.timing import api_middleware
 from conveyor.board import setup_board
 from conveyor.connections import create_redis
 from conveyor.engine.intake import WebhookIntake
@@ -184,7 +182,8 @@ def create_app(
     """The application for ``settings.container_type``; ``services`` are extra cleanup
     contexts (by name) the worker role plugs in after the shared resources."""
     app = web.Application(
-        middlewares=[http_metrics_middleware, error_middleware, api_key_middleware],
+        # One middleware: timing, JSON errors and the API key (conveyor/api/timing.py).
+        middlewares=[api_middleware(settings.api_key)],
         client_max_size=settings.max_webhook_payload_bytes,
     )
     app[SETTINGS] = settings

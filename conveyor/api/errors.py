@@ -4,7 +4,9 @@ This is the one place the error tree of :mod:`conveyor.errors` becomes HTTP. Ser
 domain errors (``NotFound``, ``FlowValidationError``, ``QueueFull``, ``RunFinished``, …) and
 handlers let them through; :func:`http_error` gives each its status from the branch it is on
 (:data:`STATUS`) and its ``code`` from the class (:func:`to_api_error` is its half for
-``ConveyorError`` alone), and :func:`error_middleware` renders it. They are public so the
+``ConveyorError`` alone), and the application's middleware
+(:func:`conveyor.api.timing.api_middleware`, which does what :func:`error_middleware` does
+alone) renders it. They are public so the
 board's HTML error pages and flash messages can say the same. Handlers raise :class:`ApiError`
 only for answers HTTP alone knows about (a bad header or query parameter, a 413, a 415), and
 aiohttp's ``HTTPException`` is rendered the same way. Anything unexpected, and any

@@ -57,11 +57,33 @@ _SENSITIVE_WORDS: Final = re.compile(
 _HEADROOM: Final = 254 - MAX_JSON_DEPTH
 
 
+#: Names seen so far: raw header or query name → (lower-cased valid text, redacted?). Every
+#: webhook carries the same dozen names, so the rule runs once per name, not per request;
+#: bounded (a sender inventing names gets the uncached path, never more memory).
+_NAMES: dict[str, tuple[str, bool]] = {}
+_NAMES_MAX: Final = 4096
+
+
+def _sensitive(name: str) -> bool:
+    low = name.lower().replace("_", "-")
+    return low in SENSITIVE_HEADERS or _SENSITIVE_WORDS.search(low) is not None
+
+
+def _name(key: str) -> tuple[str, bool]:
+    """``key`` as valid text, lower-cased, and whether it is sensitive (cached)."""
+    found = _NAMES.get(key)
+    if found is None:
+        name = text(key)
+        found = (name.lower(), _sensitive(name))
+        if len(_NAMES) < _NAMES_MAX:
+            _NAMES[key] = found
+    return found
+
+
 def is_sensitive_name(name: str) -> bool:
     """True when a header or query parameter of this name is stored redacted (one rule for
     both: ``_`` counts as ``-``, so ``api_key`` is ``api-key``)."""
-    low = name.lower().replace("_", "-")
-    return low in SENSITIVE_HEADERS or _SENSITIVE_WORDS.search(low) is not None
+    return _name(name)[1]
 
 
 def text(value: str) -> str:
@@ -74,9 +96,10 @@ def text(value: str) -> str:
 def headers(items: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Lower-cased headers with sensitive values redacted and every value valid text."""
     out: dict[str, str] = {}
+    names = _NAMES
     for key, value in items:
-        name = text(key).lower()
-        out[name] = REDACTED if is_sensitive_name(name) else text(value)
+        known = names.get(key) or _name(key)
+        out[known[0]] = REDACTED if known[1] else value if value.isascii() else text(value)
     return out
 
 
@@ -87,7 +110,7 @@ def query(items: Iterable[tuple[str, str]]) -> dict[str, str]:
     for key, value in items:
         name = text(key)
         if name not in out:
-            out[name] = REDACTED if is_sensitive_name(name) else text(value)
+            out[name] = REDACTED if _name(key)[1] else text(value)
     return out
 
 

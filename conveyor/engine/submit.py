@@ -136,17 +136,19 @@ class Submitter:
                 status=inserted.status,
                 response_status=inserted.response_status,
             )
-        job = RunJob(
-            run_id=str(inserted.run_id),
-            flow_id=str(new.flow_id),
-            version=new.flow_version,
-            trigger=new.trigger if inline_trigger else None,
-            reply=reply,
-        )
+        # RunJob(...).to_payload() written out: this runs for every webhook.
+        run_id = str(inserted.run_id)
+        payload: dict[str, Any] = {
+            "run_id": run_id,
+            "flow_id": str(new.flow_id),
+            "version": new.flow_version,
+        }
+        if inline_trigger and new.trigger is not None:
+            payload["trigger"] = new.trigger
+        if reply:
+            payload["reply"] = reply
         try:
-            await self.producer.enqueue(
-                new.queue, job.to_payload(), job_id=job.run_id, dedup_key=dedup_key
-            )
+            await self.producer.enqueue(new.queue, payload, job_id=run_id, dedup_key=dedup_key)
         except QueueFull:
             if on_full is OnFull.DEFER:
                 return Submission(inserted.run_id, created=True, enqueued=False)
