@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,18 @@ from conveyor.sandbox.protocol import (
 )
 
 _READ_SIZE = 1 << 18
+_local = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """This thread's read buffer, shared by its channels: a frame is decoded (or copied
+    into the channel's decoder) before the next read, so reads never overlap. A fresh
+    ``bytes`` of ``_READ_SIZE`` per ``recv`` would cost a malloc of that size each time."""
+    try:
+        buf: memoryview = _local.buf
+    except AttributeError:
+        buf = _local.buf = memoryview(bytearray(_READ_SIZE))
+    return buf
 
 
 class FrameChannel:
@@ -62,12 +75,14 @@ class FrameChannel:
         self._loop.add_reader(self._fd, self._readable)
 
     def _readable(self) -> None:
+        data: bytes | memoryview
         try:
             if self._accept_fds:
                 data, fds = recv_fds(self.sock, _READ_SIZE)
                 self.fds.extend(fds)
             else:
-                data = self.sock.recv(_READ_SIZE)
+                rbuf = _read_buffer()
+                data = rbuf[: self.sock.recv_into(rbuf)]
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:

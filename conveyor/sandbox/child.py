@@ -171,6 +171,12 @@ class Runner:
         self._loop: Any = None
         # Freed on MemoryError so there is room left to build and send the answer.
         self._reserve: bytearray | None = bytearray(1 << 20)
+        # Read again (pread, one syscall) after every execution for the thread count.
+        try:
+            self._stat_fd = os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._stat_fd = -1
+        self._empty_tmp_size = _empty_tmpfs_size(self.tmp)
 
     def warm_up(self) -> None:
         """Run a no-op step once before the first request arrives.
@@ -258,17 +264,22 @@ class Runner:
     def _cleanup(self) -> bool:  # noqa: PLR0912 - one check per kind of leftover
         """Leave nothing of this execution behind; True when this child must not be reused."""
         dirty = False
-        if len(os.listdir("/proc/self/task")) > 1:
+        if self._threads() != 1:
             # Threads of the step would outlive it and could answer for the next one.
             dirty = True
         if self.own_pidns:
             lim.reap_own_namespace()
-        else:
+        elif _has_children():
             lim.kill_children(self.pid)
         if self._loop is not None and asyncio.all_tasks(self._loop):
             dirty = True
         try:
-            leftovers = os.listdir(self.tmp)
+            if self._empty_tmp_size is not None and (
+                os.stat(self.tmp).st_size == self._empty_tmp_size
+            ):
+                leftovers = []  # a tmpfs directory's size counts its entries: none
+            else:
+                leftovers = os.listdir(self.tmp)
         except OSError:
             leftovers = []
             dirty = True
@@ -293,6 +304,47 @@ class Runner:
             if ru.ru_utime + ru.ru_stime > self.limits.cpu_s / 2:
                 dirty = True
         return dirty
+
+    def _threads(self) -> int:
+        """Threads of this process, from the kernel (0 when it cannot be read)."""
+        if self._stat_fd < 0:
+            return len(os.listdir("/proc/self/task"))
+        try:
+            stat = os.pread(self._stat_fd, 4096, 0)
+            # Field 20 (num_threads), counted after the parenthesised command name.
+            return int(stat[stat.rindex(b")") + 2 :].split()[17])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+
+def _has_children() -> bool:
+    """Whether this process has any child (running or a zombie), in one ``waitpid``.
+
+    A descendant always hangs below a child of ours: orphans re-parent to us (we are their
+    subreaper), so no child means nothing of the step is left to kill. A zombie reaped
+    here is one fewer for :func:`~conveyor.sandbox.limits.kill_children` to wait for.
+    """
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return True
+
+
+def _empty_tmpfs_size(path: str) -> int | None:
+    """``st_size`` of the empty directory ``path`` when it is the root of a tmpfs (whose
+    directory sizes grow with every entry, so an equal size later means empty again);
+    ``None`` elsewhere, where only a listing tells."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as fh:
+            mounts = fh.read().splitlines()
+        # The last mount on ``path`` is the one on top, the one we see.
+        on_path = [line for line in mounts if line.split()[4:5] == [path.encode()]]
+        if not on_path or b" - tmpfs " not in on_path[-1] or os.listdir(path):
+            return None
+        return os.stat(path).st_size
+    except (OSError, ValueError):
+        return None
 
 
 #: Longest error message a step can report (the rest is cut, and the cut is said).

@@ -5,8 +5,11 @@ strongest isolation :mod:`conveyor.sandbox.isolation` finds) and ``slots`` step 
 one per concurrent execution. A slot's process is warm for one flow version at a time: the
 next execution of the same ``(flow_id, flow_version)`` reuses it, any other flow version
 replaces it, and it is recycled after ``warm_max_uses`` executions or after any error,
-limit or timeout. The worker talks to a child over the child's own socket (one round trip
-per execution) and enforces wall time itself: past ``timeout_s`` it has the fork-server
+limit or timeout. Only ``active`` executions (two per CPU) go out at once; more queue, in
+arrival order, for a slot to come back — a burst of short steps then keeps reusing a few
+children still in the CPU caches rather than waking a cold one per slot — and one running
+past ``spill_s`` stops counting, so a long step never holds the queue up. The worker talks
+to a child over the child's own socket (one round trip per execution) and enforces wall time itself: past ``timeout_s`` it has the fork-server
 SIGKILL the child, and the fork-server answers only once every process of that child's
 tree is gone. A child the worker is done with is *retired*: the fork-server SIGKILLs it (its
 cooperation is never needed), kills what is left in its cgroup, reaps, and only then gives
@@ -100,6 +103,8 @@ class _Slot:
     index: int
     busy: bool = False
     child: _Child | None = None
+    #: Loop time the current execution took the slot.
+    since: float = 0.0
 
 
 class _Timeout(Exception):
@@ -126,8 +131,18 @@ class Sandbox:
         self._hello: asyncio.Future[dict[str, Any]] | None = None
         self._spawning: dict[int, tuple[asyncio.Future[_Child], tuple[str, str]]] = {}
         self._children: dict[int, _Child] = {}
-        self._slots: list[_Slot] = []
-        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        # Slots live as long as the Sandbox (a restart only drops their children), so a
+        # step still holding one across a restart gives back a slot that is still counted.
+        self._slots = [_Slot(i) for i in range(max(self.config.slots, 1))]
+        #: Idle slots, most recently used last; ``_busy`` counts the others.
+        self._idle: list[_Slot] = list(reversed(self._slots))
+        self._busy = 0
+        self._active = min(
+            len(self._slots),
+            self.config.active if self.config.active else 2 * _cpus(),
+        )
+        self._waiters: deque[tuple[asyncio.Future[_Slot], tuple[str, str]]] = deque()
+        self._spill_timer: asyncio.TimerHandle | None = None
         self._next_id = 0
         #: Counters for metrics: executions per status, ``forks``, ``starts``.
         self.stats: Counter[str] = Counter()
@@ -276,7 +291,6 @@ class Sandbox:
             )
             self._free_uids = int(probe["uids"]) if self._drop_uid and "uids" in probe else None
             self._exhausted = False
-            self._slots = [_Slot(i) for i in range(max(self.config.slots, 1))]
             self._prepare_spares()
             self._refresh_report()
             if self.config.locked and report.isolation is not Isolation.FULL:
@@ -536,36 +550,95 @@ class Sandbox:
 
     # ------------------------------------------------------------------ slots
     async def _acquire(self, key: tuple[str, str]) -> _Slot:
-        while True:
-            free = [s for s in self._slots if not s.busy]
-            if free:
-                pick = (
-                    next((s for s in free if s.child and s.child.key == key), None)
-                    or next((s for s in free if s.child is None), None)
-                    or free[0]
-                )
-                pick.busy = True
-                return pick
-            waiter = asyncio.get_running_loop().create_future()
-            self._slot_waiters.append(waiter)
-            try:
-                await waiter
-            except (Exception, asyncio.CancelledError):
-                # Woken and cancelled at once: pass the wake-up on, or a slot stays idle.
-                if waiter.done() and not waiter.cancelled():
-                    self._wake_one()
-                raise
+        """A slot for ``key``: at once while fewer than ``active`` executions are out, else
+        in arrival order as slots come back (or as running ones turn long, see
+        :meth:`_admissible`)."""
+        if not self._waiters and self._idle and self._admissible():
+            return self._take(key)
+        waiter: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
+        self._waiters.append((waiter, key))
+        self._arm_spill()
+        try:
+            return await waiter
+        except (Exception, asyncio.CancelledError):
+            # Handed a slot and cancelled at once: give it back, or it stays busy for good.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(waiter.result())
+            raise
+
+    def _admissible(self) -> bool:
+        """Whether one more execution may go to a child now.
+
+        Up to ``active`` at once (a few per core): a burst of short steps then queues for
+        the same few warm children, whose memory is still in the CPU caches, instead of
+        waking one child per slot — each of which would run cold and cost several times the
+        CPU. An execution that has been running for ``spill_s`` no longer counts (a long or
+        sleeping step must not hold the others up), so up to ``slots`` can run at once.
+        """
+        busy = self._busy
+        if busy < self._active:
+            return True
+        if busy >= len(self._slots):
+            return False
+        horizon = asyncio.get_running_loop().time() - self.config.spill_s
+        short = sum(1 for s in self._slots if s.busy and s.since > horizon)
+        return short < self._active
+
+    def _take(self, key: tuple[str, str]) -> _Slot:
+        """Mark an idle slot busy: the most recently used one warm for ``key``, else one with
+        no child, else the least recently used (its child is replaced)."""
+        idle = self._idle
+        pick = -1
+        for i in range(len(idle) - 1, -1, -1):
+            child = idle[i].child
+            if child is not None and child.key == key:
+                pick = i
+                break
+        if pick < 0:
+            pick = next((i for i, s in enumerate(idle) if s.child is None), 0)
+        slot = idle.pop(pick)
+        slot.busy = True
+        slot.since = asyncio.get_running_loop().time()
+        self._busy += 1
+        return slot
 
     def _release(self, slot: _Slot) -> None:
+        if not slot.busy:
+            return
         slot.busy = False
-        self._wake_one()
+        self._busy -= 1
+        self._idle.append(slot)
+        self._dispatch()
 
-    def _wake_one(self) -> None:
-        while self._slot_waiters:
-            waiter = self._slot_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+    def _dispatch(self) -> None:
+        """Hand idle slots to queued callers, first come first served, while admissible."""
+        waiters = self._waiters
+        while waiters and self._idle:
+            waiter, key = waiters[0]
+            if waiter.done():
+                waiters.popleft()
+                continue
+            if not self._admissible():
+                self._arm_spill()
                 return
+            waiters.popleft()
+            waiter.set_result(self._take(key))
+
+    def _arm_spill(self) -> None:
+        """Re-check the queue when the oldest running execution turns long."""
+        if self._spill_timer is not None or not self._waiters or self._busy >= len(self._slots):
+            return
+        started = [s.since for s in self._slots if s.busy]
+        if not started:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(min(started) + self.config.spill_s - loop.time(), 0.0) + 1e-4
+        self._spill_timer = loop.call_later(delay, self._on_spill)
+
+    def _on_spill(self) -> None:
+        self._spill_timer = None
+        self._dispatch()
+        self._arm_spill()
 
     def _retire(self, slot: _Slot) -> None:
         """Let go of the slot's warm child: the fork-server SIGKILLs it and its tree.
@@ -828,6 +901,13 @@ class Sandbox:
             self.stats["reap_timeouts"] += 1
             await self._stop_server()
             return {"op": "exit", "id": child.id, "lost": True}
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _loud(level: str, event: str, **fields: Any) -> None:

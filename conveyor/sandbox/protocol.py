@@ -63,8 +63,12 @@ class FrameDecoder:
         self._need = -1
         self.max_frame = max_frame
 
-    def feed(self, data: bytes) -> list[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
+        """Whole frames decoded from what came so far; ``data`` is not kept (a buffer the
+        caller reuses may be passed)."""
         buf = self._buf
+        if not buf:
+            return self._feed_direct(data)
         buf += data
         out: list[Any] = []
         pos = 0
@@ -87,6 +91,29 @@ class FrameDecoder:
             self._need = -1
         if pos:
             del buf[:pos]
+        return out
+
+    def _feed_direct(self, data: bytes | bytearray | memoryview) -> list[Any]:
+        """The common case, nothing buffered: decode straight from ``data`` (one answer in
+        one read), keeping only an incomplete tail."""
+        view = memoryview(data)
+        size = len(view)
+        out: list[Any] = []
+        pos = 0
+        while size - pos >= HEADER_SIZE:
+            (need,) = _HEADER.unpack_from(view, pos)
+            if need > self.max_frame:
+                raise ProtocolError(f"frame of {need} bytes over {self.max_frame}")
+            end = pos + HEADER_SIZE + need
+            if end > size:
+                break
+            try:
+                out.append(orjson.loads(view[pos + HEADER_SIZE : end]))
+            except orjson.JSONDecodeError as exc:
+                raise ProtocolError(f"frame is not JSON: {exc}") from None
+            pos = end
+        if pos < size:
+            self._buf += view[pos:]
         return out
 
     @property
@@ -121,20 +148,23 @@ def recv_fds(sock: socket.socket, bufsize: int) -> tuple[bytes, list[int]]:
 class BlockingReader:
     """Frames from a blocking socket, one at a time (the child's and fork-server's side)."""
 
-    __slots__ = ("_decoder", "_queue", "sock")
+    __slots__ = ("_decoder", "_queue", "_rbuf", "sock")
 
     def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.sock = sock
         self._decoder = FrameDecoder(max_frame)
         self._queue: list[Any] = []
+        # Read into, again and again: a fresh bytes object per recv of this size would be
+        # an mmap, page faults and an munmap for every request.
+        self._rbuf = memoryview(bytearray(1 << 16))
 
     def read(self) -> Any | None:
         """The next frame, or ``None`` at end of stream."""
         while not self._queue:
-            data = self.sock.recv(1 << 18)
-            if not data:
+            n = self.sock.recv_into(self._rbuf)
+            if not n:
                 return None
-            self._queue.extend(self._decoder.feed(data))
+            self._queue.extend(self._decoder.feed(self._rbuf[:n]))
         return self._queue.pop(0)
 
     def feed(self, data: bytes) -> list[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 
 import pytest
 
@@ -71,3 +72,37 @@ def test_blocking_reader_reads_frames_then_eof() -> None:
     assert reader.read() == {"two": 2}
     assert reader.read() is None
     b.close()
+
+
+def test_decoder_copies_a_partial_frame_out_of_a_reused_buffer() -> None:
+    """A frame cut off at the end of one read is kept even though the caller reuses (and
+    overwrites) its read buffer before the rest arrives."""
+    data = encode({"a": 1}) + encode({"b": "x" * 50})
+    buf = bytearray(64)
+    view = memoryview(buf)
+    decoder = FrameDecoder()
+    cut = len(encode({"a": 1})) + 10
+    buf[:cut] = data[:cut]
+    assert decoder.feed(view[:cut]) == [{"a": 1}]
+    assert decoder.pending == 10
+    rest = data[cut:]
+    buf[:] = b"\xff" * len(buf)
+    buf[: len(rest)] = rest
+    assert decoder.feed(view[: len(rest)]) == [{"b": "x" * 50}]
+    assert decoder.pending == 0
+
+
+def test_blocking_reader_reassembles_frames_larger_than_its_buffer() -> None:
+    """A frame many times bigger than one read arrives whole, and the next one after it."""
+    a, b = socket.socketpair()
+    big = {"blob": "y" * 300_000}
+    sender = threading.Thread(target=a.sendall, args=(encode(big) + encode(2),))
+    sender.start()
+    try:
+        reader = BlockingReader(b)
+        assert reader.read() == big
+        assert reader.read() == 2
+    finally:
+        sender.join()
+        a.close()
+        b.close()
