@@ -1,10 +1,10 @@
 """Runs and their step logs in PostgreSQL, written in batches across runs.
 
 Ingest inserts run rows through a :class:`~conveyor.store.batch.Batcher` (one multi-row
-``INSERT … SELECT FROM unnest(…)`` per tick, idempotency keys under a unique index); workers
-move runs through their states and append step records the same way. Every state change is
-guarded so a terminal run never changes again: a cancel that lands first wins over a worker
-that finishes later, and a redelivered job cannot resurrect a finished run.
+``INSERT … SELECT FROM jsonb_to_recordset(…)`` per tick, idempotency keys under a unique
+index); workers move runs through their states and append step records the same way. Every
+state change is guarded so a terminal run never changes again: a cancel that lands first wins
+over a worker that finishes later, and a redelivered job cannot resurrect a finished run.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -31,17 +31,16 @@ _LIVE = [s.value for s in IN_FLIGHT]
 _TERMINAL = [s.value for s in TERMINAL]
 
 
-def _json(value: Any) -> str | None:
-    """JSON text for a jsonb column (``None`` stays SQL NULL).
+def _rows_json(rows: list[dict[str, Any]]) -> str:
+    """The JSON array a batched statement reads with ``jsonb_to_recordset``.
 
-    PostgreSQL's jsonb refuses the NUL character, which any webhook body or step output may
-    carry: it is replaced by U+FFFD, as a text column needs too (:func:`_text`).
+    PostgreSQL refuses the NUL character in text and jsonb, and any webhook body, step
+    output or log may carry one: it is replaced by U+FFFD (the rare batch that has one is
+    encoded again). orjson writes NUL as ``\\u0000``, so one scan of the text finds it.
     """
-    if value is None:
-        return None
-    data = orjson.dumps(value, default=str)
+    data = orjson.dumps(rows, default=str)
     if b"\\u0000" in data:
-        data = orjson.dumps(_strip_nul(value), default=str)
+        data = orjson.dumps(_strip_nul(rows), default=str)
     return data.decode()
 
 
@@ -55,8 +54,10 @@ def _strip_nul(value: Any) -> Any:
     return value
 
 
-def _text(value: str | None) -> str | None:
-    return value.replace("\x00", "\ufffd") if value and "\x00" in value else value
+def _ts(value: Any) -> Any:
+    """An aware datetime for a timestamptz field (a naive one is local time, as asyncpg
+    reads it), serialised by orjson with its offset."""
+    return value.astimezone(UTC) if isinstance(value, datetime) else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,28 +99,40 @@ class Transition:
     bump_attempt: bool = False
 
 
-# JSON values travel as text[] and are cast per row: a jsonb[] parameter would take a
-# list-valued JSON (a loop's output) for a nested array dimension.
+# Every batched statement takes its rows as ONE jsonb array of objects (one text parameter,
+# encoded by a single orjson call; see _rows_json): a JSON-shaped column keeps the value
+# itself (no JSON text inside JSON), and the statement's plan is cached. Parallel unnest()
+# arrays cost more on both ends: asyncpg encodes every element of every array, and the
+# planner's exact row estimate for a constant array made PostgreSQL plan the statement
+# anew on every execution (a custom plan: most of its CPU at small batches).
+#
+# The row estimate of jsonb_to_recordset is fixed, so the cached plans must be right for a
+# batch of one and of 500 and for a table of any size: runs are reached by their primary
+# key only (the guard is a per-row subquery; the UPDATE's own scan is bounded by
+# ``id = ANY($2)``) — never by a scan of the table, which the planner would otherwise pick
+# for a small or mid-sized table (it takes "not terminal" for very selective).
+_TERMINAL_SQL = "'{" + ",".join(s.value for s in TERMINAL) + "}'::text[]"
+
 _INSERT = """
 INSERT INTO runs (id, flow_id, flow_version, status, queue, trigger, idempotency_key,
                   response_status, attempt)
-SELECT id, flow_id, flow_version, status, queue, trigger::jsonb, idempotency_key,
+SELECT id, flow_id, flow_version, 'QUEUED', queue, trigger, idempotency_key,
        response_status, attempt
-FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
-            $7::text[], $8::int[], $9::int[])
-     AS u(id, flow_id, flow_version, status, queue, trigger, idempotency_key,
-          response_status, attempt)
+FROM jsonb_to_recordset($1::text::jsonb)
+     AS u(id uuid, flow_id uuid, flow_version int, queue text, trigger jsonb,
+          idempotency_key text, response_status int, attempt int)
 ON CONFLICT (flow_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id
 """
 
 # One statement for every transition: terminal states stamp finished_at, RUNNING stamps
-# started_at once, and a run already terminal is never touched again.
-_TRANSITION = """
+# started_at once, and a run already terminal is never touched again. A NULL output/error
+# keeps the stored one (a Transition's None means "unchanged").
+_TRANSITION = f"""
 UPDATE runs r SET
     status = u.status,
-    output = CASE WHEN u.has_output THEN u.output::jsonb ELSE r.output END,
-    error = CASE WHEN u.has_error THEN u.error::jsonb ELSE r.error END,
+    output = COALESCE(u.output, r.output),
+    error = COALESCE(u.error, r.error),
     attempt = CASE WHEN u.bump AND r.status <> 'PAUSED' THEN r.attempt + 1
                    ELSE COALESCE(u.attempt, r.attempt) END,
     -- A resumed run keeps its resume_at while RUNNING: its queue entry's id derives from it.
@@ -128,28 +141,27 @@ UPDATE runs r SET
     -- A bumped attempt starts the run (RUNNING, or a run executed in memory that ends here).
     started_at = CASE WHEN u.status = 'RUNNING' OR u.bump THEN COALESCE(r.started_at, now())
                       ELSE r.started_at END,
-    finished_at = CASE WHEN u.status = ANY($9::text[]) THEN now() ELSE NULL END,
+    finished_at = CASE WHEN u.status = ANY({_TERMINAL_SQL}) THEN now() ELSE NULL END,
     updated_at = now()
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bool[], $5::text[], $6::bool[],
-            $7::int[], $8::timestamptz[], $10::bool[])
-     AS u(id, status, output, has_output, error, has_error, attempt, resume_at, bump)
-WHERE r.id = u.id AND NOT (r.status = ANY($9::text[]))
+FROM jsonb_to_recordset($1::text::jsonb)
+     AS u(id uuid, status text, output jsonb, error jsonb, attempt int, resume_at timestamptz,
+          bump bool)
+WHERE r.id = u.id AND r.id = ANY($2::uuid[]) AND NOT (r.status = ANY({_TERMINAL_SQL}))
 RETURNING r.id
 """
 
-_STEPS = """
+_STEPS = f"""
 INSERT INTO step_runs (run_id, seq, name, type, status, input, output, error, logs, parent,
                        iteration, attempt, started_at, duration_ms)
-SELECT run_id, seq, name, type, status, input::jsonb, output::jsonb, error::jsonb, logs,
+SELECT run_id, seq, name, type, status, input, output, error, logs,
        parent, iteration, attempt, started_at, duration_ms
-FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[],
-            $7::text[], $8::text[], $9::text[], $10::text[], $11::int[], $12::int[],
-            $13::timestamptz[], $14::float8[])
-     AS u(run_id, seq, name, type, status, input, output, error, logs, parent, iteration,
-          attempt, started_at, duration_ms)
+FROM jsonb_to_recordset($1::text::jsonb)
+     AS u(run_id uuid, seq int, name text, type text, status text, input jsonb, output jsonb,
+          error jsonb, logs text, parent text, iteration int, attempt int,
+          started_at timestamptz, duration_ms float8)
 -- A run that ended meanwhile (canceled, timed out by the reconciler) records nothing more;
 -- the worker learns it from the missing row and stops the run.
-WHERE EXISTS (SELECT 1 FROM runs r WHERE r.id = u.run_id AND NOT (r.status = ANY($15::text[])))
+WHERE (SELECT NOT (r.status = ANY({_TERMINAL_SQL})) FROM runs r WHERE r.id = u.run_id)
 ON CONFLICT (run_id, seq) DO UPDATE SET
     status = EXCLUDED.status, input = EXCLUDED.input, output = EXCLUDED.output,
     error = EXCLUDED.error, logs = EXCLUDED.logs, attempt = EXCLUDED.attempt,
@@ -168,7 +180,7 @@ def _shift(sql: str, by: int) -> str:
 # terminal yet, and the run's row is guarded as in _TRANSITION.
 _FINISH = f"""
 WITH stored AS ({_STEPS.strip()}),
-moved AS ({_shift(_TRANSITION.strip(), 15)})
+moved AS ({_shift(_TRANSITION.strip(), 1)})
 SELECT id, NULL::int AS seq FROM moved
 UNION ALL SELECT run_id, seq FROM stored
 """
@@ -239,18 +251,7 @@ class RunWriter:
 
     async def _flush_inserts(self, runs: Sequence[NewRun]) -> list[Inserted]:
         async with self.db.writer() as conn:
-            rows = await conn.fetch(
-                _INSERT,
-                [r.id for r in runs],
-                [r.flow_id for r in runs],
-                [r.flow_version for r in runs],
-                [RunStatus.QUEUED.value] * len(runs),
-                [r.queue for r in runs],
-                [_json(r.trigger) for r in runs],
-                [r.idempotency_key for r in runs],
-                [r.response_status for r in runs],
-                [r.attempt for r in runs],
-            )
+            rows = await conn.fetch(_INSERT, _insert_args(runs))
             created = {row["id"] for row in rows}
             out = []
             for run in runs:
@@ -279,18 +280,7 @@ class RunWriter:
                 run.flow_id,
                 run.idempotency_key,
             )
-            inserted = await conn.fetch(
-                _INSERT,
-                [run.id],
-                [run.flow_id],
-                [run.flow_version],
-                [RunStatus.QUEUED.value],
-                [run.queue],
-                [_json(run.trigger)],
-                [run.idempotency_key],
-                [run.response_status],
-                [run.attempt],
-            )
+            inserted = await conn.fetch(_INSERT, _insert_args([run]))
         if not inserted:
             # Another process re-used the expired key at the same moment and won.
             return await self._existing(conn, run)
@@ -307,7 +297,7 @@ class RunWriter:
 
     async def _flush_steps(self, batch: Sequence[StepRow]) -> list[bool]:
         async with self.db.writer() as conn:
-            stored = await conn.fetch(_STEPS, *_step_args(batch))
+            stored = await conn.fetch(_STEPS, _step_args(batch))
         kept = {(r["run_id"], r["seq"]) for r in stored}
         return [(r.run_id, r.seq) in kept for r in batch]
 
@@ -315,52 +305,76 @@ class RunWriter:
         last: dict[uuid.UUID, Finish] = {f.change.run_id: f for f in batch}
         # One row per (run, seq): ON CONFLICT cannot touch a row twice in one statement.
         steps = {(r.run_id, r.seq): r for f in last.values() for r in f.steps}
-        args = [*_step_args(steps.values()), *_transition_args(f.change for f in last.values())]
+        args = [_step_args(steps.values()), *_transition_args(f.change for f in last.values())]
         async with self.db.writer() as conn:
             rows = await conn.fetch(_FINISH, *args)
         done = {row["id"] for row in rows if row["seq"] is None}
         return [f.change.run_id in done and last[f.change.run_id] is f for f in batch]
 
 
-def _transition_args(changes: Iterable[Transition]) -> list[Any]:
+def _insert_args(runs: Sequence[NewRun]) -> str:
+    """The parameter of :data:`_INSERT`."""
+    return _rows_json(
+        [
+            {
+                "id": r.id,
+                "flow_id": r.flow_id,
+                "flow_version": r.flow_version,
+                "queue": r.queue,
+                "trigger": r.trigger,
+                "idempotency_key": r.idempotency_key,
+                "response_status": r.response_status,
+                "attempt": r.attempt,
+            }
+            for r in runs
+        ]
+    )
+
+
+def _transition_args(changes: Iterable[Transition]) -> tuple[str, list[uuid.UUID]]:
     """The parameters of :data:`_TRANSITION` (one run at most once)."""
     # Sorted, so two processes' batches lock rows in the same order (no deadlock).
     uniq = sorted(changes, key=lambda c: c.run_id)
-    return [
-        [c.run_id for c in uniq],
-        [c.status.value for c in uniq],
-        [_json(c.output) for c in uniq],
-        [c.output is not None for c in uniq],
-        [_json(c.error) for c in uniq],
-        [c.error is not None for c in uniq],
-        [c.attempt for c in uniq],
-        [c.resume_at for c in uniq],
-        _TERMINAL,
-        [c.bump_attempt for c in uniq],
+    rows = [
+        {
+            "id": c.run_id,
+            "status": c.status.value,
+            "output": c.output,
+            "error": c.error,
+            "attempt": c.attempt,
+            "resume_at": _ts(c.resume_at),
+            "bump": c.bump_attempt,
+        }
+        for c in uniq
     ]
+    return _rows_json(rows), [c.run_id for c in uniq]
 
 
-def _step_args(batch: Iterable[StepRow]) -> list[Any]:
-    """The parameters of :data:`_STEPS`."""
+def _step_args(batch: Iterable[StepRow]) -> str:
+    """The parameter of :data:`_STEPS`."""
     rows = sorted(batch, key=lambda r: (r.run_id, r.seq))  # stable lock order
-    recs = [r.record for r in rows]
-    return [
-        [r.run_id for r in rows],
-        [r.seq for r in rows],
-        [x.name for x in recs],
-        [x.type for x in recs],
-        [x.status for x in recs],
-        [_json(x.input) for x in recs],
-        [_json(x.output) for x in recs],
-        [_json(x.error) for x in recs],
-        [_text(x.logs) or "" for x in recs],
-        [x.parent for x in recs],
-        [x.iteration for x in recs],
-        [x.attempt for x in recs],
-        [x.started_at for x in recs],
-        [x.duration_ms for x in recs],
-        _TERMINAL,
-    ]
+    return _rows_json(
+        [
+            {
+                "run_id": r.run_id,
+                "seq": r.seq,
+                "name": x.name,
+                "type": x.type,
+                "status": x.status,
+                "input": x.input,
+                "output": x.output,
+                "error": x.error,
+                "logs": x.logs or "",
+                "parent": x.parent,
+                "iteration": x.iteration,
+                "attempt": x.attempt,
+                "started_at": _ts(x.started_at),
+                "duration_ms": x.duration_ms,
+            }
+            for r in rows
+            for x in (r.record,)
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------ reads
