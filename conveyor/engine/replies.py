@@ -10,6 +10,11 @@ Pub/sub is transport, not a step, and at most once: the worker retries a publish
 and never lets a lost reply change a run's outcome, and the waiting request falls back to what
 PostgreSQL stored — when its channel had to be resubscribed (a Redis restart), every
 :data:`STORE_POLL_S` while it waits, and at the timeout (:meth:`ReplyHub.wait`).
+
+A reply for a hub of the worker's own process (``WORKER_AND_APP``, where the request often
+waits in the process that runs its job) is handed to that hub in memory: the same bytes,
+decoded and routed by the same code as a message from the channel, without the round trip
+through Redis.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -42,6 +48,9 @@ PUBLISH_ATTEMPTS = 5
 
 _TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
+#: The started hubs of this process by channel (see the module docstring).
+_LOCAL_HUBS: weakref.WeakValueDictionary[str, ReplyHub] = weakref.WeakValueDictionary()
+
 
 class ReplyHub:
     """Routes reply messages from this process's channel to waiting requests.
@@ -56,16 +65,22 @@ class ReplyHub:
         self.channel = qkeys.reply_channel(str(uuid7()), prefix)
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None
+        #: The event loop the hub was started on (its waiters' loop).
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._ready = asyncio.Event()
         #: Resolved (and replaced) whenever the channel is subscribed again after a loss:
         #: replies published meanwhile are gone, so waiters look at PostgreSQL.
         self._gap: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._listen())
         await asyncio.wait_for(self._ready.wait(), 10)
+        _LOCAL_HUBS[self.channel] = self
 
     async def close(self) -> None:
+        if _LOCAL_HUBS.get(self.channel) is self:
+            del _LOCAL_HUBS[self.channel]
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -100,11 +115,24 @@ class ReplyHub:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
+            # Until the reply, a channel gap or the next look at the store: asyncio.wait's
+            # FIRST_COMPLETED without its sets and bookkeeping (this is every sync webhook).
             gap = self._gap_future()
-            wakers: set[asyncio.Future[Any]] = {waiter, gap}
-            await asyncio.wait(
-                wakers, timeout=min(remaining, STORE_POLL_S), return_when=asyncio.FIRST_COMPLETED
-            )
+            wake: asyncio.Future[None] = loop.create_future()
+
+            def woken(_: object = None, wake: asyncio.Future[None] = wake) -> None:
+                if not wake.done():
+                    wake.set_result(None)
+
+            waiter.add_done_callback(woken)
+            gap.add_done_callback(woken)
+            timer = loop.call_later(min(remaining, STORE_POLL_S), woken)
+            try:
+                await wake
+            finally:
+                timer.cancel()
+                waiter.remove_done_callback(woken)
+                gap.remove_done_callback(woken)
             if waiter.done() or deadline - loop.time() <= 0:
                 break
             try:
@@ -177,7 +205,20 @@ async def publish_reply(redis: Any, channel: str, message: dict[str, Any]) -> bo
     once); never raises for Redis: returns False when the reply could not be sent, and the
     caller reads the stored result instead.
     """
-    return await _publish_retrying(redis, channel, orjson.dumps(message, default=str), message)
+    data = orjson.dumps(message, default=str)
+    if _handed_over(channel, data):
+        return True
+    return await _publish_retrying(redis, channel, data, message)
+
+
+def _handed_over(channel: str, data: bytes) -> bool:
+    """Deliver ``data`` to a hub of this process listening on ``channel``, if there is one
+    on this event loop (what its listener would do with the message from Redis)."""
+    hub = _LOCAL_HUBS.get(channel)
+    if hub is None or hub.loop is not asyncio.get_running_loop():
+        return False
+    hub._deliver(data)
+    return True
 
 
 async def _publish_retrying(
@@ -220,6 +261,8 @@ class ReplyPublisher:
         """Send ``message`` to ``channel``; False when it could not be sent (never raises for
         Redis)."""
         data = orjson.dumps(message, default=str)
+        if _LOCAL_HUBS and _handed_over(channel, data):
+            return True
         loop = asyncio.get_running_loop()
         sent: asyncio.Future[bool] = loop.create_future()
         self._pending.append((channel, data, sent))
