@@ -61,6 +61,8 @@ INLINE_TRIGGER_BYTES = 16 * 1024
 SIGNATURE_HEADER = "X-Conveyor-Signature"
 #: How far a signature's timestamp may be from our clock, either way.
 SIGNATURE_TOLERANCE_S = 300
+_SYNC_QUEUE: str = QueueName.SYNC.value
+_RUNS_QUEUE: str = QueueName.RUNS.value
 SIGNATURE_HELP = (
     f"{SIGNATURE_HEADER} must be t=<unix seconds>,v1=<hex HMAC-SHA256 of "
     '"<t>.<raw body>"> (see the README)'
@@ -217,7 +219,7 @@ class WebhookIntake:
             flow_id=head.flow_id,
             flow_version=head.version,
             trigger=trigger,
-            queue=(QueueName.SYNC if sync else QueueName.RUNS).value,
+            queue=_SYNC_QUEUE if sync else _RUNS_QUEUE,
             idempotency_key=key,
             response_status=None if sync else 202,
         )

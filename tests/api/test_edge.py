@@ -255,3 +255,32 @@ async def test_a_caller_going_away_does_not_cancel_the_shared_lookup(
     assert head is not None and head.flow_id == fid
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+# --------------------------------------------------------------------------- the body
+async def test_body_read_whole_or_streamed_and_limits_hold(make_client: Any, db: Database) -> None:
+    """A body that came with the head is taken from the buffer; one that inflates (gzip) past
+    AP_MAX_WEBHOOK_PAYLOAD_SIZE_MB is still a 413; within it, the run keeps the inflated body."""
+    import gzip  # noqa: PLC0415
+
+    from conveyor.store import runs as run_store  # noqa: PLC0415
+
+    client = await make_client(AP_CONTAINER_TYPE="APP", AP_MAX_WEBHOOK_PAYLOAD_SIZE_MB="1")
+    fid = await _flow(client)
+    small = orjson.dumps({"n": 1, "text": "x" * 1000})
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    resp = await client.post(f"/api/v1/webhooks/{fid}", data=gzip.compress(small), headers=headers)
+    assert resp.status == 202, await resp.text()
+    row = await run_store.get_run(db, uuid.UUID(resp.headers["x-run-id"]))
+    assert row["trigger"]["body"] == orjson.loads(small)
+    bomb = gzip.compress(b'{"a":"' + b"0" * (2 * 1024 * 1024) + b'"}')
+    resp = await client.post(f"/api/v1/webhooks/{fid}", data=bomb, headers=headers)
+    assert resp.status == 413
+    assert (await resp.json())["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    exact = b'"' + b"y" * (1024 * 1024 - 2) + b'"'  # exactly the limit: accepted
+    resp = await client.post(
+        f"/api/v1/webhooks/{fid}", data=exact, headers={"Content-Type": "application/json"}
+    )
+    assert resp.status == 202
+    row = await run_store.get_run(db, uuid.UUID(resp.headers["x-run-id"]))
+    assert row["trigger"]["body"] == "y" * (1024 * 1024 - 2)
