@@ -113,6 +113,10 @@ class Transition:
 # for a small or mid-sized table (it takes "not terminal" for very selective).
 _TERMINAL_SQL = "'{" + ",".join(s.value for s in TERMINAL) + "}'::text[]"
 
+#: The UPDATEs are prepared anew after this many runs moved (see :meth:`RunWriter._replanned`).
+REPLAN_ROWS = 4096
+
+
 _INSERT = """
 INSERT INTO runs (id, flow_id, flow_version, status, queue, trigger, idempotency_key,
                   response_status, attempt)
@@ -222,6 +226,7 @@ class RunWriter:
         self._transitions: Batcher[Transition, bool] = Batcher(self._flush_transitions, **opts)
         self._steps: Batcher[StepRow, bool] = Batcher(self._flush_steps, **opts)
         self._finishes: Batcher[Finish, bool] = Batcher(self._flush_finishes, **opts)
+        self._moved = 0
 
     async def insert(self, run: NewRun) -> Inserted:
         """Commit ``run`` (group commit); returns once the row is durable."""
@@ -248,6 +253,19 @@ class RunWriter:
     async def close(self) -> None:
         for batcher in (self._inserts, self._transitions, self._steps, self._finishes):
             await batcher.close()
+
+    def _replanned(self, sql: str, rows: int) -> str:
+        """``sql`` under a name that changes every :data:`REPLAN_ROWS` runs it moves.
+
+        A cached plan is made from the table's size at that moment. For a small runs table
+        (a new install, a test) the cheapest way to the batch's rows is a pass over the
+        table, and PostgreSQL keeps that plan until autovacuum next analyzes the table — up
+        to a minute in which the table may grow a hundredfold. A new statement text makes
+        asyncpg prepare it again, so the plan follows the table's growth; asyncpg's
+        statement cache drops the old ones.
+        """
+        self._moved += rows
+        return f"{sql}-- plan {self._moved // REPLAN_ROWS}\n"
 
     async def _flush_inserts(self, runs: Sequence[NewRun]) -> list[Inserted]:
         async with self.db.writer() as conn:
@@ -291,7 +309,9 @@ class RunWriter:
         # would apply an arbitrary one).
         last: dict[uuid.UUID, Transition] = {c.run_id: c for c in changes}
         async with self.db.writer() as conn:
-            rows = await conn.fetch(_TRANSITION, *_transition_args(last.values()))
+            rows = await conn.fetch(
+                self._replanned(_TRANSITION, len(last)), *_transition_args(last.values())
+            )
         done = {row["id"] for row in rows}
         return [c.run_id in done and last[c.run_id] is c for c in changes]
 
@@ -307,7 +327,7 @@ class RunWriter:
         steps = {(r.run_id, r.seq): r for f in last.values() for r in f.steps}
         args = [_step_args(steps.values()), *_transition_args(f.change for f in last.values())]
         async with self.db.writer() as conn:
-            rows = await conn.fetch(_FINISH, *args)
+            rows = await conn.fetch(self._replanned(_FINISH, len(last)), *args)
         done = {row["id"] for row in rows if row["seq"] is None}
         return [f.change.run_id in done and last[f.change.run_id] is f for f in batch]
 

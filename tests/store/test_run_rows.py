@@ -196,7 +196,8 @@ def _literal(value: Any) -> str:
 async def test_cached_plans_reach_runs_by_primary_key(db: Database) -> None:
     """The batched statements' cached (generic) plans never scan the runs table: a batch of
     one must not cost a pass over every run (the planner takes "not terminal" for very
-    selective, and a scan for cheap on a table of a few thousand rows)."""
+    selective; on a table of a few thousand rows a scan is cheaper, and _replanned
+    prepares the statement again as the table grows)."""
     fid = await _flow(db)
     step = StepRow(uuid7(), 0, StepRecord("s", "code", "OK"))
     move = Transition(uuid7(), RunStatus.SUCCEEDED)
@@ -209,7 +210,7 @@ async def test_cached_plans_reach_runs_by_primary_key(db: Database) -> None:
         await conn.execute(
             """INSERT INTO runs (id, flow_id, flow_version, status, trigger)
                SELECT gen_random_uuid(), $1, 1, 'SUCCEEDED', '{}'
-               FROM generate_series(1, 3000)""",
+               FROM generate_series(1, 20000)""",
             fid,
         )
         await conn.execute("ANALYZE runs")
@@ -223,3 +224,38 @@ async def test_cached_plans_reach_runs_by_primary_key(db: Database) -> None:
                 plan = "\n".join(r[0] for r in rows)
                 assert "Seq Scan on runs" not in plan, plan
                 assert "runs_pkey" in plan, plan
+
+
+async def test_updates_are_prepared_anew_as_runs_move(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every REPLAN_ROWS runs moved the UPDATE gets a new statement text (a new plan), and
+    the writes across the change are all applied."""
+    monkeypatch.setattr(runs, "REPLAN_ROWS", 2)
+    fid = await _flow(db)
+    writer = RunWriter(db)
+    texts = set()
+    original = writer._replanned
+
+    def spy(sql: str, rows: int) -> str:
+        text = original(sql, rows)
+        texts.add(text)
+        return text
+
+    monkeypatch.setattr(writer, "_replanned", spy)
+    ids = [uuid7() for _ in range(6)]
+    try:
+        for i in ids:
+            await writer.insert(NewRun(i, fid, 1, {}))
+            assert await writer.transition(Transition(i, RunStatus.RUNNING, bump_attempt=True))
+            assert await writer.finish(
+                Finish(
+                    Transition(i, RunStatus.SUCCEEDED),
+                    [StepRow(i, 0, StepRecord("s", "code", "SUCCEEDED"))],
+                )
+            )
+    finally:
+        await writer.close()
+    assert len(texts) >= 6
+    for i in ids:
+        assert (await runs.get_run(db, i))["status"] == "SUCCEEDED"
