@@ -112,3 +112,28 @@ async def test_a_run_given_its_own_sink_writes_only_there() -> None:
     assert own.events == ["before:transform", "step:a", "before:respond", "step:b"]
     assert own.run_ids == {ctx.run_id}
     assert own.one("b")["output"]["body"] == {"x": 3}
+
+
+def test_tune_gc_raises_only_a_lower_gen0_threshold_and_freezes_once() -> None:
+    import gc  # noqa: PLC0415
+
+    from conveyor.engine.worker import GC_GEN0_THRESHOLD, tune_gc  # noqa: PLC0415
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        tune_gc()
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, 10, 10)
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        tune_gc()  # again: nothing more is frozen
+        assert gc.get_freeze_count() == frozen
+        gc.set_threshold(GC_GEN0_THRESHOLD * 2, 5, 5)
+        tune_gc()
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD * 2, 5, 5)
+        gc.set_threshold(0)  # collection switched off by threshold: left so
+        tune_gc()
+        assert gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
