@@ -12,11 +12,14 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from conveyor import ids, metrics
 from conveyor.api import payloads, webhooks
+from conveyor.api.timing import api_middleware
 from conveyor.engine.registry import FlowRegistry
+from conveyor.queue.errors import QueueFull
 from conveyor.store import flows as flow_store
 from conveyor.store.db import Database
 
@@ -284,3 +287,73 @@ async def test_body_read_whole_or_streamed_and_limits_hold(make_client: Any, db:
     assert resp.status == 202
     row = await run_store.get_run(db, uuid.UUID(resp.headers["x-run-id"]))
     assert row["trigger"]["body"] == "y" * (1024 * 1024 - 2)
+
+
+# --------------------------------------------------------------------------- middleware alone
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (RuntimeError("secret detail"), 500, "INTERNAL_ERROR"),
+        (web.HTTPNotFound(), 404, "NOT_FOUND"),
+        (web.HTTPRequestEntityTooLarge(max_size=1, actual_size=2), 413, "PAYLOAD_TOO_LARGE"),
+        (QueueFull("runs", 10), 429, "QUEUE_FULL"),
+        (web.HTTPFound("/elsewhere"), 302, None),
+        (None, 200, None),
+    ],
+)
+async def test_api_middleware_maps_errors_and_records_the_final_status(
+    exc: BaseException | None, status: int, code: str | None
+) -> None:
+    """The one middleware answers as the error middleware did and counts what was sent."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if exc is not None:
+            raise exc
+        return web.json_response({"ok": True})
+
+    app = web.Application(middlewares=[api_middleware(None)])
+    app.router.add_get("/api/v1/thing/{x}", handler)
+    before = _count("/api/v1/thing/{x}", "GET", status)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        resp = await client.get("/api/v1/thing/1", allow_redirects=False)
+        assert resp.status == status
+        if code is not None:
+            body = await resp.json()
+            assert body["error"]["code"] == code
+            assert "secret detail" not in body["error"]["message"]
+        if status == 429:
+            assert resp.headers["Retry-After"]
+    assert _count("/api/v1/thing/{x}", "GET", status) == before + 1
+
+
+async def test_api_middleware_with_a_key_guards_only_the_api() -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"ok": True})
+
+    app = web.Application(middlewares=[api_middleware("s3cret")])
+    for path in ("/api/v1/flows", "/api/v1/webhooks/x", "/healthz", "/api/v2/x"):
+        app.router.add_get(path, handler)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        assert (await client.get("/api/v1/flows")).status == 401
+        bad = {"Authorization": "Bearer s3cre"}
+        assert (await client.get("/api/v1/flows", headers=bad)).status == 401
+        good = {"Authorization": "Bearer s3cret"}
+        assert (await client.get("/api/v1/flows", headers=good)).status == 200
+        assert (await client.get("/api/v1/webhooks/x")).status == 200
+        assert (await client.get("/healthz")).status == 200
+        assert (await client.get("/api/v2/x")).status == 200
+
+
+async def test_started_process_has_its_start_up_heap_frozen(client: TestClient[Any, Any]) -> None:
+    """Once up, the start-up heap is out of the collector's sight and gen0 runs less often;
+    a second app in the same process changes nothing (tuned once)."""
+    import gc  # noqa: PLC0415
+
+    from conveyor import app as app_module  # noqa: PLC0415
+
+    assert gc.get_threshold()[0] == app_module.GC_GEN0_THRESHOLD
+    frozen = gc.get_freeze_count()
+    assert frozen > 0
+    app_module.tune_gc()
+    assert gc.get_freeze_count() == frozen
+    assert (await client.get("/healthz")).status == 200
