@@ -345,15 +345,15 @@ async def test_api_middleware_with_a_key_guards_only_the_api() -> None:
 
 
 async def test_started_process_has_its_start_up_heap_frozen(client: TestClient[Any, Any]) -> None:
-    """Once up, the start-up heap is out of the collector's sight and gen0 runs less often;
-    a second app in the same process changes nothing (tuned once)."""
+    """Once up, an API-only process too has its start-up heap out of the collector's sight
+    and gen0 runs less often; tuning again changes nothing."""
     import gc  # noqa: PLC0415
 
-    from conveyor import app as app_module  # noqa: PLC0415
+    from conveyor.engine import worker  # noqa: PLC0415
 
-    assert gc.get_threshold()[0] == app_module.GC_GEN0_THRESHOLD
+    assert gc.get_threshold()[0] >= worker.GC_GEN0_THRESHOLD
     frozen = gc.get_freeze_count()
     assert frozen > 0
-    app_module.tune_gc()
+    worker.tune_gc()
     assert gc.get_freeze_count() == frozen
     assert (await client.get("/healthz")).status == 200
