@@ -97,12 +97,32 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, "PAYLOAD_TOO_LARGE", f"webhook body exceeds {limit // (1024 * 1024)} MB")
 
 
+#: Content-Type header values seen → whether their media type says JSON (senders repeat
+#: theirs on every call); cleared when full.
+_JSON_TYPES: dict[str, bool] = {}
+_JSON_TYPES_MAX = 256
+
+
+def _declares_json(request: web.Request) -> bool:
+    """``"json" in request.content_type``, parsed once per distinct header value."""
+    raw = request.headers.get("Content-Type")
+    if raw is None:
+        return False  # application/octet-stream
+    found = _JSON_TYPES.get(raw)
+    if found is None:
+        found = "json" in request.content_type
+        if len(_JSON_TYPES) >= _JSON_TYPES_MAX:
+            _JSON_TYPES.clear()
+        _JSON_TYPES[raw] = found
+    return found
+
+
 def trigger_payload(request: web.Request, raw: bytes) -> dict[str, Any]:
     """``{method, headers, query, body}``: JSON parsed when declared, valid and storable,
     else text; sensitive headers redacted (:mod:`conveyor.api.payloads`)."""
     body: Any = None
     if raw:
-        if "json" in request.content_type:
+        if _declares_json(request):
             body = payloads.json_body(raw)
         else:
             body = raw.decode("utf-8", errors="replace")

@@ -357,3 +357,27 @@ async def test_started_process_has_its_start_up_heap_frozen(client: TestClient[A
     worker.tune_gc()
     assert gc.get_freeze_count() == frozen
     assert (await client.get("/healthz")).status == 200
+
+
+async def test_json_declared_by_any_spelling_of_the_media_type(
+    client: TestClient[Any, Any], db: Database
+) -> None:
+    """JSON bodies are parsed when the media type says json (cached per header value);
+    other types, parameters mentioning json, and no type keep the text."""
+    from conveyor.store import runs as run_store  # noqa: PLC0415
+
+    fid = await _flow(client)
+    cases = [
+        ("application/json", {"a": 1}),
+        ("Application/JSON; charset=utf-8", {"a": 1}),
+        ("application/vnd.api+json", {"a": 1}),
+        ("text/plain; profile=json", '{"a":1}'),
+        (None, '{"a":1}'),
+    ]
+    for _ in range(2):  # the second round reads the cache
+        for ctype, expected in cases:
+            headers = {"Content-Type": ctype} if ctype else {}
+            resp = await client.post(f"/api/v1/webhooks/{fid}", data=b'{"a":1}', headers=headers)
+            assert resp.status == 202, ctype
+            row = await run_store.get_run(db, uuid.UUID(resp.headers["x-run-id"]))
+            assert row["trigger"]["body"] == expected, ctype
