@@ -176,7 +176,6 @@ class Consumer:
         #: One long-lived worker coroutine per slot; idle ones wait on their own future.
         self._workers: list[asyncio.Task[None]] = []
         self._idle: deque[asyncio.Future[None]] = deque()
-        self._wake_pending = False
         #: Side tasks (dead-lettering) that must finish before shutdown.
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused: frozenset[str] = frozenset()
@@ -547,20 +546,18 @@ class Consumer:
         self._wake_workers()
 
     def _wake_workers(self) -> None:
-        """Wake one idle worker for the buffer now and the others one loop turn later, only
-        if the buffer is still not empty then: a worker whose handlers finish without
-        suspending runs a whole batch alone (no wake-up of 63 workers that find nothing),
-        while handlers that do suspend still all start within that turn."""
-        if not self._buffer:
-            return
-        self._wake(1)
-        if self._buffer and self._idle and not self._wake_pending:
-            self._wake_pending = True
-            asyncio.get_running_loop().call_soon(self._wake_rest)
+        """Wake an idle worker for every buffered entry, all in this loop turn.
 
-    def _wake_rest(self) -> None:
-        self._wake_pending = False
-        self._wake(len(self._buffer))
+        The jobs of one read then run in the same turn: the engine's handlers all suspend
+        at their run's final write, and writes submitted in one turn share one statement,
+        so the runs also finish together, free their slots together and are read again
+        together — a backlog keeps circulating as one wave of ``concurrency`` runs, each
+        read, write and acknowledgement serving all of them. (Waking one worker first and
+        the rest a turn later split every read into a run written alone and the others a
+        statement later; over time the backlog broke up into many waves of a few runs, and
+        round trips per run grew accordingly.)"""
+        if self._buffer:
+            self._wake(len(self._buffer))
 
     def _wake(self, n: int) -> None:
         idle = self._idle
