@@ -43,6 +43,8 @@ CLEAN_ENV = {
     "TMPDIR": "/tmp",
 }
 _OUTPUT_OPTS = orjson.OPT_NON_STR_KEYS
+#: Results that cannot be awaitables (``inspect.isawaitable`` is an ABC check).
+_PLAIN = frozenset({dict, list, str, int, float, bool, type(None)})
 
 
 class CappedLog(io.TextIOBase):
@@ -50,8 +52,15 @@ class CappedLog(io.TextIOBase):
 
     def __init__(self, limit: int) -> None:
         super().__init__()
+        self._limit = limit
         self._parts: list[str] = []
         self._room = limit
+        self.dropped = 0
+
+    def reset(self) -> None:
+        """Empty, for the next execution (one instance serves a child's executions)."""
+        self._parts = []
+        self._room = self._limit
         self.dropped = 0
 
     def write(self, s: str) -> int:
@@ -167,7 +176,9 @@ class Runner:
         self.own_pidns = own_pidns
         self.pid = os.getpid()
         self.tmp = os.environ["TMPDIR"]
-        self._codes: OrderedDict[str, CodeType] = OrderedDict()
+        #: Compiled code and its source lines (for tracebacks), by source.
+        self._codes: OrderedDict[str, tuple[CodeType, list[str]]] = OrderedDict()
+        self._log = CappedLog(limits.log_bytes)
         self._loop: Any = None
         # Freed on MemoryError so there is room left to build and send the answer.
         self._reserve: bytearray | None = bytearray(1 << 20)
@@ -192,17 +203,17 @@ class Runner:
         linecache.cache.pop("<step warm-up>", None)
 
     def _compile(self, code: str, filename: str) -> CodeType:
-        compiled = self._codes.get(code)
-        if compiled is None:
-            compiled = compile(code, filename, "exec", dont_inherit=True)
-            self._codes[code] = compiled
+        cached = self._codes.get(code)
+        if cached is None:
+            cached = compile(code, filename, "exec", dont_inherit=True), code.splitlines(True)
+            self._codes[code] = cached
             if len(self._codes) > max(self.limits.code_cache, 1):
                 self._codes.popitem(last=False)
         else:
             self._codes.move_to_end(code)
         # The traceback shows the user's source lines, which exist only in memory.
-        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-        return compiled
+        linecache.cache[filename] = (len(code), None, cached[1], filename)
+        return cached[0]
 
     def _await(self, awaitable: Any) -> Any:
         if self._loop is None:
@@ -213,7 +224,8 @@ class Runner:
         """Run one request; return the encoded answer frame and whether to recycle."""
         step = str(req.get("step") or "step")
         filename = f"<step {step}>"
-        log = CappedLog(self.limits.log_bytes)
+        log = self._log
+        log.reset()
         status = "SUCCEEDED"
         error: str | None = None
         recycle = False
@@ -226,7 +238,7 @@ class Runner:
             if not callable(fn):
                 raise NameError("the code does not define run(input)")
             result = fn(req.get("input"))
-            if inspect.isawaitable(result):
+            if type(result) not in _PLAIN and inspect.isawaitable(result):
                 result = self._await(result)
             out = orjson.dumps(result, option=_OUTPUT_OPTS)
             if len(out) > self.limits.output_bytes:

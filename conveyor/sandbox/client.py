@@ -5,16 +5,19 @@ strongest isolation :mod:`conveyor.sandbox.isolation` finds) and ``slots`` step 
 one per concurrent execution. A slot's process is warm for one flow version at a time: the
 next execution of the same ``(flow_id, flow_version)`` reuses it, any other flow version
 replaces it, and it is recycled after ``warm_max_uses`` executions or after any error,
-limit or timeout. Only ``active`` executions (two per CPU) go out at once; more queue, in
-arrival order, for a slot to come back — a burst of short steps then keeps reusing a few
-children still in the CPU caches rather than waking a cold one per slot — and one running
-past ``spill_s`` stops counting, so a long step never holds the queue up. The worker talks
-to a child over the child's own socket (one round trip per execution) and enforces wall time itself: past ``timeout_s`` it has the fork-server
-SIGKILL the child, and the fork-server answers only once every process of that child's
-tree is gone. A child the worker is done with is *retired*: the fork-server SIGKILLs it (its
-cooperation is never needed), kills what is left in its cgroup, reaps, and only then gives
-its uid back. :meth:`Sandbox.health` is the ``/readyz`` check (capacity, fork-server, mode,
-limits); how outcomes map to statuses is :mod:`conveyor.sandbox.outcome`.
+limit or timeout. An idle slot is handed out most recently used first (its child is the
+likeliest to still be in the CPU caches), and callers waiting for one are served in arrival
+order. ``active`` can cap the executions out at once below ``slots`` (more then queue, and
+one running past ``spill_s`` stops counting, so a long step never holds the queue up): on
+an otherwise idle host a burst then reuses a few warm children instead of waking a cold one
+per slot. The worker talks
+to a child over the child's own socket (one round trip per execution) and enforces wall
+time itself: past ``timeout_s`` it has the fork-server SIGKILL the child, and the
+fork-server answers only once every process of that child's tree is gone. A child the
+worker is done with is *retired*: the fork-server SIGKILLs it (its cooperation is never
+needed), kills what is left in its cgroup, reaps, and only then gives its uid back.
+:meth:`Sandbox.health` is the ``/readyz`` check (capacity, fork-server, mode, limits); how
+outcomes map to statuses is :mod:`conveyor.sandbox.outcome`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import secrets
 import signal
 import socket
 import time
@@ -139,10 +141,12 @@ class Sandbox:
         self._busy = 0
         self._active = min(
             len(self._slots),
-            self.config.active if self.config.active else 2 * _cpus(),
+            self.config.active or len(self._slots),
         )
         self._waiters: deque[tuple[asyncio.Future[_Slot], tuple[str, str]]] = deque()
         self._spill_timer: asyncio.TimerHandle | None = None
+        self._random = b""
+        self._random_pos = 0
         self._next_id = 0
         #: Counters for metrics: executions per status, ``forks``, ``starts``.
         self.stats: Counter[str] = Counter()
@@ -757,7 +761,7 @@ class Sandbox:
                 "timeout_s": timeout,
                 # Echoed in the answer: a frame forged by the step's own code on the channel
                 # cannot pass for the answer (see _valid_answer).
-                "nonce": secrets.token_hex(16),
+                "nonce": self._nonce(),
             }
             status, output, error, logs = await self._run_in_slot(slot, key, request)
         finally:
@@ -769,8 +773,16 @@ class Sandbox:
         if status == "TIMEOUT":
             self._refresh_report()
         return SandboxResult(
-            SandboxStatus(status), output, error, logs, (time.perf_counter() - started) * 1e3
+            _STATUS_OF[status], output, error, logs, (time.perf_counter() - started) * 1e3
         )
+
+    def _nonce(self) -> str:
+        """128 unpredictable bits, hex; drawn from ``os.urandom`` a block at a time."""
+        pos = self._random_pos
+        if pos >= len(self._random):
+            self._random, pos = os.urandom(16 * 256), 0
+        self._random_pos = pos + 16
+        return self._random[pos : pos + 16].hex()
 
     async def _ensure_running(self) -> None:
         if self._closed:
@@ -903,13 +915,6 @@ class Sandbox:
             return {"op": "exit", "id": child.id, "lost": True}
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def _loud(level: str, event: str, **fields: Any) -> None:
     """A start-up line operators must not miss, structured (JSON with ``AP_LOG_PRETTY`` off).
 
@@ -920,6 +925,7 @@ def _loud(level: str, event: str, **fields: Any) -> None:
 
 
 _STATUSES = frozenset(s.value for s in SandboxStatus)
+_STATUS_OF = {s.value: s for s in SandboxStatus}
 
 
 def _valid_answer(frame: Any, nonce: str) -> bool:

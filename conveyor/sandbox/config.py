@@ -72,10 +72,11 @@ class SandboxConfig:
             masked in case one lies under such a path.
         slots: concurrent executions (``AP_WORKER_CONCURRENCY``).
         active: executions handed to children at once before further ones queue for a
-            slot coming back (``None``: two per CPU). Short steps then keep reusing a few
-            children that are still in the CPU caches; a burst woken across every slot's
-            child runs cold and costs several times the CPU (measured: ~170 µs of child
-            CPU per execution with 32 children in turn, ~45 µs with 2–4, two cores).
+            slot coming back (``None``: ``slots``, no cap). With a few per core, short steps
+            keep reusing children still in the CPU caches: on an otherwise idle two-core
+            host ~50 instead of ~170 µs of child CPU per execution with 32 callers. Where
+            the host is busy with other work the children run cold anyway and the queue
+            only adds latency (measured: no gain), hence off by default.
         spill_s: an execution running this long stops counting against ``active``, so long
             or sleeping steps never hold up the others beyond this (up to ``slots``).
         limits: per-child limits, see :class:`~conveyor.sandbox.limits.Limits`.
