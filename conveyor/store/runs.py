@@ -255,7 +255,8 @@ class RunWriter:
             await batcher.close()
 
     def _replanned(self, sql: str, rows: int) -> str:
-        """``sql`` under a name that changes every :data:`REPLAN_ROWS` runs it moves.
+        """``sql`` under a name that changes as this writer moves runs: each time the count
+        doubles, then every :data:`REPLAN_ROWS` runs.
 
         A cached plan is made from the table's size at that moment. For a small runs table
         (a new install, a test) the cheapest way to the batch's rows is a pass over the
@@ -265,7 +266,9 @@ class RunWriter:
         statement cache drops the old ones.
         """
         self._moved += rows
-        return f"{sql}-- plan {self._moved // REPLAN_ROWS}\n"
+        moved = self._moved
+        epoch = moved.bit_length() if moved < REPLAN_ROWS else moved // REPLAN_ROWS + 64
+        return f"{sql}-- plan {epoch}\n"
 
     async def _flush_inserts(self, runs: Sequence[NewRun]) -> list[Inserted]:
         async with self.db.writer() as conn:
