@@ -182,11 +182,13 @@ class Runner:
         self._loop: Any = None
         # Freed on MemoryError so there is room left to build and send the answer.
         self._reserve: bytearray | None = bytearray(1 << 20)
-        # Read again (pread, one syscall) after every execution for the thread count.
+        # The kernel counts our threads in the link count of /proc/<pid>/task: one fstat
+        # after every execution, against its value now (a fresh fork has a single thread).
         try:
-            self._stat_fd = os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC)
+            self._task_fd = os.open("/proc/self/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._one_thread: tuple[int, int, int] | None = _identity(os.fstat(self._task_fd))
         except OSError:
-            self._stat_fd = -1
+            self._task_fd, self._one_thread = -1, None
         self._empty_tmp_size = _empty_tmpfs_size(self.tmp)
 
     def warm_up(self) -> None:
@@ -276,7 +278,7 @@ class Runner:
     def _cleanup(self) -> bool:  # noqa: PLR0912 - one check per kind of leftover
         """Leave nothing of this execution behind; True when this child must not be reused."""
         dirty = False
-        if self._threads() != 1:
+        if self._threaded():
             # Threads of the step would outlive it and could answer for the next one.
             dirty = True
         if self.own_pidns:
@@ -317,16 +319,20 @@ class Runner:
                 dirty = True
         return dirty
 
-    def _threads(self) -> int:
-        """Threads of this process, from the kernel (0 when it cannot be read)."""
-        if self._stat_fd < 0:
-            return len(os.listdir("/proc/self/task"))
+    def _threaded(self) -> bool:
+        """Whether this process has (or may have) a thread besides this one."""
+        if self._one_thread is None:
+            return len(os.listdir("/proc/self/task")) != 1
         try:
-            stat = os.pread(self._stat_fd, 4096, 0)
-            # Field 20 (num_threads), counted after the parenthesised command name.
-            return int(stat[stat.rindex(b")") + 2 :].split()[17])
-        except (OSError, ValueError, IndexError):
-            return 0
+            return _identity(os.fstat(self._task_fd)) != self._one_thread
+        except OSError:
+            return True  # the step closed our descriptor: assume the worst
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    """Which directory (device, inode) and, for /proc/<pid>/task, how many threads
+    (``st_nlink`` is 2 + the number of threads)."""
+    return st.st_dev, st.st_ino, st.st_nlink
 
 
 def _has_children() -> bool:

@@ -87,3 +87,22 @@ async def test_warm_child_starts_with_an_empty_tmp() -> None:
         assert second.error is None
         assert second.output == [first.output, []]
         await assert_no_strays(sb)
+
+
+async def test_low_level_thread_left_running_retires_the_warm_child() -> None:
+    """A thread started with ``_thread`` (not ``threading``) still alive after run() gets
+    the child retired: the next execution of the same flow version is in a new child."""
+    left = (
+        "import _thread, os, sys, time\n"
+        "def run(input):\n"
+        "    if input:\n"
+        "        _thread.start_new_thread(time.sleep, (300,))\n"
+        "    return sys.__dict__.setdefault('_id', os.urandom(8).hex())\n"
+    )
+    async with make_sandbox(slots=1) as sb:
+        first = await run(sb, left, False, flow_id="threads")
+        second = await run(sb, left, True, flow_id="threads")
+        assert first.error is None and second.output == first.output
+        third = await run(sb, left, False, flow_id="threads")
+        assert third.error is None and third.output != first.output
+        await assert_no_strays(sb)
