@@ -100,7 +100,9 @@ class Ref:
             raise TemplateError(self._missing_root()) from None
         for i, seg in enumerate(self.segments):
             try:
-                if isinstance(cur, Mapping):
+                if type(cur) is dict and type(seg) is str:  # JSON data: the common case
+                    cur = cur[seg]
+                elif isinstance(cur, Mapping):
                     cur = cur[seg if isinstance(seg, str) else str(seg)]
                 elif isinstance(cur, list | tuple):
                     cur = cur[seg if isinstance(seg, int) else int(seg)]
