@@ -45,6 +45,45 @@ _RUN_STATUS = {
 }
 
 
+#: Flow time limits this long or longer are watched by the executor's shared watchdog, which
+#: looks at the runs in flight every :data:`WATCH_TICK_S`, instead of by an event-loop timer
+#: of their own (arming and cancelling one per run cost more than the rest of a short run's
+#: bookkeeping but its steps); such a limit ends a run up to ``WATCH_TICK_S`` late. Shorter
+#: limits keep a precise timer each.
+WATCHED_LIMIT_S = 10.0
+WATCH_TICK_S = 0.25
+
+
+class _Watchdog:
+    """Expires the flow time limits of the runs in flight on one event loop: every
+    :data:`WATCH_TICK_S` while any is registered, a limit past its deadline is rescheduled
+    to now (``asyncio.Timeout`` then cancels the run exactly as its own timer would have)."""
+
+    __slots__ = ("handle", "limits", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.limits: dict[asyncio.Timeout, float] = {}
+        self.handle: asyncio.TimerHandle | None = None
+
+    def add(self, limit: asyncio.Timeout, deadline: float) -> None:
+        self.limits[limit] = deadline
+        if self.handle is None:
+            self.handle = self.loop.call_later(WATCH_TICK_S, self._tick)
+
+    def discard(self, limit: asyncio.Timeout) -> None:
+        self.limits.pop(limit, None)
+
+    def _tick(self) -> None:
+        self.handle = None
+        now = self.loop.time()
+        for limit in [t for t, deadline in self.limits.items() if deadline <= now]:
+            del self.limits[limit]
+            limit.reschedule(now)
+        if self.limits:
+            self.handle = self.loop.call_later(WATCH_TICK_S, self._tick)
+
+
 class Executor:
     """Runs flows; one per worker process, shared by all concurrent runs.
 
@@ -54,6 +93,15 @@ class Executor:
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        self._watchdog: _Watchdog | None = None
+
+    def watchdog(self) -> _Watchdog:
+        """The watchdog of the running event loop."""
+        loop = asyncio.get_running_loop()
+        dog = self._watchdog
+        if dog is None or dog.loop is not loop:
+            dog = self._watchdog = _Watchdog(loop)
+        return dog
 
     async def run(
         self,
@@ -69,7 +117,7 @@ class Executor:
         ``ctx.timeout_s`` (else ``Services.flow_timeout_s``) bounds this call. ``sink``
         receives this run's records instead of ``Services.sink``.
         """
-        return await _Run(self.services, flow, ctx, on_respond, sink).execute()
+        return await _Run(self.services, flow, ctx, on_respond, sink).execute(self)
 
 
 class _Run:
@@ -123,12 +171,21 @@ class _Run:
 
     # --- entry ----------------------------------------------------------------------------
 
-    async def execute(self) -> RunOutcome:
-        self.timeout_s = self.ctx.timeout_s or self.services.flow_timeout_s
-        limit = asyncio.timeout(self.timeout_s)
+    async def execute(self, executor: Executor | None = None) -> RunOutcome:
+        self.timeout_s = timeout_s = self.ctx.timeout_s or self.services.flow_timeout_s
+        dog = executor.watchdog() if executor is not None and timeout_s >= WATCHED_LIMIT_S else None
+        # Watched: a limit without a timer of its own (see WATCHED_LIMIT_S).
+        limit = asyncio.timeout(None if dog is not None else timeout_s)
         try:
             async with limit:
-                await self.run_steps(self.flow.steps, self.scope, None, None, 0)
+                if dog is None:
+                    await self.run_steps(self.flow.steps, self.scope, None, None, 0)
+                else:
+                    dog.add(limit, dog.loop.time() + timeout_s)
+                    try:
+                        await self.run_steps(self.flow.steps, self.scope, None, None, 0)
+                    finally:
+                        dog.discard(limit)
         except Stop as stop:
             return stop.outcome
         except TimeoutError:

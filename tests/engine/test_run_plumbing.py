@@ -137,3 +137,46 @@ def test_tune_gc_raises_only_a_lower_gen0_threshold_and_freezes_once() -> None:
     finally:
         gc.set_threshold(*before)
         gc.unfreeze()
+
+
+async def test_a_watched_flow_limit_ends_the_run_like_its_own_timer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Long flow limits are expired by the executor's watchdog: the run ends TIMEOUT with
+    its in-flight step recorded TIMEOUT, within a tick of the limit; runs that finish in
+    time leave nothing registered; a cancel from outside is still a cancel."""
+    import time  # noqa: PLC0415
+
+    from conveyor.engine import executor as ex  # noqa: PLC0415
+    from conveyor.status import StepStatus  # noqa: PLC0415
+
+    monkeypatch.setattr(ex, "WATCHED_LIMIT_S", 0.1)
+    monkeypatch.setattr(ex, "WATCH_TICK_S", 0.05)
+    sink = MemorySink()
+    executor = Executor(Services(sink=sink, flow_timeout_s=0.3))
+    slow = parse_flow(
+        flow_doc(
+            {"name": "a", "type": "transform", "input": {"x": 1}},
+            {"name": "slow", "type": "delay", "input": {"seconds": 3}},
+        )
+    )
+    started = time.monotonic()
+    out = await executor.run(slow, make_ctx())
+    took = time.monotonic() - started
+    assert out.status is RunStatus.TIMEOUT
+    assert out.error is not None and out.error["step"] == "slow"
+    assert sink.one("slow")["status"] == StepStatus.TIMEOUT
+    assert 0.3 <= took < 2.5
+    assert executor.watchdog().limits == {}
+
+    quick = parse_flow(flow_doc({"name": "q", "type": "transform", "input": {"x": 1}}))
+    outs = await asyncio.gather(*(executor.run(quick, make_ctx(run_id=f"r{i}")) for i in range(5)))
+    assert {o.status for o in outs} == {RunStatus.SUCCEEDED}
+    assert executor.watchdog().limits == {}
+
+    task = asyncio.ensure_future(executor.run(slow, make_ctx(run_id="c")))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert executor.watchdog().limits == {}
