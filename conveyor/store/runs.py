@@ -1,7 +1,7 @@
 """Runs and their step logs in PostgreSQL, written in batches across runs.
 
 Ingest inserts run rows through a :class:`~conveyor.store.batch.Batcher` (one multi-row
-``INSERT … SELECT FROM jsonb_to_recordset(…)`` per tick, idempotency keys under a unique
+``INSERT … SELECT`` from one jsonb array per tick, idempotency keys under a unique
 index); workers move runs through their states and append step records the same way. Every
 state change is guarded so a terminal run never changes again: a cancel that lands first wins
 over a worker that finishes later, and a redelivered job cannot resurrect a finished run.
@@ -31,8 +31,8 @@ _LIVE = [s.value for s in IN_FLIGHT]
 _TERMINAL = [s.value for s in TERMINAL]
 
 
-def _rows_json(rows: list[dict[str, Any]]) -> str:
-    """The JSON array a batched statement reads with ``jsonb_to_recordset``.
+def _rows_json(rows: list[list[Any]]) -> str:
+    """The JSON array of rows a batched statement reads (see :func:`_columns`).
 
     PostgreSQL refuses the NUL character in text and jsonb, and any webhook body, step
     output or log may carry one: it is replaced by U+FFFD (the rare batch that has one is
@@ -99,32 +99,81 @@ class Transition:
     bump_attempt: bool = False
 
 
-# Every batched statement takes its rows as ONE jsonb array of objects (one text parameter,
-# encoded by a single orjson call; see _rows_json): a JSON-shaped column keeps the value
-# itself (no JSON text inside JSON), and the statement's plan is cached. Parallel unnest()
-# arrays cost more on both ends: asyncpg encodes every element of every array, and the
-# planner's exact row estimate for a constant array made PostgreSQL plan the statement
-# anew on every execution (a custom plan: most of its CPU at small batches).
+# Every batched statement takes its rows as ONE jsonb array of arrays (one text parameter,
+# encoded by a single orjson call; see _rows_json), read back column by column (_columns): a
+# JSON-shaped column keeps the value itself (no JSON text inside JSON), and the statement's
+# plan is cached. Parallel unnest() arrays cost more: asyncpg encodes every element of every
+# array, and the planner's exact row estimate for a constant array made PostgreSQL plan the
+# statement anew on every execution (a custom plan: most of its CPU at small batches).
+# Positional rows, not objects: jsonb sorts and stores every object's keys.
 #
-# The row estimate of jsonb_to_recordset is fixed, so the cached plans must be right for a
+# The row estimate of jsonb_array_elements is fixed, so the cached plans must be right for a
 # batch of one and of 500 and for a table of any size: runs are reached by their primary
 # key only (the guard is a per-row subquery; the UPDATE's own scan is bounded by
 # ``id = ANY($2)``) — never by a scan of the table, which the planner would otherwise pick
 # for a small or mid-sized table (it takes "not terminal" for very selective).
-_TERMINAL_SQL = "'{" + ",".join(s.value for s in TERMINAL) + "}'::text[]"
+_TERMINAL_SQL = "'{" + ",".join(sorted(s.value for s in TERMINAL)) + "}'::text[]"
 
 #: The UPDATEs are prepared anew after this many runs moved (see :meth:`RunWriter._replanned`).
 REPLAN_ROWS = 4096
 
 
-_INSERT = """
+def _columns(param: str, *spec: tuple[str, str]) -> str:
+    """A subquery naming the ``(column, type)`` fields of each row of the jsonb array
+    ``param``, in order. JSON null reads as SQL NULL in every column, jsonb ones too."""
+    fields = []
+    for i, (name, typ) in enumerate(spec):
+        if typ == "jsonb":
+            fields.append(f"NULLIF(e -> {i}, 'null') AS {name}")
+        elif typ == "text":
+            fields.append(f"e ->> {i} AS {name}")
+        else:
+            fields.append(f"(e ->> {i})::{typ} AS {name}")
+    return f"(SELECT {', '.join(fields)} FROM jsonb_array_elements({param}::text::jsonb) AS e)"
+
+
+_INSERT_COLUMNS = (
+    ("id", "uuid"),
+    ("flow_id", "uuid"),
+    ("flow_version", "int"),
+    ("queue", "text"),
+    ("trigger", "jsonb"),
+    ("idempotency_key", "text"),
+    ("response_status", "int"),
+    ("attempt", "int"),
+)
+_TRANSITION_COLUMNS = (
+    ("id", "uuid"),
+    ("status", "text"),
+    ("output", "jsonb"),
+    ("error", "jsonb"),
+    ("attempt", "int"),
+    ("resume_at", "timestamptz"),
+    ("bump", "bool"),
+)
+_STEP_COLUMNS = (
+    ("run_id", "uuid"),
+    ("seq", "int"),
+    ("name", "text"),
+    ("type", "text"),
+    ("status", "text"),
+    ("input", "jsonb"),
+    ("output", "jsonb"),
+    ("error", "jsonb"),
+    ("logs", "text"),
+    ("parent", "text"),
+    ("iteration", "int"),
+    ("attempt", "int"),
+    ("started_at", "timestamptz"),
+    ("duration_ms", "float8"),
+)
+
+_INSERT = f"""
 INSERT INTO runs (id, flow_id, flow_version, status, queue, trigger, idempotency_key,
                   response_status, attempt)
 SELECT id, flow_id, flow_version, 'QUEUED', queue, trigger, idempotency_key,
        response_status, attempt
-FROM jsonb_to_recordset($1::text::jsonb)
-     AS u(id uuid, flow_id uuid, flow_version int, queue text, trigger jsonb,
-          idempotency_key text, response_status int, attempt int)
+FROM {_columns("$1", *_INSERT_COLUMNS)} AS u
 ON CONFLICT (flow_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id
 """
@@ -147,9 +196,7 @@ UPDATE runs r SET
                       ELSE r.started_at END,
     finished_at = CASE WHEN u.status = ANY({_TERMINAL_SQL}) THEN now() ELSE NULL END,
     updated_at = now()
-FROM jsonb_to_recordset($1::text::jsonb)
-     AS u(id uuid, status text, output jsonb, error jsonb, attempt int, resume_at timestamptz,
-          bump bool)
+FROM {_columns("$1", *_TRANSITION_COLUMNS)} AS u
 WHERE r.id = u.id AND r.id = ANY($2::uuid[]) AND NOT (r.status = ANY({_TERMINAL_SQL}))
 RETURNING r.id
 """
@@ -159,10 +206,7 @@ INSERT INTO step_runs (run_id, seq, name, type, status, input, output, error, lo
                        iteration, attempt, started_at, duration_ms)
 SELECT run_id, seq, name, type, status, input, output, error, logs,
        parent, iteration, attempt, started_at, duration_ms
-FROM jsonb_to_recordset($1::text::jsonb)
-     AS u(run_id uuid, seq int, name text, type text, status text, input jsonb, output jsonb,
-          error jsonb, logs text, parent text, iteration int, attempt int,
-          started_at timestamptz, duration_ms float8)
+FROM {_columns("$1", *_STEP_COLUMNS)} AS u
 -- A run that ended meanwhile (canceled, timed out by the reconciler) records nothing more;
 -- the worker learns it from the missing row and stops the run.
 WHERE (SELECT NOT (r.status = ANY({_TERMINAL_SQL})) FROM runs r WHERE r.id = u.run_id)
@@ -336,64 +380,65 @@ class RunWriter:
 
 
 def _insert_args(runs: Sequence[NewRun]) -> str:
-    """The parameter of :data:`_INSERT`."""
+    """The parameter of :data:`_INSERT` (fields in :data:`_INSERT_COLUMNS` order)."""
     return _rows_json(
         [
-            {
-                "id": r.id,
-                "flow_id": r.flow_id,
-                "flow_version": r.flow_version,
-                "queue": r.queue,
-                "trigger": r.trigger,
-                "idempotency_key": r.idempotency_key,
-                "response_status": r.response_status,
-                "attempt": r.attempt,
-            }
+            [
+                r.id,
+                r.flow_id,
+                r.flow_version,
+                r.queue,
+                r.trigger,
+                r.idempotency_key,
+                r.response_status,
+                r.attempt,
+            ]
             for r in runs
         ]
     )
 
 
 def _transition_args(changes: Iterable[Transition]) -> tuple[str, list[uuid.UUID]]:
-    """The parameters of :data:`_TRANSITION` (one run at most once)."""
+    """The parameters of :data:`_TRANSITION` (one run at most once; fields in
+    :data:`_TRANSITION_COLUMNS` order)."""
     # Sorted, so two processes' batches lock rows in the same order (no deadlock).
     uniq = sorted(changes, key=lambda c: c.run_id)
     rows = [
-        {
-            "id": c.run_id,
-            "status": c.status.value,
-            "output": c.output,
-            "error": c.error,
-            "attempt": c.attempt,
-            "resume_at": _ts(c.resume_at),
-            "bump": c.bump_attempt,
-        }
+        [
+            c.run_id,
+            c.status.value,
+            c.output,
+            c.error,
+            c.attempt,
+            _ts(c.resume_at),
+            c.bump_attempt,
+        ]
         for c in uniq
     ]
     return _rows_json(rows), [c.run_id for c in uniq]
 
 
 def _step_args(batch: Iterable[StepRow]) -> str:
-    """The parameter of :data:`_STEPS`."""
+    """The parameter of :data:`_STEPS` (fields in :data:`_STEP_COLUMNS` order)."""
     rows = sorted(batch, key=lambda r: (r.run_id, r.seq))  # stable lock order
     return _rows_json(
         [
-            {
-                "run_id": r.run_id,
-                "seq": r.seq,
-                "name": x.name,
-                "type": x.type,
-                "status": x.status,
-                "input": x.input,
-                "output": x.output,
-                "error": x.error,
-                "logs": x.logs or "",
-                "parent": x.parent,
-                "iteration": x.iteration,
-                "attempt": x.attempt,
-                "started_at": _ts(x.started_at),
-                "duration_ms": x.duration_ms,
-            }
+            [
+                r.run_id,
+                r.seq,
+                x.name,
+                x.type,
+                x.status,
+                x.input,
+                x.output,
+                x.error,
+                x.logs or "",
+                x.parent,
+                x.iteration,
+                x.attempt,
+                _ts(x.started_at),
+                x.duration_ms,
+            ]
             for r in rows
             for x in (r.record,)
         ]
