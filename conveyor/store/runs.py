@@ -225,12 +225,12 @@ def _shift(sql: str, by: int) -> str:
 
 # A run's last step records and its final state in one statement (one round trip, one
 # commit): both parts see the same snapshot, so the steps are stored only if the run is not
-# terminal yet, and the run's row is guarded as in _TRANSITION.
+# terminal yet, and the run's row is guarded as in _TRANSITION. A data-modifying WITH runs
+# to completion whether or not the query reads it: only the moved runs come back.
 _FINISH = f"""
 WITH stored AS ({_STEPS.strip()}),
 moved AS ({_shift(_TRANSITION.strip(), 1)})
-SELECT id, NULL::int AS seq FROM moved
-UNION ALL SELECT run_id, seq FROM stored
+SELECT id FROM moved
 """
 
 
@@ -375,7 +375,7 @@ class RunWriter:
         args = [_step_args(steps.values()), *_transition_args(f.change for f in last.values())]
         async with self.db.writer() as conn:
             rows = await conn.fetch(self._replanned(_FINISH, len(last)), *args)
-        done = {row["id"] for row in rows if row["seq"] is None}
+        done = {row["id"] for row in rows}
         return [f.change.run_id in done and last[f.change.run_id] is f for f in batch]
 
 
