@@ -109,8 +109,8 @@ class Transition:
 #
 # The row estimate of jsonb_array_elements is fixed, so the cached plans must be right for a
 # batch of one and of 500 and for a table of any size: runs are reached by their primary
-# key only (the guard is a per-row subquery; the UPDATE's own scan is bounded by
-# ``id = ANY($2)``) — never by a scan of the table, which the planner would otherwise pick
+# key only (the guard is a per-row subquery; the UPDATE's own scan is bounded by the batch's
+# ids) — never by a scan of the table, which the planner would otherwise pick
 # for a small or mid-sized table (it takes "not terminal" for very selective).
 _TERMINAL_SQL = "'{" + ",".join(sorted(s.value for s in TERMINAL)) + "}'::text[]"
 
@@ -197,7 +197,11 @@ UPDATE runs r SET
     finished_at = CASE WHEN u.status = ANY({_TERMINAL_SQL}) THEN now() ELSE NULL END,
     updated_at = now()
 FROM {_columns("$1", *_TRANSITION_COLUMNS)} AS u
-WHERE r.id = u.id AND r.id = ANY($2::uuid[]) AND NOT (r.status = ANY({_TERMINAL_SQL}))
+-- The ids again, as an InitPlan of the same parameter: a bound the planner cannot see at
+-- plan time (a uuid[] parameter's length made every plan a custom one, planned anew).
+WHERE r.id = u.id
+  AND r.id = ANY(ARRAY(SELECT (e ->> 0)::uuid FROM jsonb_array_elements($1::text::jsonb) AS e))
+  AND NOT (r.status = ANY({_TERMINAL_SQL}))
 RETURNING r.id
 """
 
@@ -398,7 +402,7 @@ def _insert_args(runs: Sequence[NewRun]) -> str:
     )
 
 
-def _transition_args(changes: Iterable[Transition]) -> tuple[str, list[uuid.UUID]]:
+def _transition_args(changes: Iterable[Transition]) -> tuple[str]:
     """The parameters of :data:`_TRANSITION` (one run at most once; fields in
     :data:`_TRANSITION_COLUMNS` order)."""
     # Sorted, so two processes' batches lock rows in the same order (no deadlock).
@@ -415,7 +419,7 @@ def _transition_args(changes: Iterable[Transition]) -> tuple[str, list[uuid.UUID
         ]
         for c in uniq
     ]
-    return _rows_json(rows), [c.run_id for c in uniq]
+    return (_rows_json(rows),)
 
 
 def _step_args(batch: Iterable[StepRow]) -> str:
