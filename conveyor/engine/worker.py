@@ -65,11 +65,17 @@ class RunEnded(Conflict):
 #: statement. Re-running such a step after a crash has no effect beyond its own record; every
 #: other type's checkpoint is written before the next step starts, as before.
 DEFERRED_TYPES = frozenset({StepType.TRANSFORM, StepType.BRANCH, StepType.RESPOND})
+#: With a sandbox that contains its children (:attr:`Sandbox.contained`: no network, nothing
+#: written outlives the step, the host's services out of reach) a code step has no effect
+#: outside the run either — its output is all it leaves — so its checkpoint is held too. In
+#: the partial or unsandboxed modes it may reach the network, so it stays a step with effects.
+CONTAINED_DEFERRED_TYPES = DEFERRED_TYPES | {StepType.CODE}
 
 
 class _Sink:
     """Checkpoint sink of one run: numbers its steps after those already stored, holds back
-    the records of :data:`DEFERRED_TYPES` until a durable write is due.
+    the records of ``deferred`` step types (:data:`DEFERRED_TYPES`, or
+    :data:`CONTAINED_DEFERRED_TYPES`) until a durable write is due.
 
     ``start_pending``: the run's RUNNING transition has not been written yet (a first
     delivery); the first durable write carries it, guarded like every transition, so a run
@@ -77,7 +83,7 @@ class _Sink:
     parsed (else parsed from the first ``run_id`` the executor passes).
     """
 
-    __slots__ = ("held", "job", "rid", "seq", "start_pending", "writer")
+    __slots__ = ("deferred", "held", "job", "rid", "seq", "start_pending", "writer")
 
     def __init__(
         self,
@@ -87,8 +93,10 @@ class _Sink:
         *,
         start_pending: bool = False,
         rid: uuid.UUID | None = None,
+        deferred: frozenset[StepType] = DEFERRED_TYPES,
     ) -> None:
         self.writer = writer
+        self.deferred = deferred
         self.seq = first_seq
         self.job = job
         self.held: list[StepRow] = []
@@ -107,13 +115,13 @@ class _Sink:
         typ = record.type
         metrics.observe_step(typ, record.duration_ms)
         self.held.append(StepRow(self.rid or self._rid(run_id), seq, record))
-        if typ not in DEFERRED_TYPES:
+        if typ not in self.deferred:
             await self.flush(run_id)
 
     async def before_step(self, run_id: str, step_type: str) -> None:
         """A step is about to start: anything held is made durable first unless the step
-        is one of :data:`DEFERRED_TYPES` too."""
-        if (self.held or self.start_pending) and step_type not in DEFERRED_TYPES:
+        is one of the deferred types too."""
+        if (self.held or self.start_pending) and step_type not in self.deferred:
             await self.flush(run_id)
 
     async def fence(self) -> None:
@@ -184,6 +192,7 @@ class RunWorker:
         self.box = box
         self.redis = redis
         self.queue_config = queue_config or QueueConfig.from_settings(settings)
+        self.sandbox = sandbox
         self.producer = Producer(redis, self.queue_config)
         self.replies = ReplyPublisher(redis)
         self.submitter = Submitter(writer, self.producer)
@@ -282,7 +291,9 @@ class RunWorker:
                     },
                 )
 
-        sink = _Sink(self.writer, first_seq, job, start_pending=fresh, rid=rid)
+        sink = _Sink(
+            self.writer, first_seq, job, start_pending=fresh, rid=rid, deferred=self._deferred()
+        )
         outcome = await self.executor.run(flow, ctx, on_respond=on_respond, sink=sink)
         metrics.observe_run(outcome.status.value, started_s)
         # The caller already has its answer once a respond step ran: no final message.
@@ -300,6 +311,14 @@ class RunWorker:
             self._flow_ids.clear()
         found = self._flow_ids[text] = (flow_id, str(flow_id))
         return found
+
+    def _deferred(self) -> frozenset[StepType]:
+        """The step types whose checkpoints a run started now may hold (asked per run: the
+        sandbox's isolation is probed again when its fork-server restarts)."""
+        sandbox = self.sandbox
+        if sandbox is not None and sandbox.contained:
+            return CONTAINED_DEFERRED_TYPES
+        return DEFERRED_TYPES
 
     async def _commit(
         self,

@@ -180,6 +180,15 @@ class Sandbox:
 
     # ------------------------------------------------------------------ lifecycle
     @property
+    def contained(self) -> bool:
+        """Whether a code step run now can have no effect outside its output: children are
+        locked down (not ``UNSANDBOXED``), the isolation in force is safe — no network, nothing
+        written outlives the step, the host's services and processes out of reach — and code
+        steps are not refused. The worker then holds code steps' checkpoints like those of the
+        other steps without effects (:mod:`conveyor.engine.worker`)."""
+        return self.config.locked and self.report.safe and not self.refused
+
+    @property
     def isolation(self) -> dict[str, Any]:
         """The ``/readyz`` sandbox check, one dict kept current in place (see :meth:`health`)."""
         return self._report

@@ -20,6 +20,8 @@ from conveyor.engine.submit import OnFull, RunJob, Submitter
 from conveyor.engine.worker import RunWorker
 from conveyor.ids import uuid7
 from conveyor.queue.job import Job, _EntryLost
+from conveyor.sandbox.client import Sandbox
+from conveyor.sandbox.config import SandboxConfig
 from conveyor.status import RunStatus
 from conveyor.store import flows as flow_store
 from conveyor.store import runs as run_store
@@ -220,4 +222,108 @@ async def test_a_delivery_taken_over_mid_run_writes_no_final_state(
         await worker.handle(job)
     run = await run_store.get_run(db, rid)
     assert (run["status"], run["error"]) == ("QUEUED", None)
+    assert await run_store.get_steps(db, rid) == []
+
+
+FOUR = {
+    "name": "four",
+    "trigger": {"type": "webhook"},
+    "steps": [
+        {"name": "parse", "type": "transform", "input": {"n": "{{trigger.body.n}}"}},
+        {
+            "name": "score",
+            "type": "code",
+            "input": {"n": "{{parse.n}}"},
+            "code": "def run(input):\n    return {'big': input['n'] > 1}\n",
+        },
+        {
+            "name": "route",
+            "type": "branch",
+            "when": {"all": [{"left": "{{score.big}}", "op": "is_true"}]},
+            "then": [],
+            "else": [],
+        },
+        {"name": "reply", "type": "respond", "input": {"status": 200, "body": "{{score}}"}},
+    ],
+}
+
+
+async def _sandboxed_worker(
+    db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str, sandbox: Sandbox
+) -> RunWorker:
+    settings = make_settings(postgres_url, redis_url, AP_CONTAINER_TYPE="WORKER")
+    return RunWorker(
+        settings,
+        writer=_CountingWriter(db),
+        registry=FlowRegistry(db),
+        box=SecretBox(ENCRYPTION_KEY),
+        redis=redis,
+        sandbox=sandbox,
+        http=None,
+    )
+
+
+async def _close(w: RunWorker) -> None:
+    await w.replies.close()
+    await w.producer.close()
+    await w.writer.close()
+
+
+@pytest.mark.parametrize("locked", [True, False], ids=["contained", "unsandboxed"])
+async def test_a_code_step_is_held_only_in_a_sandbox_that_contains_it(
+    db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str, locked: bool
+) -> None:
+    """transform → code → branch → respond with the real sandbox. Contained (locked down, safe
+    isolation: no network, nothing outlives the step) the code step has no effect outside its
+    output, so the whole run is one statement. Unsandboxed (``AP_EXECUTION_MODE=UNSANDBOXED``:
+    the step could reach the network) it stays a step with effects: RUNNING with the
+    transform's record before it starts, its own record before the branch runs."""
+    sandbox = Sandbox(SandboxConfig(locked=locked, launcher="auto" if locked else "direct"))
+    await sandbox.start()
+    w = await _sandboxed_worker(db, redis, postgres_url, redis_url, sandbox)
+    try:
+        if locked and not sandbox.contained:
+            pytest.skip(f"this host cannot contain code steps: {sandbox.report}")
+        assert sandbox.contained is locked
+        rid = await _submit(db, w, FOUR)
+        await asyncio.wait_for(w.consumer.drain(), 60)
+    finally:
+        await _close(w)
+        await sandbox.close()
+    run = await run_store.get_run(db, rid)
+    assert run["status"] == "SUCCEEDED", run["error"]
+    assert run["output"]["body"] == {"big": True} and run["attempt"] == 1
+    assert isinstance(w.writer, _CountingWriter)
+    if locked:
+        assert w.writer.writes == [("SUCCEEDED", ["parse", "score", "route", "reply"])]
+        assert "RUNNING" not in w.writer.statuses
+    else:
+        assert w.writer.writes == [("RUNNING", ["parse"]), ("SUCCEEDED", ["route", "reply"])]
+    steps = await run_store.get_steps(db, rid)
+    assert [(s.name, s.output) for s in steps][:2] == [
+        ("parse", {"n": 5}),
+        ("score", {"big": True}),
+    ]
+
+
+async def test_a_contained_code_step_of_a_run_canceled_while_queued_leaves_nothing(
+    db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str
+) -> None:
+    """Canceled before its first delivery: the contained code step may run (it cannot reach
+    anything), but the one final statement is refused — the run stays CANCELED with no step
+    stored and its attempt not counted."""
+    sandbox = Sandbox(SandboxConfig())
+    await sandbox.start()
+    w = await _sandboxed_worker(db, redis, postgres_url, redis_url, sandbox)
+    try:
+        if not sandbox.contained:
+            pytest.skip(f"this host cannot contain code steps: {sandbox.report}")
+        rid = await _submit(db, w, FOUR)
+        assert await w.writer.transition(Transition(rid, RunStatus.CANCELED))
+        await asyncio.wait_for(w.consumer.drain(), 60)
+    finally:
+        await _close(w)
+        await sandbox.close()
+    run = await run_store.get_run(db, rid)
+    assert run["status"] == "CANCELED" and run["attempt"] == 0
     assert await run_store.get_steps(db, rid) == []
