@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import gc
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -65,11 +65,18 @@ class RunEnded(Conflict):
 #: statement. Re-running such a step after a crash has no effect beyond its own record; every
 #: other type's checkpoint is written before the next step starts, as before.
 DEFERRED_TYPES = frozenset({StepType.TRANSFORM, StepType.BRANCH, StepType.RESPOND})
-#: With a sandbox that contains its children (:attr:`Sandbox.contained`: no network, nothing
-#: written outlives the step, the host's services out of reach) a code step has no effect
-#: outside the run either — its output is all it leaves — so its checkpoint is held too. In
-#: the partial or unsandboxed modes it may reach the network, so it stays a step with effects.
+#: With a sandbox that contains its children (:attr:`Sandbox.contained`: no network, no host
+#: writes, the host's services out of reach) a code step has no effect outside the run
+#: either — its output is all it leaves — so its checkpoint is held too. In the partial or
+#: unsandboxed modes it may reach the network, so it stays a step with effects. Unlike a
+#: transform, a code step need not compute the same output twice (a clock, randomness, a warm
+#: child's state), so nobody may see a held code output before it is committed: a respond
+#: step run while one is held answers the caller only after the next durable write
+#: (:attr:`_Sink.pending`).
 CONTAINED_DEFERRED_TYPES = DEFERRED_TYPES | {StepType.CODE}
+
+#: A sync reply's delivery: ``await deliver(message)`` → whether a listener got it.
+Deliver = Callable[[dict[str, Any]], Awaitable[bool]]
 
 
 class _Sink:
@@ -81,9 +88,25 @@ class _Sink:
     delivery); the first durable write carries it, guarded like every transition, so a run
     canceled meanwhile stops before any step with effects starts. ``rid``: the run's id
     parsed (else parsed from the first ``run_id`` the executor passes).
+
+    ``pending``: a respond step's answer held back because a code step's record was held when
+    it ran (see :data:`CONTAINED_DEFERRED_TYPES`); the next durable write — before the next
+    step, or the run's final state — delivers it through ``deliver`` once committed, and
+    ``answered`` says whether a listener got it.
     """
 
-    __slots__ = ("deferred", "held", "job", "rid", "seq", "start_pending", "writer")
+    __slots__ = (
+        "answered",
+        "deferred",
+        "deliver",
+        "held",
+        "job",
+        "pending",
+        "rid",
+        "seq",
+        "start_pending",
+        "writer",
+    )
 
     def __init__(
         self,
@@ -94,9 +117,13 @@ class _Sink:
         start_pending: bool = False,
         rid: uuid.UUID | None = None,
         deferred: frozenset[StepType] = DEFERRED_TYPES,
+        deliver: Deliver | None = None,
     ) -> None:
         self.writer = writer
         self.deferred = deferred
+        self.deliver = deliver
+        self.pending: dict[str, Any] | None = None
+        self.answered = False
         self.seq = first_seq
         self.job = job
         self.held: list[StepRow] = []
@@ -120,9 +147,23 @@ class _Sink:
 
     async def before_step(self, run_id: str, step_type: str) -> None:
         """A step is about to start: anything held is made durable first unless the step
-        is one of the deferred types too."""
-        if (self.held or self.start_pending) and step_type not in self.deferred:
+        is one of the deferred types too — or a held answer waits for it."""
+        if self.pending is not None or (
+            (self.held or self.start_pending) and step_type not in self.deferred
+        ):
             await self.flush(run_id)
+
+    def holds_code(self) -> bool:
+        """Whether a code step's record is among those held (not yet committed)."""
+        return any(row.record.type == StepType.CODE for row in self.held)
+
+    async def deliver_pending(self) -> bool:
+        """Send the held answer (its outputs are committed now); whether one was sent."""
+        message, self.pending = self.pending, None
+        if message is None or self.deliver is None:
+            return False
+        self.answered = await self.deliver(message)
+        return True
 
     async def fence(self) -> None:
         if self.job is not None:
@@ -145,8 +186,10 @@ class _Sink:
             change = Transition(self._rid(run_id), RunStatus.RUNNING, bump_attempt=True)
             if not await self.writer.finish(Finish(change, rows)):
                 raise RunEnded(f"run {run_id} ended before it started")
+            await self.deliver_pending()
             return
         if not rows:
+            await self.deliver_pending()
             return
         await self.fence()
         if len(rows) == 1:
@@ -157,6 +200,7 @@ class _Sink:
             # Canceled (or timed out) meanwhile: stop before the next step runs.
             name = rows[-1].record.name
             raise RunEnded(f"run {run_id} ended while step {name!r} ran")
+        await self.deliver_pending()
 
 
 class _Unrouted:
@@ -278,21 +322,30 @@ class RunWorker:
 
         async def on_respond(status: int, headers: Mapping[str, str], body: Any) -> None:
             nonlocal answered
-            if reply:
-                # A respond that could not be delivered is followed by the final message.
-                answered = await self.replies.publish(
-                    reply,
-                    {
-                        "run_id": run_id,
-                        "kind": "respond",
-                        "status": status,
-                        "headers": dict(headers),
-                        "body": body,
-                    },
-                )
+            if not reply:
+                return
+            message = {
+                "run_id": run_id,
+                "kind": "respond",
+                "status": status,
+                "headers": dict(headers),
+                "body": body,
+            }
+            if sink.holds_code():
+                # The answer may show a held code output: sent once that is committed.
+                sink.pending = message
+                return
+            # A respond that could not be delivered is followed by the final message.
+            answered = await self.replies.publish(reply, message)
 
         sink = _Sink(
-            self.writer, first_seq, job, start_pending=fresh, rid=rid, deferred=self._deferred()
+            self.writer,
+            first_seq,
+            job,
+            start_pending=fresh,
+            rid=rid,
+            deferred=self._deferred(),
+            deliver=(lambda message: self.replies.publish(reply, message)) if reply else None,
         )
         outcome = await self.executor.run(flow, ctx, on_respond=on_respond, sink=sink)
         metrics.observe_run(outcome.status.value, started_s)
@@ -301,7 +354,7 @@ class RunWorker:
             rid,
             run,
             outcome,
-            None if answered else reply,
+            None if answered or sink.answered else reply,
             sink,
         )
 
@@ -365,8 +418,12 @@ class RunWorker:
         # Committed: from here on nothing may fail the job. The reply is transport; a caller
         # that misses it reads the stored result (conveyor.engine.replies).
         if stored:
+            # A respond held back for a code output: its answer now, else the final message.
+            if sink.pending is not None and (await sink.deliver_pending()) and sink.answered:
+                return
             await self._final(reply, run_id, outcome.status.value, outcome.output, error)
             return
+        sink.pending = None  # ended elsewhere: that answer's outputs were never committed
         try:
             # Canceled (or ended) meanwhile: the caller hears what PostgreSQL says, not us.
             await self._final_from_store(reply, rid)

@@ -327,3 +327,100 @@ async def test_a_contained_code_step_of_a_run_canceled_while_queued_leaves_nothi
     run = await run_store.get_run(db, rid)
     assert run["status"] == "CANCELED" and run["attempt"] == 0
     assert await run_store.get_steps(db, rid) == []
+
+
+RANDOM_REPLY = {
+    "name": "rnd",
+    "trigger": {"type": "webhook"},
+    "steps": [
+        {
+            "name": "score",
+            "type": "code",
+            "input": {},
+            "code": "import os\ndef run(input):\n    return {'token': os.urandom(8).hex()}\n",
+        },
+        {"name": "reply", "type": "respond", "input": {"status": 200, "body": "{{score}}"}},
+    ],
+}
+
+
+async def _contained_reply(
+    db: Database,
+    redis: aioredis.Redis,
+    urls: tuple[str, str],
+    doc: dict[str, Any],
+    *,
+    crash_first_final: bool = False,
+) -> tuple[dict[str, Any] | None, dict[str, Any], _CountingWriter]:
+    """Run ``doc`` for a waiting sync caller with the real contained sandbox; the caller's
+    first message, the stored run and the writer (what it wrote). ``crash_first_final``: the
+    first final write raises (a worker dying before its last statement): a redelivery."""
+    sandbox = Sandbox(SandboxConfig())
+    await sandbox.start()
+    w = await _sandboxed_worker(db, redis, urls[0], urls[1], sandbox)
+    hub = ReplyHub(redis, "held")
+    await hub.start()
+    assert isinstance(w.writer, _CountingWriter)
+    writer = w.writer
+    fails = [crash_first_final]
+    real_finish = writer.finish
+
+    async def finish(done: Finish) -> bool:
+        if fails.pop() if fails else False:
+            if done.change.status is RunStatus.SUCCEEDED:
+                raise RuntimeError("the worker died before its final write")
+            fails.append(True)
+        return await real_finish(done)
+
+    writer.finish = finish  # type: ignore[method-assign]
+
+    async def nothing_stored() -> dict[str, Any] | None:
+        return None  # the answer must come from the worker
+
+    try:
+        if not sandbox.contained:
+            pytest.skip(f"this host cannot contain code steps: {sandbox.report}")
+        rid = await _submit(db, w, doc, reply=hub.channel)
+        waiter = hub.register(str(rid))
+        drained = asyncio.create_task(w.consumer.drain(wait_delayed_s=10))
+        message = await hub.wait(waiter, 30, nothing_stored)
+        await asyncio.wait_for(drained, 60)
+    finally:
+        await hub.close()
+        await _close(w)
+        await sandbox.close()
+    return message, await run_store.get_run(db, rid), writer
+
+
+async def test_a_held_code_output_reaches_the_caller_only_once_committed(
+    db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str
+) -> None:
+    """code (random output) → respond, the first final write failing: the first attempt's
+    answer was never sent, the redelivery's is — the caller hears exactly what is stored."""
+    message, run, writer = await _contained_reply(
+        db, redis, (postgres_url, redis_url), RANDOM_REPLY, crash_first_final=True
+    )
+    assert message is not None and message["kind"] == "respond"
+    # Redelivered: the second delivery moved the run to RUNNING first (the first wrote nothing).
+    assert writer.statuses == ["RUNNING"] and run["attempt"] == 1
+    assert run["status"] == "SUCCEEDED"
+    assert message["body"] == run["output"]["body"]
+    assert writer.writes == [("SUCCEEDED", ["score", "reply"])]
+
+
+async def test_a_respond_mid_flow_answers_after_the_held_code_output_is_committed(
+    db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str
+) -> None:
+    """code → respond → transform: the held answer goes out with the durable write before the
+    transform (not at the end), and matches the stored code output."""
+    doc = {
+        **RANDOM_REPLY,
+        "steps": [
+            *RANDOM_REPLY["steps"],
+            {"name": "after", "type": "transform", "input": {"t": "{{score.token}}"}},
+        ],
+    }
+    message, run, writer = await _contained_reply(db, redis, (postgres_url, redis_url), doc)
+    assert message is not None and message["kind"] == "respond"
+    assert writer.writes == [("RUNNING", ["score", "reply"]), ("SUCCEEDED", ["after"])]
+    assert message["body"] == {"token": run["output"]["t"]}
