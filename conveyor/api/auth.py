@@ -31,7 +31,9 @@ def protected(path: str) -> bool:
 def check_api_key(request: web.Request, expected: bytes) -> None:
     """Raise the 401 unless ``request`` carries ``expected`` (compared in constant time)."""
     given = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(given.encode(), expected):
+    # surrogateescape: aiohttp decodes a header's undecodable bytes to lone surrogates, which
+    # must be a wrong key (401), not an encoding error (500).
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
         raise ApiError(
             401,
             "UNAUTHORIZED",

@@ -57,12 +57,6 @@ class CappedLog(io.TextIOBase):
         self._room = limit
         self.dropped = 0
 
-    def reset(self) -> None:
-        """Empty, for the next execution (one instance serves a child's executions)."""
-        self._parts = []
-        self._room = self._limit
-        self.dropped = 0
-
     def write(self, s: str) -> int:
         n = len(s)
         if self._room >= n:
@@ -178,7 +172,7 @@ class Runner:
         self.tmp = os.environ["TMPDIR"]
         #: Compiled code and its source lines (for tracebacks), by source.
         self._codes: OrderedDict[str, tuple[CodeType, list[str]]] = OrderedDict()
-        self._log = CappedLog(limits.log_bytes)
+        self._log_bytes = limits.log_bytes
         self._loop: Any = None
         # Freed on MemoryError so there is room left to build and send the answer.
         self._reserve: bytearray | None = bytearray(1 << 20)
@@ -226,8 +220,9 @@ class Runner:
         """Run one request; return the encoded answer frame and whether to recycle."""
         step = str(req.get("step") or "step")
         filename = f"<step {step}>"
-        log = self._log
-        log.reset()
+        # A fresh log per execution: a step may close its stdout or patch its methods, and
+        # the next execution in this warm child (another run) must not inherit that.
+        log = CappedLog(self._log_bytes)
         status = "SUCCEEDED"
         error: str | None = None
         recycle = False

@@ -181,11 +181,13 @@ class Sandbox:
     # ------------------------------------------------------------------ lifecycle
     @property
     def contained(self) -> bool:
-        """Whether a code step run now can have no effect outside its output: children are
-        locked down (not ``UNSANDBOXED``), the isolation in force is safe — no network, nothing
-        written outlives the step, the host's services and processes out of reach — and code
-        steps are not refused. The worker then holds code steps' checkpoints like those of the
-        other steps without effects (:mod:`conveyor.engine.worker`)."""
+        """Whether a code step run now can have no effect outside the sandbox but its output:
+        children are locked down (not ``UNSANDBOXED``), the isolation in force is safe — no
+        network, no writes outside the sandbox, the host's services and processes out of reach
+        — and code steps are not refused. (A warm child's Python state may carry over to later
+        executions of the same flow version, as documented; that stays inside the sandbox.)
+        The worker then holds code steps' checkpoints like those of the other steps without
+        effects (:mod:`conveyor.engine.worker`)."""
         return self.config.locked and self.report.safe and not self.refused
 
     @property

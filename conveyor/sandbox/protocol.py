@@ -67,7 +67,7 @@ class FrameDecoder:
         """Whole frames decoded from what came so far; ``data`` is not kept (a buffer the
         caller reuses may be passed)."""
         buf = self._buf
-        if not buf:
+        if not buf and self._need < 0:  # not mid-frame (a header alone may have been eaten)
             return self._feed_direct(data)
         buf += data
         out: list[Any] = []

@@ -381,3 +381,22 @@ async def test_json_declared_by_any_spelling_of_the_media_type(
             assert resp.status == 202, ctype
             row = await run_store.get_run(db, uuid.UUID(resp.headers["x-run-id"]))
             assert row["trigger"]["body"] == expected, ctype
+
+
+async def test_an_undecodable_authorization_header_is_a_401_not_a_500(make_client: Any) -> None:
+    """Bytes that are not UTF-8 in Authorization (aiohttp keeps them as lone surrogates) are a
+    wrong key: 401 JSON, never an encoding error answered 500."""
+    client = await make_client(AP_CONTAINER_TYPE="APP", AP_API_KEY="k" * 32)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        writer.write(
+            b"GET /api/v1/flows HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Authorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), head
+    assert orjson.loads(body)["error"]["code"] == "UNAUTHORIZED"

@@ -106,3 +106,24 @@ def test_blocking_reader_reassembles_frames_larger_than_its_buffer() -> None:
         sender.join()
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize(
+    "cuts",
+    [(2, 4), (4,), (5, 11 + 4)],
+    ids=["header-in-two-reads", "header-alone", "next-header-alone"],
+)
+def test_a_read_that_ends_right_after_a_header(cuts: tuple[int, ...]) -> None:
+    """Reads cut exactly after a frame's header (which the decoder has consumed, leaving its
+    buffer empty mid-frame) still decode every frame in order."""
+    a, b = encode({"a": 1}), encode({"b": 2})
+    assert len(a) == 11  # the third case cuts right after b's header
+    data = a + b
+    decoder = FrameDecoder()
+    out = []
+    start = 0
+    for cut in (*cuts, len(data)):
+        out.extend(decoder.feed(data[start:cut]))
+        start = cut
+    assert out == [{"a": 1}, {"b": 2}]
+    assert decoder.pending == 0

@@ -106,3 +106,25 @@ async def test_low_level_thread_left_running_retires_the_warm_child() -> None:
         third = await run(sb, left, False, flow_id="threads")
         assert third.error is None and third.output != first.output
         await assert_no_strays(sb)
+
+
+async def test_a_step_that_closes_or_patches_its_stdout_does_not_break_the_next_run() -> None:
+    """stdout/stderr are fresh per execution: a step that closes them, or replaces their
+    write, leaves the next execution in the same warm child (another run) its own logs."""
+    code = (
+        "import sys\n"
+        "def run(input):\n"
+        "    print('hello from', input['run'])\n"
+        "    sys.stdout.flush()\n"
+        "    if input.get('close'):\n"
+        "        sys.stdout.close()\n"
+        "    if input.get('patch'):\n"
+        "        sys.stdout.write = lambda s: 0\n"
+        "    return input['run']\n"
+    )
+    async with make_sandbox(slots=1) as sb:
+        for given in ({"run": "A", "close": True}, {"run": "B", "patch": True}, {"run": "C"}):
+            out = await run(sb, code, flow_id="logs", input=given)
+            assert out.error is None, out.error
+            assert out.output == given["run"] and out.logs == f"hello from {given['run']}\n"
+        await assert_no_strays(sb)
