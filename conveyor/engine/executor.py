@@ -31,12 +31,22 @@ from conveyor.engine.context import (
     RunOutcome,
     Services,
     StepRecord,
+    slot_maker,
+    step_record,
 )
 from conveyor.engine.errors import StepFailed, StepInternalError
 from conveyor.engine.flow import Flow, Step
 from conveyor.engine.spec import At, Piece, Stop, Where, now
 from conveyor.engine.templating import RUN, SECRETS, TRIGGER, TemplateError, redact
 from conveyor.status import RunStatus, StepStatus
+
+#: ``RunOutcome(status, output, error, resume_at)`` and ``RunEnv(services, ctx, on_respond)``
+#: positionally, built without their ``__init__`` (one each per run).
+_outcome = slot_maker(RunOutcome)
+_run_env = slot_maker(RunEnv)
+_where = slot_maker(Where)
+#: Where every top-level step of a run is (immutable, so shared).
+_TOP = Where(None, None, 0)
 
 _RUN_STATUS = {
     StepStatus.FAILED: RunStatus.FAILED,
@@ -54,24 +64,70 @@ WATCHED_LIMIT_S = 10.0
 WATCH_TICK_S = 0.25
 
 
+class _Limit:
+    """One run's flow time limit under the shared watchdog: ``asyncio.Timeout``'s rules
+    (the task's cancel, and only that one, becomes ``TimeoutError`` on exit; ``expired()``)
+    without a timer of its own — the watchdog cancels the task once ``deadline`` (on the
+    loop's clock) has passed."""
+
+    __slots__ = ("_expired", "cancelling", "deadline", "dog", "task")
+
+    def __init__(self, dog: _Watchdog, task: asyncio.Task[Any], deadline: float) -> None:
+        self.dog = dog
+        self.task = task
+        self.deadline = deadline
+        self.cancelling = 0
+        self._expired = False
+
+    def expired(self) -> bool:
+        return self._expired
+
+    def expire(self) -> None:
+        self._expired = True
+        self.task.cancel()
+
+    async def __aenter__(self) -> _Limit:
+        self.cancelling = self.task.cancelling()
+        self.dog.add(self)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: Any, tb: Any) -> None:
+        self.dog.discard(self)
+        # Spent: the cancel it sent is taken back, and answered with TimeoutError unless
+        # someone else asked for a cancel too (as asyncio.Timeout.__aexit__ decides).
+        if (
+            self._expired
+            and self.task.uncancel() <= self.cancelling
+            and exc_type is asyncio.CancelledError
+        ):
+            raise TimeoutError from exc
+
+
 class _Watchdog:
     """Expires the flow time limits of the runs in flight on one event loop: every
-    :data:`WATCH_TICK_S` while any is registered, a limit past its deadline is rescheduled
-    to now (``asyncio.Timeout`` then cancels the run exactly as its own timer would have)."""
+    :data:`WATCH_TICK_S` while any is registered, the task of a run past its deadline is
+    cancelled, as its own ``asyncio.Timeout`` would have done."""
 
     __slots__ = ("handle", "limits", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.limits: dict[asyncio.Timeout, float] = {}
+        self.limits: dict[_Limit, float] = {}
         self.handle: asyncio.TimerHandle | None = None
 
-    def add(self, limit: asyncio.Timeout, deadline: float) -> None:
-        self.limits[limit] = deadline
+    def limit(self, timeout_s: float) -> _Limit | None:
+        """A limit of ``timeout_s`` from now for the current task (``None`` outside one)."""
+        task = asyncio.current_task()
+        if task is None:
+            return None
+        return _Limit(self, task, self.loop.time() + timeout_s)
+
+    def add(self, limit: _Limit) -> None:
+        self.limits[limit] = limit.deadline
         if self.handle is None:
             self.handle = self.loop.call_later(WATCH_TICK_S, self._tick)
 
-    def discard(self, limit: asyncio.Timeout) -> None:
+    def discard(self, limit: _Limit) -> None:
         self.limits.pop(limit, None)
 
     def _tick(self) -> None:
@@ -79,7 +135,7 @@ class _Watchdog:
         now = self.loop.time()
         for limit in [t for t, deadline in self.limits.items() if deadline <= now]:
             del self.limits[limit]
-            limit.reschedule(now)
+            limit.expire()
         if self.limits:
             self.handle = self.loop.call_later(WATCH_TICK_S, self._tick)
 
@@ -136,7 +192,7 @@ class _Run:
         self.ctx = ctx
         self.run_id = ctx.run_id
         self.sink = sink = sink if sink is not None else services.sink
-        self.env = RunEnv(services, ctx, on_respond)
+        self.env = _run_env(services, ctx, on_respond)
         self.secret_values = [ctx.secrets[n] for n in flow.secret_names if ctx.secrets.get(n)]
         self.scope: dict[str, Any] = {
             TRIGGER: ctx.trigger,
@@ -173,19 +229,16 @@ class _Run:
 
     async def execute(self, executor: Executor | None = None) -> RunOutcome:
         self.timeout_s = timeout_s = self.ctx.timeout_s or self.services.flow_timeout_s
-        dog = executor.watchdog() if executor is not None and timeout_s >= WATCHED_LIMIT_S else None
-        # Watched: a limit without a timer of its own (see WATCHED_LIMIT_S).
-        limit = asyncio.timeout(None if dog is not None else timeout_s)
+        # A long limit is watched (see WATCHED_LIMIT_S): no timer of its own.
+        watched = (
+            executor.watchdog().limit(timeout_s)
+            if executor is not None and timeout_s >= WATCHED_LIMIT_S
+            else None
+        )
+        limit = watched if watched is not None else asyncio.timeout(timeout_s)
         try:
             async with limit:
-                if dog is None:
-                    await self.run_steps(self.flow.steps, self.scope, None, None, 0)
-                else:
-                    dog.add(limit, dog.loop.time() + timeout_s)
-                    try:
-                        await self.run_steps(self.flow.steps, self.scope, None, None, 0)
-                    finally:
-                        dog.discard(limit)
+                await self.run_steps(self.flow.steps, self.scope, None, None, 0)
         except Stop as stop:
             return stop.outcome
         except TimeoutError:
@@ -194,7 +247,7 @@ class _Run:
             return await self.flow_timed_out()
         except Exception as exc:
             return self.internal_error(f"{type(exc).__name__}: {exc}")
-        return RunOutcome(RunStatus.SUCCEEDED, output=self.redact(self.last_output))
+        return _outcome(RunStatus.SUCCEEDED, self.redact(self.last_output))
 
     def internal_error(self, message: str) -> RunOutcome:
         step = self.current[0].name if self.current else None
@@ -225,7 +278,8 @@ class _Run:
         done = self.done if depth <= 1 else None
         before_step = self.before_step
         # Immutable: one for every step of this list that does not resume a pause.
-        plain = Where(parent, iteration, depth)
+        top = parent is None and iteration is None and depth == 0
+        plain = _TOP if top else _where(parent, iteration, depth)
         for step in steps:
             where = plain
             if done:
@@ -293,19 +347,19 @@ class _Run:
         if self.secret_values:
             input, output, logs = self.redact(input), self.redact(output), self.redact(logs)
             error = self.redact(error)
-        record = StepRecord(
-            name=step.name,
-            type=step.type,
-            status=status.value,
-            input=input,
-            output=output,
-            error=error,
-            logs=self.cap_logs(logs),
-            started_at=at.started,
-            duration_ms=int((time.perf_counter() - at.t0) * 1000),
-            attempt=attempt,
-            parent=at.parent,
-            iteration=at.iteration,
+        record = step_record(
+            step.name,
+            step.type,
+            status.value,
+            input,
+            output,
+            error,
+            self.cap_logs(logs),
+            at.started,
+            int((time.perf_counter() - at.t0) * 1000),
+            attempt,
+            at.parent,
+            at.iteration,
         )
         await self.sink.step_finished(self.run_id, record)
 

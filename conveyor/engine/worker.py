@@ -28,7 +28,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from conveyor import metrics
-from conveyor.engine.context import RunContext, RunOutcome, Services, StepRecord
+from conveyor.engine.context import RunContext, RunOutcome, Services, StepRecord, slot_maker
 from conveyor.engine.executor import Executor
 from conveyor.engine.reconciler import Reconciler, resume_job_id
 from conveyor.engine.registry import FlowRegistry
@@ -78,6 +78,14 @@ CONTAINED_DEFERRED_TYPES = DEFERRED_TYPES | {StepType.CODE}
 #: A sync reply's delivery: ``await deliver(message)`` → whether a listener got it.
 Deliver = Callable[[dict[str, Any]], Awaitable[bool]]
 
+# Positional constructors of the records made for every run and step (see slot_maker): a
+# step row always holds a StepRecord (from the executor), and a first delivery's context
+# has no checkpoints — what their __post_init__ would convert.
+_step_row = slot_maker(StepRow, post_init=False)
+_fresh_context = slot_maker(RunContext, post_init=False)
+_transition = slot_maker(Transition)
+_finish = slot_maker(Finish)
+
 
 class _Sink:
     """Checkpoint sink of one run: numbers its steps after those already stored, holds back
@@ -97,6 +105,7 @@ class _Sink:
 
     __slots__ = (
         "answered",
+        "code_held",
         "deferred",
         "deliver",
         "held",
@@ -127,6 +136,8 @@ class _Sink:
         self.seq = first_seq
         self.job = job
         self.held: list[StepRow] = []
+        #: Whether a code step's record is among ``held``.
+        self.code_held = False
         self.start_pending = start_pending
         self.rid = rid
 
@@ -141,7 +152,9 @@ class _Sink:
         self.seq += 1
         typ = record.type
         metrics.observe_step(typ, record.duration_ms)
-        self.held.append(StepRow(self.rid or self._rid(run_id), seq, record))
+        self.held.append(_step_row(self.rid or self._rid(run_id), seq, record))
+        if typ == StepType.CODE:
+            self.code_held = True
         if typ not in self.deferred:
             await self.flush(run_id)
 
@@ -155,7 +168,7 @@ class _Sink:
 
     def holds_code(self) -> bool:
         """Whether a code step's record is among those held (not yet committed)."""
-        return any(row.record.type == StepType.CODE for row in self.held)
+        return self.code_held
 
     async def deliver_pending(self) -> bool:
         """Send the held answer (its outputs are committed now); whether one was sent."""
@@ -174,6 +187,7 @@ class _Sink:
     def take(self) -> list[StepRow]:
         """The held records, handed over to be written with the run's final state."""
         held, self.held = self.held, []
+        self.code_held = False
         return held
 
     async def flush(self, run_id: str) -> None:
@@ -183,8 +197,8 @@ class _Sink:
             self.start_pending = False
             if rows:
                 await self.fence()
-            change = Transition(self._rid(run_id), RunStatus.RUNNING, bump_attempt=True)
-            if not await self.writer.finish(Finish(change, rows)):
+            change = _transition(self._rid(run_id), RunStatus.RUNNING, bump_attempt=True)
+            if not await self.writer.finish(_finish(change, rows)):
                 raise RunEnded(f"run {run_id} ended before it started")
             await self.deliver_pending()
             return
@@ -309,13 +323,8 @@ class RunWorker:
             if flow.secret_names
             else {}
         )
-        ctx = RunContext(
-            run_id=run_id,
-            flow_id=flow_text,
-            flow_version=version,
-            trigger=trigger,
-            secrets=secrets,
-            checkpoints=checkpoints,
+        ctx = (_fresh_context if not checkpoints else RunContext)(
+            run_id, flow_text, version, trigger, secrets, checkpoints
         )
 
         answered = False
@@ -409,10 +418,10 @@ class RunWorker:
         # that never needed a durable write before counts its attempt here (it never went
         # through RUNNING).
         start_pending, sink.start_pending = sink.start_pending, False
-        change = Transition(
+        change = _transition(
             rid, outcome.status, output=outcome.output, error=error, bump_attempt=start_pending
         )
-        stored = await self.writer.finish(Finish(change, held))
+        stored = await self.writer.finish(_finish(change, held))
         if not reply:
             return
         # Committed: from here on nothing may fail the job. The reply is transport; a caller
