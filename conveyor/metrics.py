@@ -21,6 +21,7 @@ and the HTTP side (``/metrics`` in :mod:`conveyor.api.health`) hands it the read
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import math
 import time
@@ -40,6 +41,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as prom_mp
+from prometheus_client import values as prom_values
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +55,103 @@ API_WINDOW_S = 60.0
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _RUN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0)
+
+# --------------------------------------------------------------------------- tallies
+#: Whether the hot histograms and counters are tallied in plain numbers and set into their
+#: metric objects when the registry is read. Single-process mode only: with
+#: ``PROMETHEUS_MULTIPROC_DIR`` another process reads this one's values from its files, so
+#: they are written as they happen.
+TALLIED = prom_values.ValueClass is prom_values.MutexValue
+
+
+class HistogramTally:
+    """The observations of one histogram child, kept here and set into it by :func:`fold`.
+
+    A child's ``observe()`` takes a lock for its sum and one for its bucket and walks the
+    buckets in Python; here it is one ``bisect`` and two additions. The tally starts from
+    the child's values and adds in the same order, so the folded values are exactly those
+    ``observe()`` would have left. Every observation of a tallied child must come through
+    its tally (:func:`tally` hands out one per child), from the event loop's thread.
+    """
+
+    __slots__ = ("bounds", "child", "counts", "sum")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.bounds = tuple(child._upper_bounds)
+        self.counts = [value.get() for value in child._buckets]
+        self.sum = child._sum.get()
+
+    def observe(self, amount: float) -> None:
+        # The first bucket whose bound is >= amount (observe()'s "amount <= bound").
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+    def fold(self) -> None:
+        child = self.child
+        child._sum.set(self.sum)
+        for value, count in zip(child._buckets, self.counts, strict=True):
+            value.set(count)
+
+
+class CounterTally:
+    """The increments of one counter child, set into it by :func:`fold` (see
+    :class:`HistogramTally`)."""
+
+    __slots__ = ("child", "value")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.value = child._value.get()
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self.value += amount
+
+    def fold(self) -> None:
+        self.child._value.set(self.value)
+
+
+#: Every tally, by its metric child (one each: two tallies of one child would overwrite
+#: each other's counts).
+_TALLIES: dict[int, HistogramTally | CounterTally] = {}
+
+
+def tally(child: Any) -> Any:
+    """What to record ``child``'s observations through: its tally when :data:`TALLIED`,
+    else the child itself (both have its ``observe``/``inc``). A child of a histogram or a
+    counter; the same tally for the same child every time."""
+    if not TALLIED:
+        return child
+    found = _TALLIES.get(id(child))
+    if found is None or found.child is not child:
+        found = HistogramTally(child) if hasattr(child, "_upper_bounds") else CounterTally(child)
+        _TALLIES[id(child)] = found
+    return found
+
+
+def fold() -> None:
+    """Set every tally's values into its metric child (before anything reads them)."""
+    for found in list(_TALLIES.values()):
+        found.fold()
+
+
+class _Folder:
+    """A collector that yields nothing and folds the tallies: registered before the
+    metrics below, so every read of the default registry (``/metrics``, tests'
+    ``get_sample_value``) sees values folded just before."""
+
+    def collect(self) -> Iterable[Any]:
+        fold()
+        return ()
+
+    def describe(self) -> Iterable[Any]:
+        return ()
+
+
+REGISTRY.register(_Folder())
+
 
 QUEUE_WAITING = Gauge(
     "conveyor_queue_waiting_jobs",
@@ -163,17 +262,21 @@ _TERMINAL_STATUSES = frozenset(
 
 
 # --------------------------------------------------------------------------- observations
+_JOB_WAIT = tally(JOB_WAIT)
+_RUN_DURATION = tally(RUN_DURATION)
+
+
 def job_started(enqueued_ms: int) -> float:
     """A worker starts a job whose stream entry was added at ``enqueued_ms``: observe its
     wait; returns the start time (``time.time()``) for :func:`observe_run`."""
     now = time.time()
-    JOB_WAIT.observe(max(0.0, now - enqueued_ms / 1000))
+    _JOB_WAIT.observe(max(0.0, now - enqueued_ms / 1000))
     return now
 
 
-#: Labelled children looked up once per label value: ``labels()`` costs more than the
-#: observation itself, and runs and steps are counted on every run (step types and statuses
-#: are few; the caches are bounded all the same).
+#: Labelled children (their tallies) looked up once per label value: ``labels()`` costs
+#: more than the observation itself, and runs and steps are counted on every run (step
+#: types and statuses are few; the caches are bounded all the same).
 _RUN_COUNTERS: dict[str, Any] = {}
 _STEP_TIMERS: dict[str, Any] = {}
 _CHILD_CACHE_MAX = 1000
@@ -182,7 +285,7 @@ _CHILD_CACHE_MAX = 1000
 def _child(cache: dict[str, Any], metric: Any, label: str) -> Any:
     child = cache.get(label)
     if child is None:
-        child = metric.labels(label)
+        child = tally(metric.labels(label))
         if len(cache) < _CHILD_CACHE_MAX:
             cache[label] = child
     return child
@@ -193,7 +296,7 @@ def observe_run(status: str, started_s: float | None = None) -> None:
     if status in _TERMINAL_STATUSES:
         _child(_RUN_COUNTERS, RUNS_TOTAL, status).inc()
     if started_s is not None:
-        RUN_DURATION.observe(max(0.0, time.time() - started_s))
+        _RUN_DURATION.observe(max(0.0, time.time() - started_s))
 
 
 def observe_step(step_type: str, duration_ms: float | None) -> None:

@@ -10,9 +10,12 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conveyor import metrics
 from conveyor.metrics import RULES, evaluate_scaling
 from tests.api.conftest import make_client  # noqa: F401  (fixture)
 from tests.polling import eventually
@@ -182,3 +185,56 @@ def test_evaluate_scaling_messages() -> None:
     assert out["waiting_jobs"]["message"] == "Waiting jobs 340 > 100: add workers"
     assert out["api_p95_latency_ms"]["breached"] is False
     assert out["worker_cpu_percent"]["value"] is None and not out["worker_cpu_percent"]["breached"]
+
+
+def test_tallies_fold_to_what_direct_observations_leave() -> None:
+    """A histogram or counter recorded through its tally exposes, once the registry is
+    read, byte for byte what observe()/inc() on the metric would have; one tally per child;
+    a scrape of the default registry folds on its own."""
+    assert metrics.TALLIED  # single-process test run
+    direct_reg, tallied_reg = CollectorRegistry(), CollectorRegistry()
+    buckets = (0.005, 0.01, 0.025, 0.1, 1.0)
+    made = []
+    for reg in (direct_reg, tallied_reg):
+        made.append(
+            (
+                Histogram("t_seconds", "h", ["route"], buckets=buckets, registry=reg),
+                Counter("t_requests", "c", ["route"], registry=reg),
+            )
+        )
+    (h_direct, c_direct), (h_tallied, c_tallied) = made
+    values = [0.0, 0.005, 0.0051, 0.01, 0.1, 0.33, 1.0, 7.5, 1e-9, 0.024999, 0.1 + 0.2]
+    h_direct.labels("/a").observe(0.002)  # a child with values before its tally exists
+    h_tallied.labels("/a").observe(0.002)
+    timer = metrics.tally(h_tallied.labels("/a"))
+    counter = metrics.tally(c_tallied.labels("/a"))
+    assert metrics.tally(h_tallied.labels("/a")) is timer
+    for v in values:
+        h_direct.labels("/a").observe(v)
+        c_direct.labels("/a").inc()
+        timer.observe(v)
+        counter.inc()
+    c_direct.labels("/a").inc(2.5)
+    counter.inc(2.5)
+    with pytest.raises(ValueError):
+        counter.inc(-1)
+
+    def body(reg: CollectorRegistry) -> list[str]:
+        return [
+            line
+            for line in generate_latest(reg).decode().splitlines()
+            if "_created" not in line  # the two registries were made a moment apart
+        ]
+
+    metrics.fold()
+    assert body(tallied_reg) == body(direct_reg)
+
+    # The process's own metrics: a scrape folds (no explicit fold() before reading).
+    step = ("conveyor_step_duration_seconds_count", (("type", "tally-test"),))
+    before = samples(generate_latest(metrics.REGISTRY).decode()).get(step, 0.0)
+    metrics.observe_step("tally-test", 12)
+    metrics.observe_step("tally-test", 3000)
+    after = samples(generate_latest(metrics.REGISTRY).decode())
+    assert after[step] == before + 2
+    le = (("le", "0.05"), ("type", "tally-test"))
+    assert after[("conveyor_step_duration_seconds_bucket", le)] >= 1

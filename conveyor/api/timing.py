@@ -90,8 +90,8 @@ def _children(route: str, method: str, status: int) -> _Children:
             metrics.REJECT_REASONS.get(status) if route.startswith("/api/v1/webhooks/") else None
         )
         found = (
-            metrics.HTTP_DURATION.labels(route, method),
-            metrics.HTTP_TOTAL.labels(route, method, str(status)),
+            metrics.tally(metrics.HTTP_DURATION.labels(route, method)),
+            metrics.tally(metrics.HTTP_TOTAL.labels(route, method, str(status))),
             metrics.WEBHOOKS_REJECTED.labels(reason) if reason else None,
         )
         if len(_CHILDREN) < 10_000:  # bounded: routes are templates, methods and statuses few
