@@ -160,9 +160,14 @@ class _Sink:
 
     async def before_step(self, run_id: str, step_type: str) -> None:
         """A step is about to start: anything held is made durable first unless the step
-        is one of the deferred types too — or a held answer waits for it."""
-        if self.pending is not None or (
-            (self.held or self.start_pending) and step_type not in self.deferred
+        is one of the deferred types too — or a held answer waits for it. A code step, held
+        or not, starts only once the run's RUNNING is written: a run executing user code
+        shows as running (and can be canceled as such), and a run canceled while queued never
+        runs it."""
+        if (
+            self.pending is not None
+            or ((self.held or self.start_pending) and step_type not in self.deferred)
+            or (self.start_pending and step_type == StepType.CODE)
         ):
             await self.flush(run_id)
 

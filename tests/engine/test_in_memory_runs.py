@@ -273,11 +273,12 @@ async def _close(w: RunWorker) -> None:
 async def test_a_code_step_is_held_only_in_a_sandbox_that_contains_it(
     db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str, locked: bool
 ) -> None:
-    """transform → code → branch → respond with the real sandbox. Contained (locked down, safe
-    isolation: no network, nothing outlives the step) the code step has no effect outside its
-    output, so the whole run is one statement. Unsandboxed (``AP_EXECUTION_MODE=UNSANDBOXED``:
-    the step could reach the network) it stays a step with effects: RUNNING with the
-    transform's record before it starts, its own record before the branch runs."""
+    """transform → code → branch → respond with the real sandbox. Either way RUNNING goes with
+    the transform's record before the code step starts. Contained (locked down, safe
+    isolation: no network, no writes outside the sandbox) the code step has no effect outside
+    its output, so its record waits for the final state. Unsandboxed
+    (``AP_EXECUTION_MODE=UNSANDBOXED``: the step could reach the network) it stays a step with
+    effects: its own record is written before the branch runs."""
     sandbox = Sandbox(SandboxConfig(locked=locked, launcher="auto" if locked else "direct"))
     await sandbox.start()
     w = await _sandboxed_worker(db, redis, postgres_url, redis_url, sandbox)
@@ -295,8 +296,10 @@ async def test_a_code_step_is_held_only_in_a_sandbox_that_contains_it(
     assert run["output"]["body"] == {"big": True} and run["attempt"] == 1
     assert isinstance(w.writer, _CountingWriter)
     if locked:
-        assert w.writer.writes == [("SUCCEEDED", ["parse", "score", "route", "reply"])]
-        assert "RUNNING" not in w.writer.statuses
+        assert w.writer.writes == [
+            ("RUNNING", ["parse"]),
+            ("SUCCEEDED", ["score", "route", "reply"]),
+        ]
     else:
         assert w.writer.writes == [("RUNNING", ["parse"]), ("SUCCEEDED", ["route", "reply"])]
     steps = await run_store.get_steps(db, rid)
@@ -309,9 +312,9 @@ async def test_a_code_step_is_held_only_in_a_sandbox_that_contains_it(
 async def test_a_contained_code_step_of_a_run_canceled_while_queued_leaves_nothing(
     db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str
 ) -> None:
-    """Canceled before its first delivery: the contained code step may run (it cannot reach
-    anything), but the one final statement is refused — the run stays CANCELED with no step
-    stored and its attempt not counted."""
+    """Canceled before its first delivery: the RUNNING written before the code step is refused,
+    so the code never runs — the run stays CANCELED with no step stored and its attempt not
+    counted."""
     sandbox = Sandbox(SandboxConfig())
     await sandbox.start()
     w = await _sandboxed_worker(db, redis, postgres_url, redis_url, sandbox)
@@ -401,11 +404,11 @@ async def test_a_held_code_output_reaches_the_caller_only_once_committed(
         db, redis, (postgres_url, redis_url), RANDOM_REPLY, crash_first_final=True
     )
     assert message is not None and message["kind"] == "respond"
-    # Redelivered: the second delivery moved the run to RUNNING first (the first wrote nothing).
-    assert writer.statuses == ["RUNNING"] and run["attempt"] == 1
-    assert run["status"] == "SUCCEEDED"
+    # Redelivered: the second delivery moved the run to RUNNING again (a second attempt).
+    assert run["status"] == "SUCCEEDED" and run["attempt"] == 2
     assert message["body"] == run["output"]["body"]
-    assert writer.writes == [("SUCCEEDED", ["score", "reply"])]
+    assert writer.writes[0] == ("RUNNING", [])
+    assert writer.writes[-1] == ("SUCCEEDED", ["score", "reply"])
 
 
 async def test_a_respond_mid_flow_answers_after_the_held_code_output_is_committed(
@@ -422,5 +425,8 @@ async def test_a_respond_mid_flow_answers_after_the_held_code_output_is_committe
     }
     message, run, writer = await _contained_reply(db, redis, (postgres_url, redis_url), doc)
     assert message is not None and message["kind"] == "respond"
-    assert writer.writes == [("RUNNING", ["score", "reply"]), ("SUCCEEDED", ["after"])]
+    # RUNNING before the code step; the held records (and the answer) before the transform.
+    assert writer.writes == [("RUNNING", []), ("SUCCEEDED", ["after"])]
+    steps = await run_store.get_steps(db, uuid.UUID(str(run["id"])))
+    assert [s.name for s in steps] == ["score", "reply", "after"]
     assert message["body"] == {"token": run["output"]["t"]}
