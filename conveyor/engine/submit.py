@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,18 +126,13 @@ class Submitter:
         dedup_key: str | None = None,
     ) -> Submission:
         """Insert ``new``, then enqueue its job on ``new.queue``. ``inline_trigger`` False
-        leaves a large trigger in PostgreSQL (the worker reads it from there)."""
-        inserted = await self.writer.insert(new)
-        if not inserted.created:
-            return Submission(
-                inserted.run_id,
-                created=False,
-                enqueued=False,
-                status=inserted.status,
-                response_status=inserted.response_status,
-            )
+        leaves a large trigger in PostgreSQL (the worker reads it from there).
+
+        The enqueue is chained to the insert's group commit: once the statement commits, the
+        batch enqueues the jobs of every run it created in one script call per queue, and
+        the caller wakes once, with both done."""
         # RunJob(...).to_payload() written out: this runs for every webhook.
-        run_id = str(inserted.run_id)
+        run_id = str(new.id)
         payload: dict[str, Any] = {
             "run_id": run_id,
             "flow_id": str(new.flow_id),
@@ -147,18 +142,48 @@ class Submitter:
             payload["trigger"] = new.trigger
         if reply:
             payload["reply"] = reply
-        try:
-            await self.producer.enqueue(new.queue, payload, job_id=run_id, dedup_key=dedup_key)
-        except QueueFull:
-            if on_full is OnFull.DEFER:
-                return Submission(inserted.run_id, created=True, enqueued=False)
-            # Refused, so not accepted: nothing may run later behind the caller's back.
-            await run_store.delete_run(self.writer.db, inserted.run_id)
-            raise
-        except QueueUnavailable as exc:
-            # Committed: the reconciler enqueues it once Redis is back.
-            return Submission(inserted.run_id, created=True, enqueued=False, outage=exc)
+        inserted = await self.writer.insert(new, then=self._enqueue, arg=(payload, dedup_key))
+        if not inserted.created:
+            return Submission(
+                inserted.run_id,
+                created=False,
+                enqueued=False,
+                status=inserted.status,
+                response_status=inserted.response_status,
+            )
+        result = inserted.then
+        if isinstance(result, BaseException):
+            if isinstance(result, QueueFull):
+                if on_full is OnFull.DEFER:
+                    return Submission(inserted.run_id, created=True, enqueued=False)
+                # Refused, so not accepted: nothing may run later behind the caller's back.
+                await run_store.delete_run(self.writer.db, inserted.run_id)
+                raise result
+            if isinstance(result, QueueUnavailable):
+                # Committed: the reconciler enqueues it once Redis is back.
+                return Submission(inserted.run_id, created=True, enqueued=False, outage=result)
+            raise result
         return Submission(inserted.run_id, created=True, enqueued=True)
+
+    async def _enqueue(
+        self, created: Sequence[tuple[NewRun, tuple[dict[str, Any], str | None]]]
+    ) -> list[str | BaseException]:
+        """The jobs of the runs an insert batch created: one enqueue per queue (the
+        :data:`~conveyor.store.runs.AfterInsert` of :meth:`submit`)."""
+        queue = created[0][0].queue
+        if all(new.queue == queue for new, _ in created):
+            return await self.producer.enqueue_batch(
+                queue, [(str(new.id), payload, dedup) for new, (payload, dedup) in created]
+            )
+        out: list[str | BaseException] = [""] * len(created)
+        by_queue: dict[str, list[int]] = {}
+        for i, (new, _) in enumerate(created):
+            by_queue.setdefault(new.queue, []).append(i)
+        for name, idx in by_queue.items():
+            jobs = [(str(created[i][0].id), *created[i][1]) for i in idx]
+            for i, result in zip(idx, await self.producer.enqueue_batch(name, jobs), strict=True):
+                out[i] = result
+        return out
 
     async def resubmit(
         self,

@@ -137,7 +137,61 @@ class Producer:
             if self._pending.get(slot):
                 self._start_flush(slot)
 
-    async def _send(self, queue: str, sk: k.ShardKeys, batch: list[_Pending]) -> None:  # noqa: PLR0912 - one branch per Lua reply outcome
+    async def enqueue_batch(
+        self, queue: str, jobs: Sequence[tuple[str, Any, str | None]]
+    ) -> list[str | BaseException]:
+        """Add ``(job_id, payload, dedup_key)`` jobs now, from the calling task: one script
+        call per shard touched (per :attr:`QueueConfig.enqueue_batch_max` jobs), no future and
+        no task per job. Per job, in order: its id (the first job's id for a repeated dedup
+        key) or the error :meth:`enqueue` would have raised (:class:`QueueFull`,
+        :class:`QueueUnavailable`, …) — returned, not raised. A cancellation is raised (the
+        jobs may or may not be in). For a caller that already holds a batch (a group commit
+        chaining its enqueue to the insert): :meth:`enqueue` coalesces single calls instead.
+        """
+        shards = self._keys(queue)
+        count = self.config.shards
+        by_shard: dict[int, list[int]] = {}
+        items: list[tuple[str, bytes, int, str | None]] = []
+        for i, (job_id, payload, dedup_key) in enumerate(jobs):
+            if not job_id or "\n" in job_id:
+                raise ValueError(f"job_id must be a non-empty single line, got {job_id!r}")
+            items.append((job_id, encode_payload(payload), 0, dedup_key))
+            shard = k.shard_for(dedup_key or job_id, count)
+            by_shard.setdefault(shard, []).append(i)
+        out: list[str | BaseException] = [""] * len(items)
+        step = self.config.enqueue_batch_max
+        for shard, idx in by_shard.items():
+            for start in range(0, len(idx), step):
+                part = idx[start : start + step]
+                results = await self._call(queue, shards[shard], [items[i] for i in part])
+                for i, result in zip(part, results, strict=True):
+                    out[i] = result
+        return out
+
+    async def _send(self, queue: str, sk: k.ShardKeys, batch: list[_Pending]) -> None:
+        try:
+            results = await self._call(
+                queue, sk, [(p.job_id, p.payload, p.delay_ms, p.dedup_key) for p in batch]
+            )
+        except BaseException as exc:
+            # Cancelled mid-flight: the callers must not hang; the jobs may or may not be in.
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(QueueUnavailable(f"enqueue interrupted: {exc!r}"))
+            raise
+        for item, result in zip(batch, results, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, BaseException):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+    async def _call(
+        self, queue: str, sk: k.ShardKeys, batch: list[tuple[str, bytes, int, str | None]]
+    ) -> list[str | BaseException]:
+        """One ``ENQUEUE`` script call for ``(job_id, payload, delay_ms, dedup_key)`` jobs of
+        one shard; per job its id or its error (Redis failing fails them all alike)."""
         cfg = self.config
         keys: list[bytes] = [
             sk.stream,
@@ -149,10 +203,10 @@ class Producer:
         ]
         dedup_indexes: list[str] = []
         for item in batch:
-            if item.dedup_key is None:
+            if item[3] is None:
                 dedup_indexes.append("0")
             else:
-                keys.append(sk.dedup(item.dedup_key))
+                keys.append(sk.dedup(item[3]))
                 dedup_indexes.append(str(len(keys)))
         args: list[bytes | str | int] = [
             k.GROUP,
@@ -161,35 +215,25 @@ class Producer:
             cfg.stream_maxlen,
             cfg.dedup_window_s,
             len(batch),
-            "\n".join([item.job_id for item in batch]),
+            "\n".join([item[0] for item in batch]),
             ",".join(dedup_indexes),
-            ",".join([str(item.delay_ms) for item in batch]),
-            ",".join([str(len(item.payload)) for item in batch]),
-            b"".join([item.payload for item in batch]),
+            ",".join([str(item[2]) for item in batch]),
+            ",".join([str(len(item[1])) for item in batch]),
+            b"".join([item[1] for item in batch]),
         ]
         self.round_trips += 1
         try:
             reply = await ENQUEUE(self.redis, keys, args)
         except (RedisError, OSError) as exc:
             error: BaseException = QueueUnavailable(str(exc)) if is_unavailable(exc) else exc
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
-            return
-        except BaseException as exc:
-            # Cancelled mid-flight: the callers must not hang; the jobs may or may not be in.
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(QueueUnavailable(f"enqueue interrupted: {exc!r}"))
-            raise
-        for i, item in enumerate(batch):
-            if item.future.done():
-                continue
-            status = reply[2 * i]
-            if status == _FULL:
-                item.future.set_exception(QueueFull(queue, cfg.max_length))
+            return [error] * len(batch)
+        out: list[str | BaseException] = []
+        for i in range(len(batch)):
+            if reply[2 * i] == _FULL:
+                out.append(QueueFull(queue, cfg.max_length))
             else:
-                item.future.set_result(reply[2 * i + 1].decode())
+                out.append(reply[2 * i + 1].decode())
+        return out
 
     async def close(self) -> None:
         """Wait for batches already on the wire (new calls after this are still served)."""

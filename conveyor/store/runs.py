@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -77,12 +77,19 @@ class NewRun:
 @dataclass(frozen=True, slots=True)
 class Inserted:
     """What an insert did: ``created`` False means an earlier run holds the idempotency key,
-    and ``run_id``/``response_status``/``status`` are that run's."""
+    and ``run_id``/``response_status``/``status`` are that run's. ``then``: the result of the
+    work chained to the insert (see :meth:`RunWriter.insert`), for a created run."""
 
     run_id: uuid.UUID
     created: bool
     response_status: int | None = None
     status: str = RunStatus.QUEUED.value
+    then: Any = None
+
+
+#: Work chained to an insert's commit (:meth:`RunWriter.insert`): called once per batch with
+#: the ``(run, arg)`` pairs the batch created, after the commit; returns one result per pair.
+AfterInsert = Callable[[Sequence[tuple["NewRun", Any]]], Awaitable[Sequence[Any]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,15 +277,27 @@ class RunWriter:
     def __init__(self, db: Database, *, max_batch: int = 500) -> None:
         self.db = db
         opts: dict[str, Any] = {"max_batch": max_batch, "fatal": CONNECTION_ERRORS}
-        self._inserts: Batcher[NewRun, Inserted] = Batcher(self._flush_inserts, **opts)
+        self._inserts: Batcher[tuple[NewRun, AfterInsert | None, Any], Inserted] = Batcher(
+            self._flush_inserts, **opts
+        )
         self._transitions: Batcher[Transition, bool] = Batcher(self._flush_transitions, **opts)
         self._steps: Batcher[StepRow, bool] = Batcher(self._flush_steps, **opts)
         self._finishes: Batcher[Finish, bool] = Batcher(self._flush_finishes, **opts)
         self._moved = 0
 
-    async def insert(self, run: NewRun) -> Inserted:
-        """Commit ``run`` (group commit); returns once the row is durable."""
-        return await self._inserts.submit(run)
+    async def insert(
+        self, run: NewRun, *, then: AfterInsert | None = None, arg: Any = None
+    ) -> Inserted:
+        """Commit ``run`` (group commit); returns once the row is durable.
+
+        ``then``: work to do once the row is committed, if this insert created it — called
+        by the batch itself, once for all the runs of the batch that passed the same ``then``
+        (one call, e.g. one enqueue, per statement instead of one per caller, and the caller
+        wakes once for both), with ``(run, arg)`` pairs; its result for this run is
+        :attr:`Inserted.then`. If ``then`` raises, that exception is the result of each of
+        its runs (the rows stay committed either way).
+        """
+        return await self._inserts.submit((run, then, arg))
 
     async def transition(self, change: Transition) -> bool:
         """Apply ``change``; False when the run was already terminal (or does not exist)."""
@@ -318,7 +337,10 @@ class RunWriter:
         epoch = moved.bit_length() if moved < REPLAN_ROWS else moved // REPLAN_ROWS + 64
         return f"{sql}-- plan {epoch}\n"
 
-    async def _flush_inserts(self, runs: Sequence[NewRun]) -> list[Inserted]:
+    async def _flush_inserts(
+        self, items: Sequence[tuple[NewRun, AfterInsert | None, Any]]
+    ) -> list[Inserted]:
+        runs = [item[0] for item in items]
         async with self.db.writer() as conn:
             rows = await conn.fetch(_INSERT, _insert_args(runs))
             created = {row["id"] for row in rows}
@@ -328,6 +350,23 @@ class RunWriter:
                     out.append(Inserted(run.id, True, run.response_status))
                 else:
                     out.append(await self._existing(conn, run))
+        # Chained work runs after the commit, with the connection back in the pool.
+        chains: dict[AfterInsert, list[int]] = {}
+        for i, (_, then, _) in enumerate(items):
+            if then is not None and out[i].created:
+                chains.setdefault(then, []).append(i)
+        for then, idx in chains.items():
+            try:
+                results: Sequence[Any] = await then([(items[i][0], items[i][2]) for i in idx])
+                if len(results) != len(idx):
+                    raise RuntimeError(f"{then!r} returned {len(results)} results for {len(idx)}")
+            except Exception as exc:
+                # Never raised: the rows are committed, a retry item by item would insert
+                # them again.
+                results = [exc] * len(idx)
+            for i, result in zip(idx, results, strict=True):
+                r = out[i]
+                out[i] = Inserted(r.run_id, True, r.response_status, r.status, result)
         return out
 
     async def _existing(self, conn: asyncpg.Connection, run: NewRun) -> Inserted:
