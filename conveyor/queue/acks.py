@@ -1,5 +1,12 @@
-"""Coalesced acknowledgements: every handler that finished in one event-loop iteration (or
-while the previous batch was on the wire) is acknowledged by one ``ACK`` script per shard.
+"""Coalesced acknowledgements: every handler that finished within a short linger (or while
+the previous batch was on the wire) is acknowledged by one ``ACK`` script per shard.
+
+Nobody waits for an acknowledgement — the run's state is committed before it, the caller has
+its answer, the slot is free again — so a batch waits :data:`LINGER_S` for more (unless it
+already holds ``flush_at`` entries): under a moderate load, where runs finish a few at a time,
+one call then acknowledges several of them instead of each few its own. The cost is an entry
+pending a few milliseconds longer (a worker dying in them gets the finished run redelivered,
+which finds it terminal and stops, as for any death between commit and acknowledgement).
 
 The script acknowledges each entry, logs a completed summary only for entries it actually
 acknowledged (so a job is never completed twice, even when two workers raced for it), bumps
@@ -26,6 +33,8 @@ BUCKET_S = 10
 BUCKET_TTL_S = 180
 #: Most acknowledgements in one script call (bounds how long one call holds Redis).
 MAX_BATCH = 2000
+#: How long a batch of acknowledgements waits for more before it is sent.
+LINGER_S = 0.005
 
 #: ``(entry_id, job_id, wait_ms, summary)`` of one finished job.
 AckItem = tuple[str, str, int, bytes]
@@ -36,11 +45,18 @@ class AckBatcher:
 
     :param redis: the client to send with.
     :param keep: completed summaries kept per shard (0 keeps none).
+    :param linger_s: how long a batch waits for more acknowledgements (0: the next loop turn).
+    :param flush_at: a batch this large is sent without waiting (a consumer's concurrency:
+        a whole wave of runs finishing together).
     """
 
-    def __init__(self, redis: Redis, keep: int) -> None:
+    def __init__(
+        self, redis: Redis, keep: int, *, linger_s: float = LINGER_S, flush_at: int = 1
+    ) -> None:
         self.redis = redis
         self.keep = keep
+        self.linger_s = linger_s
+        self.flush_at = max(1, flush_at)
         self._items: dict[k.ShardKeys, list[AckItem]] = {}
         self._wake = asyncio.Event()
         self._flushing = False
@@ -70,9 +86,10 @@ class AckBatcher:
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
             await self._wake.wait()
-            # Yield once so the fetch woken by the same completions reaches Redis first: the
-            # next batch is then read while Redis runs this ACK, instead of queueing behind it.
-            await asyncio.sleep(0)
+            # Yield at least once so the fetch woken by the same completions reaches Redis
+            # first (the next batch is then read while Redis runs this ACK, instead of queueing
+            # behind it); linger for more unless the batch is full already.
+            await asyncio.sleep(0 if self.pending >= self.flush_at else self.linger_s)
             self._wake.clear()
             if await self.flush():
                 outage.ok()

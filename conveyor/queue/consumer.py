@@ -105,6 +105,18 @@ def default_consumer_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _short(got: Sequence[tuple[_Stream, bytes, Any, int]], count: int) -> bool:
+    """Whether a read asking each stream for ``count`` entries got fewer from every one."""
+    if len(got) < count:
+        return True
+    per: dict[int, int] = {}
+    for entry in got:
+        n = per[id(entry[0])] = per.get(id(entry[0]), 0) + 1
+        if n >= count:
+            return False
+    return True
+
+
 class _Stream:
     """One stream (queue shard) this consumer reads, with its unacknowledged bookkeeping."""
 
@@ -188,7 +200,9 @@ class Consumer:
         #: Set (and replaced) after every heartbeat round; ownership checks wait on it.
         self._beat = asyncio.Event()
         self._slot = asyncio.Event()
-        self._acks = AckBatcher(redis, self.config.completed_retention_max_count)
+        self._acks = AckBatcher(
+            redis, self.config.completed_retention_max_count, flush_at=self.concurrency
+        )
         self._stop = asyncio.Event()
         self._block_task: asyncio.Task[Any] | None = None
         self._main: asyncio.Task[int] | None = None
@@ -380,7 +394,9 @@ class Consumer:
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     # ------------------------------------------------------------------ main loop
-    async def _loop(self, burst: bool, wait_delayed_s: float, wait_pending: bool) -> None:
+    async def _loop(  # noqa: PLR0912 - one branch per read outcome
+        self, burst: bool, wait_delayed_s: float, wait_pending: bool
+    ) -> None:
         outage = self._outages["fetch"]
         last_housekeeping = 0.0
         # Burst mode housekeeps in this loop: every 20 ms while the queue looks empty (so a
@@ -388,6 +404,13 @@ class Consumer:
         # tick while entries keep coming (each round costs two round trips on the fetch path).
         busy_tick = min(self.config.delayed_poll_s, self.config.pause_poll_s)
         tick = 0.02
+        # Whether the last read left every stream empty. Then the next read blocks at once
+        # (XREADGROUP BLOCK answers at once when entries are there): under a moderate load
+        # each arrival costs one read, not a non-blocking one that finds nothing plus the
+        # blocking one. It asks each stream for an equal share of the free slots (COUNT is
+        # per stream), so it never takes more than there are; a stream that fills its share
+        # sends the next read back to the exact, priority-ordered one.
+        drained = False
         while not self._stop.is_set():
             _reraise_if_cancelling()
             self._wake_workers()
@@ -407,15 +430,22 @@ class Consumer:
                         return
                     await self._sleep(self.config.pause_poll_s)
                     continue
-                got = await self._fetch(streams, free)
-                tick = busy_tick if got else 0.02
-                if not got:
-                    if burst:
-                        if await self._drained(wait_delayed_s, wait_pending):
-                            return
-                        await self._wait_slot(0.01)
-                        continue
-                    got = await self._fetch_blocking(streams, free)
+                share = free // len(streams)
+                if drained and share and not burst and not self._cluster:
+                    got = await self._fetch_blocking(streams, share)
+                    drained = _short(got, share)
+                else:
+                    got = await self._fetch(streams, free)
+                    drained = len(got) < free
+                    tick = busy_tick if got else 0.02
+                    if not got:
+                        if burst:
+                            if await self._drained(wait_delayed_s, wait_pending):
+                                return
+                            await self._wait_slot(0.01)
+                            continue
+                        got = await self._fetch_blocking(streams, free)
+                        drained = _short(got, free)
                 outage.ok()
                 self._redis_ok()
             except (RedisError, OSError) as exc:
@@ -483,13 +513,14 @@ class Consumer:
         return n
 
     async def _fetch_blocking(
-        self, streams: list[_Stream], free: int
+        self, streams: list[_Stream], count: int
     ) -> list[tuple[_Stream, bytes, Any, int]]:
+        """``XREADGROUP … BLOCK`` of ``streams``: up to ``count`` entries from each."""
         if self._cluster:
             # One blocking read cannot span slots; poll instead (Cluster is the rare deployment).
             await self._sleep(min(0.05, self.config.block_ms / 1000))
             return []
-        args: list[Any] = ["XREADGROUP", "GROUP", k.GROUP, self._name_b, "COUNT", free]
+        args: list[Any] = ["XREADGROUP", "GROUP", k.GROUP, self._name_b, "COUNT", count]
         args += ["BLOCK", self.config.block_ms, "STREAMS"]
         args += [s.keys.stream for s in streams] + [">"] * len(streams)
         self._block_task = asyncio.ensure_future(execute_command(self.redis)(*args))
