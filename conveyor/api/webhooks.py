@@ -22,7 +22,8 @@ import uuid
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, istr
 
 from conveyor.api import payloads
 from conveyor.api.errors import ApiError, json_response
@@ -230,6 +231,10 @@ async def webhook_sync(request: web.Request) -> web.Response:
     return response
 
 
+_RUN_ID_HEADER = istr("x-run-id")
+_CONTENT_TYPE = hdrs.CONTENT_TYPE
+_JSON = "application/json"
+
 #: Headers a flow may not set: they frame the HTTP message, which is the server's job.
 _FRAMING = frozenset(
     {
@@ -266,8 +271,16 @@ def sync_response(run_id: str, message: dict[str, Any]) -> web.Response:
     headers = {"x-run-id": run_id}
     if message.get("kind") == "respond":
         status = int(message.get("status") or 200)
-        extra, content_type = respond_headers(message.get("headers"))
         body = message.get("body")
+        if not message.get("headers") and not isinstance(body, str | bytes):
+            # The usual answer, a JSON body without headers of its own: the general path
+            # below gives this very response (headers in the same order).
+            return web.Response(
+                body=orjson.dumps(body, default=str),
+                status=status,
+                headers=CIMultiDict(((_RUN_ID_HEADER, run_id), (_CONTENT_TYPE, _JSON))),
+            )
+        extra, content_type = respond_headers(message.get("headers"))
         default_type = "text/plain" if isinstance(body, str | bytes) else "application/json"
         mime, _, params = (content_type or default_type).partition(";")
         charset = params.partition("charset=")[2].split(";")[0].strip() or None

@@ -48,6 +48,8 @@ _where = slot_maker(Where)
 #: Where every top-level step of a run is (immutable, so shared).
 _TOP = Where(None, None, 0)
 
+_SUCCEEDED: str = StepStatus.SUCCEEDED.value
+
 _RUN_STATUS = {
     StepStatus.FAILED: RunStatus.FAILED,
     StepStatus.TIMEOUT: RunStatus.TIMEOUT,
@@ -344,13 +346,41 @@ class _Run:
         logs: str = "",
         attempt: int = 1,
     ) -> None:
+        await self.sink.step_finished(
+            self.run_id,
+            self.make_record(
+                step,
+                status.value,
+                at,
+                input=input,
+                output=output,
+                error=error,
+                logs=logs,
+                attempt=attempt,
+            ),
+        )
+
+    def make_record(
+        self,
+        step: Step,
+        status: str,
+        at: At,
+        *,
+        input: Any,
+        output: Any,
+        error: str | None,
+        logs: str,
+        attempt: int,
+    ) -> StepRecord:
+        """The finished step's record: redacted, its logs within the run's budget, timed
+        from ``at``."""
         if self.secret_values:
             input, output, logs = self.redact(input), self.redact(output), self.redact(logs)
             error = self.redact(error)
-        record = step_record(
+        return step_record(
             step.name,
             step.type,
-            status.value,
+            status,
             input,
             output,
             error,
@@ -361,7 +391,6 @@ class _Run:
             at.parent,
             at.iteration,
         )
-        await self.sink.step_finished(self.run_id, record)
 
     def failure(self, step: Step, status: StepStatus, message: str) -> RunOutcome:
         error: RunError = {"step": step.name, "message": self.redact(message)}
@@ -403,14 +432,18 @@ class _Run:
     ) -> None:
         scope[step.name] = output
         self.last_output = output
-        await self.record(
-            step,
-            StepStatus.SUCCEEDED,
-            at,
-            input=input,
-            output=output,
-            logs=logs,
-            attempt=attempt,
+        await self.sink.step_finished(
+            self.run_id,
+            self.make_record(
+                step,
+                _SUCCEEDED,
+                at,
+                input=input,
+                output=output,
+                error=None,
+                logs=logs,
+                attempt=attempt,
+            ),
         )
 
     # --- step kinds -----------------------------------------------------------------------

@@ -29,14 +29,19 @@ def check_input(v: Checks, inp: Mapping[str, Any], p: str) -> None:
 async def respond(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
     """Hand ``{status, headers, body}`` to a waiting sync caller at once; later steps go on."""
     status = input.get("status", 200)
-    if isinstance(status, str) and status.strip().isdigit():
-        status = int(status)
-    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
-        raise StepFailed(f"respond status must be an HTTP status 100–599, got {status!r:.60}")
+    if type(status) is not int or not 100 <= status <= 599:  # not a plain valid status
+        if isinstance(status, str) and status.strip().isdigit():
+            status = int(status)
+        if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+            raise StepFailed(f"respond status must be an HTTP status 100–599, got {status!r:.60}")
     raw_headers = input.get("headers") or {}
-    if not isinstance(raw_headers, Mapping):
+    if type(raw_headers) is not dict and not isinstance(raw_headers, Mapping):
         raise StepFailed("respond headers must be an object")
-    headers = {str(k): v if isinstance(v, str) else str(v) for k, v in raw_headers.items()}
+    headers = (
+        {str(k): v if isinstance(v, str) else str(v) for k, v in raw_headers.items()}
+        if raw_headers
+        else {}
+    )
     body = input.get("body")
     if env.on_respond is not None:
         await env.on_respond(status, headers, body)
