@@ -24,7 +24,10 @@ class Batcher(Generic[T, R]):
     flush (default 500); ``max_in_flight`` flushes at once (default 2: one filling while one
     commits); ``fatal`` exception types that fail the whole batch at once (the server is
     unreachable) — any other error makes the batch retry item by item, so it reaches only
-    the item that caused it.
+    the item that caused it. ``then(items, results) -> results``: work chained to a flush
+    (an enqueue after a commit), run once the flush's slot is free again — the next batch's
+    flush need not wait for it — and before the callers wake; it must not raise (if it
+    does, the items it was given fail with its error).
     """
 
     def __init__(
@@ -34,8 +37,10 @@ class Batcher(Generic[T, R]):
         max_batch: int = 500,
         max_in_flight: int = 2,
         fatal: tuple[type[BaseException], ...] = (),
+        then: Callable[[Sequence[T], Sequence[R]], Awaitable[Sequence[R]]] | None = None,
     ) -> None:
         self._flush = flush
+        self._then = then
         self._fatal = fatal
         self._max_batch = max_batch
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -82,13 +87,27 @@ class Batcher(Generic[T, R]):
                     return
                 # One bad item (a constraint, bad data) must not fail its neighbours:
                 # redo the batch item by item so only the culprit sees the error.
-                await self._one_by_one(batch)
+                batch, results = await self._one_by_one(batch)
+        if self._then is not None and batch:
+            try:
+                results = await self._then([item for item, _ in batch], results)
+            except asyncio.CancelledError as exc:
+                self._fail(batch, exc)
+                raise
+            except Exception as exc:
+                self._fail(batch, exc)
                 return
-            for (_, fut), result in zip(batch, results, strict=True):
-                if not fut.done():
-                    fut.set_result(result)
+        for (_, fut), result in zip(batch, results, strict=True):
+            if not fut.done():
+                fut.set_result(result)
 
-    async def _one_by_one(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _one_by_one(
+        self, batch: list[tuple[T, asyncio.Future[R]]]
+    ) -> tuple[list[tuple[T, asyncio.Future[R]]], list[R]]:
+        """Flush each item alone; the failed ones get their error, the rest are returned
+        with their results (not yet set)."""
+        kept: list[tuple[T, asyncio.Future[R]]] = []
+        results: list[R] = []
         for item, fut in batch:
             try:
                 (result,) = await self._flush([item])
@@ -96,8 +115,9 @@ class Batcher(Generic[T, R]):
                 if not fut.done():
                     fut.set_exception(exc)
             else:
-                if not fut.done():
-                    fut.set_result(result)
+                kept.append((item, fut))
+                results.append(result)
+        return kept, results
 
     @staticmethod
     def _fail(batch: list[tuple[T, asyncio.Future[R]]], exc: BaseException) -> None:

@@ -278,7 +278,7 @@ class RunWriter:
         self.db = db
         opts: dict[str, Any] = {"max_batch": max_batch, "fatal": CONNECTION_ERRORS}
         self._inserts: Batcher[tuple[NewRun, AfterInsert | None, Any], Inserted] = Batcher(
-            self._flush_inserts, **opts
+            self._flush_inserts, then=self._chain_inserts, **opts
         )
         self._transitions: Batcher[Transition, bool] = Batcher(self._flush_transitions, **opts)
         self._steps: Batcher[StepRow, bool] = Batcher(self._flush_steps, **opts)
@@ -350,7 +350,14 @@ class RunWriter:
                     out.append(Inserted(run.id, True, run.response_status))
                 else:
                     out.append(await self._existing(conn, run))
-        # Chained work runs after the commit, with the connection back in the pool.
+        return out
+
+    async def _chain_inserts(
+        self, items: Sequence[tuple[NewRun, AfterInsert | None, Any]], done: Sequence[Inserted]
+    ) -> list[Inserted]:
+        """The work chained to a flushed batch (after its commit, its connection back in the
+        pool and its batch slot free): each ``then`` once, with the runs it created."""
+        out = list(done)
         chains: dict[AfterInsert, list[int]] = {}
         for i, (_, then, _) in enumerate(items):
             if then is not None and out[i].created:
