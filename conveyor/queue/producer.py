@@ -28,21 +28,19 @@ log = structlog.get_logger(__name__)
 _ADDED, _DUPLICATE, _FULL = 0, 1, 2
 
 
-class _Pending:
-    __slots__ = ("dedup_key", "delay_ms", "future", "job_id", "payload")
+#: One job to send: ``(job_id, encoded payload, delay_ms, dedup_key)``.
+_Job = tuple[str, bytes, int, str | None]
 
-    def __init__(
-        self,
-        job_id: str,
-        payload: bytes,
-        delay_ms: int,
-        dedup_key: str | None,
-        future: asyncio.Future[str],
-    ) -> None:
-        self.job_id = job_id
-        self.payload = payload
-        self.delay_ms = delay_ms
-        self.dedup_key = dedup_key
+
+class _Pending:
+    """Jobs waiting for the next script call of their shard, with one future for all of
+    their results (one job for :meth:`Producer.enqueue`, a caller's batch for
+    :meth:`Producer.enqueue_batch`)."""
+
+    __slots__ = ("future", "jobs")
+
+    def __init__(self, jobs: list[_Job], future: asyncio.Future[list[str | BaseException]]) -> None:
+        self.jobs = jobs
         self.future = future
 
 
@@ -91,10 +89,19 @@ class Producer:
             raise ValueError(f"job_id must be a non-empty single line, got {job_id!r}")
         shard = k.shard_for(dedup_key or job_id, self.config.shards)
         self._keys(queue)
+        job = (job_id, encode_payload(payload), int(delay_s * 1000), dedup_key)
+        (result,) = await self._add((queue, shard), [job])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _add(
+        self, slot: tuple[str, int], jobs: list[_Job]
+    ) -> asyncio.Future[list[str | BaseException]]:
+        """Queue ``jobs`` for the next script call of ``slot``; the future of their results."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[str] = loop.create_future()
-        item = _Pending(job_id, encode_payload(payload), int(delay_s * 1000), dedup_key, future)
-        slot = (queue, shard)
+        future: asyncio.Future[list[str | BaseException]] = loop.create_future()
+        item = _Pending(jobs, future)
         batch = self._pending.get(slot)
         if batch is None:
             self._pending[slot] = [item]
@@ -103,7 +110,7 @@ class Producer:
                 loop.call_soon(self._start_flush, slot)
         else:
             batch.append(item)
-        return await future
+        return future
 
     async def enqueue_many(
         self, queue: str, jobs: Sequence[tuple[str, Any]], *, delay_s: float = 0
@@ -126,12 +133,10 @@ class Producer:
     async def _flush(self, slot: tuple[str, int]) -> None:
         queue, shard = slot
         sk = self._keys(queue)[shard]
-        cfg = self.config
         try:
             # Drain whatever accumulated while the previous batch was on the wire.
             while batch := self._pending.pop(slot, None):
-                for start in range(0, len(batch), cfg.enqueue_batch_max):
-                    await self._send(queue, sk, batch[start : start + cfg.enqueue_batch_max])
+                await self._send(queue, sk, batch)
         finally:
             self._flushing.discard(slot)
             if self._pending.get(slot):
@@ -140,55 +145,61 @@ class Producer:
     async def enqueue_batch(
         self, queue: str, jobs: Sequence[tuple[str, Any, str | None]]
     ) -> list[str | BaseException]:
-        """Add ``(job_id, payload, dedup_key)`` jobs now, from the calling task: one script
-        call per shard touched (per :attr:`QueueConfig.enqueue_batch_max` jobs), no future and
-        no task per job. Per job, in order: its id (the first job's id for a repeated dedup
-        key) or the error :meth:`enqueue` would have raised (:class:`QueueFull`,
-        :class:`QueueUnavailable`, …) — returned, not raised. A cancellation is raised (the
-        jobs may or may not be in). For a caller that already holds a batch (a group commit
-        chaining its enqueue to the insert): :meth:`enqueue` coalesces single calls instead.
+        """Add ``(job_id, payload, dedup_key)`` jobs, a caller's batch: they join the next
+        script call of their shard like :meth:`enqueue`'s (coalesced with whatever else is
+        waiting), with one future per shard instead of one per job. Per job, in order: its id
+        (the first job's id for a repeated dedup key) or the error :meth:`enqueue` would have
+        raised (:class:`QueueFull`, :class:`QueueUnavailable`, …) — returned, not raised.
+        For a caller that already holds a batch (a group commit chaining its enqueue to the
+        insert).
         """
-        shards = self._keys(queue)
+        self._keys(queue)
         count = self.config.shards
-        by_shard: dict[int, list[int]] = {}
-        items: list[tuple[str, bytes, int, str | None]] = []
+        by_shard: dict[int, tuple[list[int], list[_Job]]] = {}
         for i, (job_id, payload, dedup_key) in enumerate(jobs):
             if not job_id or "\n" in job_id:
                 raise ValueError(f"job_id must be a non-empty single line, got {job_id!r}")
-            items.append((job_id, encode_payload(payload), 0, dedup_key))
             shard = k.shard_for(dedup_key or job_id, count)
-            by_shard.setdefault(shard, []).append(i)
-        out: list[str | BaseException] = [""] * len(items)
-        step = self.config.enqueue_batch_max
-        for shard, idx in by_shard.items():
-            for start in range(0, len(idx), step):
-                part = idx[start : start + step]
-                results = await self._call(queue, shards[shard], [items[i] for i in part])
-                for i, result in zip(part, results, strict=True):
-                    out[i] = result
+            idx, group = by_shard.setdefault(shard, ([], []))
+            idx.append(i)
+            group.append((job_id, encode_payload(payload), 0, dedup_key))
+        if len(by_shard) == 1:
+            ((shard, (_, group)),) = by_shard.items()
+            return await self._add((queue, shard), group)
+        futures = [self._add((queue, shard), group) for shard, (_, group) in by_shard.items()]
+        out: list[str | BaseException] = [""] * len(jobs)
+        for (idx, _), results in zip(
+            by_shard.values(), await asyncio.gather(*futures), strict=True
+        ):
+            for i, result in zip(idx, results, strict=True):
+                out[i] = result
         return out
 
     async def _send(self, queue: str, sk: k.ShardKeys, batch: list[_Pending]) -> None:
+        jobs = batch[0].jobs if len(batch) == 1 else [job for item in batch for job in item.jobs]
+        step = self.config.enqueue_batch_max
         try:
-            results = await self._call(
-                queue, sk, [(p.job_id, p.payload, p.delay_ms, p.dedup_key) for p in batch]
-            )
+            if len(jobs) <= step:
+                results = await self._call(queue, sk, jobs)
+            else:
+                results = []
+                for start in range(0, len(jobs), step):
+                    results += await self._call(queue, sk, jobs[start : start + step])
         except BaseException as exc:
             # Cancelled mid-flight: the callers must not hang; the jobs may or may not be in.
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(QueueUnavailable(f"enqueue interrupted: {exc!r}"))
             raise
-        for item, result in zip(batch, results, strict=True):
-            if item.future.done():
-                continue
-            if isinstance(result, BaseException):
-                item.future.set_exception(result)
-            else:
-                item.future.set_result(result)
+        pos = 0
+        for item in batch:
+            n = len(item.jobs)
+            if not item.future.done():
+                item.future.set_result(results if len(batch) == 1 else results[pos : pos + n])
+            pos += n
 
     async def _call(
-        self, queue: str, sk: k.ShardKeys, batch: list[tuple[str, bytes, int, str | None]]
+        self, queue: str, sk: k.ShardKeys, batch: list[_Job]
     ) -> list[str | BaseException]:
         """One ``ENQUEUE`` script call for ``(job_id, payload, delay_ms, dedup_key)`` jobs of
         one shard; per job its id or its error (Redis failing fails them all alike)."""

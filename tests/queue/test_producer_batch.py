@@ -1,6 +1,9 @@
-"""Producer.enqueue_batch: a caller's batch in one script call, per-job results returned."""
+"""Producer.enqueue_batch: a caller's batch joins the next script call of its shard (one
+future per shard, not per job), per-job results returned."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 import redis.asyncio as aioredis
@@ -63,3 +66,19 @@ async def test_a_bad_queue_or_job_id_raises(redis: aioredis.Redis) -> None:
         with pytest.raises(ValueError):
             await producer.enqueue_batch(queue, [(job_id, {}, None)])
     assert producer.round_trips == 0
+
+
+async def test_a_batch_coalesces_with_single_enqueues_and_other_batches(
+    redis: aioredis.Redis,
+) -> None:
+    """Batches and single enqueues made together share one script call (the chained enqueues
+    of two insert batches in flight at once go as one), each caller getting its own results."""
+    producer = Producer(redis)
+    one, b1, b2 = await asyncio.gather(
+        producer.enqueue("runs", {}, job_id="single"),
+        producer.enqueue_batch("runs", [("x1", {}, None), ("x2", {}, None)]),
+        producer.enqueue_batch("runs", [("y1", {}, None), ("x1", {}, None)]),
+    )
+    assert (one, b1, b2) == ("single", ["x1", "x2"], ["y1", "x1"])
+    assert producer.round_trips == 1
+    assert await redis.xlen(k.ShardKeys("runs", 0).stream) == 4
