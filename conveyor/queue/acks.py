@@ -2,16 +2,12 @@
 the previous batch was on the wire) is acknowledged by one ``ACK`` script per shard.
 
 Nobody waits for an acknowledgement — the run's state is committed before it, the caller has
-its answer, the slot is free again — so a batch waits :data:`LINGER_S` for more (unless it
-already holds ``flush_at`` entries): under a moderate load, where runs finish a few at a time,
-one call then acknowledges several of them instead of each few its own. The cost is an entry
-pending a few milliseconds longer (a worker dying in them gets the finished run redelivered,
-which finds it terminal and stops, as for any death between commit and acknowledgement).
-
-The script acknowledges each entry, logs a completed summary only for entries it actually
-acknowledged (so a job is never completed twice, even when two workers raced for it), bumps
-the throughput bucket and drops the job-id index entry. A batch that fails because Redis is
-down is kept and resent: acknowledging is idempotent.
+its answer, the slot is free again — so a batch waits :data:`LINGER_S` for more unless it
+already holds ``flush_at`` entries (as under a full load): under a moderate load, where runs
+finish a few at a time, one call then acknowledges several of them instead of each few its
+own. The cost is an entry pending a few milliseconds longer (a worker dying in them gets the
+finished run redelivered, which finds it terminal and stops, as for any death between commit
+and acknowledgement).
 """
 
 from __future__ import annotations
@@ -46,8 +42,8 @@ class AckBatcher:
     :param redis: the client to send with.
     :param keep: completed summaries kept per shard (0 keeps none).
     :param linger_s: how long a batch waits for more acknowledgements (0: the next loop turn).
-    :param flush_at: a batch this large is sent without waiting (a consumer's concurrency:
-        a whole wave of runs finishing together).
+    :param flush_at: a batch this large is sent without waiting (a sizeable part of a
+        consumer's concurrency: runs finishing together under load).
     """
 
     def __init__(
