@@ -448,8 +448,10 @@ class Consumer:
                                 return
                             await self._wait_slot(0.01)
                             continue
-                        got = await self._fetch_blocking(streams, free)
-                        drained = _short(got, free)
+                        # COUNT is per stream: each asks for its share (at least one), so
+                        # entries landing on every stream meanwhile are not read twice over.
+                        got = await self._fetch_blocking(streams, max(1, share))
+                        drained = _short(got, max(1, share))
                 outage.ok()
                 self._redis_ok()
             except (RedisError, OSError) as exc:

@@ -108,12 +108,17 @@ class Batcher(Generic[T, R]):
         with their results (not yet set)."""
         kept: list[tuple[T, asyncio.Future[R]]] = []
         results: list[R] = []
-        for item, fut in batch:
+        for i, (item, fut) in enumerate(batch):
             try:
                 (result,) = await self._flush([item])
             except Exception as exc:
                 if not fut.done():
                     fut.set_exception(exc)
+            except BaseException as exc:
+                # Cancelled midway (the loop shutting down): no caller may wait forever, the
+                # ones whose rows were already stored included.
+                self._fail([*kept, *batch[i:]], exc)
+                raise
             else:
                 kept.append((item, fut))
                 results.append(result)

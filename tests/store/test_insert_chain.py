@@ -9,6 +9,7 @@ from typing import Any
 
 from conveyor.ids import uuid7
 from conveyor.store import flows
+from conveyor.store.batch import Batcher
 from conveyor.store.db import Database
 from conveyor.store.runs import NewRun, RunWriter
 
@@ -105,3 +106,23 @@ async def test_different_thens_in_one_batch_each_get_their_own_runs(db: Database
         await writer.close()
     assert got == {"a": [[0, 1, 2]], "b": [[0, 1]]}
     assert [o.then for o in out] == ["a", "a", "a", "b", "b"]
+
+
+async def test_a_cancel_during_the_item_by_item_retry_answers_every_caller() -> None:
+    """A failed batch is retried item by item; cancelled midway (the loop shutting down),
+    every caller gets an answer — also the ones whose items were already stored."""
+
+    async def flush(items: list[int]) -> list[int]:
+        if len(items) > 1:
+            raise ValueError("bad batch")
+        await asyncio.sleep(0.05)
+        return [items[0] * 10]
+
+    batcher: Batcher[int, int] = Batcher(flush)
+    calls = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
+    await asyncio.sleep(0.08)  # item 0 stored alone, item 1 in flight
+    for task in list(batcher._tasks):
+        task.cancel()
+    done, pending = await asyncio.wait(calls, timeout=5)
+    assert not pending, "a caller was left waiting"
+    assert all(call.cancelled() or call.exception() is not None for call in done)
