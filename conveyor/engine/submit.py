@@ -181,7 +181,11 @@ class Submitter:
             by_queue.setdefault(new.queue, []).append(i)
         for name, idx in by_queue.items():
             jobs = [(str(created[i][0].id), *created[i][1]) for i in idx]
-            for i, result in zip(idx, await self.producer.enqueue_batch(name, jobs), strict=True):
+            try:
+                results = await self.producer.enqueue_batch(name, jobs)
+            except Exception as exc:  # this queue's jobs only: another's may be enqueued
+                results = [exc] * len(idx)
+            for i, result in zip(idx, results, strict=True):
                 out[i] = result
         return out
 

@@ -169,10 +169,11 @@ class Producer:
         futures = [self._add((queue, shard), group) for shard, (_, group) in by_shard.items()]
         out: list[str | BaseException] = [""] * len(jobs)
         for (idx, _), results in zip(
-            by_shard.values(), await asyncio.gather(*futures), strict=True
+            by_shard.values(), await asyncio.gather(*futures, return_exceptions=True), strict=True
         ):
-            for i, result in zip(idx, results, strict=True):
-                out[i] = result
+            for n, i in enumerate(idx):
+                # A shard whose send broke fails its own jobs only.
+                out[i] = results if isinstance(results, BaseException) else results[n]
         return out
 
     async def _send(self, queue: str, sk: k.ShardKeys, batch: list[_Pending]) -> None:

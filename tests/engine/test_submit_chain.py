@@ -102,3 +102,35 @@ async def test_an_unknown_queue_is_raised_with_the_row_committed(
             )
     finally:
         await writer.close()
+
+
+class _SyncBreaks(Producer):
+    """A producer whose batch enqueue on the sync queue breaks (a programming error)."""
+
+    async def enqueue_batch(self, queue, jobs):  # type: ignore[no-untyped-def]
+        if queue == "sync":
+            raise RuntimeError("the sync enqueue broke")
+        return await super().enqueue_batch(queue, jobs)
+
+
+async def test_one_queue_failing_fails_only_its_own_runs(
+    db: Database, redis: aioredis.Redis
+) -> None:
+    """One insert batch on both queues, the sync queue's enqueue raising: the runs of the
+    runs queue are enqueued as usual; only the sync runs get the error."""
+    fid = await _flow(db)
+    writer = RunWriter(db)
+    sub = Submitter(writer, _SyncBreaks(redis))
+    news = [NewRun(uuid7(), fid, 1, {"i": i}, queue="sync" if i % 2 else "runs") for i in range(6)]
+    try:
+        out = await asyncio.gather(
+            *(sub.submit(n, on_full=OnFull.REFUSE) for n in news), return_exceptions=True
+        )
+    finally:
+        await writer.close()
+    for new, result in zip(news, out, strict=True):
+        if new.queue == "sync":
+            assert isinstance(result, RuntimeError)
+        else:
+            assert not isinstance(result, BaseException) and result.enqueued
+    assert await redis.xlen(k.ShardKeys("runs", 0).stream) == 3
