@@ -65,25 +65,35 @@ class _CountingWriter(RunWriter):
         return await super().finish(done)
 
 
+def _worker(
+    db: Database, redis: aioredis.Redis, urls: tuple[str, str], sandbox: Sandbox | None = None
+) -> RunWorker:
+    """A real worker on ``db`` and ``redis`` with a :class:`_CountingWriter` (``urls``: the
+    PostgreSQL and Redis URLs its settings name)."""
+    return RunWorker(
+        make_settings(*urls, AP_CONTAINER_TYPE="WORKER"),
+        writer=_CountingWriter(db),
+        registry=FlowRegistry(db),
+        box=SecretBox(ENCRYPTION_KEY),
+        redis=redis,
+        sandbox=sandbox,
+        http=None,
+    )
+
+
+async def _close(w: RunWorker) -> None:
+    await w.replies.close()
+    await w.producer.close()
+    await w.writer.close()
+
+
 @pytest.fixture
 async def worker(
     db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str
 ) -> AsyncIterator[RunWorker]:
-    settings = make_settings(postgres_url, redis_url, AP_CONTAINER_TYPE="WORKER")
-    writer = _CountingWriter(db)
-    w = RunWorker(
-        settings,
-        writer=writer,
-        registry=FlowRegistry(db),
-        box=SecretBox(ENCRYPTION_KEY),
-        redis=redis,
-        sandbox=None,
-        http=None,
-    )
+    w = _worker(db, redis, (postgres_url, redis_url))
     yield w
-    await w.replies.close()
-    await w.producer.close()
-    await writer.close()
+    await _close(w)
 
 
 async def _submit(
@@ -248,27 +258,6 @@ FOUR = {
 }
 
 
-async def _sandboxed_worker(
-    db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str, sandbox: Sandbox
-) -> RunWorker:
-    settings = make_settings(postgres_url, redis_url, AP_CONTAINER_TYPE="WORKER")
-    return RunWorker(
-        settings,
-        writer=_CountingWriter(db),
-        registry=FlowRegistry(db),
-        box=SecretBox(ENCRYPTION_KEY),
-        redis=redis,
-        sandbox=sandbox,
-        http=None,
-    )
-
-
-async def _close(w: RunWorker) -> None:
-    await w.replies.close()
-    await w.producer.close()
-    await w.writer.close()
-
-
 @pytest.mark.parametrize("locked", [True, False], ids=["contained", "unsandboxed"])
 async def test_a_code_step_is_held_only_in_a_sandbox_that_contains_it(
     db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str, locked: bool
@@ -281,7 +270,7 @@ async def test_a_code_step_is_held_only_in_a_sandbox_that_contains_it(
     effects: its own record is written before the branch runs."""
     sandbox = Sandbox(SandboxConfig(locked=locked, launcher="auto" if locked else "direct"))
     await sandbox.start()
-    w = await _sandboxed_worker(db, redis, postgres_url, redis_url, sandbox)
+    w = _worker(db, redis, (postgres_url, redis_url), sandbox)
     try:
         if locked and not sandbox.contained:
             pytest.skip(f"this host cannot contain code steps: {sandbox.report}")
@@ -317,7 +306,7 @@ async def test_a_contained_code_step_of_a_run_canceled_while_queued_leaves_nothi
     counted."""
     sandbox = Sandbox(SandboxConfig())
     await sandbox.start()
-    w = await _sandboxed_worker(db, redis, postgres_url, redis_url, sandbox)
+    w = _worker(db, redis, (postgres_url, redis_url), sandbox)
     try:
         if not sandbox.contained:
             pytest.skip(f"this host cannot contain code steps: {sandbox.report}")
@@ -360,7 +349,7 @@ async def _contained_reply(
     first final write raises (a worker dying before its last statement): a redelivery."""
     sandbox = Sandbox(SandboxConfig())
     await sandbox.start()
-    w = await _sandboxed_worker(db, redis, urls[0], urls[1], sandbox)
+    w = _worker(db, redis, urls, sandbox)
     hub = ReplyHub(redis, "held")
     await hub.start()
     assert isinstance(w.writer, _CountingWriter)
