@@ -15,7 +15,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import conveyor
 from conveyor import errors
-from conveyor.api.errors import ApiError, error_middleware, http_error
+from conveyor.api.errors import ApiError, http_error
+from conveyor.api.timing import api_middleware
 from conveyor.board import error_pages as board_error_pages
 from conveyor.embedded import EmbeddedError
 from conveyor.engine.errors import FlowInvalid, StepFailed
@@ -147,12 +148,13 @@ def test_old_except_sites_still_catch() -> None:
 
 
 async def _answer(
-    exc: BaseException, middleware: Any = error_middleware, path: str = "/"
+    exc: BaseException, middleware: Any = None, path: str = "/"
 ) -> tuple[int, dict[str, Any], Any]:
     async def handler(request: web.Request) -> web.StreamResponse:
         raise exc
 
-    app = web.Application(middlewares=[middleware])
+    # The API's own middleware (no key) unless another is given.
+    app = web.Application(middlewares=[middleware or api_middleware(None)])
     app.router.add_get(path, handler)
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         resp = await client.get(path)

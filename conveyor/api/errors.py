@@ -5,8 +5,7 @@ domain errors (``NotFound``, ``FlowValidationError``, ``QueueFull``, ``RunFinish
 handlers let them through; :func:`http_error` gives each its status from the branch it is on
 (:data:`STATUS`) and its ``code`` from the class (:func:`to_api_error` is its half for
 ``ConveyorError`` alone), and the application's middleware
-(:func:`conveyor.api.timing.api_middleware`, which does what :func:`error_middleware` does
-alone) renders it. They are public so the
+(:func:`conveyor.api.timing.api_middleware`) renders it. They are public so the
 board's HTML error pages and flash messages can say the same. Handlers raise :class:`ApiError`
 only for answers HTTP alone knows about (a bad header or query parameter, a 413, a 415), and
 aiohttp's ``HTTPException`` is rendered the same way. Anything unexpected, and any
@@ -174,16 +173,3 @@ def to_api_error(exc: ConveyorError, *, where: str = "") -> ApiError:
     if isinstance(exc, FlowValidationError):
         details = [{"path": d["path"], "message": d["message"]} for d in exc.details]
     return ApiError(status, exc.code, exc.message, details=details, headers=headers)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error a handler raises becomes its JSON answer through :func:`http_error`."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return http_error(exc).response()
-    except Exception as exc:
-        return http_error(exc, where=f"{request.method} {request.path}").response()
