@@ -175,13 +175,12 @@ class _Sink:
         """Whether a code step's record is among those held (not yet committed)."""
         return self.code_held
 
-    async def deliver_pending(self) -> bool:
-        """Send the held answer (its outputs are committed now); whether one was sent."""
+    async def deliver_pending(self) -> None:
+        """Send the held answer, if any (its outputs are committed now); ``answered`` says
+        whether a listener got it."""
         message, self.pending = self.pending, None
-        if message is None or self.deliver is None:
-            return False
-        self.answered = await self.deliver(message)
-        return True
+        if message is not None and self.deliver is not None:
+            self.answered = await self.deliver(message)
 
     async def fence(self) -> None:
         if self.job is not None:
@@ -433,7 +432,8 @@ class RunWorker:
         # that misses it reads the stored result (conveyor.engine.replies).
         if stored:
             # A respond held back for a code output: its answer now, else the final message.
-            if sink.pending is not None and (await sink.deliver_pending()) and sink.answered:
+            await sink.deliver_pending()
+            if sink.answered:
                 return
             await self._final(reply, run_id, outcome.status.value, outcome.output, error)
             return
