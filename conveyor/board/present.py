@@ -196,6 +196,15 @@ def status_class(status: Any) -> str:
 EXAMPLE_BODY = '{"hello": "world"}'
 
 
+#: A shell filter printing the hex HMAC-SHA256 of its input with the key in ``$SECRET``. The
+#: key travels in the child's environment, never on a command line (``openssl dgst -hmac KEY``
+#: would show it to every local user in ``ps`` and ``/proc/*/cmdline``).
+HMAC_FILTER = (
+    'SECRET="$SECRET" python3 -c \'import hashlib, hmac, os, sys; print(hmac.new('
+    'os.environb[b"SECRET"], sys.stdin.buffer.read(), hashlib.sha256).hexdigest())\''
+)
+
+
 def curl_example(url: str, secret_name: str | None) -> str:
     """A shell snippet that POSTs :data:`EXAMPLE_BODY` to ``url``. With a webhook secret it
     signs the request as the README's "Webhook signatures" section says, reading the value
@@ -211,8 +220,7 @@ def curl_example(url: str, secret_name: str | None) -> str:
         f"# SECRET must hold the value of the secret {secret_name}\n"
         f"body={body}\n"
         "t=$(date +%s)\n"
-        'mac=$(printf \'%s.%s\' "$t" "$body" | openssl dgst -sha256 -hmac "$SECRET" -hex'
-        " | sed 's/^.* //')\n"
+        f'mac=$(printf \'%s.%s\' "$t" "$body" | {HMAC_FILTER})\n'
         f"curl -sS -X POST {quoted_url} -H 'Content-Type: application/json' \\\n"
         '  -H "X-Conveyor-Signature: t=$t,v1=$mac" --data-binary "$body"'
     )

@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestClient
 
 from conveyor.queue import keys
 from tests.api.conftest import make_client
+from tests.argv_spy import spy_path
 
 __all__ = ["make_client"]
 
@@ -206,9 +207,10 @@ def _readme_block(lang: str) -> str:
     return section.split(f"```{lang}\n", 1)[1].split("```", 1)[0]
 
 
-async def test_readme_sender_examples_work(make_client: Any) -> None:
-    """The README's Python and curl examples produce signatures the server accepts."""
-    for tool in ("curl", "openssl"):
+async def test_readme_sender_examples_work(make_client: Any, tmp_path: Path) -> None:
+    """The README's Python and curl examples produce signatures the server accepts, and the
+    shell example never puts the secret on a command line."""
+    for tool in ("curl", "python3"):
         if shutil.which(tool) is None:
             if os.environ.get("CONVEYOR_CI"):
                 pytest.fail(f"{tool} is required in CI")
@@ -221,12 +223,16 @@ async def test_readme_sender_examples_work(make_client: Any) -> None:
     # Both examples send the same body: signed within the same second, the second would be
     # a replay (markers are not scoped to a flow). Let the clock move on first.
     await asyncio.sleep(1.02 - time.time() % 1.0)
+    path, log = spy_path(tmp_path)
     proc = await asyncio.create_subprocess_exec(
         "bash", "-c", _readme_block("sh"),
-        env={**os.environ, "SECRET": SECRET, "URL": url},
+        env={**os.environ, "SECRET": SECRET, "URL": url, "PATH": path},
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, _ = await proc.communicate()
     assert proc.returncode == 0
+    argv = log.read_text()
+    assert "curl " in argv and "X-Conveyor-Signature" in argv, argv
+    assert SECRET not in argv, argv
     answer = orjson.loads(out)
     assert answer["status"] == "QUEUED", answer
