@@ -8,7 +8,9 @@ reconciler — goes through :class:`Submitter`, so the order and the backlog pol
 2. **enqueue** its :class:`RunJob` (the job id is the run id, so enqueueing twice adds once);
 3. **backlog full** (``AP_QUEUE_MAX_LENGTH``): :attr:`OnFull.REFUSE` when a caller is there to
    retry (an HTTP request: the just-inserted row is deleted and :class:`~conveyor.queue.QueueFull`
-   raised, which the API answers 429 — refused work, never dropped work), :attr:`OnFull.DEFER`
+   raised, which the API answers 429 — refused work, never dropped work; a repeat of the run's
+   idempotency key that found its row, in the same insert batch or while the refusal was
+   being decided, is refused alike instead of replaying a deleted run), :attr:`OnFull.DEFER`
    otherwise (the row stays ``QUEUED`` and the reconciler enqueues it once there is room);
 4. **Redis down**: the row is committed, so the run is deferred to the reconciler as well; the
    :class:`Submission` carries the error for callers that must react (a sync webhook cancels).
@@ -18,6 +20,7 @@ See docs/architecture.md, "Shape and data path".
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import uuid
 from collections.abc import Mapping, Sequence
@@ -27,6 +30,9 @@ from typing import Any
 from conveyor.queue import Producer, QueueFull, QueueName, QueueUnavailable
 from conveyor.store import runs as run_store
 from conveyor.store.runs import NewRun, RunWriter
+
+#: Refusals remembered for repeats of their runs' idempotency keys (``Submitter._refused``).
+_REFUSED_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +121,12 @@ class Submitter:
     def __init__(self, writer: RunWriter, producer: Producer) -> None:
         self.writer = writer
         self.producer = producer
+        #: Runs being submitted (by ``UUID.int``) → ``None``, or the future a repeat of the
+        #: run's idempotency key waits on until the first caller knows its outcome.
+        self._submitting: dict[int, asyncio.Future[None] | None] = {}
+        #: Runs refused under :attr:`OnFull.REFUSE` (rows deleted or being deleted) → the
+        #: refusal, which a repeat of the key gets too; the newest :data:`_REFUSED_MAX`.
+        self._refused: dict[int, QueueFull] = {}
 
     async def submit(
         self,
@@ -142,28 +154,59 @@ class Submitter:
             payload["trigger"] = new.trigger
         if reply:
             payload["reply"] = reply
-        inserted = await self.writer.insert(new, then=self._enqueue, arg=(payload, dedup_key))
-        if not inserted.created:
-            return Submission(
-                inserted.run_id,
-                created=False,
-                enqueued=False,
-                status=inserted.status,
-                response_status=inserted.response_status,
-            )
-        result = inserted.then
-        if isinstance(result, BaseException):
-            if isinstance(result, QueueFull):
-                if on_full is OnFull.DEFER:
-                    return Submission(inserted.run_id, created=True, enqueued=False)
-                # Refused, so not accepted: nothing may run later behind the caller's back.
-                await run_store.delete_run(self.writer.db, inserted.run_id)
+        # A repeat of the key (in this batch or a later one) waits until this caller knows
+        # its outcome: see _first_outcome.
+        submitting = self._submitting
+        key = new.id.int
+        submitting[key] = None
+        try:
+            inserted = await self.writer.insert(new, then=self._enqueue, arg=(payload, dedup_key))
+            if not inserted.created:
+                await self._first_outcome(inserted.run_id, on_full)
+                return Submission(
+                    inserted.run_id,
+                    created=False,
+                    enqueued=False,
+                    status=inserted.status,
+                    response_status=inserted.response_status,
+                )
+            result = inserted.then
+            if isinstance(result, BaseException):
+                if isinstance(result, QueueFull):
+                    if on_full is OnFull.DEFER:
+                        return Submission(inserted.run_id, created=True, enqueued=False)
+                    # Refused, so not accepted: nothing may run later behind the caller's
+                    # back; a repeat of its key is refused alike (_first_outcome).
+                    refused = self._refused
+                    if len(refused) >= _REFUSED_MAX:
+                        del refused[next(iter(refused))]
+                    refused[key] = result
+                    await run_store.delete_run(self.writer.db, inserted.run_id)
+                    raise result
+                if isinstance(result, QueueUnavailable):
+                    # Committed: the reconciler enqueues it once Redis is back.
+                    return Submission(inserted.run_id, created=True, enqueued=False, outage=result)
                 raise result
-            if isinstance(result, QueueUnavailable):
-                # Committed: the reconciler enqueues it once Redis is back.
-                return Submission(inserted.run_id, created=True, enqueued=False, outage=result)
-            raise result
-        return Submission(inserted.run_id, created=True, enqueued=True)
+            return Submission(inserted.run_id, created=True, enqueued=True)
+        finally:
+            waiter = submitting.pop(key, None)
+            if waiter is not None:
+                waiter.set_result(None)
+
+    async def _first_outcome(self, run_id: uuid.UUID, on_full: OnFull) -> None:
+        """A repeat of the idempotency key of ``run_id``: when this process's submission of
+        that run is still going on, wait for its outcome; when the backlog refused it (its
+        row deleted, or about to be), the repeat is refused alike (``QueueFull``) — a replay
+        would answer 2xx for a run that does not exist."""
+        key = run_id.int
+        if key in self._submitting:
+            waiter = self._submitting[key]
+            if waiter is None:
+                waiter = self._submitting[key] = asyncio.get_running_loop().create_future()
+            await asyncio.shield(waiter)
+        refused = self._refused.get(key)
+        if refused is not None and on_full is OnFull.REFUSE:
+            raise QueueFull(refused.queue, refused.cap)
 
     async def _enqueue(
         self, created: Sequence[tuple[NewRun, tuple[dict[str, Any], str | None]]]
