@@ -51,7 +51,8 @@ class CheckpointSink(Protocol):
     ``step_finished`` may return before the write commits: a step whose checkpoint is lost
     is simply run again on redelivery, which is why http steps send an Idempotency-Key.
     A sink may also define ``async def before_step(run_id, step_type)``, awaited before each
-    step starts (the worker's sink makes held checkpoints durable there).
+    step starts (the worker's sink makes held checkpoints durable there), and
+    ``def code_started()``, called when a code step's code starts in the sandbox.
     """
 
     async def step_finished(self, run_id: str, record: StepRecord) -> None:
@@ -92,8 +93,10 @@ class Sandbox(Protocol):
         input: Any,
         timeout_s: float,
         run_id: str | None = None,
+        on_started: Callable[[], object] | None = None,
     ) -> SandboxResultLike:
-        """Execute ``code``'s ``run(input)``; never raises for user errors."""
+        """Execute ``code``'s ``run(input)``; never raises for user errors. ``on_started()``
+        (passed only when set) is called once the code is handed to its process."""
         ...
 
 
@@ -169,11 +172,14 @@ class Services:
 @dataclass(frozen=True, slots=True)
 class RunEnv:
     """What a piece sees of its run: the worker's services, the run context, the respond
-    callback (``None`` for async runs, whose caller is not waiting)."""
+    callback (``None`` for async runs, whose caller is not waiting), and the sink's
+    ``code_started`` (``None`` if it has none), which a code step passes to the sandbox as
+    ``on_started``."""
 
     services: Services
     ctx: RunContext
     on_respond: RespondCallback | None = None
+    on_code_start: Callable[[], object] | None = None
 
 
 _T = TypeVar("_T")

@@ -40,7 +40,8 @@ from conveyor.engine.spec import At, Piece, Stop, Where, now
 from conveyor.engine.templating import RUN, SECRETS, TRIGGER, TemplateError, redact
 from conveyor.status import RunStatus, StepStatus
 
-#: ``RunOutcome(status, output, error, resume_at)`` and ``RunEnv(services, ctx, on_respond)``
+#: ``RunOutcome(status, output, error, resume_at)`` and ``RunEnv(services, ctx, on_respond,
+#: on_code_start)``
 #: positionally, built without their ``__init__`` (one each per run).
 _outcome = slot_maker(RunOutcome)
 _run_env = slot_maker(RunEnv)
@@ -194,7 +195,7 @@ class _Run:
         self.ctx = ctx
         self.run_id = ctx.run_id
         self.sink = sink = sink if sink is not None else services.sink
-        self.env = _run_env(services, ctx, on_respond)
+        self.env = _run_env(services, ctx, on_respond, getattr(sink, "code_started", None))
         self.secret_values = [ctx.secrets[n] for n in flow.secret_names if ctx.secrets.get(n)]
         self.scope: dict[str, Any] = {
             TRIGGER: ctx.trigger,

@@ -31,6 +31,7 @@ import signal
 import socket
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -745,10 +746,13 @@ class Sandbox:
         input: Any,
         timeout_s: float | None = None,
         run_id: str | None = None,
+        on_started: Callable[[], object] | None = None,
     ) -> SandboxResult:
         """Run ``code``'s ``run(input)`` for one step and say how it ended (never raises for
         anything the step does). ``timeout_s`` is capped by ``max_timeout_s``; ``run_id``
-        keeps a run's code steps in a child of their own when ``per_run`` is set."""
+        keeps a run's code steps in a child of their own when ``per_run`` is set;
+        ``on_started()`` is called once the request is on its way to the child (after any
+        wait for a slot or a fresh child)."""
         started = time.perf_counter()
         if self.refused:
             self.stats["refused"] += 1
@@ -774,7 +778,9 @@ class Sandbox:
                 # cannot pass for the answer (see _valid_answer).
                 "nonce": self._nonce(),
             }
-            status, output, error, logs = await self._run_in_slot(slot, key, request)
+            status, output, error, logs = await self._run_in_slot(
+                slot, key, request, on_started or _nothing
+            )
         finally:
             # The next spare is forked after the step, not while it runs: on two cores the
             # fork and the new child's warm-up would otherwise slow the step down.
@@ -804,7 +810,11 @@ class Sandbox:
                 await self._start()
 
     async def _run_in_slot(
-        self, slot: _Slot, key: tuple[str, str], request: dict[str, Any]
+        self,
+        slot: _Slot,
+        key: tuple[str, str],
+        request: dict[str, Any],
+        on_started: Callable[[], object],
     ) -> tuple[str, Any, str | None, str]:
         limit_s: float = request["timeout_s"]
         try:
@@ -835,6 +845,7 @@ class Sandbox:
         try:
             assert child.channel is not None
             child.channel.send_bytes(frame_out)
+            on_started()
             frame = await waiter
         except _Timeout:
             return await self._kill(slot, child, limit_s)
@@ -948,6 +959,10 @@ def _valid_answer(frame: Any, nonce: str) -> bool:
         and isinstance(frame.get("logs", ""), str)
         and (frame.get("error") is None or isinstance(frame.get("error"), str))
     )
+
+
+def _nothing() -> None:
+    """No-op ``on_started``."""
 
 
 def _expire(waiter: asyncio.Future[Any]) -> None:

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -94,8 +95,10 @@ class LocalSandbox:
         input: Any,
         timeout_s: float,
         run_id: str | None = None,
+        on_started: Callable[[], object] | None = None,
     ) -> SandboxResult:
-        """Execute ``run(input)`` from ``code`` in a child; never raises for user errors."""
+        """Execute ``run(input)`` from ``code`` in a child; never raises for user errors
+        (``on_started()`` once the child is started)."""
         t0 = time.perf_counter()
         request = orjson.dumps({"code": code, "input": input, "memory_kb": self.memory_kb})
         try:
@@ -114,6 +117,8 @@ class LocalSandbox:
         except OSError as exc:
             # Our failure, not the step's: the engine ends the run INTERNAL_ERROR.
             return SandboxResult(status="INTERNAL_ERROR", error=f"cannot start sandbox: {exc}")
+        if on_started is not None:
+            on_started()
         try:
             async with asyncio.timeout(timeout_s):
                 stdout, stderr = await proc.communicate(request)

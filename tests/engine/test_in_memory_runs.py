@@ -2,7 +2,9 @@
 in memory and is committed once — no RUNNING transition, the steps and the final state in one
 statement, the attempt counted, a sync caller answered with the respond step; a run canceled
 while queued stays CANCELED; before the first step with effects, RUNNING is written together
-with the checkpoints held so far. Real PostgreSQL, Redis and the real engine worker."""
+with the checkpoints held so far. A contained code step starts before RUNNING, which follows
+within LAZY_RUNNING_S of its code starting unless the step is done by then. Real PostgreSQL,
+Redis and the real engine worker."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from conveyor.engine import worker as worker_module
 from conveyor.engine.registry import FlowRegistry
 from conveyor.engine.replies import ReplyHub
 from conveyor.engine.submit import OnFull, RunJob, Submitter
@@ -260,14 +263,22 @@ FOUR = {
 
 @pytest.mark.parametrize("locked", [True, False], ids=["contained", "unsandboxed"])
 async def test_a_code_step_is_held_only_in_a_sandbox_that_contains_it(
-    db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str, locked: bool
+    db: Database,
+    redis: aioredis.Redis,
+    postgres_url: str,
+    redis_url: str,
+    *,
+    locked: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """transform → code → branch → respond with the real sandbox. Either way RUNNING goes with
-    the transform's record before the code step starts. Contained (locked down, safe
-    isolation: no network, no writes outside the sandbox) the code step has no effect outside
-    its output, so its record waits for the final state. Unsandboxed
-    (``AP_EXECUTION_MODE=UNSANDBOXED``: the step could reach the network) it stays a step with
-    effects: its own record is written before the branch runs."""
+    """transform → code → branch → respond with the real sandbox. Contained (locked down,
+    safe isolation: no network, no writes outside the sandbox) the code step has no effect
+    outside its output, so its record waits for the final state — and so does RUNNING, the
+    code step being done before it was due (LAZY_RUNNING_S): one statement after the insert,
+    the attempt counted. Unsandboxed (``AP_EXECUTION_MODE=UNSANDBOXED``: the step could reach
+    the network) RUNNING goes with the transform's record before the code step starts, and the
+    step stays one with effects: its own record is written before the branch runs."""
+    monkeypatch.setattr(worker_module, "LAZY_RUNNING_S", 30.0)
     sandbox = Sandbox(SandboxConfig(locked=locked, launcher="auto" if locked else "direct"))
     await sandbox.start()
     w = _worker(db, redis, (postgres_url, redis_url), sandbox)
@@ -285,10 +296,8 @@ async def test_a_code_step_is_held_only_in_a_sandbox_that_contains_it(
     assert run["output"]["body"] == {"big": True} and run["attempt"] == 1
     assert isinstance(w.writer, _CountingWriter)
     if locked:
-        assert w.writer.writes == [
-            ("RUNNING", ["parse"]),
-            ("SUCCEEDED", ["score", "route", "reply"]),
-        ]
+        assert w.writer.writes == [("SUCCEEDED", ["parse", "score", "route", "reply"])]
+        assert "RUNNING" not in w.writer.statuses
     else:
         assert w.writer.writes == [("RUNNING", ["parse"]), ("SUCCEEDED", ["route", "reply"])]
     steps = await run_store.get_steps(db, rid)
@@ -385,26 +394,38 @@ async def _contained_reply(
 
 
 async def test_a_held_code_output_reaches_the_caller_only_once_committed(
-    db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str
+    db: Database,
+    redis: aioredis.Redis,
+    postgres_url: str,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """code (random output) → respond, the first final write failing: the first attempt's
     answer was never sent, the redelivery's is — the caller hears exactly what is stored."""
+    monkeypatch.setattr(worker_module, "LAZY_RUNNING_S", 30.0)
     message, run, writer = await _contained_reply(
         db, redis, (postgres_url, redis_url), RANDOM_REPLY, crash_first_final=True
     )
     assert message is not None and message["kind"] == "respond"
-    # Redelivered: the second delivery moved the run to RUNNING again (a second attempt).
-    assert run["status"] == "SUCCEEDED" and run["attempt"] == 2
+    # The first delivery wrote nothing (its RUNNING was to ride with the final write that
+    # failed); the redelivery moved the run to RUNNING first, then committed.
+    assert run["status"] == "SUCCEEDED" and run["attempt"] == 1
     assert message["body"] == run["output"]["body"]
-    assert writer.writes[0] == ("RUNNING", [])
-    assert writer.writes[-1] == ("SUCCEEDED", ["score", "reply"])
+    assert writer.statuses == ["RUNNING"]
+    assert writer.writes == [("SUCCEEDED", ["score", "reply"])]
 
 
 async def test_a_respond_mid_flow_answers_after_the_held_code_output_is_committed(
-    db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str
+    db: Database,
+    redis: aioredis.Redis,
+    postgres_url: str,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """code → respond → transform: the held answer goes out with the durable write before the
-    transform (not at the end), and matches the stored code output."""
+    transform (not at the end) — RUNNING with the code and respond records, the code step
+    having been done before RUNNING was due — and matches the stored code output."""
+    monkeypatch.setattr(worker_module, "LAZY_RUNNING_S", 30.0)
     doc = {
         **RANDOM_REPLY,
         "steps": [
@@ -414,8 +435,154 @@ async def test_a_respond_mid_flow_answers_after_the_held_code_output_is_committe
     }
     message, run, writer = await _contained_reply(db, redis, (postgres_url, redis_url), doc)
     assert message is not None and message["kind"] == "respond"
-    # RUNNING before the code step; the held records (and the answer) before the transform.
-    assert writer.writes == [("RUNNING", []), ("SUCCEEDED", ["after"])]
+    # RUNNING and the held records (then the answer) before the transform.
+    assert writer.writes == [("RUNNING", ["score", "reply"]), ("SUCCEEDED", ["after"])]
     steps = await run_store.get_steps(db, uuid.UUID(str(run["id"])))
     assert [s.name for s in steps] == ["score", "reply", "after"]
     assert message["body"] == {"token": run["output"]["t"]}
+
+
+def _slow(seconds: float) -> dict[str, Any]:
+    """transform → code sleeping ``seconds`` → respond."""
+    return {
+        "name": "slow",
+        "trigger": {"type": "webhook"},
+        "steps": [
+            {"name": "parse", "type": "transform", "input": {"n": "{{trigger.body.n}}"}},
+            {
+                "name": "score",
+                "type": "code",
+                "input": {},
+                "code": f"import time\ndef run(input):\n    time.sleep({seconds})\n    return 7\n",
+            },
+            {"name": "reply", "type": "respond", "input": {"status": 200, "body": "{{score}}"}},
+        ],
+    }
+
+
+async def _status_soon(db: Database, rid: uuid.UUID, want: str, within_s: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while asyncio.get_running_loop().time() < deadline:
+        if (await run_store.get_run(db, rid))["status"] == want:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+@pytest.fixture
+async def contained(
+    db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str
+) -> AsyncIterator[RunWorker]:
+    """A worker with the real sandbox, skipped where it cannot contain code steps."""
+    sandbox = Sandbox(SandboxConfig())
+    await sandbox.start()
+    w = _worker(db, redis, (postgres_url, redis_url), sandbox)
+    try:
+        if not sandbox.contained:
+            pytest.skip(f"this host cannot contain code steps: {sandbox.report}")
+        yield w
+    finally:
+        await _close(w)
+        await sandbox.close()
+
+
+async def test_a_slow_contained_code_step_shows_its_run_running_while_it_runs(
+    db: Database, contained: RunWorker
+) -> None:
+    """RUNNING (with the records held so far) is written while a slow code step still runs —
+    LAZY_RUNNING_S after its code started — not only with the final state."""
+    rid = await _submit(db, contained, _slow(1.5))
+    drained = asyncio.create_task(contained.consumer.drain())
+    try:
+        assert await _status_soon(db, rid, "RUNNING", 1.0)
+        assert [s.name for s in await run_store.get_steps(db, rid)] == ["parse"]
+        assert not drained.done()
+    finally:
+        await asyncio.wait_for(drained, 30)
+    run = await run_store.get_run(db, rid)
+    assert run["status"] == "SUCCEEDED" and run["attempt"] == 1
+    assert isinstance(contained.writer, _CountingWriter)
+    assert contained.writer.writes == [("RUNNING", ["parse"]), ("SUCCEEDED", ["score", "reply"])]
+
+
+async def test_a_slow_contained_code_step_of_a_run_canceled_while_queued_is_killed(
+    db: Database, contained: RunWorker
+) -> None:
+    """Canceled while queued, its code step started: the RUNNING write finds the run ended, so
+    the code step is killed at once (not left to sleep 20 s) and nothing is stored; the run
+    stays CANCELED with its attempt not counted."""
+    rid = await _submit(db, contained, _slow(20))
+    assert await contained.writer.transition(Transition(rid, RunStatus.CANCELED))
+    t0 = asyncio.get_running_loop().time()
+    await asyncio.wait_for(contained.consumer.drain(), 10)
+    assert asyncio.get_running_loop().time() - t0 < 5
+    run = await run_store.get_run(db, rid)
+    assert run["status"] == "CANCELED" and run["attempt"] == 0
+    assert await run_store.get_steps(db, rid) == []
+    assert isinstance(contained.writer, _CountingWriter)
+    assert contained.writer.writes[0] == ("RUNNING", ["parse"])
+
+
+async def test_a_run_canceled_while_its_slow_code_step_runs_keeps_only_what_was_committed(
+    db: Database, contained: RunWorker
+) -> None:
+    """Canceled once RUNNING shows: the step in flight ends, its record and the rest are not
+    stored, CANCELED stays."""
+    rid = await _submit(db, contained, _slow(1.0))
+    drained = asyncio.create_task(contained.consumer.drain())
+    try:
+        assert await _status_soon(db, rid, "RUNNING", 1.0)
+        assert await contained.writer.transition(Transition(rid, RunStatus.CANCELED))
+    finally:
+        await asyncio.wait_for(drained, 30)
+    run = await run_store.get_run(db, rid)
+    assert run["status"] == "CANCELED"
+    assert [s.name for s in await run_store.get_steps(db, rid)] == ["parse"]
+
+
+@pytest.mark.parametrize("lazy_s", [0.005, 30.0], ids=["running-written", "not-yet-due"])
+async def test_a_flow_timeout_in_a_lazy_code_step_is_recorded(
+    db: Database,
+    redis: aioredis.Redis,
+    postgres_url: str,
+    redis_url: str,
+    *,
+    monkeypatch: pytest.MonkeyPatch,
+    lazy_s: float,
+) -> None:
+    """The flow's time limit ends a slow first code step either way: with RUNNING written
+    meanwhile, or (not yet due) RUNNING riding with the TIMEOUT state; the attempt counted
+    once."""
+    monkeypatch.setattr(worker_module, "LAZY_RUNNING_S", lazy_s)
+    sandbox = Sandbox(SandboxConfig())
+    await sandbox.start()
+    w = RunWorker(
+        make_settings(
+            postgres_url, redis_url, AP_CONTAINER_TYPE="WORKER", AP_FLOW_TIMEOUT_SECONDS="1"
+        ),
+        writer=_CountingWriter(db),
+        registry=FlowRegistry(db),
+        box=SecretBox(ENCRYPTION_KEY),
+        redis=redis,
+        sandbox=sandbox,
+        http=None,
+    )
+    try:
+        if not sandbox.contained:
+            pytest.skip(f"this host cannot contain code steps: {sandbox.report}")
+        rid = await _submit(db, w, _slow(10))
+        await asyncio.wait_for(w.consumer.drain(), 20)
+    finally:
+        await _close(w)
+        await sandbox.close()
+    run = await run_store.get_run(db, rid)
+    assert run["status"] == "TIMEOUT" and run["attempt"] == 1
+    assert [(s.name, s.status) for s in await run_store.get_steps(db, rid)] == [
+        ("parse", "SUCCEEDED"),
+        ("score", "TIMEOUT"),
+    ]
+    assert isinstance(w.writer, _CountingWriter)
+    if lazy_s < 1:
+        assert w.writer.writes == [("RUNNING", ["parse"]), ("TIMEOUT", ["score"])]
+    else:
+        assert w.writer.writes == [("TIMEOUT", ["parse", "score"])]

@@ -81,6 +81,9 @@ async def code(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
         raise StepFailed("no sandbox is configured for code steps")
     assert step.code is not None
     timeout_s = step.timeout_s or env.services.code_timeout_s
+    # The worker's sink hears when the code starts (it may owe the run's RUNNING write).
+    started = env.on_code_start
+    extra = {"on_started": started} if started is not None else {}
     result = await sandbox.run_code(
         flow_id=env.ctx.flow_id,
         flow_version=env.ctx.flow_version,
@@ -90,6 +93,7 @@ async def code(env: RunEnv, step: Step, input: Any) -> tuple[Any, str]:
         timeout_s=timeout_s,
         # SANDBOX_PROCESS keeps all code steps of one run in one locked-down child.
         run_id=env.ctx.run_id,
+        **extra,
     )
     status = str(result.status).upper()
     logs = result.logs or ""
