@@ -188,7 +188,7 @@ async def webhook_async(request: web.Request) -> web.Response:
         _INGEST_OUTAGE.failed(sub.outage)
     else:
         _INGEST_OUTAGE.ok()
-    run_id = str(sub.run_id)
+    run_id = sub.id_text or str(sub.run_id)
     return web.Response(
         body=_QUEUED_BODY % run_id.encode(),
         status=202,

@@ -32,6 +32,7 @@ import orjson
 import structlog
 from redis.exceptions import RedisError
 
+from conveyor.engine.context import slot_maker
 from conveyor.engine.registry import FlowHead, FlowRegistry
 from conveyor.engine.replies import ReplyHub, stored_final
 from conveyor.engine.submit import OnFull, Submission, Submitter
@@ -67,6 +68,11 @@ SIGNATURE_HELP = (
     f"{SIGNATURE_HEADER} must be t=<unix seconds>,v1=<hex HMAC-SHA256 of "
     '"<t>.<raw body>"> (see the README)'
 )
+
+
+#: ``NewRun(id, flow_id, flow_version, trigger, queue, idempotency_key, response_status)``
+#: positionally, without keyword parsing (one per webhook).
+_new_run = slot_maker(run_store.NewRun)
 
 
 def sign(secret: str, timestamp: str, raw: bytes) -> str:
@@ -214,15 +220,9 @@ class WebhookIntake:
         # Namespaced, so a caller's key can never collide with keys the scheduler (or any
         # other trigger) derives for the same flow.
         key = f"hook:{idempotency_key}" if idempotency_key else None
-        return run_store.NewRun(
-            id=uuid7(),
-            flow_id=head.flow_id,
-            flow_version=head.version,
-            trigger=trigger,
-            queue=_SYNC_QUEUE if sync else _RUNS_QUEUE,
-            idempotency_key=key,
-            response_status=None if sync else 202,
-        )
+        if sync:
+            return _new_run(uuid7(), head.flow_id, head.version, trigger, _SYNC_QUEUE, key, None)
+        return _new_run(uuid7(), head.flow_id, head.version, trigger, _RUNS_QUEUE, key, 202)
 
     async def submit(
         self,

@@ -27,9 +27,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
+from conveyor.engine.context import slot_maker
 from conveyor.queue import Producer, QueueFull, QueueName, QueueUnavailable
 from conveyor.store import runs as run_store
 from conveyor.store.runs import NewRun, RunWriter
+
+#: The start of a job's payload: ``{"run_id": …, "flow_id": …, "version": …`` as orjson
+#: writes it (ids are hex and dashes: nothing to escape).
+_JOB = b'{"run_id":"%s","flow_id":"%s","version":%d'
+_QUEUED = "QUEUED"
+#: Flow ids → their text in a job (a flow's webhooks come again and again); cleared when full.
+_FLOW_TEXT: dict[uuid.UUID, bytes] = {}
+_FLOW_TEXT_MAX = 4096
 
 #: Refusals remembered for repeats of their runs' idempotency keys (``Submitter._refused``).
 _REFUSED_MAX = 4096
@@ -110,6 +121,12 @@ class Submission:
     status: str = "QUEUED"
     response_status: int | None = None
     outage: QueueUnavailable | None = None
+    #: ``str(run_id)`` when the submission had it at hand (else empty).
+    id_text: str = ""
+
+
+#: ``Submission(...)`` positionally, every field given (built without keyword parsing).
+_enqueued = slot_maker(Submission)
 
 
 class Submitter:
@@ -143,24 +160,31 @@ class Submitter:
         The enqueue is chained to the insert's group commit: once the statement commits, the
         batch enqueues the jobs of every run it created in one script call per queue, and
         the caller wakes once, with both done."""
-        # RunJob(...).to_payload() written out: this runs for every webhook.
+        # RunJob(...).to_payload() written out as the bytes orjson would make of it (this
+        # runs for every webhook), with the trigger encoded once for the job and the row.
         run_id = str(new.id)
-        payload: dict[str, Any] = {
-            "run_id": run_id,
-            "flow_id": str(new.flow_id),
-            "version": new.flow_version,
-        }
-        if inline_trigger and new.trigger is not None:
-            payload["trigger"] = new.trigger
+        trigger = new.trigger
+        encoded = None if trigger is None else orjson.dumps(trigger, default=str)
+        flow_text = _FLOW_TEXT.get(new.flow_id)
+        if flow_text is None:
+            if len(_FLOW_TEXT) >= _FLOW_TEXT_MAX:
+                _FLOW_TEXT.clear()
+            flow_text = _FLOW_TEXT[new.flow_id] = str(new.flow_id).encode()
+        payload = _JOB % (run_id.encode(), flow_text, new.flow_version)
+        if inline_trigger and encoded is not None:
+            payload += b',"trigger":' + encoded
         if reply:
-            payload["reply"] = reply
+            payload += b',"reply":' + orjson.dumps(reply)
+        payload += b"}"
         # A repeat of the key (in this batch or a later one) waits until this caller knows
         # its outcome: see _first_outcome.
         submitting = self._submitting
         key = new.id.int
         submitting[key] = None
         try:
-            inserted = await self.writer.insert(new, then=self._enqueue, arg=(payload, dedup_key))
+            inserted = await self.writer.insert(
+                new, then=self._enqueue, arg=(run_id, payload, dedup_key), trigger_json=encoded
+            )
             if not inserted.created:
                 await self._first_outcome(inserted.run_id, on_full)
                 return Submission(
@@ -187,7 +211,7 @@ class Submitter:
                     # Committed: the reconciler enqueues it once Redis is back.
                     return Submission(inserted.run_id, created=True, enqueued=False, outage=result)
                 raise result
-            return Submission(inserted.run_id, created=True, enqueued=True)
+            return _enqueued(inserted.run_id, True, True, _QUEUED, None, None, run_id)
         finally:
             waiter = submitting.pop(key, None)
             if waiter is not None:
@@ -209,21 +233,20 @@ class Submitter:
             raise QueueFull(refused.queue, refused.cap)
 
     async def _enqueue(
-        self, created: Sequence[tuple[NewRun, tuple[dict[str, Any], str | None]]]
+        self, created: Sequence[tuple[NewRun, tuple[str, bytes, str | None]]]
     ) -> list[str | BaseException]:
         """The jobs of the runs an insert batch created: one enqueue per queue (the
-        :data:`~conveyor.store.runs.AfterInsert` of :meth:`submit`)."""
+        :data:`~conveyor.store.runs.AfterInsert` of :meth:`submit`; each run's argument is
+        its ``(job id, encoded payload, dedup key)``)."""
         queue = created[0][0].queue
         if all(new.queue == queue for new, _ in created):
-            return await self.producer.enqueue_batch(
-                queue, [(str(new.id), payload, dedup) for new, (payload, dedup) in created]
-            )
+            return await self.producer.enqueue_batch(queue, [job for _, job in created])
         out: list[str | BaseException] = [""] * len(created)
         by_queue: dict[str, list[int]] = {}
         for i, (new, _) in enumerate(created):
             by_queue.setdefault(new.queue, []).append(i)
         for name, idx in by_queue.items():
-            jobs = [(str(created[i][0].id), *created[i][1]) for i in idx]
+            jobs = [created[i][1] for i in idx]
             try:
                 results = await self.producer.enqueue_batch(name, jobs)
             except Exception as exc:  # this queue's jobs only: another's may be enqueued

@@ -90,6 +90,8 @@ class Inserted:
 #: Work chained to an insert's commit (:meth:`RunWriter.insert`): called once per batch with
 #: the ``(run, arg)`` pairs the batch created, after the commit; returns one result per pair.
 AfterInsert = Callable[[Sequence[tuple["NewRun", Any]]], Awaitable[Sequence[Any]]]
+#: One insert waiting for its batch: ``(run, then, arg, trigger_json)`` (:meth:`RunWriter.insert`).
+_InsertItem = tuple[NewRun, AfterInsert | None, Any, bytes | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +279,7 @@ class RunWriter:
     def __init__(self, db: Database, *, max_batch: int = 500) -> None:
         self.db = db
         opts: dict[str, Any] = {"max_batch": max_batch, "fatal": CONNECTION_ERRORS}
-        self._inserts: Batcher[tuple[NewRun, AfterInsert | None, Any], Inserted] = Batcher(
+        self._inserts: Batcher[_InsertItem, Inserted] = Batcher(
             self._flush_inserts, then=self._chain_inserts, **opts
         )
         self._transitions: Batcher[Transition, bool] = Batcher(self._flush_transitions, **opts)
@@ -285,10 +287,19 @@ class RunWriter:
         self._finishes: Batcher[Finish, bool] = Batcher(self._flush_finishes, **opts)
         self._moved = 0
 
-    async def insert(
-        self, run: NewRun, *, then: AfterInsert | None = None, arg: Any = None
-    ) -> Inserted:
+    def insert(
+        self,
+        run: NewRun,
+        *,
+        then: AfterInsert | None = None,
+        arg: Any = None,
+        trigger_json: bytes | None = None,
+    ) -> Awaitable[Inserted]:
         """Commit ``run`` (group commit); returns once the row is durable.
+
+        ``trigger_json``: ``run.trigger`` already encoded (by orjson, as the store encodes
+        it) — embedded in the batch's parameter as is, so a caller that also puts the
+        trigger in a job encodes it once (a NUL in it is still replaced in the row).
 
         ``then``: work to do once the row is committed, if this insert created it — called
         by the batch itself, once for all the runs of the batch that passed the same ``then``
@@ -297,7 +308,7 @@ class RunWriter:
         :attr:`Inserted.then`. If ``then`` raises, that exception is the result of each of
         its runs (the rows stay committed either way).
         """
-        return await self._inserts.submit((run, then, arg))
+        return self._inserts.submit((run, then, arg, trigger_json))
 
     async def transition(self, change: Transition) -> bool:
         """Apply ``change``; False when the run was already terminal (or does not exist)."""
@@ -337,15 +348,15 @@ class RunWriter:
         epoch = moved.bit_length() if moved < REPLAN_ROWS else moved // REPLAN_ROWS + 64
         return f"{sql}-- plan {epoch}\n"
 
-    async def _flush_inserts(
-        self, items: Sequence[tuple[NewRun, AfterInsert | None, Any]]
-    ) -> list[Inserted]:
-        runs = [item[0] for item in items]
+    async def _flush_inserts(self, items: Sequence[_InsertItem]) -> list[Inserted]:
         async with self.db.writer() as conn:
-            rows = await conn.fetch(_INSERT, _insert_args(runs))
+            rows = await conn.fetch(_INSERT, _insert_items_args(items))
+            if len(rows) == len(items):  # every run created (ids are unique in a batch)
+                return [Inserted(item[0].id, True, item[0].response_status) for item in items]
             created = {row["id"] for row in rows}
             out = []
-            for run in runs:
+            for item in items:
+                run = item[0]
                 if run.id in created:
                     out.append(Inserted(run.id, True, run.response_status))
                 else:
@@ -353,13 +364,13 @@ class RunWriter:
         return out
 
     async def _chain_inserts(
-        self, items: Sequence[tuple[NewRun, AfterInsert | None, Any]], done: Sequence[Inserted]
+        self, items: Sequence[_InsertItem], done: Sequence[Inserted]
     ) -> list[Inserted]:
         """The work chained to a flushed batch (after its commit, its connection back in the
         pool and its batch slot free): each ``then`` once, with the runs it created."""
         out = list(done)
         chains: dict[AfterInsert, list[int]] = {}
-        for i, (_, then, _) in enumerate(items):
+        for i, (_, then, _, _) in enumerate(items):
             if then is not None and out[i].created:
                 chains.setdefault(then, []).append(i)
         for then, idx in chains.items():
@@ -427,6 +438,33 @@ class RunWriter:
             rows = await conn.fetch(self._replanned(_FINISH, len(last)), *args)
         done = {row["id"] for row in rows}
         return [f.change.run_id in done and last[f.change.run_id] is f for f in batch]
+
+
+def _insert_items_args(items: Sequence[_InsertItem]) -> str:
+    """:func:`_insert_args` of a batch whose triggers may come encoded already: those are
+    embedded as they are (``orjson.Fragment``); the rare batch with a NUL is encoded anew
+    from the triggers themselves (see :func:`_rows_json`)."""
+    if all(item[3] is None for item in items):
+        return _insert_args([item[0] for item in items])
+    data = orjson.dumps(
+        [
+            [
+                r.id,
+                r.flow_id,
+                r.flow_version,
+                r.queue,
+                r.trigger if encoded is None else orjson.Fragment(encoded),
+                r.idempotency_key,
+                r.response_status,
+                r.attempt,
+            ]
+            for r, _, _, encoded in items
+        ],
+        default=str,
+    )
+    if b"\\u0000" in data:
+        return _insert_args([item[0] for item in items])
+    return data.decode()
 
 
 def _insert_args(runs: Sequence[NewRun]) -> str:
