@@ -1,8 +1,9 @@
 """Queue benchmark: Conveyor's Redis Streams queue against saq and a raw XREADGROUP loop.
 
 Run with no arguments: N = 50,000 no-op jobs, concurrency C = 64, Redis from
-``CONVEYOR_TEST_REDIS_URL``, else 127.0.0.1:6379, else an embedded server; DB 14, flushed
-before every phase. In one process and one uvloop event loop it measures
+``CONVEYOR_TEST_REDIS_URL``, else 127.0.0.1:6379, else an embedded server; DB 14 (``--db``, or
+``BENCH_REDIS_DB``), flushed before every phase. In one process and one uvloop event loop it
+measures
 
 * Conveyor enqueue: N concurrent ``Producer.enqueue`` calls (coalesced into pipelined scripts);
 * Conveyor process: one ``Consumer`` at concurrency C draining the N jobs (burst mode);
@@ -10,9 +11,10 @@ before every phase. In one process and one uvloop event loop it measures
   batch, with nothing else (the ceiling for any Python consumer on this client);
 * saq: the same N no-op jobs through one saq ``Worker`` at concurrency C.
 
-It prints a table; its last two lines are exactly ``ratio: R.Rx saq`` and ``ratio: P% of raw``
-(Conveyor process throughput over saq's, and over the raw loop's). ``--json PATH`` also writes
-the figures as JSON.
+It prints a table (with this process's and the Redis server's CPU µs per job of each Conveyor
+and raw phase; Redis's is the whole server's, so other clients add to it); its last two lines
+are exactly ``ratio: R.Rx saq`` and ``ratio: P% of raw`` (Conveyor process throughput over
+saq's, and over the raw loop's). ``--json PATH`` also writes the figures as JSON.
 """
 
 # ruff: noqa: E402
@@ -45,7 +47,7 @@ from saq import Queue, Worker
 from conveyor.embedded import EmbeddedRedis
 from conveyor.queue import Consumer, Job, Producer, QueueConfig
 
-DB = 14
+DB = int(os.environ.get("BENCH_REDIS_DB") or 14)
 ENQUEUE_WINDOW = 2000  # concurrent enqueue() calls in flight, like a busy ingest process
 
 
@@ -64,21 +66,44 @@ def _reachable(host: str, port: int) -> bool:
         return False
 
 
-def pick_redis(explicit: str | None) -> tuple[str, Any]:
-    """(url on DB 14, embedded server to stop or None)."""
+def pick_redis(explicit: str | None, db: int = DB) -> tuple[str, Any]:
+    """(url on DB ``db``, embedded server to stop or None)."""
     if explicit:
-        return _with_db(explicit, DB), None
+        return _with_db(explicit, db), None
     env = os.environ.get("CONVEYOR_TEST_REDIS_URL")
     if env:
-        return _with_db(env, DB), None
+        return _with_db(env, db), None
     if _reachable("127.0.0.1", 6379):
-        return f"redis://127.0.0.1:6379/{DB}", None
+        return f"redis://127.0.0.1:6379/{db}", None
     server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="conveyor-bench-")) / "redis")
-    return _with_db(server.start(), DB), server
+    return _with_db(server.start(), db), server
 
 
 async def _noop(job: Job) -> None:
     return None
+
+
+class _Cpu:
+    """CPU seconds of this process and of the Redis server over a phase (``INFO cpu``)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.own = self.redis = 0.0
+
+    async def _redis_cpu(self) -> float:
+        info = await self.client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    async def start(self) -> None:
+        self.redis = await self._redis_cpu()
+        self.own = time.process_time()
+
+    async def stop(self) -> tuple[float, float]:
+        own = time.process_time() - self.own
+        return own, await self._redis_cpu() - self.redis
+
+
+CPU: dict[str, tuple[float, float]] = {}  # phase -> (own CPU s, Redis CPU s)
 
 
 async def bench_conveyor(
@@ -89,6 +114,8 @@ async def bench_conveyor(
     cfg = QueueConfig(concurrency=c, max_length=max(100_000, n))
     producer = Producer(client, cfg)
     payload = {"flow_id": "bench", "trigger": {"n": 0}}
+    cpu = _Cpu(client)
+    await cpu.start()
     t0 = time.perf_counter()
     for start in range(0, n, ENQUEUE_WINDOW):
         await asyncio.gather(
@@ -98,6 +125,7 @@ async def bench_conveyor(
             )
         )
     enqueue_s = time.perf_counter() - t0
+    CPU["conveyor enqueue"] = await cpu.stop()
     consumer = Consumer(client, _noop, cfg, queues=["runs"])
     watch = None
     if progress is not None:
@@ -108,9 +136,11 @@ async def bench_conveyor(
                 await asyncio.sleep(0.05)
 
         watch = asyncio.ensure_future(follow())
+    await cpu.start()
     t0 = time.perf_counter()
     done = await consumer.drain()
     process_s = time.perf_counter() - t0
+    CPU["conveyor process"] = await cpu.stop()
     if watch is not None:
         watch.cancel()
         progress[0] = consumer.processed
@@ -133,6 +163,8 @@ async def bench_raw(
         await pipe.execute()
     await client.xgroup_create(stream, group, id="0")
     seen = 0
+    cpu = _Cpu(client)
+    await cpu.start()
     t0 = time.perf_counter()
     while True:
         reply = await client.xreadgroup(group, b"raw", {stream: b">"}, count=c)
@@ -144,6 +176,7 @@ async def bench_raw(
         if progress is not None:
             progress[0] = seen
     elapsed = time.perf_counter() - t0
+    CPU["raw XREADGROUP+XACK"] = await cpu.stop()
     if seen != n:
         raise SystemExit(f"raw loop read {seen} of {n}")
     return elapsed
@@ -181,7 +214,7 @@ async def bench_saq(url: str, client: aioredis.Redis, n: int, c: int) -> tuple[f
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    url, embedded = pick_redis(args.url)
+    url, embedded = pick_redis(args.url, args.db)
     client = aioredis.Redis.from_url(url, decode_responses=False)
     try:
         info = await client.info("server")
@@ -205,9 +238,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     ]
     if saq is not None:
         rows += [("saq enqueue", n, saq[0]), ("saq process", n, saq[1])]
-    print(f"{'phase':<22} {'jobs':>8} {'seconds':>9} {'jobs/s':>10}")
+    print(f"{'phase':<22} {'jobs':>8} {'seconds':>9} {'jobs/s':>10} {'µs/job':>7} {'redis':>6}")
     for name, jobs, secs in rows:
-        print(f"{name:<22} {jobs:>8} {secs:>9.3f} {jobs / secs:>10.0f}")
+        own, red = CPU.get(name, (float("nan"), float("nan")))
+        print(
+            f"{name:<22} {jobs:>8} {secs:>9.3f} {jobs / secs:>10.0f}"
+            f" {1e6 * own / jobs:>7.2f} {1e6 * red / jobs:>6.2f}"
+        )
     conveyor_rate = n / proc_s
     saq_ratio = conveyor_rate / (n / saq[1]) if saq is not None else float("nan")
     raw_pct = 100 * conveyor_rate / (n / raw_s)
@@ -217,7 +254,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "n": n,
         "c": c,
         "redis_url": url,
-        "rows": [{"phase": r[0], "jobs": r[1], "seconds": r[2]} for r in rows],
+        "rows": [
+            {
+                "phase": r[0],
+                "jobs": r[1],
+                "seconds": r[2],
+                "cpu_us_per_job": 1e6 * CPU[r[0]][0] / r[1] if r[0] in CPU else None,
+                "redis_cpu_us_per_job": 1e6 * CPU[r[0]][1] / r[1] if r[0] in CPU else None,
+            }
+            for r in rows
+        ],
         "ratio_saq": saq_ratio,
         "pct_of_raw": raw_pct,
     }
@@ -227,7 +273,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=50_000, help="jobs per phase (50,000)")
     parser.add_argument("--c", type=int, default=64, help="consumer concurrency (64)")
-    parser.add_argument("--url", help="Redis URL (DB index replaced by 14)")
+    parser.add_argument("--url", help="Redis URL (DB index replaced by --db)")
+    parser.add_argument(
+        "--db",
+        type=int,
+        default=DB,
+        help="Redis DB, flushed before every phase (BENCH_REDIS_DB, else 14)",
+    )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--skip-saq", action="store_true", help="leave saq out (quick runs)")
     cli = parser.parse_args()
