@@ -72,6 +72,16 @@ MAX_TAKEOVER_BATCH = 1000
 _TRANSIENT = re.compile(r"^\[backend down since (\d+)\] ")
 
 
+#: The read command, named in bytes: redis-py looks its reply parser up by the command's name
+#: as text, so the reply comes back as Redis sent it (entries with flat field lists, which
+#: :func:`decode_entry` reads directly) instead of being rebuilt as a dict per entry first.
+_XREADGROUP = b"XREADGROUP"
+
+
+#: A completed job's summary (see :meth:`Consumer._queue_ack`).
+_SUMMARY = b'{"id":%b,"e":"%b","a":%d,"w":%d,"r":%d,"f":%d,"t":%d}'
+
+
 def _reraise_if_cancelling(exc: BaseException | None = None) -> None:
     """Re-raise a cancellation that something below swallowed (redis-py may turn it into a
     connection error, Python 3.11's ``wait_for`` may drop it): loops must still stop."""
@@ -188,6 +198,13 @@ class Consumer:
         #: One long-lived worker coroutine per slot; idle ones wait on their own future.
         self._workers: list[asyncio.Task[None]] = []
         self._idle: deque[asyncio.Future[None]] = deque()
+        #: Whether a read wakes a worker per entry at once (see :meth:`_wake_workers`); off
+        #: while handlers finish without suspending, where the first worker runs the batch.
+        self._eager = True
+        self._wake_pending = False
+        #: Workers the last eager wake-up woke, and how many of them found the buffer empty.
+        self._woken = 0
+        self._woke_idle = 0
         #: Side tasks (dead-lettering) that must finish before shutdown.
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused: frozenset[str] = frozenset()
@@ -499,7 +516,7 @@ class Consumer:
         self, s: _Stream, count: int, out: list[tuple[_Stream, bytes, Any, int]]
     ) -> int:
         """Non-blocking ``XREADGROUP`` of one stream into ``out``; how many entries came."""
-        args = ("XREADGROUP", "GROUP", k.GROUP, self._name_b, "COUNT", count, "STREAMS")
+        args = (_XREADGROUP, b"GROUP", k.GROUP, self._name_b, b"COUNT", count, b"STREAMS")
         try:
             reply = await execute_command(self.redis)(*args, s.keys.stream, ">")
         except ResponseError as exc:
@@ -526,7 +543,7 @@ class Consumer:
             # One blocking read cannot span slots; poll instead (Cluster is the rare deployment).
             await self._sleep(min(0.05, self.config.block_ms / 1000))
             return []
-        args: list[Any] = ["XREADGROUP", "GROUP", k.GROUP, self._name_b, "COUNT", count]
+        args: list[Any] = [_XREADGROUP, b"GROUP", k.GROUP, self._name_b, b"COUNT", count]
         args += ["BLOCK", self.config.block_ms, "STREAMS"]
         args += [s.keys.stream for s in streams] + [">"] * len(streams)
         self._block_task = asyncio.ensure_future(execute_command(self.redis)(*args))
@@ -592,17 +609,47 @@ class Consumer:
         read, write and acknowledgement serving all of them. (Waking one worker first and
         the rest a turn later split every read into a run written alone and the others a
         statement later; over time the backlog broke up into many waves of a few runs, and
-        round trips per run grew accordingly.)"""
+        round trips per run grew accordingly.)
+
+        Handlers that finish without suspending (a no-op, a run found already finished)
+        let the first woken worker run the whole read in its loop, and the others wake to an
+        empty buffer: when all but one of a wake-up's workers found nothing, the next reads
+        wake one worker now and the rest a turn later, only if entries are still buffered
+        then — which also means handlers suspend again, and wakes go back to all at once."""
+        buffer = self._buffer
+        if not buffer:
+            return
+        if self._eager:
+            if self._woken > 1 and self._woke_idle >= self._woken - 1:
+                self._eager = False
+            else:
+                woken = self._wake(len(buffer))
+                if woken:
+                    self._woken, self._woke_idle = woken, 0
+                return
+        self._wake(1)
+        if buffer and self._idle and not self._wake_pending:
+            self._wake_pending = True
+            asyncio.get_running_loop().call_soon(self._wake_rest)
+
+    def _wake_rest(self) -> None:
+        self._wake_pending = False
         if self._buffer:
+            # The first worker suspended with entries left: handlers suspend, wake them all.
+            self._eager = True
+            self._woken = self._woke_idle = 0
             self._wake(len(self._buffer))
 
-    def _wake(self, n: int) -> None:
+    def _wake(self, n: int) -> int:
+        """Wake up to ``n`` idle workers; how many were woken."""
         idle = self._idle
-        while n > 0 and idle:
+        woken = 0
+        while woken < n and idle:
             waiter = idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                n -= 1
+                woken += 1
+        return woken
 
     async def _worker(self) -> None:
         # A worker drains the buffer in a tight loop: a handler that finishes without really
@@ -625,6 +672,8 @@ class Consumer:
             waiter: asyncio.Future[None] = loop.create_future()
             self._idle.append(waiter)
             await waiter
+            if not buffer:
+                self._woke_idle += 1
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -670,16 +719,17 @@ class Consumer:
         start_ms = int(started * 1000)
         fin = now_ms()
         wait = max(0, start_ms - job.entry_ms)
-        summary = orjson.dumps(
-            {
-                "id": job.id,
-                "e": job.entry_id,
-                "a": job.attempt,
-                "w": wait,
-                "r": fin - start_ms,
-                "f": fin,
-                "t": job.enqueued_ms,
-            }
+        # The completed summary, formatted directly: the same bytes as orjson.dumps of the
+        # dict {"id", "e", "a", "w", "r", "f", "t"} (the job id JSON-escaped by orjson; the
+        # entry id is digits and a dash), for about two thirds of the cost per job.
+        summary = _SUMMARY % (
+            orjson.dumps(job.id),
+            job.entry_id.encode(),
+            job.attempt,
+            wait,
+            fin - start_ms,
+            fin,
+            job.enqueued_ms,
         )
         self._acks.add(s.keys, (job.entry_id, job.id, wait, summary))
 

@@ -102,3 +102,26 @@ async def test_a_group_behind_its_stream_loses_no_undelivered_entry(
     assert int(await redis.get(sk.count) or 0) == 5
     assert sorted(await redis.hkeys(sk.index)) == [n.encode() for n in names[1:]]
     assert await completed_ids(redis) == ["l0"]
+
+
+def test_the_completed_summary_is_the_json_of_its_fields() -> None:
+    # Formatted directly (not a dict through orjson) for speed: the bytes must not change.
+    consumer = Consumer(aioredis.Redis(), _noop_handler, QueueConfig())
+    sent: list[tuple[str, str, int, bytes]] = []
+    consumer._acks.add = lambda sk, item: sent.append(item)  # type: ignore[method-assign]
+    stream = consumer._streams[0]
+    ids = ["run-1", 'quote"and\\slash', "ünï\u2028code", "ctl\x01\n", ""]
+    for n, jid in enumerate(ids):
+        job = Job(jid, "runs", {}, n + 1, f"17646250000{n}-{n}", 0, 1764625000000 - n)
+        job.entry_ms = 1764625000000 + n
+        consumer._queue_ack(stream, job, 1764625000.5 + n)
+    for jid, (eid, job_id, wait, summary) in zip(ids, sent, strict=True):
+        doc = orjson.loads(summary)
+        assert job_id == jid == doc["id"]
+        assert eid == doc["e"] and wait == doc["w"]
+        expected = {k: doc[k] for k in ("id", "e", "a", "w", "r", "f", "t")}
+        assert summary == orjson.dumps(expected)
+
+
+async def _noop_handler(job: Job) -> None:
+    return None

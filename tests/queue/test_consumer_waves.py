@@ -5,6 +5,7 @@ being read, run and acknowledged in waves of ``concurrency`` jobs."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import redis.asyncio as aioredis
 
@@ -76,3 +77,65 @@ async def test_the_jobs_of_one_read_start_together_and_share_writes(
         by_turn[turn] = by_turn.get(turn, 0) + 1
     assert sorted(by_turn.values()) == [cfg.concurrency] * 4
     assert write.batches == [cfg.concurrency] * 4
+
+
+class _CountWakes:
+    """Counts the idle workers a consumer wakes."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.woken = 0
+        wake = consumer._wake
+
+        def counted(n: int) -> int:
+            woken = wake(n)
+            self.woken += woken
+            return woken
+
+        consumer._wake = counted  # type: ignore[method-assign]
+
+
+async def test_handlers_that_do_not_suspend_wake_one_worker_per_read(
+    redis: aioredis.Redis, cfg: QueueConfig
+) -> None:
+    # The first worker runs a read's jobs in its loop when they never suspend: waking the
+    # others for every entry cost each read concurrency - 1 task switches that found nothing.
+    cfg = dataclasses.replace(cfg, concurrency=16)
+    producer = Producer(redis, cfg)
+    n = cfg.concurrency * 8
+    await asyncio.gather(*(producer.enqueue("runs", {"n": i}, job_id=f"q{i}") for i in range(n)))
+
+    async def handler(job: Job) -> None:
+        return None
+
+    consumer = Consumer(redis, handler, cfg)
+    wakes = _CountWakes(consumer)
+    assert await consumer.drain() == n
+    # One wave wakes every worker (handlers might suspend), then one worker per read.
+    assert wakes.woken <= cfg.concurrency * 2 + 8
+
+
+async def test_handlers_that_suspend_again_start_together_again(
+    redis: aioredis.Redis, cfg: QueueConfig
+) -> None:
+    # After reads of handlers that finished at once, handlers that suspend go back to whole
+    # waves started in one turn and sharing one write.
+    producer = Producer(redis, cfg)
+    c = cfg.concurrency
+    quick, slow = 3 * c, 4 * c
+    await asyncio.gather(
+        *(producer.enqueue("runs", {"n": i}, job_id=f"m{i}") for i in range(quick + slow))
+    )
+    write = _BatchedWrite()
+
+    async def handler(job: Job) -> None:
+        if job.payload["n"] >= quick:
+            await write.submit()
+
+    consumer = Consumer(redis, handler, cfg)
+    assert await consumer.drain() == quick + slow
+    assert sum(write.batches) == slow
+    # Only the first read of suspending jobs starts one of them a turn ahead (a write of its
+    # own); then every worker is woken at once again (one worker first and the rest a turn
+    # later would write one job alone per read).
+    assert write.batches.count(1) <= 1
+    assert consumer._eager
