@@ -37,10 +37,13 @@ class _Pending:
     their results (one job for :meth:`Producer.enqueue`, a caller's batch for
     :meth:`Producer.enqueue_batch`)."""
 
-    __slots__ = ("future", "jobs")
+    __slots__ = ("future", "jobs", "one")
 
-    def __init__(self, jobs: list[_Job], future: asyncio.Future[list[str | BaseException]]) -> None:
+    def __init__(self, jobs: list[_Job], future: asyncio.Future[Any], one: bool) -> None:
         self.jobs = jobs
+        #: The future of the one job's result itself (an :meth:`Producer.enqueue`), not of a
+        #: list of results: no list sliced out and unpacked per job.
+        self.one = one
         self.future = future
 
 
@@ -90,18 +93,19 @@ class Producer:
         shard = k.shard_for(dedup_key or job_id, self.config.shards)
         self._keys(queue)
         job = (job_id, encode_payload(payload), int(delay_s * 1000), dedup_key)
-        (result,) = await self._add((queue, shard), [job])
+        result: str | BaseException = await self._add((queue, shard), [job], True)
         if isinstance(result, BaseException):
             raise result
         return result
 
     def _add(
-        self, slot: tuple[str, int], jobs: list[_Job]
-    ) -> asyncio.Future[list[str | BaseException]]:
-        """Queue ``jobs`` for the next script call of ``slot``; the future of their results."""
+        self, slot: tuple[str, int], jobs: list[_Job], one: bool = False
+    ) -> asyncio.Future[Any]:
+        """Queue ``jobs`` for the next script call of ``slot``; the future of their results
+        (with ``one``, of the one job's result)."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[str | BaseException]] = loop.create_future()
-        item = _Pending(jobs, future)
+        future: asyncio.Future[Any] = loop.create_future()
+        item = _Pending(jobs, future, one)
         batch = self._pending.get(slot)
         if batch is None:
             self._pending[slot] = [item]
@@ -165,7 +169,8 @@ class Producer:
             group.append((job_id, encode_payload(payload), 0, dedup_key))
         if len(by_shard) == 1:
             ((shard, (_, group)),) = by_shard.items()
-            return await self._add((queue, shard), group)
+            one_shard: list[str | BaseException] = await self._add((queue, shard), group)
+            return one_shard
         futures = [self._add((queue, shard), group) for shard, (_, group) in by_shard.items()]
         out: list[str | BaseException] = [""] * len(jobs)
         for (idx, _), results in zip(
@@ -192,11 +197,21 @@ class Producer:
                 if not item.future.done():
                     item.future.set_exception(QueueUnavailable(f"enqueue interrupted: {exc!r}"))
             raise
+        if len(batch) == 1:
+            item = batch[0]
+            if not item.future.done():
+                item.future.set_result(results[0] if item.one else results)
+            return
         pos = 0
         for item in batch:
+            if item.one:
+                if not item.future.done():
+                    item.future.set_result(results[pos])
+                pos += 1
+                continue
             n = len(item.jobs)
             if not item.future.done():
-                item.future.set_result(results if len(batch) == 1 else results[pos : pos + n])
+                item.future.set_result(results[pos : pos + n])
             pos += n
 
     async def _call(
