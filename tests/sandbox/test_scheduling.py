@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 
+from conveyor.sandbox import Sandbox, SandboxStatus
 from tests.polling import eventually
 from tests.sandbox.support import assert_no_strays, make_sandbox, run, step_in_flight
 
@@ -128,3 +130,12 @@ async def test_a_step_that_closes_or_patches_its_stdout_does_not_break_the_next_
             assert out.error is None, out.error
             assert out.output == given["run"] and out.logs == f"hello from {given['run']}\n"
         await assert_no_strays(sb)
+
+
+async def test_step_processes_run_under_sched_batch(sandbox: Sandbox) -> None:
+    """A step process (as the fork-server it comes from) runs under SCHED_BATCH: woken by
+    the worker's request it does not preempt the worker; its nice value is left as it was."""
+    code = "import os\ndef run(input):\n    return [os.sched_getscheduler(0), os.nice(0)]\n"
+    result = await run(sandbox, code)
+    assert result.status is SandboxStatus.SUCCEEDED, result.error
+    assert result.output == [os.SCHED_BATCH, os.nice(0)]
