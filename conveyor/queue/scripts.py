@@ -20,6 +20,21 @@ from redis.exceptions import NoScriptError
 ScriptArg = bytes | str | int | float
 
 _HELPERS = """
+-- The non-empty pieces of s between one-character separators sep. A plain search (memchr)
+-- rather than gmatch over a class pattern such as '[^,]+', which tests the class at every
+-- character: that cost the ACK script ~2 us per acknowledged job, half its time.
+local function split(s, sep)
+  local out, n, pos, len = {}, 0, 1, #s
+  while pos <= len do
+    local e = string.find(s, sep, pos, true) or len + 1
+    if e > pos then
+      n = n + 1
+      out[n] = string.sub(s, pos, e - 1)
+    end
+    pos = e + 1
+  end
+  return out
+end
 local function field(f, name)
   for k = 1, #f, 2 do
     if f[k] == name then return f[k + 1] end
@@ -80,13 +95,8 @@ ENQUEUE = Script(
 local stream, index, count, delayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, now, cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local maxlen, ttl, n = ARGV[4], ARGV[5], tonumber(ARGV[6])
-local function split(s, pattern)
-  local out = {}
-  for x in string.gmatch(s, pattern) do out[#out + 1] = x end
-  return out
-end
-local ids, dks = split(ARGV[7], '[^\\n]+'), split(ARGV[8], '[^,]+')
-local delays, lens, blob = split(ARGV[9], '[^,]+'), split(ARGV[10], '[^,]+'), ARGV[11]
+local ids, dks = split(ARGV[7], '\\n'), split(ARGV[8], ',')
+local delays, lens, blob = split(ARGV[9], ','), split(ARGV[10], ','), ARGV[11]
 local pending = 0
 local p = redis.pcall('XPENDING', stream, group)
 if p.err then
@@ -177,26 +187,21 @@ ACK = Script(
     "ack",
     """
 local group, keep, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local function split(s, pattern)
-  local out = {}
-  for x in string.gmatch(s, pattern) do out[#out + 1] = x end
-  return out
-end
-local eids = split(ARGV[4], '[^,]+')
+local eids = split(ARGV[4], ',')
 local n = #eids
 local acked, waited, jids, logs, partial = 0, tonumber(ARGV[7]), nil, nil, false
 for s = 1, n, 1000 do
   acked = acked + redis.call('XACK', KEYS[1], group, unpack(eids, s, math.min(s + 999, n)))
 end
 if acked == n then
-  jids, logs = split(ARGV[5], '[^\\n]+'), split(ARGV[6], '[^\\n]+')
+  jids, logs = split(ARGV[5], '\\n'), split(ARGV[6], '\\n')
 elseif acked > 0 then
   -- Ours: still in the stream and delivered by this group (at or below its last-delivered
   -- id: after a failover to a lagging replica the stream may hold entries the group never
   -- delivered, which are not ours to count or remove).
   local info = group_info(KEYS[1], group)
   local last = info and info['last-delivered-id'] or '0-0'
-  local all_jids, all_logs = split(ARGV[5], '[^\\n]+'), split(ARGV[6], '[^\\n]+')
+  local all_jids, all_logs = split(ARGV[5], '\\n'), split(ARGV[6], '\\n')
   local mine = {}
   partial = true
   jids, logs, waited = {}, {}, 0

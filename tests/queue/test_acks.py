@@ -104,6 +104,33 @@ async def test_a_group_behind_its_stream_loses_no_undelivered_entry(
     assert await completed_ids(redis) == ["l0"]
 
 
+async def test_ids_with_separators_and_odd_payloads_go_through_enqueue_and_ack(
+    redis: aioredis.Redis, cfg: QueueConfig
+) -> None:
+    # The scripts split their joined columns with a plain search: ids holding the other
+    # columns' separators, spaces, quotes or non-ASCII, and payloads of any length, come
+    # through whole, and each acknowledged job leaves the index and the stream.
+    producer = Producer(redis, cfg)
+    ids = ["a,b", "c, d ,", ",", "ü x", 'q"\\', "x" * 300, "-1", "e\tf"]
+    payloads: list[object] = [{}, [], "s,t\nu", {"k": "v" * 5000}, 0, None, {"a": [1, 2]}, "é"]
+    added = await asyncio.gather(
+        *(producer.enqueue("runs", p, job_id=j) for j, p in zip(ids, payloads, strict=True))
+    )
+    assert added == ids
+    seen: dict[str, object] = {}
+
+    async def handler(job: Job) -> None:
+        seen[job.id] = job.payload
+
+    assert await Consumer(redis, handler, cfg).drain() == len(ids)
+    assert seen == dict(zip(ids, payloads, strict=True))
+    assert sorted(await completed_ids(redis)) == sorted(ids)
+    sk = k.ShardKeys("runs", 0)
+    assert await redis.hlen(sk.index) == 0
+    assert await redis.xlen(sk.stream) == 0
+    assert int(await redis.get(sk.count) or 0) == 0
+
+
 def test_the_completed_summary_is_the_json_of_its_fields() -> None:
     # Formatted directly (not a dict through orjson) for speed: the bytes must not change.
     consumer = Consumer(aioredis.Redis(), _noop_handler, QueueConfig())
