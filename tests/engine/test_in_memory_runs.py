@@ -586,3 +586,29 @@ async def test_a_flow_timeout_in_a_lazy_code_step_is_recorded(
         assert w.writer.writes == [("RUNNING", ["parse"]), ("TIMEOUT", ["score"])]
     else:
         assert w.writer.writes == [("TIMEOUT", ["parse", "score"])]
+
+
+async def test_a_run_handed_back_before_its_running_was_due_stays_queued(
+    db: Database, contained: RunWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker stopping (its drain time spent) while a first code step runs, RUNNING not yet
+    due: the step is canceled, nothing is written — the run stays QUEUED for the worker that
+    takes its entry over — and no RUNNING write follows later (the timer is disarmed)."""
+    monkeypatch.setattr(worker_module, "LAZY_RUNNING_S", 0.5)
+    rid = await _submit(db, contained, _slow(5))
+    sandbox = contained.sandbox
+    assert isinstance(sandbox, Sandbox)
+    await contained.consumer.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while sandbox._busy == 0:
+            assert asyncio.get_running_loop().time() < deadline, "the code step never started"
+            await asyncio.sleep(0.01)
+    finally:
+        await contained.consumer.close(timeout_s=0.05)
+    await asyncio.sleep(1.0)  # past LAZY_RUNNING_S
+    run = await run_store.get_run(db, rid)
+    assert run["status"] == "QUEUED" and run["attempt"] == 0
+    assert await run_store.get_steps(db, rid) == []
+    assert isinstance(contained.writer, _CountingWriter)
+    assert contained.writer.writes == []
