@@ -202,9 +202,12 @@ class Consumer:
         #: while handlers finish without suspending, where the first worker runs the batch.
         self._eager = True
         self._wake_pending = False
-        #: Workers the last eager wake-up woke, and how many of them found the buffer empty.
+        #: Wake-ups so far; the last one's workers, how many of them found the buffer empty,
+        #: and the most jobs one of them ran in a row before idling again.
+        self._wave = 0
         self._woken = 0
         self._woke_idle = 0
+        self._most = 0
         #: Side tasks (dead-lettering) that must finish before shutdown.
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused: frozenset[str] = frozenset()
@@ -611,21 +614,22 @@ class Consumer:
         statement later; over time the backlog broke up into many waves of a few runs, and
         round trips per run grew accordingly.)
 
-        Handlers that finish without suspending (a no-op, a run found already finished)
-        let the first woken worker run the whole read in its loop, and the others wake to an
-        empty buffer: when all but one of a wake-up's workers found nothing, the next reads
-        wake one worker now and the rest a turn later, only if entries are still buffered
-        then — which also means handlers suspend again, and wakes go back to all at once."""
+        Handlers that finish without suspending (a no-op) let the first woken worker run
+        the whole read in its loop, and the others wake to an empty buffer. When that is
+        what the last wake-up saw — of the several workers it woke, one ran several jobs in
+        a row and all the others found nothing — the next reads wake one worker now and the
+        rest a turn later, only if entries are still buffered then, which means a handler
+        suspended: wakes go back to all at once. (Woken workers that all find nothing
+        because busy workers finishing in the same turn took the entries first are not
+        that: none of them ran anything.)"""
         buffer = self._buffer
         if not buffer:
             return
         if self._eager:
-            if self._woken > 1 and self._woke_idle >= self._woken - 1:
+            if self._woken > 1 and self._most > 1 and self._woke_idle >= self._woken - 1:
                 self._eager = False
             else:
-                woken = self._wake(len(buffer))
-                if woken:
-                    self._woken, self._woke_idle = woken, 0
+                self._wave_of(self._wake(len(buffer)))
                 return
         self._wake(1)
         if buffer and self._idle and not self._wake_pending:
@@ -637,8 +641,12 @@ class Consumer:
         if self._buffer:
             # The first worker suspended with entries left: handlers suspend, wake them all.
             self._eager = True
-            self._woken = self._woke_idle = 0
-            self._wake(len(self._buffer))
+            self._wave_of(self._wake(len(self._buffer)))
+
+    def _wave_of(self, woken: int) -> None:
+        if woken:
+            self._wave += 1
+            self._woken, self._woke_idle, self._most = woken, 0, 0
 
     def _wake(self, n: int) -> int:
         """Wake up to ``n`` idle workers; how many were woken."""
@@ -658,6 +666,7 @@ class Consumer:
         task = asyncio.current_task()
         assert task is not None
         buffer = self._buffer
+        woke_in = ran = 0  # the wake-up that woke this worker; jobs it ran since
         while True:
             if task.cancelling():
                 raise asyncio.CancelledError
@@ -668,10 +677,14 @@ class Consumer:
                     raise asyncio.CancelledError
                 s, job = buffer.popleft()
                 self._running += 1
+                ran += 1
                 await self._execute(s, job)
+            if woke_in == self._wave and ran > self._most:
+                self._most = ran
             waiter: asyncio.Future[None] = loop.create_future()
             self._idle.append(waiter)
             await waiter
+            woke_in, ran = self._wave, 0
             if not buffer:
                 self._woke_idle += 1
 

@@ -139,3 +139,30 @@ async def test_handlers_that_suspend_again_start_together_again(
     # later would write one job alone per read).
     assert write.batches.count(1) <= 1
     assert consumer._eager
+
+
+async def test_woken_workers_beaten_to_the_entries_keep_wakes_eager(cfg: QueueConfig) -> None:
+    # Under load the engine's busy workers, finishing in the turn a read came back, can take
+    # the read's entries before the woken ones run: all of those find nothing, yet handlers
+    # do suspend. That must not switch to one worker first (each such switch wrote one run
+    # alone and split the wave). Only a worker that ran several jobs in a row while the
+    # others found nothing means handlers finish without suspending.
+    consumer = Consumer(aioredis.Redis(), _noop, cfg)
+    loop = asyncio.get_running_loop()
+    stream = consumer._streams[0]
+    job = Job("x", "runs", {}, 1, "1-1", 0, 1)
+    for most, eager in ((0, True), (1, True), (5, False)):
+        consumer._eager = True
+        consumer._woken, consumer._woke_idle, consumer._most = 4, 4 if most == 0 else 3, most
+        idle = [loop.create_future() for _ in range(4)]
+        consumer._idle.extend(idle)
+        consumer._buffer.extend([(stream, job)] * 4)
+        consumer._wake_workers()
+        assert consumer._eager is eager
+        assert sum(f.done() for f in idle) == (4 if eager else 1)
+        consumer._buffer.clear()
+        consumer._idle.clear()
+
+
+async def _noop(job: Job) -> None:
+    return None
