@@ -132,6 +132,7 @@ class _Sink:
         "code_held",
         "deferred",
         "deliver",
+        "error",
         "held",
         "job",
         "killed",
@@ -179,6 +180,10 @@ class _Sink:
         self.task: asyncio.Task[Any] | None = None
         self.cancelling = 0
         self.killed = False
+        #: The exception a write of this sink raised into the executor (which would make an
+        #: INTERNAL_ERROR outcome of it): the run's handler raises it instead, so the job is
+        #: retried with nothing of this delivery committed.
+        self.error: Exception | None = None
 
     def _rid(self, run_id: str) -> uuid.UUID:
         rid = self.rid
@@ -188,7 +193,11 @@ class _Sink:
 
     async def step_finished(self, run_id: str, record: StepRecord) -> None:
         if self.lazy:
-            await self.settle()
+            try:
+                await self.settle()
+            except Exception as exc:
+                self._failed(exc)
+                raise
         seq = self.seq
         self.seq += 1
         typ = record.type
@@ -197,7 +206,17 @@ class _Sink:
         if typ == StepType.CODE:
             self.code_held = True
         if typ not in self.deferred:
-            await self.flush(run_id)
+            try:
+                await self.flush(run_id)
+            except Exception as exc:
+                self._failed(exc)
+                raise
+
+    def _failed(self, exc: Exception) -> None:
+        """A write failed under the executor: noted for the run's handler (a run found ended
+        is an outcome, not a failure)."""
+        if not isinstance(exc, RunEnded) and self.error is None:
+            self.error = exc
 
     async def before_step(self, run_id: str, step_type: str) -> None:
         """A step is about to start: anything held is made durable first unless the step
@@ -207,13 +226,18 @@ class _Sink:
         the next durable write if it is done by then): a run executing user code shows as
         running (and can be canceled as such), and a run canceled while queued has its code
         step killed with nothing of it stored."""
-        if self.lazy:
-            await self.settle()
-        if self.pending is not None or (
-            (self.held or self.start_pending) and step_type not in self.deferred
-        ):
-            await self.flush(run_id)
-        elif self.start_pending and step_type == StepType.CODE:
+        try:
+            if self.lazy:
+                await self.settle()
+            if self.pending is not None or (
+                (self.held or self.start_pending) and step_type not in self.deferred
+            ):
+                await self.flush(run_id)
+                return
+        except Exception as exc:
+            self._failed(exc)
+            raise
+        if self.start_pending and step_type == StepType.CODE:
             # A contained code step (else it is not deferred): RUNNING waits (code_started).
             self.lazy = True
             task = self.task = asyncio.current_task()
@@ -504,6 +528,10 @@ class RunWorker:
         still in flight awaited)."""
         try:
             outcome = await self.executor.run(flow, ctx, on_respond=on_respond, sink=sink)
+            if sink.error is not None:
+                # A checkpoint write failed (the executor made an INTERNAL_ERROR outcome of
+                # it): the job fails and is retried; what it held is not committed.
+                raise sink.error
             if sink.lazy or sink.starting is not None:
                 await sink.settle()
         except asyncio.CancelledError:
