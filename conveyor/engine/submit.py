@@ -142,8 +142,10 @@ class Submitter:
         #: run's idempotency key waits on until the first caller knows its outcome.
         self._submitting: dict[int, asyncio.Future[None] | None] = {}
         #: Runs refused under :attr:`OnFull.REFUSE` (rows deleted or being deleted) → the
-        #: refusal, which a repeat of the key gets too; the newest :data:`_REFUSED_MAX`.
-        self._refused: dict[int, QueueFull] = {}
+        #: refusal's (queue, cap), which a repeat of the key is refused with too; the newest
+        #: :data:`_REFUSED_MAX`. Not the exception itself: its traceback would keep the
+        #: refused request's frames — its trigger and body — alive.
+        self._refused: dict[int, tuple[str, int]] = {}
 
     async def submit(
         self,
@@ -204,7 +206,7 @@ class Submitter:
                     refused = self._refused
                     if len(refused) >= _REFUSED_MAX:
                         del refused[next(iter(refused))]
-                    refused[key] = result
+                    refused[key] = (result.queue, result.cap)
                     await run_store.delete_run(self.writer.db, inserted.run_id)
                     raise result
                 if isinstance(result, QueueUnavailable):
@@ -230,7 +232,7 @@ class Submitter:
             await asyncio.shield(waiter)
         refused = self._refused.get(key)
         if refused is not None and on_full is OnFull.REFUSE:
-            raise QueueFull(refused.queue, refused.cap)
+            raise QueueFull(*refused)
 
     async def _enqueue(
         self, created: Sequence[tuple[NewRun, tuple[str, bytes, str | None]]]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 
+from conveyor.app import SUBMITTER
 from conveyor.store.db import Database
 
 FLOW = {
@@ -65,6 +67,20 @@ async def test_same_key_in_one_batch_refused_alike(
     async with db.writer() as conn:
         assert await conn.fetchval("SELECT count(*) FROM runs") == 1
     assert await redis.xlen("conveyor:{runs:0}:stream") == 1
+
+    # What the refusals are remembered by holds none of the refused requests' data (a
+    # remembered exception's traceback kept each request's frames, trigger and body alive).
+    seen, todo, sizes = set(), [c.app[SUBMITTER]._refused], 0
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, type):
+            continue
+        seen.add(id(obj))
+        assert not isinstance(obj, BaseException), obj
+        if isinstance(obj, (bytes, str)):
+            sizes += len(obj)
+        todo.extend(gc.get_referents(obj))
+    assert seen and sizes < 200, sizes
 
     # Room again: a retry of the key gets a run of its own.
     await redis.flushdb()
