@@ -130,6 +130,7 @@ class _Sink:
         "answered",
         "cancelling",
         "code_held",
+        "code_since",
         "deferred",
         "deliver",
         "error",
@@ -179,6 +180,9 @@ class _Sink:
         #: run ended cancels it (``killed``) to stop the code step.
         self.task: asyncio.Task[Any] | None = None
         self.cancelling = 0
+        #: When the run's first contained code step was handed to its child (loop time): the
+        #: LAZY_RUNNING_S budget is the run's, not each step's.
+        self.code_since: float | None = None
         self.killed = False
         #: The exception a write of this sink raised into the executor (which would make an
         #: INTERNAL_ERROR outcome of it): the run's handler raises it instead, so the job is
@@ -238,21 +242,45 @@ class _Sink:
             self._failed(exc)
             raise
         if self.start_pending and step_type == StepType.CODE:
-            # A contained code step (else it is not deferred): RUNNING waits (code_started).
+            # A contained code step (else it is not deferred): RUNNING waits (code_started)
+            # — unless the run's code has had its LAZY_RUNNING_S already (earlier code steps).
+            since = self.code_since
+            if since is not None and asyncio.get_running_loop().time() - since >= LAZY_RUNNING_S:
+                try:
+                    await self.flush(run_id)
+                except Exception as exc:
+                    self._failed(exc)
+                    raise
+                return
             self.lazy = True
             task = self.task = asyncio.current_task()
             self.cancelling = task.cancelling() if task is not None else 0
 
     def code_started(self) -> None:
         """The sandbox handed a code step's code to its child (every attempt): while the run's
-        RUNNING is not written, arm its write (:data:`LAZY_RUNNING_S`)."""
+        RUNNING is not written, arm its write for :data:`LAZY_RUNNING_S` after the run's
+        first code step started (the budget is the run's: a run of many quick code steps
+        shows as RUNNING once they have taken that long together)."""
         if self.lazy and self.timer is None and self.starting is None:
-            self.timer = asyncio.get_running_loop().call_later(LAZY_RUNNING_S, self._start)
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            since = self.code_since
+            if since is None:
+                since = self.code_since = now
+            self.timer = loop.call_later(max(0.0, since + LAZY_RUNNING_S - now), self._start)
 
     def _start(self) -> None:
         self.timer = None
         task = self.task
-        if self.lazy and self.start_pending and task is not None and not task.done():
+        if (
+            self.lazy
+            and self.start_pending
+            and task is not None
+            and not task.done()
+            # Not while someone else cancels the run's task (the worker stopping): the
+            # delivery is released without a RUNNING written behind its back.
+            and task.cancelling() <= self.cancelling
+        ):
             self.starting = asyncio.get_running_loop().create_task(self._write_running())
 
     async def _write_running(self) -> BaseException | bool:
@@ -286,8 +314,11 @@ class _Sink:
         starting = self.starting
         if starting is None:
             return
-        self.starting = None
+        # Kept until its result is read: a cancel of this wait (a flow timeout) leaves it to
+        # the next settle (RunWorker._execute), so its error or "ended" is never lost and no
+        # later write overtakes it.
         result = await asyncio.shield(starting)
+        self.starting = None
         if isinstance(result, BaseException):
             raise result
         if not result:
@@ -543,6 +574,11 @@ class RunWorker:
             return _ended(ctx.run_id)
         finally:
             sink.disarm()
+            if sink.killed:
+                # The sink's cancel of this task was absorbed below the executor (e.g. by
+                # asyncio.wait_for in the sandbox): take it back, or the consumer's worker
+                # task would stop after this job.
+                sink.stopped()
         return outcome
 
     def _flow_id(self, text: str) -> tuple[uuid.UUID, str]:
