@@ -25,7 +25,10 @@ Modules named in the start-up config are imported before the first fork (piece c
 ``AP_PREWARM_CACHE_ON_STARTUP``), then the heap is frozen so forks share it copy-on-write.
 
 The fork-server, and so every step process, runs under ``SCHED_BATCH``
-(:func:`below_the_worker`): user code ranks below the worker that serves the requests.
+(:func:`below_the_worker`): the same CPU share as the worker, but a step process woken by
+the worker's request does not preempt it. A scheduling hint, not a limit — user code may set
+its own policy back (``sched_setscheduler`` needs no privilege to do so); the limits are the
+rlimits, the cgroup and the timeout.
 """
 
 from __future__ import annotations
