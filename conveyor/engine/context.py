@@ -52,7 +52,11 @@ class CheckpointSink(Protocol):
     is simply run again on redelivery, which is why http steps send an Idempotency-Key.
     A sink may also define ``async def before_step(run_id, step_type)``, awaited before each
     step starts (the worker's sink makes held checkpoints durable there), and
-    ``def code_started()``, called when a code step's code starts in the sandbox.
+    ``def code_started()``, called when a code step's code starts in the sandbox. Where a
+    sink defines ``def checkpoint(run_id, record)`` / ``def pre_step(run_id, step_type)``
+    (their effect as ``step_finished`` / ``before_step``, returning what to await or ``None``
+    when nothing is), the executor calls those instead: no coroutine per step for a record a
+    sink only holds.
     """
 
     async def step_finished(self, run_id: str, record: StepRecord) -> None:

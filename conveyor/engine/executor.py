@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from conveyor.engine.context import (
@@ -89,13 +89,14 @@ class _Limit:
         self._expired = True
         self.task.cancel()
 
-    async def __aenter__(self) -> _Limit:
+    def enter(self) -> None:
+        """Start watching (``async with``'s entry, without a coroutine)."""
         self.cancelling = self.task.cancelling()
         self.dog.add(self)
-        return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: Any, tb: Any) -> None:
-        self.dog.discard(self)
+    def leave(self, exc_type: type[BaseException] | None, exc: BaseException | None) -> None:
+        """Stop watching; raises ``TimeoutError`` where ``asyncio.Timeout`` would."""
+        self.dog.limits.pop(self, None)
         # Spent: the cancel it sent is taken back, and answered with TimeoutError unless
         # someone else asked for a cancel too (as asyncio.Timeout.__aexit__ decides).
         if (
@@ -104,6 +105,13 @@ class _Limit:
             and exc_type is asyncio.CancelledError
         ):
             raise TimeoutError from exc
+
+    async def __aenter__(self) -> _Limit:
+        self.enter()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: Any, tb: Any) -> None:
+        self.leave(exc_type, exc)
 
 
 class _Watchdog:
@@ -162,21 +170,22 @@ class Executor:
             dog = self._watchdog = _Watchdog(loop)
         return dog
 
-    async def run(
+    def run(
         self,
         flow: Flow,
         ctx: RunContext,
         *,
         on_respond: RespondCallback | None = None,
         sink: CheckpointSink | None = None,
-    ) -> RunOutcome:
-        """Execute (or resume) one run of ``flow``; never raises except on cancellation.
+    ) -> Coroutine[Any, Any, RunOutcome]:
+        """Execute (or resume) one run of ``flow`` (awaited: the run's coroutine itself, no
+        wrapper); never raises except on cancellation.
 
         ``on_respond(status, headers, body)`` is awaited as soon as a respond step runs.
         ``ctx.timeout_s`` (else ``Services.flow_timeout_s``) bounds this call. ``sink``
         receives this run's records instead of ``Services.sink``.
         """
-        return await _Run(self.services, flow, ctx, on_respond, sink).execute(self)
+        return _Run(self.services, flow, ctx, on_respond, sink).execute(self)
 
 
 class _Run:
@@ -196,19 +205,31 @@ class _Run:
         self.run_id = ctx.run_id
         self.sink = sink = sink if sink is not None else services.sink
         self.env = _run_env(services, ctx, on_respond, getattr(sink, "code_started", None))
-        self.secret_values = [ctx.secrets[n] for n in flow.secret_names if ctx.secrets.get(n)]
+        # (Comprehensions are calls of their own: skipped when there is nothing to walk.)
+        self.secret_values = (
+            [ctx.secrets[n] for n in flow.secret_names if ctx.secrets.get(n)]
+            if flow.secret_names
+            else []
+        )
         self.scope: dict[str, Any] = {
             TRIGGER: ctx.trigger,
             RUN: {"id": ctx.run_id, "flow_id": ctx.flow_id, "version": ctx.flow_version},
             SECRETS: ctx.secrets,
         }
-        self.done: dict[tuple[str, int | None], StepRecord] = {
-            (r.name, r.iteration): r for r in ctx.checkpoints
-        }
+        self.done: dict[tuple[str, int | None], StepRecord] = (
+            {(r.name, r.iteration): r for r in ctx.checkpoints} if ctx.checkpoints else {}
+        )
         # Optional on a sink: told before each step starts (the worker's makes held
         # checkpoints durable before a step with effects).
         self.before_step: Callable[[str, str], Awaitable[None]] | None = getattr(
             sink, "before_step", None
+        )
+        # Their forms without a coroutine, where the sink has them (see CheckpointSink).
+        self.pre_step: Callable[[str, str], Awaitable[None] | None] | None = getattr(
+            sink, "pre_step", None
+        )
+        self.checkpoint: Callable[[str, StepRecord], Awaitable[None] | None] | None = getattr(
+            sink, "checkpoint", None
         )
         self.log_budget = services.max_log_bytes
         self.timeout_s = services.flow_timeout_s
@@ -240,8 +261,18 @@ class _Run:
         )
         limit = watched if watched is not None else asyncio.timeout(timeout_s)
         try:
-            async with limit:
-                await self.run_steps(self.flow.steps, self.scope, None, None, 0)
+            if watched is None:
+                async with limit:
+                    await self.run_steps(self.flow.steps, self.scope, None, None, 0)
+            else:
+                # ``async with watched`` without its two coroutines.
+                watched.enter()
+                try:
+                    await self.run_steps(self.flow.steps, self.scope, None, None, 0)
+                except BaseException as exc:
+                    watched.leave(type(exc), exc)
+                    raise
+                watched.leave(None, None)
         except Stop as stop:
             return stop.outcome
         except TimeoutError:
@@ -280,6 +311,7 @@ class _Run:
     ) -> None:
         done = self.done if depth <= 1 else None
         before_step = self.before_step
+        pre_step = self.pre_step
         # Immutable: one for every step of this list that does not resume a pause.
         top = parent is None and iteration is None and depth == 0
         plain = _TOP if top else _where(parent, iteration, depth)
@@ -292,7 +324,11 @@ class _Run:
                         await self.restore(step, rec, scope, plain)
                         continue
                     where = Where(parent, iteration, depth, paused=rec)
-            if before_step is not None:
+            if pre_step is not None:
+                pending = pre_step(self.run_id, step.type)
+                if pending is not None:
+                    await pending
+            elif before_step is not None:
                 await before_step(self.run_id, step.type)
             spec = step.spec
             if spec.walk is not None:
@@ -347,8 +383,7 @@ class _Run:
         logs: str = "",
         attempt: int = 1,
     ) -> None:
-        await self.sink.step_finished(
-            self.run_id,
+        await self.finished(
             self.make_record(
                 step,
                 status.value,
@@ -358,8 +393,18 @@ class _Run:
                 error=error,
                 logs=logs,
                 attempt=attempt,
-            ),
+            )
         )
+
+    async def finished(self, record: StepRecord) -> None:
+        """Hand ``record`` to the sink."""
+        checkpoint = self.checkpoint
+        if checkpoint is None:
+            await self.sink.step_finished(self.run_id, record)
+            return
+        pending = checkpoint(self.run_id, record)
+        if pending is not None:
+            await pending
 
     def make_record(
         self,
@@ -431,25 +476,43 @@ class _Run:
         logs: str = "",
         attempt: int = 1,
     ) -> None:
+        pending = self.succeeded_now(step, scope, output, at, input, logs, attempt)
+        if pending is not None:
+            await pending
+
+    def succeeded_now(  # noqa: PLR0917 - succeeded()'s arguments, positional on the hot path
+        self,
+        step: Step,
+        scope: dict[str, Any],
+        output: Any,
+        at: At,
+        input: Any,
+        logs: str,
+        attempt: int,
+    ) -> Awaitable[None] | None:
+        """:meth:`succeeded`'s work: what to await for the sink, or ``None``."""
         scope[step.name] = output
         self.last_output = output
-        await self.sink.step_finished(
-            self.run_id,
-            self.make_record(
-                step,
-                _SUCCEEDED,
-                at,
-                input=input,
-                output=output,
-                error=None,
-                logs=logs,
-                attempt=attempt,
-            ),
+        record = self.make_record(
+            step,
+            _SUCCEEDED,
+            at,
+            input=input,
+            output=output,
+            error=None,
+            logs=logs,
+            attempt=attempt,
         )
+        checkpoint = self.checkpoint
+        if checkpoint is None:
+            return self.sink.step_finished(self.run_id, record)
+        return checkpoint(self.run_id, record)
 
     # --- step kinds -----------------------------------------------------------------------
 
-    async def leaf(self, step: Step, piece: Piece, scope: dict[str, Any], where: Where) -> None:
+    async def leaf(  # noqa: PLR0912 - render, attempts, four outcomes, the record
+        self, step: Step, piece: Piece, scope: dict[str, Any], where: Where
+    ) -> None:
         """Run a leaf step's piece: render its input, retry, time out, record."""
         at = self.start(step, where)
         try:
@@ -486,7 +549,10 @@ class _Run:
             except Exception as exc:
                 fail = StepFailed(f"{type(exc).__name__}: {exc}")
             else:
-                await self.succeeded(step, scope, output, at, input=inp, logs=logs, attempt=attempt)
+                # succeeded() without its coroutine, nor the sink's when it only holds.
+                pending = self.succeeded_now(step, scope, output, at, inp, logs, attempt)
+                if pending is not None:
+                    await pending
                 return
             if attempt < attempts and backoff > 0:
                 await asyncio.sleep(min(backoff * 2 ** (attempt - 1), 300.0))

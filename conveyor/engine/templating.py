@@ -237,7 +237,11 @@ class _Dict(Renderer):
         self.items = items
 
     def render(self, scope: Mapping[str, Any]) -> Any:
-        return {k: r.render(scope) for k, r in self.items}
+        # A loop, not a comprehension: in 3.11 that is a function call of its own.
+        out = {}
+        for k, r in self.items:
+            out[k] = r.render(scope)
+        return out
 
 
 class _List(Renderer):

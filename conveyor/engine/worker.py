@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import gc
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,7 +30,6 @@ from redis.exceptions import RedisError
 
 from conveyor import metrics
 from conveyor.engine.context import (
-    RespondCallback,
     RunContext,
     RunOutcome,
     Services,
@@ -98,9 +97,6 @@ CONTAINED_DEFERRED_TYPES = DEFERRED_TYPES | {StepType.CODE}
 #: committed (the final write is guarded too).
 LAZY_RUNNING_S = 0.020
 
-#: A sync reply's delivery: ``await deliver(message)`` → whether a listener got it.
-Deliver = Callable[[dict[str, Any]], Awaitable[bool]]
-
 # Positional constructors of the records made for every run and step (see slot_maker): a
 # step row always holds a StepRecord (from the executor), and a first delivery's context
 # has no checkpoints — what their __post_init__ would convert.
@@ -120,10 +116,11 @@ class _Sink:
     canceled meanwhile stops before any step with effects starts. ``rid``: the run's id
     parsed (else parsed from the first ``run_id`` the executor passes).
 
-    ``pending``: a respond step's answer held back because a code step's record was held when
-    it ran (see :data:`CONTAINED_DEFERRED_TYPES`); the next durable write — before the next
-    step, or the run's final state — delivers it through ``deliver`` once committed, and
-    ``answered`` says whether a listener got it.
+    ``on_respond``: the run's respond callback — its answer goes to a waiting sync caller
+    (``reply``, through ``replies``) at once, or is held as ``pending`` when a code step's
+    record was held when it ran (see :data:`CONTAINED_DEFERRED_TYPES`); the next durable write
+    — before the next step, or the run's final state — delivers it once committed.
+    ``answered``: whether a listener got an answer (then no final message is sent).
     """
 
     __slots__ = (
@@ -132,14 +129,16 @@ class _Sink:
         "code_held",
         "code_since",
         "deferred",
-        "deliver",
         "error",
         "held",
         "job",
         "killed",
         "lazy",
         "pending",
+        "replies",
+        "reply",
         "rid",
+        "run_id",
         "seq",
         "start_pending",
         "starting",
@@ -157,11 +156,15 @@ class _Sink:
         start_pending: bool = False,
         rid: uuid.UUID | None = None,
         deferred: frozenset[StepType] = DEFERRED_TYPES,
-        deliver: Deliver | None = None,
+        reply: str | None = None,
+        replies: ReplyPublisher | None = None,
+        run_id: str = "",
     ) -> None:
+        self.run_id = run_id
         self.writer = writer
         self.deferred = deferred
-        self.deliver = deliver
+        self.reply = reply if replies is not None else None
+        self.replies = replies
         self.pending: dict[str, Any] | None = None
         self.answered = False
         self.seq = first_seq
@@ -195,13 +198,12 @@ class _Sink:
             rid = self.rid = uuid.UUID(run_id)
         return rid
 
-    async def step_finished(self, run_id: str, record: StepRecord) -> None:
+    def checkpoint(self, run_id: str, record: StepRecord) -> Awaitable[None] | None:
+        """:meth:`step_finished` as the executor calls it: ``None`` when there is nothing to
+        await (a record held: no coroutine made), else what to await."""
         if self.lazy:
-            try:
-                await self.settle()
-            except Exception as exc:
-                self._failed(exc)
-                raise
+            return self.step_finished(run_id, record)
+        # _hold(), inline.
         seq = self.seq
         self.seq += 1
         typ = record.type
@@ -210,17 +212,55 @@ class _Sink:
         if typ == StepType.CODE:
             self.code_held = True
         if typ not in self.deferred:
+            return self._flush_noted(run_id)
+        return None
+
+    async def step_finished(self, run_id: str, record: StepRecord) -> None:
+        if self.lazy:
             try:
-                await self.flush(run_id)
+                await self.settle()
             except Exception as exc:
                 self._failed(exc)
                 raise
+        self._hold(run_id, record)
+        if record.type not in self.deferred:
+            await self._flush_noted(run_id)
+
+    def _hold(self, run_id: str, record: StepRecord) -> None:
+        seq = self.seq
+        self.seq += 1
+        typ = record.type
+        metrics.observe_step(typ, record.duration_ms)
+        self.held.append(_step_row(self.rid or self._rid(run_id), seq, record))
+        if typ == StepType.CODE:
+            self.code_held = True
+
+    async def _flush_noted(self, run_id: str) -> None:
+        try:
+            await self.flush(run_id)
+        except Exception as exc:
+            self._failed(exc)
+            raise
 
     def _failed(self, exc: Exception) -> None:
         """A write failed under the executor: noted for the run's handler (a run found ended
         is an outcome, not a failure)."""
         if not isinstance(exc, RunEnded) and self.error is None:
             self.error = exc
+
+    def pre_step(self, run_id: str, step_type: str) -> Awaitable[None] | None:
+        """:meth:`before_step` as the executor calls it: ``None`` when it has nothing to do
+        (no coroutine made), else what to await."""
+        if (
+            self.lazy
+            or self.pending is not None
+            or (
+                (self.held or self.start_pending)
+                and (step_type not in self.deferred or step_type == StepType.CODE)
+            )
+        ):
+            return self.before_step(run_id, step_type)
+        return None
 
     async def before_step(self, run_id: str, step_type: str) -> None:
         """A step is about to start: anything held is made durable first unless the step
@@ -340,16 +380,36 @@ class _Sink:
             self.timer.cancel()
             self.timer = None
 
-    def holds_code(self) -> bool:
-        """Whether a code step's record is among those held (not yet committed)."""
-        return self.code_held
+    async def on_respond(self, status: int, headers: Mapping[str, str], body: Any) -> None:
+        """A respond step ran: its answer to the waiting caller, now or (a code output held)
+        once committed."""
+        reply = self.reply
+        if reply is None:
+            return
+        message = {
+            "run_id": self.run_id or str(self.rid),
+            "kind": "respond",
+            "status": status,
+            "headers": dict(headers),
+            "body": body,
+        }
+        if self.code_held:
+            # The answer may show a held code output: sent once that is committed.
+            self.pending = message
+            return
+        # A respond that could not be delivered is followed by the final message.
+        assert self.replies is not None
+        if await self.replies.publish(reply, message):
+            self.answered = True
 
     async def deliver_pending(self) -> None:
         """Send the held answer, if any (its outputs are committed now); ``answered`` says
-        whether a listener got it."""
+        whether a listener got one."""
         message, self.pending = self.pending, None
-        if message is not None and self.deliver is not None:
-            self.answered = await self.deliver(message)
+        if message is not None and self.reply is not None:
+            assert self.replies is not None
+            if await self.replies.publish(self.reply, message):
+                self.answered = True
 
     async def fence(self) -> None:
         if self.job is not None:
@@ -502,7 +562,9 @@ class RunWorker:
             flow_ids = self._flow_id(run.flow_id)
         flow_id, flow_text = flow_ids
         version = run.version
-        flow = await self.registry.version(flow_id, version)
+        flow = self.registry.cached(flow_id, version) or await self.registry.version(
+            flow_id, version
+        )
         secrets = (
             await load_secrets(self.writer.db, self.box, flow.secret_names)
             if flow.secret_names
@@ -512,26 +574,6 @@ class RunWorker:
             run_id, flow_text, version, trigger, secrets, checkpoints
         )
 
-        answered = False
-
-        async def on_respond(status: int, headers: Mapping[str, str], body: Any) -> None:
-            nonlocal answered
-            if not reply:
-                return
-            message = {
-                "run_id": run_id,
-                "kind": "respond",
-                "status": status,
-                "headers": dict(headers),
-                "body": body,
-            }
-            if sink.holds_code():
-                # The answer may show a held code output: sent once that is committed.
-                sink.pending = message
-                return
-            # A respond that could not be delivered is followed by the final message.
-            answered = await self.replies.publish(reply, message)
-
         sink = _Sink(
             self.writer,
             first_seq,
@@ -539,26 +581,20 @@ class RunWorker:
             start_pending=fresh,
             rid=rid,
             deferred=self._deferred(),
-            deliver=(lambda message: self.replies.publish(reply, message)) if reply else None,
+            reply=reply,
+            replies=self.replies,
+            run_id=run_id,
         )
-        outcome = await self._execute(flow, ctx, on_respond, sink)
+        outcome = await self._execute(flow, ctx, sink)
         metrics.observe_run(outcome.status.value, started_s)
         # The caller already has its answer once a respond step ran: no final message.
-        await self._commit(
-            rid,
-            run,
-            outcome,
-            None if answered or sink.answered else reply,
-            sink,
-        )
+        await self._commit(rid, run, outcome, None if sink.answered else reply, sink)
 
-    async def _execute(
-        self, flow: Flow, ctx: RunContext, on_respond: RespondCallback, sink: _Sink
-    ) -> RunOutcome:
+    async def _execute(self, flow: Flow, ctx: RunContext, sink: _Sink) -> RunOutcome:
         """The executor's outcome of the run, once its sink has settled (a RUNNING write
         still in flight awaited)."""
         try:
-            outcome = await self.executor.run(flow, ctx, on_respond=on_respond, sink=sink)
+            outcome = await self.executor.run(flow, ctx, on_respond=sink.on_respond, sink=sink)
             if sink.error is not None:
                 # A checkpoint write failed (the executor made an INTERNAL_ERROR outcome of
                 # it): the job fails and is retried; what it held is not committed.
@@ -609,7 +645,9 @@ class RunWorker:
         # one cut off past the visibility timeout) must not end the run the new owner is
         # running — even when nothing was held (an _EntryLost raised inside a checkpoint
         # became an INTERNAL_ERROR outcome in the executor; job.lost still says why).
-        await sink.fence()
+        job = sink.job
+        if job is not None:
+            await job.ensure_owned()  # sink.fence(), inline
         if outcome.status is RunStatus.PAUSED and outcome.resume_at is not None:
             await sink.flush(run_id)
             await self.writer.transition(
@@ -642,7 +680,8 @@ class RunWorker:
         # that misses it reads the stored result (conveyor.engine.replies).
         if stored:
             # A respond held back for a code output: its answer now, else the final message.
-            await sink.deliver_pending()
+            if sink.pending is not None:
+                await sink.deliver_pending()
             if sink.answered:
                 return
             await self._final(reply, run_id, outcome.status.value, outcome.output, error)
