@@ -78,14 +78,6 @@ class FlowRegistry:
             if self._loading.get(flow_id) is me:
                 del self._loading[flow_id]
 
-    def cached(self, flow_id: uuid.UUID, version: int) -> Flow | None:
-        """The compiled version if this process has it (no coroutine: the worker asks first
-        for every run), else ``None`` (then :meth:`version`)."""
-        flow = self._versions.get((flow_id, version))
-        if flow is not None:
-            self._versions.move_to_end((flow_id, version))
-        return flow
-
     async def version(self, flow_id: uuid.UUID, version: int) -> Flow:
         """One compiled version (raises ``NotFound`` if it does not exist)."""
         key = (flow_id, version)

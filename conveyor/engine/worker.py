@@ -500,6 +500,10 @@ class RunWorker:
         self.submitter = Submitter(writer, self.producer)
         #: Flow ids as queued → (parsed, canonical text); flows are few, bounded all the same.
         self._flow_ids: dict[str, tuple[uuid.UUID, str]] = {}
+        #: Compiled versions by (flow id as queued, version): a version never changes, and a
+        #: key of strings is hashed and compared in C — the registry's (UUID, version) key
+        #: calls UUID.__hash__ and __eq__ in Python on every lookup. Bounded like _flow_ids.
+        self._flows: dict[tuple[str, int], Flow] = {}
         self.executor = Executor(
             Services(
                 sink=_Unrouted(),
@@ -562,9 +566,13 @@ class RunWorker:
             flow_ids = self._flow_id(run.flow_id)
         flow_id, flow_text = flow_ids
         version = run.version
-        flow = self.registry.cached(flow_id, version) or await self.registry.version(
-            flow_id, version
-        )
+        key = (run.flow_id, version)
+        flow = self._flows.get(key)
+        if flow is None:
+            flow = await self.registry.version(flow_id, version)
+            if len(self._flows) >= 10_000:
+                self._flows.clear()
+            self._flows[key] = flow
         secrets = (
             await load_secrets(self.writer.db, self.box, flow.secret_names)
             if flow.secret_names
