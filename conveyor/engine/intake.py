@@ -30,7 +30,6 @@ from typing import Any
 
 import orjson
 import structlog
-from redis.exceptions import RedisError
 
 from conveyor.engine.context import slot_maker
 from conveyor.engine.registry import FlowHead, FlowRegistry
@@ -48,6 +47,7 @@ from conveyor.errors import (
 from conveyor.ids import uuid7
 from conveyor.queue import QueueName
 from conveyor.queue import keys as queue_keys
+from conveyor.queue.errors import REDIS_FAILURES
 from conveyor.settings import Settings
 from conveyor.status import RunStatus
 from conveyor.store import runs as run_store
@@ -196,7 +196,7 @@ class WebhookIntake:
                 raise SignatureReplayed(
                     "this signed request was already received; sign every request anew"
                 )
-        except RedisError:
+        except REDIS_FAILURES:
             raise IngestUnavailable() from None
         return key
 
@@ -205,7 +205,7 @@ class WebhookIntake:
         if marker is not None:
             try:
                 await self.redis.delete(marker)
-            except RedisError:
+            except REDIS_FAILURES:
                 log.warning("could not release a webhook signature marker")
 
     def new_run(

@@ -29,13 +29,13 @@ from typing import Any
 import orjson
 import structlog
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
 
 from conveyor import metrics
 from conveyor.aio import raise_if_cancelling
 from conveyor.backoff import Outage, jittered
 from conveyor.ids import uuid7
 from conveyor.queue import keys as qkeys
+from conveyor.queue.errors import REDIS_FAILURES
 from conveyor.status import TERMINAL
 from conveyor.store import runs as run_store
 
@@ -229,7 +229,7 @@ async def _publish_retrying(
         try:
             await redis.publish(channel, data)
             return True
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise_if_cancelling()
             if attempt == PUBLISH_ATTEMPTS:
                 metrics.BACKEND_ERRORS.labels("redis", "reply").inc()
@@ -305,7 +305,7 @@ class ReplyPublisher:
                 for channel, data, _ in batch:
                     pipe.publish(channel, data)
                 await pipe.execute()
-        except (RedisError, RedisClusterException, OSError):
+        except REDIS_FAILURES:
             return False
         except BaseException:
             for _, _, sent in batch:

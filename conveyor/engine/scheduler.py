@@ -50,6 +50,7 @@ from conveyor.engine.submit import OnFull, Submitter
 from conveyor.ids import uuid7
 from conveyor.queue import Producer
 from conveyor.queue import keys as k
+from conveyor.queue.errors import REDIS_FAILURES
 from conveyor.queue.scripts import DROP_LEASE, RENEW_LEASE
 from conveyor.store import flows as flow_store
 from conveyor.store.db import Database
@@ -175,7 +176,7 @@ class Scheduler:
                 log.warning("scheduler lease lost", owner=self.owner)
                 self._step_down()
             taken = await self.redis.set(self.lease_key, self.owner, nx=True, px=self.lease_ms)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             self._outage.failed(exc)  # logged once per outage, retried every poll_s
             return None
         self._outage.ok()

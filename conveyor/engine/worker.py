@@ -26,7 +26,7 @@ from typing import Any
 
 import asyncpg
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from conveyor import metrics
 from conveyor.engine.context import (
@@ -775,7 +775,9 @@ def _pg_down(exc: BaseException) -> bool:
 def backend_down(exc: BaseException) -> str | None:
     """The backend whose outage ``exc`` reports (the job is retried without spending a
     delivery), or ``None`` for a real failure."""
-    if isinstance(exc, QueueUnavailable) or (isinstance(exc, RedisError) and is_unavailable(exc)):
+    if isinstance(exc, QueueUnavailable) or (
+        isinstance(exc, (RedisError, RedisClusterException)) and is_unavailable(exc)
+    ):
         return "redis"
     if _pg_down(exc):
         return "postgres"

@@ -38,7 +38,7 @@ from conveyor.queue import keys as k
 from conveyor.queue import maintenance
 from conveyor.queue.acks import AckBatcher
 from conveyor.queue.config import QueueConfig
-from conveyor.queue.errors import is_unavailable
+from conveyor.queue.errors import REDIS_FAILURES, is_unavailable
 from conveyor.queue.job import Job, UndecodablePayload, _EntryLost, decode_entry, now_ms
 from conveyor.queue.scripts import (
     CLAIM,
@@ -266,7 +266,7 @@ class Consumer:
             ok = await self.redis.set(
                 key, self._lease_token, nx=True, px=self.config.visibility_timeout_ms
             )
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             _reraise_if_cancelling(exc)
             ok = False
         if ok:
@@ -356,7 +356,7 @@ class Consumer:
                 outage.ok()
                 self._redis_ok()
                 return
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 _reraise_if_cancelling(exc)
                 if not is_unavailable(exc):
                     raise
@@ -407,7 +407,7 @@ class Consumer:
                     [s.keys.stream, s.keys.index, s.keys.count],
                     [k.GROUP, self._name_b, *ids],
                 )
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 _reraise_if_cancelling(exc)
                 log.warning("queue.release_failed", entries=len(ids), error=str(exc))
                 continue
@@ -474,7 +474,7 @@ class Consumer:
                         drained = _short(got, max(1, share))
                 outage.ok()
                 self._redis_ok()
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 _reraise_if_cancelling(exc)
                 if not is_unavailable(exc) and not outage.down:
                     log.exception("queue.fetch_failed")
@@ -784,7 +784,7 @@ class Consumer:
                 [sk.stream, sk.index, sk.count, sk.delayed, sk.delayed_payload, sk.delayed_meta],
                 [k.GROUP, job.entry_id, job.id, due, job.raw, attempt, job.enqueued_ms, error],
             )
-        except (RedisError, OSError) as rexc:
+        except REDIS_FAILURES as rexc:
             _reraise_if_cancelling(rexc)
             # Still pending: the visibility timeout brings it back, so nothing is lost.
             self._outages["retry"].failed(rexc)
@@ -809,7 +809,7 @@ class Consumer:
                     [sk.stream, sk.index, sk.count, sk.dead],
                     [k.GROUP, job.entry_id, job.id, job.raw, job.attempt, job.enqueued_ms, error],
                 )
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 _reraise_if_cancelling(exc)
                 # Still pending: redelivered past max_deliveries, it comes back here.
                 self._outages["dead"].failed(exc)
@@ -847,7 +847,7 @@ class Consumer:
                 started = time.monotonic()
                 try:
                     lost = await TOUCH(self.redis, [s.keys.stream], [k.GROUP, self._name_b, *chunk])
-                except (RedisError, OSError) as exc:
+                except REDIS_FAILURES as exc:
                     _reraise_if_cancelling(exc)
                     self._outages["touch"].failed(exc)
                     self._redis_failed()
@@ -886,7 +886,7 @@ class Consumer:
                 kept = await self.redis.set(self._leased, self._lease_token, nx=True, px=ttl)
                 if kept:
                     log.warning("queue.name_lease_retaken", consumer=self.name)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             _reraise_if_cancelling(exc)
             return  # counted by the touch, which fails the same way
         if not kept:

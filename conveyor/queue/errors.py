@@ -54,6 +54,11 @@ class JobNotFound(QueueError, NotFound, KeyError):
         return str(self.args[0])
 
 
+#: What a failed Redis call raises: redis-py's errors, socket errors, and a cluster client's
+#: ``RedisClusterException`` — not a ``RedisError``: ``RedisCluster`` raises it when its nodes
+#: disagree on the slot map or leave slots uncovered, as during a master's failover.
+REDIS_FAILURES = (rexc.RedisError, OSError, rexc.RedisClusterException)
+
 _UNAVAILABLE_PREFIXES = ("LOADING", "MISCONF", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
 
 
@@ -61,6 +66,8 @@ def is_unavailable(exc: BaseException) -> bool:
     """True when ``exc`` means "Redis is down or not writable", not "we sent a bad command"."""
     if isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError)):
         return True
+    if isinstance(exc, rexc.RedisClusterException):
+        return True  # the cluster's slot map is in flux (a failover): try again later
     if isinstance(exc, rexc.ResponseError):
         return str(exc).startswith(_UNAVAILABLE_PREFIXES)
     return False
@@ -71,7 +78,7 @@ async def unavailable_as_typed() -> AsyncIterator[None]:
     """Re-raise connection-level Redis failures as :class:`QueueUnavailable`."""
     try:
         yield
-    except rexc.RedisError as exc:
+    except (rexc.RedisError, rexc.RedisClusterException) as exc:
         if is_unavailable(exc):
             raise QueueUnavailable(str(exc)) from exc
         raise

@@ -15,11 +15,10 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from conveyor.queue import keys as k
 from conveyor.queue.config import QueueConfig
-from conveyor.queue.errors import QueueFull, QueueUnavailable, is_unavailable
+from conveyor.queue.errors import REDIS_FAILURES, QueueFull, QueueUnavailable, is_unavailable
 from conveyor.queue.job import encode_payload, now_ms
 from conveyor.queue.scripts import ENQUEUE
 
@@ -251,7 +250,7 @@ class Producer:
         self.round_trips += 1
         try:
             reply = await ENQUEUE(self.redis, keys, args)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             error: BaseException = QueueUnavailable(str(exc)) if is_unavailable(exc) else exc
             return [error] * len(batch)
         out: list[str | BaseException] = []
