@@ -96,6 +96,9 @@ CONTAINED_DEFERRED_TYPES = DEFERRED_TYPES | {StepType.CODE}
 #: up to this long; contained code has no effect outside its output, and that is never
 #: committed (the final write is guarded too).
 LAZY_RUNNING_S = 0.020
+#: How long a handler handing its delivery back waits for a RUNNING write already in flight
+#: (one batched statement; longer only when PostgreSQL itself is stuck).
+LANDING_BOUND_S = 5.0
 
 # Positional constructors of the records made for every run and step (see slot_maker): a
 # step row always holds a StepRecord (from the executor), and a first delivery's context
@@ -373,6 +376,13 @@ class _Sink:
         self.killed = False
         return task.uncancel() <= self.cancelling
 
+    async def landed(self) -> None:
+        """Wait (at most :data:`LANDING_BOUND_S`) for a RUNNING write already in flight, its
+        result left to nobody: the run's delivery is being handed back."""
+        starting = self.starting
+        if starting is not None and not starting.done():
+            await asyncio.wait({starting}, timeout=LANDING_BOUND_S)
+
     def disarm(self) -> None:
         """The run's handler is leaving: no RUNNING write may start after it."""
         self.lazy = False
@@ -611,6 +621,9 @@ class RunWorker:
                 await sink.settle()
         except asyncio.CancelledError:
             if not sink.stopped():
+                # Handed back (the worker stops): a RUNNING write already in flight lands
+                # first, or it could land after another worker took the run over.
+                await sink.landed()
                 raise
             # The run ended (canceled) while its first code step ran: that step was killed.
             return _ended(ctx.run_id)
