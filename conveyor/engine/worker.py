@@ -580,7 +580,9 @@ class RunWorker:
         flow = self._flows.get(key)
         if flow is None:
             flow = await self.registry.version(flow_id, version)
-            if len(self._flows) >= 10_000:
+            # Never more than the registry keeps (AP_PIECES_CACHE_MAX_ENTRIES): this cache
+            # holds compiled versions alive, and a flow document may be megabytes.
+            if len(self._flows) >= self.registry.max_versions:
                 self._flows.clear()
             self._flows[key] = flow
         secrets = (
