@@ -206,15 +206,8 @@ class _Sink:
         await (a record held: no coroutine made), else what to await."""
         if self.lazy:
             return self.step_finished(run_id, record)
-        # _hold(), inline.
-        seq = self.seq
-        self.seq += 1
-        typ = record.type
-        metrics.observe_step(typ, record.duration_ms)
-        self.held.append(_step_row(self.rid or self._rid(run_id), seq, record))
-        if typ == StepType.CODE:
-            self.code_held = True
-        if typ not in self.deferred:
+        self._hold(run_id, record)
+        if record.type not in self.deferred:
             return self._flush_noted(run_id)
         return None
 
