@@ -9,41 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
 
 from conveyor.engine import worker as worker_module
 from conveyor.engine.submit import RunJob
 from conveyor.engine.worker import RunWorker, backend_down
 from conveyor.ids import uuid7
 from conveyor.queue.job import Job
-from conveyor.sandbox.client import Sandbox
-from conveyor.sandbox.config import SandboxConfig
 from conveyor.store import flows as flow_store
 from conveyor.store import runs as run_store
 from conveyor.store.db import Database
 from conveyor.store.runs import NewRun
-from tests.engine.test_in_memory_runs import _close, _CountingWriter, _slow, _worker
-
-
-@pytest.fixture
-async def contained(
-    db: Database, redis: aioredis.Redis, postgres_url: str, redis_url: str
-) -> AsyncIterator[RunWorker]:
-    """A worker with the real sandbox, skipped where it cannot contain code steps."""
-    sandbox = Sandbox(SandboxConfig())
-    await sandbox.start()
-    w = _worker(db, redis, (postgres_url, redis_url), sandbox)
-    try:
-        if not sandbox.contained:
-            pytest.skip(f"this host cannot contain code steps: {sandbox.report}")
-        yield w
-    finally:
-        await _close(w)
-        await sandbox.close()
+from tests.engine.test_in_memory_runs import (  # noqa: F401  (contained is a fixture)
+    _close,
+    _CountingWriter,
+    _slow,
+    _worker,
+    contained,
+)
 
 
 async def _waiter(conn: asyncpg.Connection, within_s: float) -> int:
@@ -63,7 +48,7 @@ async def _waiter(conn: asyncpg.Connection, within_s: float) -> int:
 @pytest.mark.parametrize("kill", ["pg_terminate_backend", "pg_cancel_backend"])
 async def test_a_failed_lazy_running_write_fails_the_job_with_nothing_written(
     db: Database,
-    contained: RunWorker,
+    contained: RunWorker,  # noqa: F811
     postgres_url: str,
     monkeypatch: pytest.MonkeyPatch,
     kill: str,

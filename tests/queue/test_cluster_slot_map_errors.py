@@ -67,17 +67,10 @@ async def test_one_slot_map_error_in_a_read_does_not_stop_consumption(
 @pytest.mark.slow
 async def test_one_slot_map_error_in_a_heartbeat_does_not_hang_fenced_writes(
     cluster: RedisCluster,  # noqa: F811
+    cfg: QueueConfig,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    cfg = QueueConfig(
-        shards=1,
-        concurrency=4,
-        visibility_timeout_s=0.6,
-        heartbeat_s=0.15,
-        delayed_poll_s=0.02,
-        pause_poll_s=0.05,
-        block_ms=50,
-    )
+    """With the conftest's sub-second visibility timeout and heartbeat."""
     _fail_once(monkeypatch, "TOUCH", "All slots are not covered after query all startup_nodes")
     done: list[str] = []
 
